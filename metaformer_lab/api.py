@@ -1,0 +1,55 @@
+"""The Python API (a contract): load_spec, dump_spec, to_graph, build.
+
+Invalid input raises :class:`~metaformer_lab.core.errors.SpecError` carrying every ``(path, message)``
+problem, whatever the input.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.compile.network import Network
+from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.spec.arch import ArchSpec
+from metaformer_lab.spec.load import SpecSource, read_spec
+from metaformer_lab.spec.load import dump_spec as _dump_spec
+
+
+def load_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchSpec:
+    """A fully checked spec from a YAML path, a zoo name, a mapping or an ArchSpec.
+
+    Named blocks are looked up in ``block_dirs``, then beside the spec file (``blocks/`` and the file's
+    own folder), then in the shipped block library. The spec is also lowered once, so shape errors
+    are reported here too.
+
+    Raises:
+        SpecError: listing every problem as ``path: message``.
+    """
+    spec = read_spec(source, block_dirs=block_dirs)
+    lower(spec)
+    return spec
+
+
+def dump_spec(spec: ArchSpec) -> str:
+    """YAML text of ``spec``; ``load_spec`` of it gives ``spec`` back."""
+    return _dump_spec(spec)
+
+
+def with_input_size(spec: ArchSpec, size: int | None) -> ArchSpec:
+    """``spec`` with another square input size (None: unchanged)."""
+    if size is None:
+        return spec
+    return spec.model_copy(update={"input": spec.input.model_copy(update={"size": size})})
+
+
+def to_graph(spec: SpecSource, *, input_size: int | None = None) -> ArchGraph:
+    """The typed graph (a networkx DiGraph) of a spec; raises SpecError."""
+    return lower(with_input_size(read_spec(spec), input_size))
+
+
+def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None) -> Network:
+    """The PyTorch module of a spec (or of its typed graph), initialised as timm does."""
+    graph = spec if isinstance(spec, ArchGraph) else to_graph(spec, input_size=input_size)
+    return compile_graph(graph)

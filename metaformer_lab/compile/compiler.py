@@ -1,0 +1,97 @@
+"""Compilation: typed graph -> ``nn.Module``. Each op node is built by its registry entry from the
+tensor type the graph gives it; the containers in :mod:`.network` assemble them by module path."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from metaformer_lab.compile.network import ConvNeXtBlock, MetaFormerBlock, Network, PrefixTokens, Stage
+from metaformer_lab.core.registry import CompositeDef
+from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.ops import REGISTRIES
+from metaformer_lab.ops.common import LayerScale, init_weights, layout_change
+from metaformer_lab.spec.arch import StageSpec
+
+
+class _Compiler:
+    def __init__(self, graph: ArchGraph) -> None:
+        self.g = graph
+        self.spec = graph.spec
+        n = self.spec.num_blocks
+        rate = self.spec.defaults.drop_path_rate
+        self.drop_path = [rate * k / max(n - 1, 1) for k in range(n)]
+
+    def has(self, name: str) -> bool:
+        return name in self.g.nodes
+
+    def module(self, name: str) -> nn.Module:
+        """The module of node ``name``, or ``nn.Identity`` when the graph has no such node."""
+        if not self.has(name):
+            return nn.Identity()
+        node = self.g.nodes[name]
+        kind = node["kind"]
+        if kind == "layout":
+            return layout_change(node["in_type"], node["out"].layout)
+        if kind == "scale":
+            return LayerScale(node["out"].channels, node["init"], node["out"].layout)
+        return self.op(name, node)
+
+    def op(self, name: str, node: dict[str, Any]) -> nn.Module:
+        role, spec = node["role"], node["spec"]
+        opdef = REGISTRIES[role].of_spec(spec)
+        if isinstance(opdef, CompositeDef):
+            children = [self.module(f"{name}.branches.{k}") for k in range(len(opdef.branches(spec)))]
+            return opdef.build(spec, self.g.nodes[f"{name}.fork"]["in_type"], children)
+        if role in ("stem", "downsample"):
+            return opdef.build(spec, node["in_type"], node["out"].channels)
+        if role == "head":
+            return opdef.build(spec, node["in_type"], self.spec.num_classes)
+        return opdef.build(spec, node["in_type"])
+
+    def block(self, i: int, j: int, stage: StageSpec, k: int) -> nn.Module:
+        name = f"stages.{i}.blocks.{j}"
+        m = lambda part: self.module(f"{name}.{part}")  # noqa: E731
+        if stage.block_at(j).template == "convnext":
+            return ConvNeXtBlock(layout_in=m("layout"), token_mixer=m("token_mixer"), norm=m("norm"),
+                                 channel_mixer=m("channel_mixer"), ls=m("ls"), drop_path=self.drop_path[k])
+        return MetaFormerBlock(layout_in=m("layout"), norm1=m("norm1"), token_mixer=m("token_mixer"), ls1=m("ls1"),
+                               rs1=m("rs1"), norm2=m("norm2"), channel_mixer=m("channel_mixer"), ls2=m("ls2"),
+                               rs2=m("rs2"), drop_path=self.drop_path[k])
+
+    def stage(self, i: int, stage: StageSpec, first_block: int) -> Stage:
+        name = f"stages.{i}"
+        prefix: nn.Module = nn.Identity()
+        if self.has(f"{name}.prefix"):
+            node = self.g.nodes[f"{name}.prefix"]
+            prefix = PrefixTokens(stage.prefix_tokens, node["out"].channels, had_prefix=node["in_type"].prefix > 0)
+        pos_after = -1 if stage.pos_embed is None or stage.pos_embed.after_block is None else stage.pos_embed.after_block
+        blocks = [self.block(i, j, stage, first_block + j) for j in range(stage.depth)]
+        return Stage(down_layout=self.module(f"{name}.down_layout"), down=self.module(f"{name}.down"),
+                     layout=self.module(f"{name}.layout"), prefix=prefix, pos_embed=self.module(f"{name}.pos_embed"),
+                     pos_after=pos_after, blocks=blocks, norm=self.module(f"{name}.norm"))
+
+    def network(self) -> Network:
+        stages, first = [], 0
+        for i, stage in enumerate(self.spec.stages):
+            stages.append(self.stage(i, stage, first))
+            first += stage.depth
+        return Network(name=self.spec.name, stem=self.module("stem"), stages=stages, head=self.module("head"),
+                       input_type=self.g.input_type, output_type=self.g.output_type,
+                       feature_types=self.g.stage_types)
+
+
+def initialize(net: nn.Module) -> None:
+    """timm's initialisation: truncated-normal weights everywhere, then each module's own scheme."""
+    net.apply(init_weights)
+    for m in net.modules():
+        if hasattr(m, "init_weights") and m is not net:
+            m.init_weights()
+
+
+def compile_graph(graph: ArchGraph) -> Network:
+    """An ``nn.Module`` computing ``graph``, initialised as timm does (call ``.eval()`` for inference)."""
+    net = _Compiler(graph).network()
+    initialize(net)
+    return net

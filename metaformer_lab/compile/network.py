@@ -1,0 +1,117 @@
+"""The containers a compiled network is made of. Their ``forward`` reads like the paper's equations;
+the ops inside come from the block library."""
+
+from __future__ import annotations
+
+import torch
+from timm.layers import DropPath, trunc_normal_
+from torch import Tensor, nn
+
+from metaformer_lab.core.types import TensorType
+
+
+class MetaFormerBlock(nn.Module):
+    """``x = rs1*x + ls1*TokenMixer(norm1(x)); x = rs2*x + ls2*ChannelMixer(norm2(x))``.
+
+    Absent parts (no norm, no layer scale, no res scale) are ``nn.Identity``.
+    """
+
+    def __init__(self, *, layout_in: nn.Module, norm1: nn.Module, token_mixer: nn.Module, ls1: nn.Module,
+                 rs1: nn.Module, norm2: nn.Module, channel_mixer: nn.Module, ls2: nn.Module, rs2: nn.Module,
+                 drop_path: float) -> None:
+        super().__init__()
+        self.layout_in = layout_in
+        self.norm1, self.token_mixer, self.ls1, self.rs1 = norm1, token_mixer, ls1, rs1
+        self.norm2, self.channel_mixer, self.ls2, self.rs2 = norm2, channel_mixer, ls2, rs2
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layout_in(x)
+        x = self.rs1(x) + self.drop_path1(self.ls1(self.token_mixer(self.norm1(x))))
+        x = self.rs2(x) + self.drop_path2(self.ls2(self.channel_mixer(self.norm2(x))))
+        return x
+
+
+class ConvNeXtBlock(nn.Module):
+    """``x = x + ls*ChannelMixer(norm(TokenMixer(x)))``: one residual, the norm after the token mixer."""
+
+    def __init__(self, *, layout_in: nn.Module, token_mixer: nn.Module, norm: nn.Module, channel_mixer: nn.Module,
+                 ls: nn.Module, drop_path: float) -> None:
+        super().__init__()
+        self.layout_in = layout_in
+        self.token_mixer, self.norm, self.channel_mixer, self.ls = token_mixer, norm, channel_mixer, ls
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layout_in(x)
+        return x + self.drop_path(self.ls(self.channel_mixer(self.norm(self.token_mixer(x)))))
+
+
+class PrefixTokens(nn.Module):
+    """Learned tokens put in front of the sequence (class token, distillation token)."""
+
+    def __init__(self, count: int, dim: int, had_prefix: bool) -> None:
+        super().__init__()
+        self.tokens = nn.ParameterList([nn.Parameter(torch.zeros(1, 1, dim)) for _ in range(count)])
+        self.had_prefix = had_prefix
+
+    def init_weights(self) -> None:
+        for token in self.tokens:
+            trunc_normal_(token, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.had_prefix:
+            x = x.flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C)
+        prefix = torch.cat(list(self.tokens), dim=1).expand(x.shape[0], -1, -1)  # (B, P, C)
+        return torch.cat([prefix, x], dim=1)  # (B, P + N, C)
+
+
+class Stage(nn.Module):
+    """``down -> layout -> prefix -> [pos] -> blocks (pos after block k) -> norm``."""
+
+    def __init__(self, *, down_layout: nn.Module, down: nn.Module, layout: nn.Module, prefix: nn.Module,
+                 pos_embed: nn.Module, pos_after: int, blocks: list[nn.Module], norm: nn.Module) -> None:
+        super().__init__()
+        self.down_layout, self.down, self.layout, self.prefix = down_layout, down, layout, prefix
+        self.pos_embed, self.pos_after = pos_embed, pos_after
+        self.blocks = nn.Sequential(*blocks)
+        self.norm = norm
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.prefix(self.layout(self.down(self.down_layout(x))))
+        if self.pos_after < 0:
+            x = self.pos_embed(x)
+        for j, block in enumerate(self.blocks):
+            x = block(x)
+            if j == self.pos_after:
+                x = self.pos_embed(x)
+        return self.norm(x)
+
+
+class Network(nn.Module):
+    """A compiled architecture: ``head(stages(stem(x)))``.
+
+    Attributes:
+        input_type: the input it was compiled for (token ops that need the grid are sized for it).
+        output_type: the type of its output.
+        feature_types: the output type of each stage.
+    """
+
+    def __init__(self, *, name: str, stem: nn.Module, stages: list[Stage], head: nn.Module, input_type: TensorType,
+                 output_type: TensorType, feature_types: list[TensorType]) -> None:
+        super().__init__()
+        self.name = name
+        self.stem = stem
+        self.stages = nn.Sequential(*stages)
+        self.head = head
+        self.input_type, self.output_type, self.feature_types = input_type, output_type, feature_types
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.stages(self.stem(x))
+
+    def forward_head(self, x: Tensor) -> Tensor:
+        return self.head(x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.forward_head(self.forward_features(x))

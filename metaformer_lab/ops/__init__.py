@@ -1,0 +1,52 @@
+"""The block library: one file per op family, registries built from explicit lists (listable, no
+import side effects). Each op is a config class + shape rule + module builder (see core.registry)."""
+
+from __future__ import annotations
+
+from metaformer_lab.core.registry import Registry
+from metaformer_lab.ops import (
+    composite,
+    conv_mixers,
+    downsamplers,
+    heads,
+    identity,
+    mlp,
+    norms,
+    pooling,
+    position,
+    random_mixing,
+    stems,
+    token_mlp,
+)
+
+TOKEN_MIXERS = Registry.of("token mixer", [
+    identity.IDENTITY,
+    random_mixing.RANDOM_MIXING,
+    pooling.POOLING,
+    conv_mixers.DWCONV,
+    conv_mixers.SEPCONV,
+    token_mlp.TOKEN_MLP,
+    token_mlp.TOKEN_LINEAR,
+    composite.PARALLEL,
+    composite.SPLIT,
+])
+CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU])
+NORMS = Registry.of("norm", norms.NORM_DEFS)
+STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK])
+DOWNSAMPLERS = Registry.of("downsampler", [downsamplers.CONV_DOWN, downsamplers.PATCH_MERGING,
+                                           downsamplers.POOL_DOWN])
+HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD])
+POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.PEG])
+
+REGISTRIES: dict[str, Registry] = {
+    "token_mixer": TOKEN_MIXERS,
+    "channel_mixer": CHANNEL_MIXERS,
+    "norm": NORMS,
+    "stem": STEMS,
+    "downsample": DOWNSAMPLERS,
+    "head": HEADS,
+    "pos_embed": POSITIONS,
+}
+"""Role name (as in the spec and the graph) -> registry."""
+
+__all__ = ["CHANNEL_MIXERS", "DOWNSAMPLERS", "HEADS", "NORMS", "POSITIONS", "REGISTRIES", "STEMS", "TOKEN_MIXERS"]

@@ -1,0 +1,185 @@
+"""What every op file shares: the config base class, bounded field types, activations, layout helpers."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated, Literal
+
+import torch
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic_core import PydanticCustomError
+from timm.layers import QuickGELU, trunc_normal_
+from timm.models.metaformer import SquaredReLU, StarReLU
+from torch import Tensor, nn
+
+from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.types import Layout, TensorType
+
+# Upper bounds keep a typo from asking for a model that cannot be built (a mutation test relies on it).
+MAX_DIM = 16384
+MAX_KERNEL = 63
+MAX_SIZE = 4096
+
+
+class OpSpec(BaseModel):
+    """Base of every op config: unknown keys are errors, values are not coerced, instances are frozen."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+def _odd(value: int) -> int:
+    if value % 2 == 0:
+        raise PydanticCustomError("odd", "{value} must be odd", {"value": value})
+    return value
+
+
+def _pair(value: int | list[int]) -> int | list[int]:
+    if isinstance(value, list) and len(value) != 2:
+        raise PydanticCustomError("pair", "expected one integer or a list of two, got {n} items", {"n": len(value)})
+    return value
+
+
+PosInt = Annotated[int, Field(ge=1, le=MAX_DIM)]
+NonNegInt = Annotated[int, Field(ge=0, le=MAX_DIM)]
+KernelInt = Annotated[int, Field(ge=1, le=MAX_KERNEL)]
+OddKernel = Annotated[int, Field(ge=1, le=MAX_KERNEL), AfterValidator(_odd)]
+Kernel2d = Annotated[KernelInt | list[KernelInt], AfterValidator(_pair)]
+Ratio = Annotated[float, Field(gt=0.0, le=64.0)]
+Prob = Annotated[float, Field(ge=0.0, lt=1.0)]
+Eps = Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+def pair(value: int | list[int]) -> tuple[int, int]:
+    return (value, value) if isinstance(value, int) else (value[0], value[1])
+
+
+# ---------------------------------------------------------------------------------------------
+# activations
+
+Act = Literal[
+    "gelu", "gelu_tanh", "quick_gelu", "relu", "relu6", "silu", "hardswish", "sigmoid", "tanh",
+    "mish", "star_relu", "squared_relu", "identity",
+]
+
+_ACTS: dict[str, Callable[[], nn.Module]] = {
+    "gelu": nn.GELU,
+    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+    "quick_gelu": QuickGELU,
+    "relu": nn.ReLU,
+    "relu6": nn.ReLU6,
+    "silu": nn.SiLU,
+    "hardswish": nn.Hardswish,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+    "mish": nn.Mish,
+    "star_relu": StarReLU,  # s * relu(x)^2 + b with learnable scalars (MetaFormer baselines)
+    "squared_relu": SquaredReLU,
+    "identity": nn.Identity,
+}
+
+
+def make_act(name: Act) -> nn.Module:
+    return _ACTS[name]()
+
+
+def act_layer(name: Act) -> Callable[[], nn.Module]:
+    """A zero-argument layer factory, for timm.layers classes that take ``act_layer=``."""
+    return _ACTS[name]
+
+
+# ---------------------------------------------------------------------------------------------
+# layouts
+
+def require_layout(x: TensorType, *allowed: Layout, op: str) -> None:
+    if x.layout not in allowed:
+        want = " or ".join(f"'{a}'" for a in allowed)
+        raise ShapeIssue("type", f"{op} needs layout {want}, but it gets '{x.layout}'")
+
+
+def require_no_prefix(x: TensorType, op: str) -> None:
+    if x.prefix:
+        raise ShapeIssue("type", f"{op} works on the token grid only, but the input has {x.prefix} prefix token(s)")
+
+
+def split_prefix(x: Tensor, prefix: int, grid: tuple[int, int]) -> tuple[Tensor | None, Tensor]:
+    """Tokens -> (prefix tokens (B, P, C) or None, grid tokens (B, H, W, C))."""
+    if prefix == 0:
+        return None, x
+    return x[:, :prefix], x[:, prefix:].unflatten(1, grid)  # (B, P, C), (B, H, W, C)
+
+
+def join_prefix(prefix: Tensor | None, grid: Tensor) -> Tensor:
+    """Inverse of :func:`split_prefix`."""
+    if prefix is None:
+        return grid
+    return torch.cat([prefix, grid.flatten(1, 2)], dim=1)  # (B, P + H*W, C)
+
+
+class ToTokens(nn.Module):
+    """(B, C, H, W) -> (B, H, W, C)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 2, 3, 1)
+
+
+class ToMaps(nn.Module):
+    """(B, H, W, C) -> (B, C, H, W)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.permute(0, 3, 1, 2)
+
+
+def layout_change(src: TensorType, dst: Layout) -> nn.Module:
+    """The module converting ``src`` to layout ``dst`` (the caller checked the change is possible)."""
+    if (src.layout, dst) == ("maps", "tokens"):
+        return ToTokens()
+    if (src.layout, dst) == ("tokens", "maps"):
+        return ToMaps()
+    raise ValueError(f"no layout change from {src.layout} to {dst}")
+
+
+def layout_change_problem(src: TensorType, dst: Layout) -> str | None:
+    """Why ``src`` cannot become layout ``dst``, or None when it can."""
+    if src.layout == dst:
+        return None
+    if src.layout == "vector" or dst == "vector":
+        return f"cannot turn {src.layout} into {dst}"
+    if src.prefix:
+        return f"cannot turn tokens with {src.prefix} prefix token(s) into maps"
+    return None
+
+
+def channel_dim(layout: Layout) -> int:
+    return 1 if layout == "maps" else -1
+
+
+# ---------------------------------------------------------------------------------------------
+# small shared modules
+
+
+class LayerScale(nn.Module):
+    """Per-channel learnable scale (layer scale on a branch, res scale on a shortcut).
+
+    The parameter has shape (C,) in every layout, so checkpoints move between layouts unchanged.
+    """
+
+    def __init__(self, dim: int, init: float, layout: Layout) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((dim,), float(init)))
+        self.maps = layout == "maps"
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.maps:
+            return x * self.scale.view(-1, 1, 1)
+        return x * self.scale
+
+
+def init_weights(module: nn.Module) -> None:
+    """timm's default for MetaFormer-family models: truncated normal (std .02) weights, zero biases.
+
+    Modules with their own scheme define ``init_weights()``; it runs after this one.
+    """
+    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+        trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)

@@ -1,0 +1,119 @@
+"""Convolutional token mixers: depthwise conv (ConvNeXt) and inverted separable conv (ConvFormer)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import (
+    Act,
+    Kernel2d,
+    OpSpec,
+    Ratio,
+    make_act,
+    pair,
+    require_layout,
+    require_no_prefix,
+)
+
+_MAPS = TensorType("maps", 8, 6, 5)
+_TOKENS = TensorType("tokens", 8, 6, 5)
+
+
+class DwConvSpec(OpSpec):
+    """Depthwise convolution, stride 1, same padding (ConvNeXt's 7x7, InceptionNeXt's 1x11 and 11x1)."""
+
+    type: Literal["dwconv"] = "dwconv"
+    kernel: Kernel2d = Field(7, description="odd size, or [height, width]")
+    bias: bool = True
+
+
+class DepthwiseConv(nn.Module):
+    """Depthwise conv on maps, or on channels-last tokens (permuted around the conv)."""
+
+    def __init__(self, dim: int, kernel: tuple[int, int], bias: bool, channels_last: bool) -> None:
+        super().__init__()
+        padding = (kernel[0] // 2, kernel[1] // 2)
+        self.dw = nn.Conv2d(dim, dim, kernel, padding=padding, groups=dim, bias=bias)
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:
+            return self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, C) -> same
+        return self.dw(x)  # (B, C, H, W) -> same
+
+
+def _odd_kernel(kernel: tuple[int, int]) -> None:
+    if kernel[0] % 2 == 0 or kernel[1] % 2 == 0:
+        raise ShapeIssue("kernel", f"{kernel[0]}x{kernel[1]} must be odd to keep the size with stride 1")
+
+
+def dwconv_shape(spec: DwConvSpec, x: TensorType) -> TensorType:
+    require_layout(x, "maps", "tokens", op="dwconv")
+    require_no_prefix(x, op="dwconv")
+    _odd_kernel(pair(spec.kernel))
+    return x
+
+
+DWCONV = OpDef(
+    DwConvSpec,
+    infer=dwconv_shape,
+    build=lambda spec, x: DepthwiseConv(x.channels, pair(spec.kernel), spec.bias, x.layout == "tokens"),
+    preserves_type=True,
+    cases=(Case({}, _MAPS), Case({"kernel": [1, 5], "bias": False}, _TOKENS, id="tokens-1x5")),
+)
+
+
+class SepConvSpec(OpSpec):
+    """Inverted separable conv from MobileNetV2: pointwise up, act, depthwise, pointwise down
+    (timm ``metaformer.SepConv``)."""
+
+    type: Literal["sepconv"] = "sepconv"
+    ratio: Ratio = Field(2.0, description="expansion of the middle width")
+    kernel: Kernel2d = 7
+    act: Act = "star_relu"
+    act2: Act = Field("identity", description="activation after the depthwise conv")
+    bias: bool = False
+
+
+class SeparableConv(nn.Module):
+    def __init__(self, dim: int, spec: SepConvSpec, channels_last: bool) -> None:
+        super().__init__()
+        mid = int(spec.ratio * dim)
+        kernel = pair(spec.kernel)
+        # 1x1 convs on maps, Linear on channels-last tokens: the same weights up to a reshape.
+        self.pw1 = nn.Linear(dim, mid, bias=spec.bias) if channels_last else nn.Conv2d(dim, mid, 1, bias=spec.bias)
+        self.act = make_act(spec.act)
+        self.dw = nn.Conv2d(mid, mid, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=mid, bias=spec.bias)
+        self.act2 = make_act(spec.act2)
+        self.pw2 = nn.Linear(mid, dim, bias=spec.bias) if channels_last else nn.Conv2d(mid, dim, 1, bias=spec.bias)
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.act(self.pw1(x))
+        if self.channels_last:
+            x = self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, mid)
+        else:
+            x = self.dw(x)  # (B, mid, H, W)
+        return self.pw2(self.act2(x))
+
+
+def sepconv_shape(spec: SepConvSpec, x: TensorType) -> TensorType:
+    require_layout(x, "maps", "tokens", op="sepconv")
+    require_no_prefix(x, op="sepconv")
+    _odd_kernel(pair(spec.kernel))
+    return x
+
+
+SEPCONV = OpDef(
+    SepConvSpec,
+    infer=sepconv_shape,
+    build=lambda spec, x: SeparableConv(x.channels, spec, x.layout == "tokens"),
+    preserves_type=True,
+    cases=(Case({}, _MAPS), Case({"kernel": 3, "act": "gelu", "bias": True}, _TOKENS, id="tokens")),
+)

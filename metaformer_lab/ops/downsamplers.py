@@ -1,0 +1,127 @@
+"""Downsamplers that open a stage: strided conv, Swin's patch merging, pooling."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import KernelInt, OpSpec, require_layout, require_no_prefix
+from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
+from metaformer_lab.ops.stems import ConvEmbed, default_padding, strided_conv_shape
+
+_MAPS = TensorType("maps", 8, 8, 6)
+_TOKENS = TensorType("tokens", 8, 8, 6)
+
+
+class ConvDownSpec(OpSpec):
+    """Strided conv with optional norms around it (PoolFormer, ConvNeXt, PVTv2 downsamplers)."""
+
+    type: Literal["conv"] = "conv"
+    kernel: KernelInt = 3
+    stride: KernelInt = 2
+    padding: int | None = Field(None, ge=0, le=63, description="default: (kernel - stride + 1) // 2")
+    bias: bool = True
+    norm_before: NormSpec | None = None
+    norm_after: NormSpec | None = None
+
+
+def _padding(spec: ConvDownSpec) -> int:
+    return default_padding(spec.kernel, spec.stride) if spec.padding is None else spec.padding
+
+
+def _conv_down_shape(spec: ConvDownSpec, x: TensorType, dim: int) -> TensorType:
+    return strided_conv_shape(x, dim, spec.kernel, spec.stride, _padding(spec),
+                              {"norm_before": spec.norm_before, "norm_after": spec.norm_after})
+
+
+def _build_conv_down(spec: ConvDownSpec, x: TensorType, dim: int) -> nn.Module:
+    out = _conv_down_shape(spec, x, dim)
+    conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias)
+    return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out))
+
+
+class PatchMergingSpec(OpSpec):
+    """Swin's patch merging: 2x2 neighbours concatenated (4C), normed, projected by a Linear."""
+
+    type: Literal["patch_merging"] = "patch_merging"
+    norm: NormSpec | None = Field(default_factory=lambda: LayerNormSpec(eps=1e-5))
+    bias: bool = False
+
+
+class PatchMerging(nn.Module):
+    def __init__(self, dim: int, out_dim: int, norm: nn.Module, bias: bool) -> None:
+        super().__init__()
+        self.norm = norm
+        self.reduction = nn.Linear(4 * dim, out_dim, bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, H, W, C = x.shape
+        # timm's channel order: (row offset, col offset) = (0,0), (1,0), (0,1), (1,1)
+        x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, H/2, W/2, 4C)
+        return self.reduction(self.norm(x))
+
+
+def _patch_merging_shape(spec: PatchMergingSpec, x: TensorType, dim: int) -> TensorType:
+    require_layout(x, "tokens", op="patch_merging")
+    require_no_prefix(x, op="patch_merging")
+    if x.height % 2 or x.width % 2:
+        raise ShapeIssue("type", f"patch_merging needs an even grid, got {x.height}x{x.width}")
+    check_norm(spec.norm, x.with_channels(4 * x.channels), "norm")
+    return x.with_channels(dim).with_grid(x.height // 2, x.width // 2)
+
+
+def _build_patch_merging(spec: PatchMergingSpec, x: TensorType, dim: int) -> nn.Module:
+    return PatchMerging(x.channels, dim, build_norm(spec.norm, x.with_channels(4 * x.channels)), spec.bias)
+
+
+class PoolDownSpec(OpSpec):
+    """Pooling, then a 1x1 conv when the width changes (and an optional norm)."""
+
+    type: Literal["pool"] = "pool"
+    mode: Literal["avg", "max"] = "avg"
+    kernel: KernelInt = 2
+    stride: KernelInt = 2
+    norm_after: NormSpec | None = None
+
+
+class PoolDown(nn.Module):
+    def __init__(self, pool: nn.Module, proj: nn.Module, norm: nn.Module) -> None:
+        super().__init__()
+        self.pool, self.proj, self.norm = pool, proj, norm
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C', H', W')
+        return self.norm(self.proj(self.pool(x)))
+
+
+def _pool_down_shape(spec: PoolDownSpec, x: TensorType, dim: int) -> TensorType:
+    require_layout(x, "maps", op="pool")
+    pad = default_padding(spec.kernel, spec.stride)
+    if pad > spec.kernel // 2:
+        raise ShapeIssue("kernel", f"{spec.kernel} is too small for stride {spec.stride}")
+    out = strided_conv_shape(x, dim, spec.kernel, spec.stride, pad, {})
+    check_norm(spec.norm_after, out, "norm_after")
+    return out
+
+
+def _build_pool_down(spec: PoolDownSpec, x: TensorType, dim: int) -> nn.Module:
+    out = _pool_down_shape(spec, x, dim)
+    pad = default_padding(spec.kernel, spec.stride)
+    pool_cls = nn.AvgPool2d if spec.mode == "avg" else nn.MaxPool2d
+    pool = pool_cls(spec.kernel, spec.stride, padding=pad)
+    proj = nn.Identity() if dim == x.channels else nn.Conv2d(x.channels, dim, 1)
+    return PoolDown(pool, proj, build_norm(spec.norm_after, out))
+
+
+CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("maps",),
+                  cases=(Case({}, _MAPS, 16), Case({"kernel": 2, "norm_before": {"type": "layernorm"}}, _MAPS, 16,
+                                                   id="convnext"),
+                         Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post")))
+PATCH_MERGING = OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging, accepts=("tokens",),
+                      cases=(Case({}, _TOKENS, 16),))
+POOL_DOWN = OpDef(PoolDownSpec, _pool_down_shape, _build_pool_down, accepts=("maps",),
+                  cases=(Case({}, _MAPS, 16), Case({"mode": "max", "kernel": 3}, _MAPS, 8, id="max-k3")))

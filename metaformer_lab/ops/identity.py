@@ -1,0 +1,26 @@
+"""IdentityFormer's token mixer: no token mixing at all (Yu et al., "MetaFormer Baselines", 2022)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from torch import nn
+
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import OpSpec
+
+
+class IdentitySpec(OpSpec):
+    """``x -> x``; the block reduces to ``x + norm(x)`` plus its channel mixer."""
+
+    type: Literal["identity"] = "identity"
+
+
+IDENTITY = OpDef(
+    IdentitySpec,
+    infer=lambda spec, x: x,
+    build=lambda spec, x: nn.Identity(),
+    preserves_type=True,
+    cases=(Case({}, TensorType("maps", 8, 4, 4), id="maps"), Case({}, TensorType("tokens", 8, 4, 4, 1), id="tokens")),
+)

@@ -1,0 +1,126 @@
+"""Channel mixers: MLP/FFN, ConvFFN (PVTv2) and the GLU family (GLU, SwiGLU, GEGLU)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from timm.layers import GluMlp, Mlp
+from torch import Tensor, nn
+
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import (
+    Act,
+    OddKernel,
+    OpSpec,
+    Prob,
+    Ratio,
+    act_layer,
+    join_prefix,
+    make_act,
+    require_layout,
+    split_prefix,
+)
+
+_MAPS = TensorType("maps", 8, 4, 5)
+_TOKENS = TensorType("tokens", 8, 4, 5)
+_PREFIXED = TensorType("tokens", 8, 4, 5, prefix=2)
+_VECTOR = TensorType("vector", 8)
+
+
+def _channelwise(spec: OpSpec, x: TensorType) -> TensorType:
+    return x
+
+
+class MlpSpec(OpSpec):
+    """Two-layer MLP over channels (timm ``Mlp``; 1x1 convs on maps, Linear on tokens)."""
+
+    type: Literal["mlp"] = "mlp"
+    ratio: Ratio = Field(4.0, description="hidden width = int(ratio * channels)")
+    act: Act = "gelu"
+    bias: bool = True
+    drop: Prob = 0.0
+
+
+def _build_mlp(spec: MlpSpec, x: TensorType) -> nn.Module:
+    return Mlp(x.channels, int(spec.ratio * x.channels), act_layer=act_layer(spec.act), bias=spec.bias,
+               drop=spec.drop, use_conv=x.layout == "maps")
+
+
+MLP = OpDef(MlpSpec, _channelwise, _build_mlp, preserves_type=True,
+            cases=(Case({}, _MAPS), Case({"act": "star_relu", "bias": False}, _TOKENS, id="tokens"),
+                   Case({"ratio": 2.0}, _PREFIXED, id="prefixed"), Case({}, _VECTOR, id="vector")))
+
+
+class ConvFfnSpec(OpSpec):
+    """FFN with a depthwise conv after the first layer (PVTv2's ``MlpWithDepthwiseConv``)."""
+
+    type: Literal["conv_ffn"] = "conv_ffn"
+    ratio: Ratio = 4.0
+    kernel: OddKernel = 3
+    act: Act = "gelu"
+    bias: bool = True
+    hidden_act: Act = Field("identity", description="activation right after fc1 (PVTv2-li uses relu)")
+    drop: Prob = 0.0
+
+
+class ConvFfn(nn.Module):
+    """fc1 -> [act] -> depthwise conv -> act -> fc2; prefix tokens skip the conv."""
+
+    def __init__(self, dim: int, spec: ConvFfnSpec, x: TensorType) -> None:
+        super().__init__()
+        hidden = int(spec.ratio * dim)
+        self.maps = x.layout == "maps"
+        self.prefix, self.grid = x.prefix, x.grid
+        self.fc1 = nn.Conv2d(dim, hidden, 1, bias=spec.bias) if self.maps else nn.Linear(dim, hidden, bias=spec.bias)
+        self.hidden_act = make_act(spec.hidden_act)
+        self.dw = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=hidden, bias=True)
+        self.act = make_act(spec.act)
+        self.drop = nn.Dropout(spec.drop)
+        self.fc2 = nn.Conv2d(hidden, dim, 1, bias=spec.bias) if self.maps else nn.Linear(hidden, dim, bias=spec.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.hidden_act(self.fc1(x))
+        if self.maps:
+            x = self.dw(x)  # (B, hidden, H, W)
+        else:
+            prefix, grid = split_prefix(x, self.prefix, self.grid)  # grid: (B, H, W, hidden)
+            grid = self.dw(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            x = join_prefix(prefix, grid)
+        x = self.drop(self.act(x))
+        return self.drop(self.fc2(x))
+
+
+def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType) -> TensorType:
+    require_layout(x, "maps", "tokens", op="conv_ffn")
+    return x
+
+
+CONV_FFN = OpDef(ConvFfnSpec, _conv_ffn_shape, lambda spec, x: ConvFfn(x.channels, spec, x), preserves_type=True,
+                 cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
+                        Case({}, _PREFIXED, id="prefixed")))
+
+
+class GluSpec(OpSpec):
+    """Gated linear unit FFN: ``fc2(a * act(g))`` with ``[a, g] = fc1(x)`` (timm ``GluMlp``).
+
+    ``act: sigmoid`` is GLU, ``silu`` SwiGLU, ``gelu`` GEGLU.
+    """
+
+    type: Literal["glu"] = "glu"
+    ratio: Ratio = Field(4.0, description="width of the gated hidden layer = int(ratio * channels)")
+    act: Act = "silu"
+    bias: bool = True
+    drop: Prob = 0.0
+
+
+def _build_glu(spec: GluSpec, x: TensorType) -> nn.Module:
+    # timm's GluMlp splits fc1's output in two halves, so fc1 is twice the gated width.
+    return GluMlp(x.channels, 2 * int(spec.ratio * x.channels), act_layer=act_layer(spec.act), bias=spec.bias,
+                  drop=spec.drop, use_conv=x.layout == "maps")
+
+
+GLU = OpDef(GluSpec, _channelwise, _build_glu, preserves_type=True,
+            cases=(Case({}, _TOKENS), Case({"act": "gelu", "bias": False}, _MAPS, id="geglu-maps"),
+                   Case({"act": "sigmoid"}, _PREFIXED, id="glu")))

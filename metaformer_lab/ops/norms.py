@@ -1,0 +1,181 @@
+"""Normalisation layers, each usable in every layout (the builder picks the module for the layout)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+from timm.layers import LayerNorm2d, RmsNorm, RmsNorm2d
+from torch import Tensor, nn
+
+from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import Eps, OpSpec, PosInt, Prob
+
+_MAPS = TensorType("maps", 16, 5, 6)
+_TOKENS = TensorType("tokens", 16, 5, 6)
+_PREFIXED = TensorType("tokens", 16, 5, 6, prefix=1)
+_VECTOR = TensorType("vector", 16)
+
+
+def _same(spec: OpSpec, x: TensorType) -> TensorType:
+    return x
+
+
+class LayerNormSpec(OpSpec):
+    """LayerNorm over channels (``nn.LayerNorm`` on tokens, timm ``LayerNorm2d`` on maps)."""
+
+    type: Literal["layernorm"] = "layernorm"
+    eps: Eps = Field(1e-6, description="timm's LayerNorm default is 1e-6, torch's nn.LayerNorm 1e-5")
+    affine: bool = Field(True, description="learnable per-channel weight")
+    bias: bool = Field(True, description="learnable per-channel bias (needs affine)")
+
+
+def _build_layernorm(spec: LayerNormSpec, x: TensorType) -> nn.Module:
+    bias = spec.bias and spec.affine
+    if x.layout == "maps":
+        return LayerNorm2d(x.channels, eps=spec.eps, affine=spec.affine, bias=bias)
+    return nn.LayerNorm(x.channels, eps=spec.eps, elementwise_affine=spec.affine, bias=bias)
+
+
+class BatchNormSpec(OpSpec):
+    """BatchNorm over channels (running statistics in eval mode)."""
+
+    type: Literal["batchnorm"] = "batchnorm"
+    eps: Eps = 1e-5
+    momentum: Prob = 0.1
+    affine: bool = True
+
+
+class ChannelsLastBatchNorm(nn.BatchNorm2d):
+    """BatchNorm for channels-last tensors of any rank: (B, ..., C)."""
+
+    def _check_input_dim(self, input: Tensor) -> None:  # noqa: A002 - torch's name
+        pass
+
+    def forward(self, x: Tensor) -> Tensor:
+        return super().forward(x.movedim(-1, 1)).movedim(1, -1)
+
+
+def _build_batchnorm(spec: BatchNormSpec, x: TensorType) -> nn.Module:
+    args = {"eps": spec.eps, "momentum": spec.momentum, "affine": spec.affine}
+    if x.layout == "maps":
+        return nn.BatchNorm2d(x.channels, **args)
+    if x.layout == "vector":
+        return nn.BatchNorm1d(x.channels, **args)
+    return ChannelsLastBatchNorm(x.channels, **args)
+
+
+class GroupNormSpec(OpSpec):
+    """GroupNorm; with ``groups: 1`` it normalises over all channels and positions (PoolFormer's GN1)."""
+
+    type: Literal["groupnorm"] = "groupnorm"
+    groups: PosInt = 1
+    eps: Eps = 1e-5
+    affine: bool = True
+    bias: bool = Field(True, description="learnable per-channel bias (needs affine)")
+
+
+class GroupNorm(nn.GroupNorm):
+    """``nn.GroupNorm`` for any layout, optionally without bias."""
+
+    def __init__(self, groups: int, channels: int, eps: float, affine: bool, bias: bool, channels_last: bool):
+        super().__init__(groups, channels, eps=eps, affine=affine)
+        if not bias and affine:
+            self.bias = None
+        self.channels_last = channels_last
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.channels_last:  # (B, ..., C) -> (B, C, ...) and back
+            return F.group_norm(x.movedim(-1, 1), self.num_groups, self.weight, self.bias, self.eps).movedim(1, -1)
+        return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+
+
+def _infer_groupnorm(spec: GroupNormSpec, x: TensorType) -> TensorType:
+    if x.channels % spec.groups:
+        raise ShapeIssue("groups", f"{spec.groups} does not divide {x.channels} channels")
+    return x
+
+
+def _build_groupnorm(spec: GroupNormSpec, x: TensorType) -> nn.Module:
+    return GroupNorm(spec.groups, x.channels, spec.eps, spec.affine, spec.bias, channels_last=x.layout == "tokens")
+
+
+class RmsNormSpec(OpSpec):
+    """RMSNorm over channels (timm ``RmsNorm`` / ``RmsNorm2d``)."""
+
+    type: Literal["rmsnorm"] = "rmsnorm"
+    eps: Eps = 1e-6
+    affine: bool = True
+
+
+def _build_rmsnorm(spec: RmsNormSpec, x: TensorType) -> nn.Module:
+    cls = RmsNorm2d if x.layout == "maps" else RmsNorm
+    return cls(x.channels, eps=spec.eps, affine=spec.affine)
+
+
+class AffineSpec(OpSpec):
+    """ResMLP's ``Aff``: a per-channel ``alpha * x + beta`` with no statistics."""
+
+    type: Literal["affine"] = "affine"
+
+
+class Affine(nn.Module):
+    def __init__(self, dim: int, maps: bool) -> None:
+        super().__init__()
+        self.alpha = nn.Parameter(torch.ones(dim))
+        self.beta = nn.Parameter(torch.zeros(dim))
+        self.maps = maps
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.maps:
+            return self.beta.view(-1, 1, 1) + self.alpha.view(-1, 1, 1) * x
+        return self.beta + self.alpha * x
+
+
+_ANY = (Case({}, _MAPS, id="maps"), Case({}, _TOKENS, id="tokens"), Case({}, _PREFIXED, id="prefixed"),
+        Case({}, _VECTOR, id="vector"))
+
+LAYERNORM = OpDef(LayerNormSpec, _same, _build_layernorm, preserves_type=True,
+                  cases=(*_ANY, Case({"bias": False}, _MAPS, id="maps-nobias"), Case({"affine": False}, _TOKENS, id="plain")))
+BATCHNORM = OpDef(BatchNormSpec, _same, _build_batchnorm, cases=_ANY, preserves_type=True)
+GROUPNORM = OpDef(GroupNormSpec, _infer_groupnorm, _build_groupnorm, preserves_type=True,
+                  cases=(*_ANY, Case({"groups": 4, "bias": False}, _MAPS, id="g4-nobias")))
+RMSNORM = OpDef(RmsNormSpec, _same, _build_rmsnorm, cases=_ANY, preserves_type=True)
+AFFINE = OpDef(AffineSpec, _same, lambda spec, x: Affine(x.channels, x.layout == "maps"), cases=_ANY,
+               preserves_type=True)
+
+NORM_DEFS = (LAYERNORM, BATCHNORM, GROUPNORM, RMSNORM, AFFINE)
+
+NormSpec = Annotated[
+    LayerNormSpec | BatchNormSpec | GroupNormSpec | RmsNormSpec | AffineSpec,
+    Field(discriminator="type"),
+]
+"""Every norm, as a tagged union (ops that contain a norm, such as stems, take one of these)."""
+
+_BY_TAG = {d.tag: d for d in NORM_DEFS}
+
+
+def build_norm(spec: OpSpec | None, x: TensorType) -> nn.Module:
+    """The norm module for ``spec`` on input ``x`` (``nn.Identity`` for no norm)."""
+    if spec is None:
+        return nn.Identity()
+    return _BY_TAG[spec.type].build(spec, x)  # type: ignore[attr-defined]
+
+
+def infer_norm(spec: OpSpec | None, x: TensorType) -> TensorType:
+    """Shape rule of ``spec`` on ``x``; raises ShapeIssue with a field relative to the norm."""
+    if spec is None:
+        return x
+    return _BY_TAG[spec.type].infer(spec, x)  # type: ignore[attr-defined]
+
+
+def check_norm(spec: OpSpec | None, x: TensorType, field: str) -> None:
+    """Run a nested norm's shape rule, reporting its problems under ``field``."""
+    try:
+        infer_norm(spec, x)
+    except ShapeIssue as issue:
+        raise ShapeIssue(f"{field}.{issue.field}" if issue.field else field, issue.message) from None

@@ -1,0 +1,42 @@
+"""PoolFormer's token mixer (Yu et al., "MetaFormer Is Actually What You Need for Vision", 2022)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import OddKernel, OpSpec, require_layout
+
+
+class PoolingSpec(OpSpec):
+    """Average pooling minus the input (timm ``metaformer.Pooling``)."""
+
+    type: Literal["pooling"] = "pooling"
+    pool_size: OddKernel = Field(3, description="window; stride 1, same padding keeps H and W")
+
+
+def pooling_shape(spec: PoolingSpec, x: TensorType) -> TensorType:
+    require_layout(x, "maps", op="pooling")
+    return x
+
+
+class PoolMinusInput(nn.Module):
+    def __init__(self, pool_size: int) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(pool_size, stride=1, padding=pool_size // 2, count_include_pad=False)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C, H, W)
+        return self.pool(x) - x
+
+
+POOLING = OpDef(
+    PoolingSpec,
+    infer=pooling_shape,
+    build=lambda spec, x: PoolMinusInput(spec.pool_size),
+    preserves_type=True,
+    cases=(Case({}, TensorType("maps", 8, 5, 6)), Case({"pool_size": 5}, TensorType("maps", 8, 7, 7), id="k5")),
+)

@@ -1,0 +1,90 @@
+"""Position encodings a stage can carry: learned absolute (ViT) and a conditional position generator
+(PEG, a depthwise conv with a residual; CPVT, Twins)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field
+from timm.layers import trunc_normal_
+from torch import Tensor, nn
+
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import (
+    NonNegInt,
+    OddKernel,
+    OpSpec,
+    join_prefix,
+    require_layout,
+    split_prefix,
+)
+
+
+class LearnedPosSpec(OpSpec):
+    """A learned absolute position embedding added to every token (prefix tokens included) or pixel."""
+
+    type: Literal["learned"] = "learned"
+    init_std: float = Field(0.02, gt=0.0, le=1.0)
+    after_block: NonNegInt | None = Field(None, description="None: at the stage start, before the first block")
+
+
+class LearnedPosition(nn.Module):
+    def __init__(self, x: TensorType, init_std: float) -> None:
+        super().__init__()
+        self.maps, self.prefix, self.grid = x.layout == "maps", x.prefix, x.grid
+        shape = (1, x.channels, x.height, x.width) if self.maps else (1, x.num_tokens, x.channels)
+        self.weight = nn.Parameter(torch.zeros(shape))
+        self.init_std = init_std
+
+    def init_weights(self) -> None:
+        trunc_normal_(self.weight, std=self.init_std)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.maps or self.prefix:
+            return x + self.weight  # (B, C, H, W) or (B, P + H*W, C)
+        return x + self.weight.view(1, *self.grid, -1)  # (B, H, W, C)
+
+
+class PegSpec(OpSpec):
+    """Position generator: ``x + dwconv(x)`` on the token grid, inserted after a block (Twins, CPVT)."""
+
+    type: Literal["peg"] = "peg"
+    kernel: OddKernel = 3
+    after_block: NonNegInt | None = Field(0, description="index of the block it follows; None: stage start")
+
+
+class PositionGenerator(nn.Module):
+    def __init__(self, x: TensorType, kernel: int) -> None:
+        super().__init__()
+        self.proj = nn.Conv2d(x.channels, x.channels, kernel, padding=kernel // 2, groups=x.channels)
+        self.maps, self.prefix, self.grid = x.layout == "maps", x.prefix, x.grid
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.maps:
+            return x + self.proj(x)  # (B, C, H, W)
+        prefix, grid = split_prefix(x, self.prefix, self.grid)  # grid: (B, H, W, C)
+        grid = grid + self.proj(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        return join_prefix(prefix, grid)
+
+
+def _learned_shape(spec: LearnedPosSpec, x: TensorType) -> TensorType:
+    require_layout(x, "maps", "tokens", op="learned position embedding")
+    return x
+
+
+def _peg_shape(spec: PegSpec, x: TensorType) -> TensorType:
+    require_layout(x, "maps", "tokens", op="peg")
+    return x
+
+
+LEARNED_POS = OpDef(LearnedPosSpec, _learned_shape, lambda spec, x: LearnedPosition(x, spec.init_std),
+                    preserves_type=True,
+                    cases=(Case({}, TensorType("tokens", 8, 3, 4, prefix=1)), Case({}, TensorType("tokens", 8, 3, 4),
+                                                                                   id="grid"),
+                           Case({}, TensorType("maps", 8, 3, 4), id="maps")))
+PEG = OpDef(PegSpec, _peg_shape, lambda spec, x: PositionGenerator(x, spec.kernel), preserves_type=True,
+            cases=(Case({}, TensorType("tokens", 8, 3, 4)), Case({"kernel": 5}, TensorType("tokens", 8, 3, 4, prefix=1),
+                                                                  id="prefixed"),
+                   Case({}, TensorType("maps", 8, 3, 4), id="maps")))

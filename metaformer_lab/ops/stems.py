@@ -1,0 +1,170 @@
+"""Stems: patchify (ViT), overlapping conv (PoolFormer, PVTv2), conv stack (EfficientFormer, CoAtNet)."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import Tensor, nn
+
+from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import Act, KernelInt, OpSpec, PosInt, make_act, require_layout
+from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
+
+_IMAGE = TensorType("maps", 3, 32, 32)
+
+
+def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
+    return (size + 2 * padding - kernel) // stride + 1
+
+
+def default_padding(kernel: int, stride: int) -> int:
+    """Padding that gives ``size / stride`` outputs for sizes divisible by the stride (k3s2 -> 1, k2s2 -> 0)."""
+    return max(0, (kernel - stride + 1) // 2)
+
+
+class ConvEmbed(nn.Module):
+    """``post(conv(pre(x)))`` on maps: the shape of most stems and strided downsamplers."""
+
+    def __init__(self, pre: nn.Module, conv: nn.Conv2d, post: nn.Module) -> None:
+        super().__init__()
+        self.pre = pre
+        self.conv = conv
+        self.post = post
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        return self.post(self.conv(self.pre(x)))
+
+
+def strided_conv_shape(x: TensorType, dim: int, kernel: int, stride: int, padding: int,
+                       norms: dict[str, OpSpec | None]) -> TensorType:
+    """Shared shape rule of conv stems and conv downsamplers (norms: field name -> norm spec)."""
+    require_layout(x, "maps", op="a strided conv")
+    if padding >= kernel:
+        raise ShapeIssue("padding", f"{padding} must be smaller than the kernel {kernel}")
+    h, w = conv_out(x.height, kernel, stride, padding), conv_out(x.width, kernel, stride, padding)
+    if h < 1 or w < 1:
+        raise ShapeIssue("kernel", f"{kernel} is larger than the padded {x.height}x{x.width} input")
+    out = x.with_channels(dim).with_grid(h, w)
+    for name, norm in norms.items():
+        check_norm(norm, x if name.endswith("before") else out, name)
+    return out
+
+
+class PatchifySpec(OpSpec):
+    """Non-overlapping patches: a conv with kernel = stride = patch (ViT, Swin, ConvNeXt)."""
+
+    type: Literal["patchify"] = "patchify"
+    patch: KernelInt = 16
+    bias: bool = True
+    norm_after: NormSpec | None = None
+    dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
+
+
+def _patchify_shape(spec: PatchifySpec, x: TensorType, dim: int) -> TensorType:
+    require_layout(x, "maps", op="patchify")
+    if x.height % spec.patch or x.width % spec.patch:
+        raise ShapeIssue("patch", f"{spec.patch} does not divide the {x.height}x{x.width} input")
+    return strided_conv_shape(x, dim, spec.patch, spec.patch, 0, {"norm_after": spec.norm_after})
+
+
+def _build_patchify(spec: PatchifySpec, x: TensorType, dim: int) -> nn.Module:
+    conv = nn.Conv2d(x.channels, dim, spec.patch, stride=spec.patch, bias=spec.bias)
+    out = _patchify_shape(spec, x, dim)
+    return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, out))
+
+
+class ConvStemSpec(OpSpec):
+    """One strided, usually overlapping conv (PoolFormer's 7x7 stride 4, PVTv2's 7x7 stride 4 pad 3)."""
+
+    type: Literal["conv"] = "conv"
+    kernel: KernelInt = 7
+    stride: KernelInt = 4
+    padding: int | None = Field(None, ge=0, le=63, description="default: (kernel - stride + 1) // 2")
+    bias: bool = True
+    norm_after: NormSpec | None = None
+    dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
+
+
+def _conv_stem_shape(spec: ConvStemSpec, x: TensorType, dim: int) -> TensorType:
+    padding = default_padding(spec.kernel, spec.stride) if spec.padding is None else spec.padding
+    return strided_conv_shape(x, dim, spec.kernel, spec.stride, padding, {"norm_after": spec.norm_after})
+
+
+def _build_conv_stem(spec: ConvStemSpec, x: TensorType, dim: int) -> nn.Module:
+    padding = default_padding(spec.kernel, spec.stride) if spec.padding is None else spec.padding
+    conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=padding, bias=spec.bias)
+    return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, _conv_stem_shape(spec, x, dim)))
+
+
+class ConvStackSpec(OpSpec):
+    """A stack of convs, each followed by a norm and an activation (EfficientFormer, LeViT, CoAtNet)."""
+
+    type: Literal["conv_stack"] = "conv_stack"
+    strides: list[KernelInt] = Field(default_factory=lambda: [2, 2], min_length=1, max_length=8,
+                                     description="one entry per conv")
+    widths: list[PosInt] | None = Field(None, description="output widths of all convs but the last "
+                                        "(which gives the stem's width); default: half of it")
+    kernel: KernelInt = 3
+    bias: bool = Field(False, description="conv bias (usually off, a norm follows)")
+    norm: NormSpec | None = Field(default_factory=BatchNormSpec)
+    act: Act = "relu"
+    last_norm: bool = True
+    last_act: bool = True
+    dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
+
+
+class ConvNormAct(nn.Module):
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module, act: nn.Module) -> None:
+        super().__init__()
+        self.conv, self.norm, self.act = conv, norm, act
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
+        return self.act(self.norm(self.conv(x)))
+
+
+def _stack_widths(spec: ConvStackSpec, dim: int) -> list[int]:
+    n = len(spec.strides)
+    hidden = spec.widths if spec.widths is not None else [max(1, dim // 2)] * (n - 1)
+    if len(hidden) != n - 1:
+        raise ShapeIssue("widths", f"needs {n - 1} entries (one per conv but the last), got {len(hidden)}")
+    return [*hidden, dim]
+
+
+def _conv_stack_types(spec: ConvStackSpec, x: TensorType, dim: int) -> list[TensorType]:
+    types = []
+    for i, (stride, width) in enumerate(zip(spec.strides, _stack_widths(spec, dim), strict=True)):
+        try:
+            x = strided_conv_shape(x, width, spec.kernel, stride, default_padding(spec.kernel, stride), {})
+        except ShapeIssue as issue:
+            raise ShapeIssue(f"strides[{i}]", issue.message) from None
+        types.append(x)
+    check_norm(spec.norm, types[-1], "norm")
+    return types
+
+
+def _build_conv_stack(spec: ConvStackSpec, x: TensorType, dim: int) -> nn.Module:
+    layers = []
+    types = _conv_stack_types(spec, x, dim)
+    for i, (stride, out) in enumerate(zip(spec.strides, types, strict=True)):
+        last = i == len(types) - 1
+        conv = nn.Conv2d(x.channels, out.channels, spec.kernel, stride=stride,
+                         padding=default_padding(spec.kernel, stride), bias=spec.bias)
+        norm = build_norm(spec.norm if (spec.last_norm or not last) else None, out)
+        act = make_act(spec.act) if (spec.last_act or not last) else nn.Identity()
+        layers.append(ConvNormAct(conv, norm, act))
+        x = out
+    return nn.Sequential(*layers)
+
+
+PATCHIFY = OpDef(PatchifySpec, _patchify_shape, _build_patchify,
+                 cases=(Case({"patch": 4}, _IMAGE, 16), Case({"patch": 8, "norm_after": {"type": "layernorm"}},
+                                                              _IMAGE, 16, id="norm")))
+CONV_STEM = OpDef(ConvStemSpec, _conv_stem_shape, _build_conv_stem,
+                  cases=(Case({}, _IMAGE, 16), Case({"kernel": 3, "stride": 1, "norm_after": {"type": "batchnorm"}},
+                                                    _IMAGE, 8, id="k3s1")))
+CONV_STACK = OpDef(ConvStackSpec, lambda spec, x, dim: _conv_stack_types(spec, x, dim)[-1], _build_conv_stack,
+                   cases=(Case({}, _IMAGE, 16), Case({"strides": [2, 1, 2], "widths": [8, 12], "act": "gelu",
+                                                      "last_act": False}, _IMAGE, 16, id="three")))

@@ -1,0 +1,130 @@
+"""The architecture spec: what a YAML file says, validated field by field by pydantic.
+
+Cross-field and shape rules (heads dividing widths, windows dividing maps, ...) are checked when the
+spec is lowered to the typed graph, where each problem keeps its spec path.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+
+from metaformer_lab.ops.common import MAX_SIZE, NonNegInt, PosInt, Prob
+from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
+from metaformer_lab.ops.conv_mixers import DwConvSpec, SepConvSpec
+from metaformer_lab.ops.downsamplers import ConvDownSpec, PatchMergingSpec, PoolDownSpec
+from metaformer_lab.ops.heads import ClassTokenSpec, MlpHeadSpec, PoolNormLinearSpec
+from metaformer_lab.ops.identity import IdentitySpec
+from metaformer_lab.ops.mlp import ConvFfnSpec, GluSpec, MlpSpec
+from metaformer_lab.ops.norms import LayerNormSpec, NormSpec
+from metaformer_lab.ops.pooling import PoolingSpec
+from metaformer_lab.ops.position import LearnedPosSpec, PegSpec
+from metaformer_lab.ops.random_mixing import RandomMixingSpec
+from metaformer_lab.ops.stems import ConvStackSpec, ConvStemSpec, PatchifySpec
+from metaformer_lab.ops.token_mlp import TokenLinearSpec, TokenMlpSpec
+
+# Each union is written out in full; tests/spec/test_unions.py checks it equals its registry.
+TokenMixerSpec = Annotated[
+    IdentitySpec
+    | RandomMixingSpec
+    | PoolingSpec
+    | DwConvSpec
+    | SepConvSpec
+    | TokenMlpSpec
+    | TokenLinearSpec
+    | ParallelSpec
+    | SplitSpec,
+    Field(discriminator="type"),
+]
+ChannelMixerSpec = Annotated[MlpSpec | ConvFfnSpec | GluSpec, Field(discriminator="type")]
+StemSpec = Annotated[PatchifySpec | ConvStemSpec | ConvStackSpec, Field(discriminator="type")]
+DownsampleSpec = Annotated[ConvDownSpec | PatchMergingSpec | PoolDownSpec, Field(discriminator="type")]
+HeadSpec = Annotated[PoolNormLinearSpec | ClassTokenSpec | MlpHeadSpec, Field(discriminator="type")]
+PosEmbedSpec = Annotated[LearnedPosSpec | PegSpec, Field(discriminator="type")]
+
+for _composite in (ParallelSpec, SplitSpec):
+    _composite.model_rebuild(_types_namespace={"TokenMixerSpec": TokenMixerSpec})
+
+MAX_DEPTH = 256
+StageLayout = Literal["maps", "tokens"]
+
+
+class SpecModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class BlockSpec(SpecModel):
+    """One block. ``metaformer``: ``x = rs1*x + ls1*TokenMixer(norm(x)); x = rs2*x + ls2*ChannelMixer(norm(x))``.
+    ``convnext``: ``x = x + ls*ChannelMixer(norm(TokenMixer(x)))`` (one residual, norm after the mixer)."""
+
+    template: Literal["metaformer", "convnext"] = "metaformer"
+    token_mixer: TokenMixerSpec
+    channel_mixer: ChannelMixerSpec = Field(default_factory=MlpSpec)
+    norm: NormSpec | None = Field(default_factory=LayerNormSpec, description="null: no norm (EfficientFormer)")
+    layer_scale: float | None = Field(None, ge=0.0, le=10.0, description="init value of layer scale; null: off")
+    res_scale: float | None = Field(None, ge=0.0, le=10.0, description="init value of res scale; null: off")
+    layout: StageLayout | None = Field(None, description="overrides the stage's layout for this block")
+
+
+INHERITED_BLOCK_FIELDS = ("norm", "layer_scale", "res_scale")
+"""Block fields that ``defaults`` can set for every block that leaves them out."""
+
+
+def _as_list(value: Any) -> Any:
+    return value if isinstance(value, list) else [value]
+
+
+class StageSpec(SpecModel):
+    """A stage: an optional downsampler, then ``depth`` blocks (a list of blocks is cycled over the depth)."""
+
+    depth: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
+    dim: PosInt
+    block: Annotated[list[BlockSpec], BeforeValidator(_as_list), Field(min_length=1, max_length=16)]
+    downsample: DownsampleSpec | None = None
+    layout: StageLayout = Field("maps", description="maps: (B, C, H, W); tokens: channels last")
+    prefix_tokens: Annotated[int, Field(ge=0, le=16)] = Field(0, description="class/distillation tokens added here")
+    pos_embed: PosEmbedSpec | None = None
+    norm: NormSpec | None = Field(None, description="norm after the last block")
+
+    def block_at(self, index: int) -> BlockSpec:
+        return self.block[index % len(self.block)]
+
+
+Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]
+
+
+class InputSpec(SpecModel):
+    channels: Annotated[int, Field(ge=1, le=64)] = 3
+    size: Size | Annotated[list[Size], Field(min_length=2, max_length=2)] = 224
+
+    @property
+    def hw(self) -> tuple[int, int]:
+        return (self.size, self.size) if isinstance(self.size, int) else (self.size[0], self.size[1])
+
+
+class DefaultsSpec(SpecModel):
+    """Network-wide settings. ``norm``, ``layer_scale`` and ``res_scale`` fill every block that leaves
+    them out (applied when the YAML is read)."""
+
+    drop_path_rate: Prob = Field(0.0, description="stochastic depth, rising linearly to this over all blocks")
+    norm: NormSpec | None = Field(default_factory=LayerNormSpec)
+    layer_scale: float | None = Field(None, ge=0.0, le=10.0)
+    res_scale: float | None = Field(None, ge=0.0, le=10.0)
+
+
+class ArchSpec(SpecModel):
+    """A whole network: input, stem, stages, head."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9_.\-]+$")]
+    description: str = ""
+    input: InputSpec = Field(default_factory=InputSpec)
+    num_classes: NonNegInt = Field(1000, description="0: the head returns pooled features")
+    defaults: DefaultsSpec = Field(default_factory=DefaultsSpec)
+    stem: StemSpec
+    stages: Annotated[list[StageSpec], Field(min_length=1, max_length=16)]
+    head: HeadSpec = Field(default_factory=PoolNormLinearSpec)
+
+    @property
+    def num_blocks(self) -> int:
+        return sum(stage.depth for stage in self.stages)

@@ -1,0 +1,220 @@
+"""Reading a spec: source (file, zoo name, mapping) -> named blocks resolved -> defaults applied ->
+pydantic validation. Shape rules run later, when the spec is lowered to the typed graph."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import os
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ValidationError
+
+from metaformer_lab.core.errors import Issue, SpecError
+from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec
+from metaformer_lab.spec.issues import issues_from, show
+from metaformer_lab.spec.yaml_io import dump_yaml, load_yaml_file
+
+PACKAGE_DIR = Path(__file__).resolve().parents[1]
+_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
+
+SpecSource = ArchSpec | Mapping[str, Any] | str | os.PathLike[str]
+
+
+def data_dir(name: str) -> Path:
+    """A YAML folder shipped with the package (``blocks``, ``search_spaces``): inside the installed
+    package, or at the top of a source checkout."""
+    packaged = PACKAGE_DIR / name
+    return packaged if packaged.is_dir() else PACKAGE_DIR.parent / name
+
+
+def zoo_dir() -> Path:
+    return PACKAGE_DIR / "zoo"
+
+
+def zoo_names() -> list[str]:
+    return sorted(p.stem for p in zoo_dir().glob("*.yaml"))
+
+
+def block_names(dirs: Sequence[Path] = ()) -> list[str]:
+    names = {p.stem for d in [*dirs, data_dir("blocks")] for p in d.glob("*.yaml")}
+    return sorted(names)
+
+
+def _looks_like_path(text: str) -> bool:
+    return text.endswith((".yaml", ".yml")) or os.sep in text or "/" in text or Path(text).exists()
+
+
+def _read_source(source: str | os.PathLike[str]) -> tuple[Any, list[Path]]:
+    """(raw data, folders to search for named blocks)."""
+    text = os.fspath(source)
+    if _looks_like_path(text):
+        path = Path(text)
+        return load_yaml_file(path), [path.parent / "blocks", path.parent]
+    if _NAME.match(text) and (zoo_dir() / f"{text}.yaml").is_file():
+        return load_yaml_file(zoo_dir() / f"{text}.yaml"), []
+    close = difflib.get_close_matches(text, zoo_names(), n=3)
+    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    raise SpecError.single(text, f"no such file, and no zoo model of that name{hint}")
+
+
+def merge(base: Any, override: Any) -> Any:
+    """Deep-merge ``override`` into ``base``; a mapping whose ``type`` changes is replaced whole."""
+    if not (isinstance(base, dict) and isinstance(override, dict)):
+        return copy.deepcopy(override)
+    if "type" in override and override.get("type") != base.get("type"):
+        return copy.deepcopy(override)
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        out[key] = merge(base[key], value) if key in base else copy.deepcopy(value)
+    return out
+
+
+class _BlockResolver:
+    """Replaces block names (``block: convformer``, ``{base: convformer, ...}``) by their YAML."""
+
+    def __init__(self, dirs: Sequence[Path]) -> None:
+        self.dirs = [*dirs, data_dir("blocks")]
+        self.issues: list[Issue] = []
+        self.cache: dict[str, Any] = {}
+
+    def named(self, name: Any, path: str, chain: tuple[str, ...]) -> Any:
+        if not isinstance(name, str) or not _NAME.match(name):
+            self.issues.append(Issue(path, f"expected a block name, got {show(name)}"))
+            return None
+        if name in chain:
+            self.issues.append(Issue(path, f"block '{name}' is its own base ({' -> '.join([*chain, name])})"))
+            return None
+        for folder in self.dirs:
+            file = folder / f"{name}.yaml"
+            if file.is_file():
+                return self.item(self._load(file), path, (*chain, name))
+        close = difflib.get_close_matches(name, block_names(self.dirs[:-1]), n=3)
+        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        self.issues.append(Issue(path, f"unknown block '{name}'{hint}"))
+        return None
+
+    def _load(self, file: Path) -> Any:
+        key = str(file)
+        if key not in self.cache:
+            try:
+                self.cache[key] = load_yaml_file(file)
+            except SpecError as err:
+                self.issues.extend(err.issues)
+                self.cache[key] = None
+        return copy.deepcopy(self.cache[key])
+
+    def item(self, item: Any, path: str, chain: tuple[str, ...] = ()) -> Any:
+        if isinstance(item, str):
+            return self.named(item, path, chain)
+        if isinstance(item, dict) and "base" in item:
+            base = self.named(item["base"], f"{path}.base", chain)
+            if not isinstance(base, dict):
+                if base is not None:
+                    self.issues.append(Issue(f"{path}.base", "the block file must hold a mapping"))
+                return None
+            return merge(base, {k: v for k, v in item.items() if k != "base"})
+        return item
+
+
+def resolve(data: dict[str, Any], block_dirs: Sequence[Path] = ()) -> tuple[dict[str, Any], list[Issue]]:
+    """Named blocks replaced by their content and ``defaults`` applied to every block, plus the
+    problems found (a block that cannot be resolved is left as null)."""
+    data = copy.deepcopy(data)
+    resolver = _BlockResolver(block_dirs)
+    defaults = data.get("defaults") if isinstance(data.get("defaults"), dict) else {}
+    inherited = {k: defaults[k] for k in INHERITED_BLOCK_FIELDS if k in defaults}
+    stages = data.get("stages")
+    for i, stage in enumerate(stages if isinstance(stages, list) else []):
+        if not isinstance(stage, dict) or "block" not in stage:
+            continue
+        single = not isinstance(stage["block"], list)
+        items = [stage["block"]] if single else stage["block"]
+        blocks = []
+        for k, item in enumerate(items):
+            block = resolver.item(item, f"stages[{i}].block" + ("" if single else f"[{k}]"))
+            if isinstance(block, dict):
+                block = {**copy.deepcopy(inherited), **block}
+            blocks.append(block)
+        stage["block"] = blocks[0] if single else blocks
+    return data, resolver.issues
+
+
+def validate(data: Any, origin: str = "") -> ArchSpec:
+    """pydantic validation of resolved data; raises SpecError with every problem."""
+    if not isinstance(data, dict):
+        raise SpecError.single(origin, f"the top level must be a mapping, got {show(data)}")
+    try:
+        return ArchSpec.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(issues_from(err, data, ArchSpec)) from None
+
+
+def read_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchSpec:
+    """A schema-valid ArchSpec from a file path, zoo name, mapping or ArchSpec; raises SpecError."""
+    if isinstance(source, ArchSpec):
+        return source
+    dirs = [Path(d) for d in block_dirs]
+    if isinstance(source, Mapping):
+        data, origin = copy.deepcopy(dict(source)), "<spec>"
+    else:
+        data, found = _read_source(source)
+        dirs, origin = [*dirs, *found], os.fspath(source)
+    if not isinstance(data, dict):
+        raise SpecError.single(origin, f"the top level must be a mapping, got {show(data)}")
+    data, issues = resolve(data, dirs)
+    try:
+        spec = validate(data, origin)
+    except SpecError as err:
+        # a block that could not be resolved is already reported; pydantic would add "expected a mapping"
+        failed = tuple(i.path.removesuffix(".base") for i in issues)
+        issues += [i for i in err.issues if not (failed and i.path.startswith(failed))]
+    if issues:
+        raise SpecError(issues)
+    return spec
+
+
+# ---------------------------------------------------------------------------------------------
+# dumping
+
+
+def _compact(model: BaseModel, keep: Sequence[str] = ()) -> dict[str, Any]:
+    """Fields that differ from their defaults, plus ``type`` tags and ``keep``."""
+    out: dict[str, Any] = {}
+    for name, field in type(model).model_fields.items():
+        value = getattr(model, name)
+        if name != "type" and name not in keep and not field.is_required():
+            if value == field.get_default(call_default_factory=True):
+                continue
+        out[name] = _plain(value)
+    return out
+
+
+def _plain(value: Any) -> Any:
+    from metaformer_lab.spec.arch import BlockSpec, StageSpec
+
+    if isinstance(value, StageSpec):
+        out = _compact(value)
+        blocks = [_compact(b, INHERITED_BLOCK_FIELDS) for b in value.block]
+        out["block"] = blocks[0] if len(blocks) == 1 else blocks
+        return out
+    if isinstance(value, BlockSpec):
+        return _compact(value, INHERITED_BLOCK_FIELDS)
+    if isinstance(value, BaseModel):
+        return _compact(value)
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    return value
+
+
+def spec_to_dict(spec: ArchSpec) -> dict[str, Any]:
+    """A plain mapping that reads back to ``spec`` (blocks inlined, defaults left out)."""
+    return _plain(spec)
+
+
+def dump_spec(spec: ArchSpec) -> str:
+    """YAML text such that ``read_spec(parse_yaml(dump_spec(s))) == s``."""
+    return dump_yaml(spec_to_dict(spec))
