@@ -3,15 +3,12 @@ tensor type the graph gives it; the containers in :mod:`.network` assemble them 
 
 from __future__ import annotations
 
-from typing import Any
-
 from torch import nn
 
 from metaformer_lab.compile.network import ConvNeXtBlock, MetaFormerBlock, Network, PrefixTokens, Stage
-from metaformer_lab.core.registry import CompositeDef
 from metaformer_lab.graph.lower import ArchGraph
-from metaformer_lab.ops import REGISTRIES
-from metaformer_lab.ops.common import LayerScale, init_weights, layout_change
+from metaformer_lab.graph.nodes import build_node
+from metaformer_lab.ops.common import init_weights
 from metaformer_lab.spec.arch import StageSpec
 
 
@@ -27,28 +24,7 @@ class _Compiler:
         return name in self.g.nodes
 
     def module(self, name: str) -> nn.Module:
-        """The module of node ``name``, or ``nn.Identity`` when the graph has no such node."""
-        if not self.has(name):
-            return nn.Identity()
-        node = self.g.nodes[name]
-        kind = node["kind"]
-        if kind == "layout":
-            return layout_change(node["in_type"], node["out"].layout)
-        if kind == "scale":
-            return LayerScale(node["out"].channels, node["init"], node["out"].layout)
-        return self.op(name, node)
-
-    def op(self, name: str, node: dict[str, Any]) -> nn.Module:
-        role, spec = node["role"], node["spec"]
-        opdef = REGISTRIES[role].of_spec(spec)
-        if isinstance(opdef, CompositeDef):
-            children = [self.module(f"{name}.branches.{k}") for k in range(len(opdef.branches(spec)))]
-            return opdef.build(spec, self.g.nodes[f"{name}.fork"]["in_type"], children)
-        if role in ("stem", "downsample"):
-            return opdef.build(spec, node["in_type"], node["out"].channels)
-        if role == "head":
-            return opdef.build(spec, node["in_type"], self.spec.num_classes)
-        return opdef.build(spec, node["in_type"])
+        return build_node(self.g, name)
 
     def block(self, i: int, j: int, stage: StageSpec, k: int) -> nn.Module:
         name = f"stages.{i}.blocks.{j}"
@@ -66,7 +42,8 @@ class _Compiler:
         if self.has(f"{name}.prefix"):
             node = self.g.nodes[f"{name}.prefix"]
             prefix = PrefixTokens(stage.prefix_tokens, node["out"].channels, had_prefix=node["in_type"].prefix > 0)
-        pos_after = -1 if stage.pos_embed is None or stage.pos_embed.after_block is None else stage.pos_embed.after_block
+        pos = stage.pos_embed
+        pos_after = -1 if pos is None or pos.after_block is None else pos.after_block
         blocks = [self.block(i, j, stage, first_block + j) for j in range(stage.depth)]
         return Stage(down_layout=self.module(f"{name}.down_layout"), down=self.module(f"{name}.down"),
                      layout=self.module(f"{name}.layout"), prefix=prefix, pos_embed=self.module(f"{name}.pos_embed"),
@@ -86,8 +63,9 @@ def initialize(net: nn.Module) -> None:
     """timm's initialisation: truncated-normal weights everywhere, then each module's own scheme."""
     net.apply(init_weights)
     for m in net.modules():
-        if hasattr(m, "init_weights") and m is not net:
-            m.init_weights()
+        own = getattr(m, "init_weights", None)
+        if callable(own) and m is not net:
+            own()
 
 
 def compile_graph(graph: ArchGraph) -> Network:

@@ -97,8 +97,8 @@ def tag_of(spec_cls: type[BaseModel]) -> str:
 class UnknownTag(LookupError):
     def __init__(self, kind: str, tag: str, known: Sequence[str]) -> None:
         self.kind, self.tag, self.known = kind, tag, tuple(known)
-        close = difflib.get_close_matches(tag, known, n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        close = difflib.get_close_matches(tag, known, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else f"; one of: {', '.join(known)}"
         super().__init__(f"unknown {kind} '{tag}'{hint}")
 
 

@@ -5,18 +5,22 @@ from __future__ import annotations
 
 from metaformer_lab.core.registry import Registry
 from metaformer_lab.ops import (
+    attention,
     composite,
     conv_mixers,
     downsamplers,
     heads,
     identity,
+    linear_attention,
     mlp,
     norms,
     pooling,
     position,
     random_mixing,
+    sr_attention,
     stems,
     token_mlp,
+    window_attention,
 )
 
 TOKEN_MIXERS = Registry.of("token mixer", [
@@ -27,6 +31,10 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     conv_mixers.SEPCONV,
     token_mlp.TOKEN_MLP,
     token_mlp.TOKEN_LINEAR,
+    attention.ATTENTION,
+    window_attention.WINDOW_ATTENTION,
+    sr_attention.SR_ATTENTION,
+    linear_attention.LINEAR_ATTENTION,
     composite.PARALLEL,
     composite.SPLIT,
 ])

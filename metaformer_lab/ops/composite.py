@@ -80,7 +80,7 @@ def _join(spec: OpSpec, x: TensorType, outs: list[TensorType]) -> TensorType:
     for i, out in enumerate(outs):
         if out.height != x.height or out.width != x.width or out.layout != x.layout or out.prefix != x.prefix:
             raise ShapeIssue(f"branches[{i}]", f"changes the tensor type to {out}; a branch must keep {x}")
-    return x.with_channels(sum(o.channels for o in outs)) if spec.type == "split" else outs[0]
+    return x.with_channels(sum(o.channels for o in outs)) if isinstance(spec, SplitSpec) else outs[0]
 
 
 def _parallel_split(spec: ParallelSpec, x: TensorType) -> list[TensorType]:

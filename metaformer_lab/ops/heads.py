@@ -108,7 +108,8 @@ def _class_token_shape(spec: ClassTokenSpec, x: TensorType, num_classes: int) ->
     require_layout(x, "tokens", op="class_token")
     for i, t in enumerate(spec.tokens):
         if t >= x.prefix:
-            raise ShapeIssue(f"tokens[{i}]", f"{t} is not a prefix token index; the input has {x.prefix} prefix token(s)")
+            raise ShapeIssue(f"tokens[{i}]",
+                             f"{t} is not a prefix token index; the input has {x.prefix} prefix token(s)")
     out = TensorType("vector", x.channels)
     check_norm(spec.norm, out, "norm")
     return out.with_channels(num_classes or x.channels)

@@ -61,12 +61,8 @@ class ChannelsLastBatchNorm(nn.BatchNorm2d):
 
 
 def _build_batchnorm(spec: BatchNormSpec, x: TensorType) -> nn.Module:
-    args = {"eps": spec.eps, "momentum": spec.momentum, "affine": spec.affine}
-    if x.layout == "maps":
-        return nn.BatchNorm2d(x.channels, **args)
-    if x.layout == "vector":
-        return nn.BatchNorm1d(x.channels, **args)
-    return ChannelsLastBatchNorm(x.channels, **args)
+    cls = {"maps": nn.BatchNorm2d, "vector": nn.BatchNorm1d}.get(x.layout, ChannelsLastBatchNorm)
+    return cls(x.channels, eps=spec.eps, momentum=spec.momentum, affine=spec.affine)
 
 
 class GroupNormSpec(OpSpec):
@@ -85,7 +81,7 @@ class GroupNorm(nn.GroupNorm):
     def __init__(self, groups: int, channels: int, eps: float, affine: bool, bias: bool, channels_last: bool):
         super().__init__(groups, channels, eps=eps, affine=affine)
         if not bias and affine:
-            self.bias = None
+            self.register_parameter("bias", None)
         self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
@@ -140,7 +136,8 @@ _ANY = (Case({}, _MAPS, id="maps"), Case({}, _TOKENS, id="tokens"), Case({}, _PR
         Case({}, _VECTOR, id="vector"))
 
 LAYERNORM = OpDef(LayerNormSpec, _same, _build_layernorm, preserves_type=True,
-                  cases=(*_ANY, Case({"bias": False}, _MAPS, id="maps-nobias"), Case({"affine": False}, _TOKENS, id="plain")))
+                  cases=(*_ANY, Case({"bias": False}, _MAPS, id="maps-nobias"),
+                         Case({"affine": False}, _TOKENS, id="plain")))
 BATCHNORM = OpDef(BatchNormSpec, _same, _build_batchnorm, cases=_ANY, preserves_type=True)
 GROUPNORM = OpDef(GroupNormSpec, _infer_groupnorm, _build_groupnorm, preserves_type=True,
                   cases=(*_ANY, Case({"groups": 4, "bias": False}, _MAPS, id="g4-nobias")))

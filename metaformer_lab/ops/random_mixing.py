@@ -22,7 +22,8 @@ class RandomMixing(nn.Module):
     def __init__(self, num_tokens: int, channels_last: bool) -> None:
         super().__init__()
         # A frozen nn.Parameter, as in sail-sg's code, so that its checkpoints load unchanged.
-        self.random_matrix = nn.Parameter(torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1), requires_grad=False)
+        matrix = torch.softmax(torch.rand(num_tokens, num_tokens), dim=-1)  # (N, N), rows sum to 1
+        self.random_matrix = nn.Parameter(matrix, requires_grad=False)
         self.channels_last = channels_last
 
     def init_weights(self) -> None:

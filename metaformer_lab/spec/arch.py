@@ -10,19 +10,23 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
+from metaformer_lab.ops.attention import AttentionSpec
 from metaformer_lab.ops.common import MAX_SIZE, NonNegInt, PosInt, Prob
 from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
 from metaformer_lab.ops.conv_mixers import DwConvSpec, SepConvSpec
 from metaformer_lab.ops.downsamplers import ConvDownSpec, PatchMergingSpec, PoolDownSpec
 from metaformer_lab.ops.heads import ClassTokenSpec, MlpHeadSpec, PoolNormLinearSpec
 from metaformer_lab.ops.identity import IdentitySpec
+from metaformer_lab.ops.linear_attention import LinearAttentionSpec
 from metaformer_lab.ops.mlp import ConvFfnSpec, GluSpec, MlpSpec
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec
 from metaformer_lab.ops.pooling import PoolingSpec
 from metaformer_lab.ops.position import LearnedPosSpec, PegSpec
 from metaformer_lab.ops.random_mixing import RandomMixingSpec
+from metaformer_lab.ops.sr_attention import SrAttentionSpec
 from metaformer_lab.ops.stems import ConvStackSpec, ConvStemSpec, PatchifySpec
 from metaformer_lab.ops.token_mlp import TokenLinearSpec, TokenMlpSpec
+from metaformer_lab.ops.window_attention import WindowAttentionSpec
 
 # Each union is written out in full; tests/spec/test_unions.py checks it equals its registry.
 TokenMixerSpec = Annotated[
@@ -33,6 +37,10 @@ TokenMixerSpec = Annotated[
     | SepConvSpec
     | TokenMlpSpec
     | TokenLinearSpec
+    | AttentionSpec
+    | WindowAttentionSpec
+    | SrAttentionSpec
+    | LinearAttentionSpec
     | ParallelSpec
     | SplitSpec,
     Field(discriminator="type"),

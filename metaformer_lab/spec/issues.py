@@ -74,8 +74,8 @@ def _members(annotation: Any) -> list[Any]:
     return [annotation]
 
 
-def model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
-    """The model class the ``loc`` points into (used to list allowed fields)."""
+def types_at(root: type[BaseModel], loc: Sequence[int | str]) -> list[Any]:
+    """The candidate types at ``loc`` (a union tag in the loc selects one member)."""
     candidates: list[Any] = [root]
     for seg in loc:
         nxt: list[Any] = []
@@ -83,31 +83,32 @@ def model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel]
             if isinstance(cand, type) and issubclass(cand, BaseModel):
                 if isinstance(seg, str) and seg in cand.model_fields:
                     nxt.extend(_members(cand.model_fields[seg].annotation))
-                elif isinstance(seg, str) and "type" in cand.model_fields and cand.model_fields["type"].default == seg:
+                elif _tag(cand) == seg:
                     nxt.append(cand)
             elif typing.get_origin(cand) is list and isinstance(seg, int):
                 nxt.extend(_members(typing.get_args(cand)[0]))
-        if nxt:
-            candidates = nxt
-            # a tag segment selects one member of a union
-            tagged = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)
-                      and "type" in c.model_fields and c.model_fields["type"].default == seg]
-            candidates = tagged or candidates
-    models = [c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)]
+        if not nxt:
+            return []
+        tagged = [c for c in nxt if _tag(c) == seg]
+        candidates = tagged or nxt
+    return candidates
+
+
+def _tag(cls: Any) -> str | None:
+    if isinstance(cls, type) and issubclass(cls, BaseModel) and "type" in cls.model_fields:
+        default = cls.model_fields["type"].default
+        return default if isinstance(default, str) else None
+    return None
+
+
+def model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel] | None:
+    """The model class the ``loc`` points into (used to list allowed fields)."""
+    models = [c for c in types_at(root, loc) if isinstance(c, type) and issubclass(c, BaseModel)]
     return models[0] if len(models) == 1 else None
 
 
 def _tags(root: type[BaseModel], loc: Sequence[int | str]) -> list[str]:
-    parent = model_at(root, loc[:-1]) if loc else None
-    field = loc[-1] if loc else None
-    if parent is None or not isinstance(field, str) or field not in parent.model_fields:
-        return []
-    ann = parent.model_fields[field].annotation
-    members = _members(ann)
-    if len(members) == 1 and typing.get_origin(members[0]) is list:
-        members = _members(typing.get_args(members[0])[0])
-    return [m.model_fields["type"].default for m in members
-            if isinstance(m, type) and issubclass(m, BaseModel) and "type" in m.model_fields]
+    return [t for t in (_tag(c) for c in types_at(root, loc)) if t is not None]
 
 
 def _message(err: dict[str, Any], value: Any, root: type[BaseModel]) -> tuple[str, str]:
@@ -170,15 +171,26 @@ def _plain_message(kind: str, ctx: dict[str, Any], value: Any, msg: str) -> str:
 def issues_from(err: ValidationError, data: Any, root: type[BaseModel]) -> list[Issue]:
     """Every error of ``err`` as an Issue; alternatives of one union field are merged into one line."""
     merged: dict[str, list[str]] = {}
+    union_paths: set[str] = set()
     for e in err.errors(include_url=False):
         path, value, in_union = _walk(e["loc"], data, e["type"])
-        suffix, message = _message(e, value, root)
-        key = path + suffix
-        messages = merged.setdefault(key, [])
-        if in_union and messages and message.startswith("expected ") and messages[-1].startswith("expected "):
-            # 'expected an integer, got x' + 'expected a list, got x' -> one line
-            head, _, got = messages[-1].rpartition(", got ")
-            messages[-1] = f"{head} or {message.removeprefix('expected ').rpartition(', got ')[0]}, got {got}"
-        elif message not in messages:
+        suffix, message = _message(dict(e), value, root)
+        messages = merged.setdefault(path + suffix, [])
+        if message not in messages:
             messages.append(message)
+        if in_union:
+            union_paths.add(path + suffix)
+    for path in union_paths:
+        merged[path] = _merge_union(merged[path])
     return [Issue(path, m) for path, ms in merged.items() for m in ms]
+
+
+def _merge_union(messages: list[str]) -> list[str]:
+    """One line for the alternatives of a union field: a member whose type matched explains best
+    ('100000 must be <= 4096'); else 'expected an integer or a list, got x'."""
+    specific = [m for m in messages if not m.startswith("expected ")]
+    if specific:
+        return specific
+    kinds = [m.removeprefix("expected ").rpartition(", got ")[0] for m in messages]
+    got = messages[0].rpartition(", got ")[2]
+    return [f"expected {' or '.join(kinds)}, got {got}"]

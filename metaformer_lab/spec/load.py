@@ -56,8 +56,8 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[Any, list[Path]]:
         return load_yaml_file(path), [path.parent / "blocks", path.parent]
     if _NAME.match(text) and (zoo_dir() / f"{text}.yaml").is_file():
         return load_yaml_file(zoo_dir() / f"{text}.yaml"), []
-    close = difflib.get_close_matches(text, zoo_names(), n=3)
-    hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+    close = difflib.get_close_matches(text, zoo_names(), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
     raise SpecError.single(text, f"no such file, and no zoo model of that name{hint}")
 
 
@@ -92,8 +92,8 @@ class _BlockResolver:
             file = folder / f"{name}.yaml"
             if file.is_file():
                 return self.item(self._load(file), path, (*chain, name))
-        close = difflib.get_close_matches(name, block_names(self.dirs[:-1]), n=3)
-        hint = f" (did you mean {', '.join(repr(c) for c in close)}?)" if close else ""
+        close = difflib.get_close_matches(name, block_names(self.dirs[:-1]), n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
         self.issues.append(Issue(path, f"unknown block '{name}'{hint}"))
         return None
 
@@ -125,7 +125,8 @@ def resolve(data: dict[str, Any], block_dirs: Sequence[Path] = ()) -> tuple[dict
     problems found (a block that cannot be resolved is left as null)."""
     data = copy.deepcopy(data)
     resolver = _BlockResolver(block_dirs)
-    defaults = data.get("defaults") if isinstance(data.get("defaults"), dict) else {}
+    raw_defaults = data.get("defaults")
+    defaults: dict[str, Any] = raw_defaults if isinstance(raw_defaults, dict) else {}
     inherited = {k: defaults[k] for k in INHERITED_BLOCK_FIELDS if k in defaults}
     stages = data.get("stages")
     for i, stage in enumerate(stages if isinstance(stages, list) else []):
@@ -187,7 +188,8 @@ def _compact(model: BaseModel, keep: Sequence[str] = ()) -> dict[str, Any]:
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
         if name != "type" and name not in keep and not field.is_required():
-            if value == field.get_default(call_default_factory=True):
+            data = dict(model) if field.default_factory_takes_validated_data else None
+            if value == field.get_default(call_default_factory=True, validated_data=data):
                 continue
         out[name] = _plain(value)
     return out

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 from yaml.constructor import ConstructorError
-from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+from yaml.nodes import MappingNode, Node, SequenceNode
 
 from metaformer_lab.core.errors import SpecError
 
@@ -76,8 +76,8 @@ def parse_yaml(text: str, origin: str = "<string>") -> Any:
     except ConstructorError as err:
         raise SpecError.single(_where(origin, err.problem_mark), _constructor_message(err)) from None
     except yaml.MarkedYAMLError as err:
-        problem = (err.problem or "invalid YAML").rstrip(".")
-        raise SpecError.single(_where(origin, err.problem_mark), f"invalid YAML: {problem}") from None
+        problem = ", ".join(p for p in (err.context, err.problem) if p) or "cannot be parsed"
+        raise SpecError.single(_where(origin, err.problem_mark), f"invalid YAML: {problem.rstrip('.')}") from None
     except yaml.YAMLError as err:
         raise SpecError.single(origin, f"invalid YAML: {err}") from None
     except RecursionError:

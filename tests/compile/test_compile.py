@@ -1,0 +1,106 @@
+"""Compiled networks are ordinary modules: train/eval, channels_last, torch.compile, torch.export, ONNX."""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import EXAMPLES
+
+import metaformer_lab as ml
+from metaformer_lab.compile import Network
+
+BY_NAME = {p.stem: p for p in EXAMPLES}
+
+
+def _net_and_input(path: Path, batch: int = 2) -> tuple[Network, torch.Tensor]:
+    graph = ml.to_graph(path)
+    return ml.build(graph), torch.randn(graph.input_type.shape(batch))
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_train_step_reaches_every_parameter(path: Path) -> None:
+    net, x = _net_and_input(path)
+    net.train()
+    net(x).logsumexp(-1).sum().backward()
+    silent = [n for n, p in net.named_parameters() if p.requires_grad and (p.grad is None or not p.grad.any())]
+    assert not silent
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_eval_is_deterministic_and_channels_last_agrees(path: Path) -> None:
+    net, x = _net_and_input(path)
+    net.eval()
+    with torch.no_grad():
+        a, b = net(x), net(x)
+        c = net(x.contiguous(memory_format=torch.channels_last))
+    assert torch.equal(a, b)
+    torch.testing.assert_close(c, a, rtol=1e-5, atol=1e-5)
+
+
+def test_drop_path_is_active_in_train_mode_only() -> None:
+    net, x = _net_and_input(BY_NAME["tiny_caformer"])  # drop_path_rate 0.1
+    rates = [m.drop_prob for m in net.modules() if type(m).__name__ == "DropPath"]
+    assert rates and max(rates) == pytest.approx(0.1) and min(rates) > 0
+    net.train()
+    torch.manual_seed(1)
+    with torch.no_grad():
+        assert not torch.equal(net(x), net(x))
+    net.eval()
+    with torch.no_grad():
+        assert torch.equal(net(x), net(x))
+
+
+def test_initialisation_follows_timm() -> None:
+    net, _ = _net_and_input(BY_NAME["tiny_caformer"])
+    linear = next(m for m in net.modules() if isinstance(m, torch.nn.Linear))
+    assert linear.bias is None or not linear.bias.any()
+    assert 0.01 < linear.weight.std().item() < 0.03  # trunc_normal_(std=.02)
+    assert linear.weight.abs().max().item() <= 2.0  # truncated at +-2
+
+
+def test_module_names_follow_the_graph() -> None:
+    graph = ml.to_graph(BY_NAME["tiny_inception_hilo"])
+    names = dict(ml.build(graph).named_modules())
+    for node, data in graph.nodes(data=True):
+        if data["kind"] in ("token_mixer", "channel_mixer", "norm", "stem", "downsample", "head", "pos_embed", "scale"):
+            assert node in names, node
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_torch_export_round_trip(path: Path) -> None:
+    net, x = _net_and_input(path)
+    net.eval()
+    program = torch.export.export(net, (x,))
+    with torch.no_grad():
+        torch.testing.assert_close(program.module()(x), net(x), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("name", ["tiny_caformer", "tiny_swin", "tiny_inception_hilo"])
+def test_onnx_export_round_trip(tmp_path: Path, name: str) -> None:
+    ort = pytest.importorskip("onnxruntime")
+    net, x = _net_and_input(BY_NAME[name])
+    net.eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        program = torch.onnx.export(net, (x,), dynamo=True, verbose=False)
+    program.save(str(tmp_path / "m.onnx"))
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    (out,) = session.run(None, {session.get_inputs()[0].name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(out), net(x), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.export
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_caformer", "tiny_swin"])
+def test_torch_compile_matches_eager(name: str) -> None:
+    net, x = _net_and_input(BY_NAME[name])
+    net.eval()
+    compiled = torch.compile(net)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x), net(x), rtol=1e-4, atol=1e-4)

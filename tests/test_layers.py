@@ -1,0 +1,66 @@
+"""Imports point one way only (DESIGN.md section 2), and only the CLI prints, exits or uses typer/rich."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "metaformer_lab"
+LAYERS = ["core", "ops", "spec", "graph", "compile", "zoo", "latency", "space", "search", "summary", "api", "cli"]
+FILES = sorted(PACKAGE.rglob("*.py"))
+
+
+def _layer(module: str) -> int:
+    parts = module.split(".")
+    if parts[0] != "metaformer_lab":
+        raise ValueError(module)
+    if len(parts) == 1:
+        return len(LAYERS)  # the package root re-exports the API
+    return LAYERS.index(parts[1])
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _runtime_imports(tree: ast.Module) -> list[str]:
+    """Imported module names, leaving out `if TYPE_CHECKING:` blocks."""
+    names: list[str] = []
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            return
+        if isinstance(node, ast.Import):
+            names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            names.append(node.module)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(tree)
+    return names
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_imports_point_down_the_layers(path: Path) -> None:
+    own = _layer(_module_name(path))
+    tree = ast.parse(path.read_text())
+    upward = [m for m in _runtime_imports(tree) if m.startswith("metaformer_lab.") and _layer(m) > own]
+    assert not upward, f"{path.name} imports a higher layer: {upward}"
+
+
+@pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_only_the_cli_prints_or_exits(path: Path) -> None:
+    if path.name == "cli.py":
+        return
+    tree = ast.parse(path.read_text())
+    imports = _runtime_imports(tree)
+    assert not [m for m in imports if m.split(".")[0] in ("typer", "rich", "click")]
+    calls = [n.func for n in ast.walk(tree) if isinstance(n, ast.Call)]
+    assert not [f for f in calls if isinstance(f, ast.Name) and f.id in ("print", "exit", "quit")]
+    assert not [f for f in calls if isinstance(f, ast.Attribute) and f.attr == "exit"
+                and isinstance(f.value, ast.Name) and f.value.id == "sys"]
