@@ -1,6 +1,6 @@
 """Typed graph -> nn.Module."""
 
 from metaformer_lab.compile.compiler import compile_graph, initialize
-from metaformer_lab.compile.network import ConvNeXtBlock, MetaFormerBlock, Network, PrefixTokens, Stage
+from metaformer_lab.compile.network import Block, Network, PrefixTokens, Stage
 
-__all__ = ["ConvNeXtBlock", "MetaFormerBlock", "Network", "PrefixTokens", "Stage", "compile_graph", "initialize"]
+__all__ = ["Block", "Network", "PrefixTokens", "Stage", "compile_graph", "initialize"]

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 from torch import nn
 
-from metaformer_lab.compile.network import ConvNeXtBlock, MetaFormerBlock, Network, PrefixTokens, Stage
+from metaformer_lab.compile.network import Block, Network, PrefixTokens, Stage
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.ops.common import init_weights
 from metaformer_lab.spec.arch import StageSpec
+from metaformer_lab.spec.templates import PART_FIELDS, TEMPLATES
 
 
 class _Compiler:
@@ -28,13 +29,20 @@ class _Compiler:
 
     def block(self, i: int, j: int, stage: StageSpec, k: int) -> nn.Module:
         name = f"stages.{i}.blocks.{j}"
-        m = lambda part: self.module(f"{name}.{part}")  # noqa: E731
-        if stage.block_at(j).template == "convnext":
-            return ConvNeXtBlock(layout_in=m("layout"), token_mixer=m("token_mixer"), norm=m("norm"),
-                                 channel_mixer=m("channel_mixer"), ls=m("ls"), drop_path=self.drop_path[k])
-        return MetaFormerBlock(layout_in=m("layout"), norm1=m("norm1"), token_mixer=m("token_mixer"), ls1=m("ls1"),
-                               rs1=m("rs1"), norm2=m("norm2"), channel_mixer=m("channel_mixer"), ls2=m("ls2"),
-                               rs2=m("rs2"), drop_path=self.drop_path[k])
+        spec = stage.block_at(j)
+        parts: dict[str, nn.Module] = {}
+        branches: list[tuple[list[str], list[str]]] = []
+        for branch in TEMPLATES[spec.template]:
+            if getattr(spec, PART_FIELDS[branch.main]) is None:
+                continue
+            # a shortcut op that takes another layout is preceded by its (parameter-free) conversion
+            names = [[q for p in group for q in (f"{p}_layout", p) if self.has(f"{name}.{q}")]
+                     for group in (branch.parts, branch.shortcut)]
+            for p in names[0] + names[1]:
+                parts[p] = self.module(f"{name}.{p}")
+            branches.append((names[0], names[1]))
+        return Block(layout_in=self.module(f"{name}.layout"), parts=parts, branches=branches,
+                     drop_path=self.drop_path[k])
 
     def stage(self, i: int, stage: StageSpec, first_block: int) -> Stage:
         name = f"stages.{i}"

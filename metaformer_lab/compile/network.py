@@ -10,42 +10,31 @@ from torch import Tensor, nn
 from metaformer_lab.core.types import TensorType
 
 
-class MetaFormerBlock(nn.Module):
-    """``x = rs1*x + ls1*TokenMixer(norm1(x)); x = rs2*x + ls2*ChannelMixer(norm2(x))``.
-
-    Absent parts (no norm, no layer scale, no res scale) are ``nn.Identity``.
+class Block(nn.Module):
+    """A block wired by its template (:mod:`metaformer_lab.spec.templates`): for each residual branch,
+    ``x = shortcut(x) + drop_path(parts(x))``, parts applied in order. Submodules are named by part
+    (``norm1``, ``token_mixer``, ``ls1``, ``rs1``, ...); parts the spec leaves out are absent.
     """
 
-    def __init__(self, *, layout_in: nn.Module, norm1: nn.Module, token_mixer: nn.Module, ls1: nn.Module,
-                 rs1: nn.Module, norm2: nn.Module, channel_mixer: nn.Module, ls2: nn.Module, rs2: nn.Module,
-                 drop_path: float) -> None:
+    def __init__(self, *, layout_in: nn.Module, parts: dict[str, nn.Module],
+                 branches: list[tuple[list[str], list[str]]], drop_path: float) -> None:
         super().__init__()
         self.layout_in = layout_in
-        self.norm1, self.token_mixer, self.ls1, self.rs1 = norm1, token_mixer, ls1, rs1
-        self.norm2, self.channel_mixer, self.ls2, self.rs2 = norm2, channel_mixer, ls2, rs2
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: Tensor) -> Tensor:
-        x = self.layout_in(x)
-        x = self.rs1(x) + self.drop_path1(self.ls1(self.token_mixer(self.norm1(x))))
-        x = self.rs2(x) + self.drop_path2(self.ls2(self.channel_mixer(self.norm2(x))))
-        return x
-
-
-class ConvNeXtBlock(nn.Module):
-    """``x = x + ls*ChannelMixer(norm(TokenMixer(x)))``: one residual, the norm after the token mixer."""
-
-    def __init__(self, *, layout_in: nn.Module, token_mixer: nn.Module, norm: nn.Module, channel_mixer: nn.Module,
-                 ls: nn.Module, drop_path: float) -> None:
-        super().__init__()
-        self.layout_in = layout_in
-        self.token_mixer, self.norm, self.channel_mixer, self.ls = token_mixer, norm, channel_mixer, ls
+        for name, module in parts.items():
+            self.add_module(name, module)
+        self.branches = branches  # [(branch part names, shortcut part names)]
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layout_in(x)
-        return x + self.drop_path(self.ls(self.channel_mixer(self.norm(self.token_mixer(x)))))
+        for parts, shortcut in self.branches:
+            h = x
+            for name in parts:
+                h = self._modules[name](h)  # type: ignore[misc]
+            for name in shortcut:
+                x = self._modules[name](x)  # type: ignore[misc]
+            x = x + self.drop_path(h)
+        return x
 
 
 class PrefixTokens(nn.Module):

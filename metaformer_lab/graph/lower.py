@@ -19,6 +19,7 @@ from metaformer_lab.core.types import Layout, TensorType
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import layout_change_problem
 from metaformer_lab.spec.arch import ArchSpec, BlockSpec, StageSpec
+from metaformer_lab.spec.templates import PART_FIELDS, PART_ROLES, TEMPLATES, Branch
 
 
 class ArchGraph(nx.DiGraph):
@@ -121,12 +122,6 @@ class _Lowering:
             return self.node(name, "layout", [(src, x)], None, path)
         return self.node(name, "layout", [(src, x)], x.to(layout), path)
 
-    def residual(self, name: str, shortcut: str, branch: str, path: str) -> str:
-        x, y = self.out(shortcut), self.out(branch)
-        if x is not None and y is not None and x != y:
-            self.issues.append(Issue(path, f"changes the tensor type from {x} to {y}; a residual branch must keep it"))
-        return self.node(name, "add", [(shortcut, x), (branch, y)], x, path)
-
     def scale(self, name: str, src: str, init: float | None, path: str) -> str:
         if init is None:
             return src
@@ -195,25 +190,46 @@ class _Lowering:
         name = f"stages.{i}.blocks.{j}"
         path = f"stages[{i}].block" + (f"[{j % len(stage.block)}]" if len(stage.block) > 1 else "")
         x = self.layout(f"{name}.layout", x, block.layout or stage.layout, f"{path}.layout")
-        if block.template == "convnext":
-            return self.convnext_block(name, path, block, x)
-        h = self.norm(f"{name}.norm1", block.norm, f"{path}.norm", x)
-        h = self.op(f"{name}.token_mixer", "token_mixer", block.token_mixer, f"{path}.token_mixer", h)
-        h = self.scale(f"{name}.ls1", h, block.layer_scale, f"{path}.layer_scale")
-        s = self.scale(f"{name}.rs1", x, block.res_scale, f"{path}.res_scale")
-        x = self.residual(f"{name}.add1", s, h, f"{path}.token_mixer")
-        h = self.norm(f"{name}.norm2", block.norm, f"{path}.norm", x)
-        h = self.op(f"{name}.channel_mixer", "channel_mixer", block.channel_mixer, f"{path}.channel_mixer", h)
-        h = self.scale(f"{name}.ls2", h, block.layer_scale, f"{path}.layer_scale")
-        s = self.scale(f"{name}.rs2", x, block.res_scale, f"{path}.res_scale")
-        return self.residual(f"{name}.add2", s, h, f"{path}.channel_mixer")
+        for branch in TEMPLATES[block.template]:
+            if getattr(block, PART_FIELDS[branch.main]) is not None:
+                x = self.branch(name, path, block, branch, x)
+        return x
 
-    def convnext_block(self, name: str, path: str, block: BlockSpec, x: str) -> str:
-        h = self.op(f"{name}.token_mixer", "token_mixer", block.token_mixer, f"{path}.token_mixer", x)
-        h = self.norm(f"{name}.norm", block.norm, f"{path}.norm", h)
-        h = self.op(f"{name}.channel_mixer", "channel_mixer", block.channel_mixer, f"{path}.channel_mixer", h)
-        h = self.scale(f"{name}.ls", h, block.layer_scale, f"{path}.layer_scale")
-        return self.residual(f"{name}.add", x, h, f"{path}.token_mixer")
+    def branch(self, name: str, path: str, block: BlockSpec, branch: Branch, x: str) -> str:
+        """``shortcut(x) + parts(x)``; a shortcut op sizes itself to the branch's output."""
+        h = x
+        for part in branch.parts:
+            h = self.part(name, path, block, part, h)
+        s, target = x, self.out(h)
+        for part in branch.shortcut:
+            s = self.part(name, path, block, part, s, target.channels if target else None)
+        kept = self.out(s)
+        if kept is not None and target is not None and kept != target:
+            if s != x:
+                self.issues.append(Issue(f"{path}.shortcut", f"gives {kept}, but the block's branch gives {target}"))
+            else:
+                fix = ", or the block needs a shortcut" if "shortcut" in branch.shortcut else ""
+                self.issues.append(Issue(f"{path}.{PART_FIELDS[branch.main]}",
+                                         f"changes the tensor type from {kept} to {target}; a residual branch must "
+                                         f"keep it{fix}"))
+            target = None
+        return self.node(f"{name}.add_{branch.main}", "add", [(s, kept), (h, self.out(h))], target, path)
+
+    def part(self, name: str, path: str, block: BlockSpec, part: str, src: str, dim: int | None = None) -> str:
+        field = PART_FIELDS[part]
+        value = getattr(block, field)
+        if value is None:
+            return src
+        role = PART_ROLES.get(field)
+        if role is None:  # a layer scale or res scale: its value is the init
+            return self.scale(f"{name}.{part}", src, value, f"{path}.{field}")
+        if role == "downsample":
+            opdef = REGISTRIES[role].of_spec(value)
+            if isinstance(opdef, OpDef) and opdef.accepts:
+                src = self.layout(f"{name}.{part}_layout", src, opdef.accepts[0], f"{path}.{field}.type")
+            t = self.out(src)
+            return self.op(f"{name}.{part}", role, value, f"{path}.{field}", src, dim or (t.channels if t else 1))
+        return self.op(f"{name}.{part}", role, value, f"{path}.{field}", src)
 
 
 def lower(spec: ArchSpec) -> ArchGraph:

@@ -63,16 +63,23 @@ class SpecModel(BaseModel):
 
 
 class BlockSpec(SpecModel):
-    """One block. ``metaformer``: ``x = rs1*x + ls1*TokenMixer(norm(x)); x = rs2*x + ls2*ChannelMixer(norm(x))``.
-    ``convnext``: ``x = x + ls*ChannelMixer(norm(TokenMixer(x)))`` (one residual, norm after the mixer)."""
+    """One block, wired by its template (see :mod:`metaformer_lab.spec.templates`):
+
+    - ``metaformer``: ``x = rs1*shortcut(x) + ls1*TokenMixer(norm(x)); x = rs2*x + ls2*ChannelMixer(norm(x))``
+      (``channel_mixer: null`` keeps the first residual only);
+    - ``convnext``: ``x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))`` (norm after the mixer).
+    """
 
     template: Literal["metaformer", "convnext"] = "metaformer"
     token_mixer: TokenMixerSpec
-    channel_mixer: ChannelMixerSpec = Field(default_factory=MlpSpec)
+    channel_mixer: ChannelMixerSpec | None = Field(default_factory=MlpSpec,
+                                                   description="null: no channel-mixer branch")
     norm: NormSpec | None = Field(default_factory=LayerNormSpec, description="null: no norm (EfficientFormer)")
     layer_scale: float | None = Field(None, ge=0.0, le=10.0, description="init value of layer scale; null: off")
     res_scale: float | None = Field(None, ge=0.0, le=10.0, description="init value of res scale; null: off")
     layout: StageLayout | None = Field(None, description="overrides the stage's layout for this block")
+    shortcut: DownsampleSpec | None = Field(None, description="op on the first residual's shortcut, for a token "
+                                            "mixer that changes width or resolution (a downsampling block)")
 
 
 INHERITED_BLOCK_FIELDS = ("norm", "layer_scale", "res_scale")

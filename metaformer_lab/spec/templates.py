@@ -1,0 +1,48 @@
+"""Block templates: how a block's parts are wired, as data.
+
+A template is a list of residual branches. For each branch, with the block's parts:
+
+    x = shortcut_parts(x) + drop_path(parts(x))
+
+Parts name the block's fields (see :data:`PART_FIELDS`); a part whose field is null is left out, and
+a branch whose ``main`` part is null is dropped (a MetaFormer block with ``channel_mixer: null`` is a
+single-residual block). The graph lowering and the compiled ``Block`` both read these tables, so a
+new wiring is a new entry here, not new code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Branch:
+    main: str
+    parts: tuple[str, ...]
+    shortcut: tuple[str, ...] = ()
+
+
+TEMPLATES: dict[str, tuple[Branch, ...]] = {
+    # x = rs1*shortcut(x) + ls1*TokenMixer(norm1(x));  x = rs2*x + ls2*ChannelMixer(norm2(x))
+    "metaformer": (
+        Branch("token_mixer", ("norm1", "token_mixer", "ls1"), ("shortcut", "rs1")),
+        Branch("channel_mixer", ("norm2", "channel_mixer", "ls2"), ("rs2",)),
+    ),
+    # x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))   (ConvNeXt, InceptionNeXt)
+    "convnext": (
+        Branch("token_mixer", ("token_mixer", "norm", "channel_mixer", "ls"), ("shortcut",)),
+    ),
+}
+
+PART_FIELDS = {
+    "norm1": "norm", "norm2": "norm", "norm": "norm",
+    "token_mixer": "token_mixer", "channel_mixer": "channel_mixer",
+    "ls1": "layer_scale", "ls2": "layer_scale", "ls": "layer_scale",
+    "rs1": "res_scale", "rs2": "res_scale",
+    "shortcut": "shortcut",
+}
+"""Part name (also the module name inside the block) -> the block field that configures it."""
+
+PART_ROLES = {"norm": "norm", "token_mixer": "token_mixer", "channel_mixer": "channel_mixer",
+              "shortcut": "downsample"}
+"""Block field -> registry role (fields not listed are scales)."""
