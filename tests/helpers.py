@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import re
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
+from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, CompositeDef, OpDef
+from metaformer_lab.core.registry import Case, CompositeDef, OpDef, Registry
+from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops import REGISTRIES
+from metaformer_lab.zoo.check import perturb
+
+M = TypeVar("M", bound=nn.Module)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
@@ -33,4 +40,69 @@ def random_input(shape: tuple[int, ...]) -> torch.Tensor:
     return torch.randn(shape)
 
 
-__all__ = ["EXAMPLES", "ROOT", "CompositeDef", "OpDef", "all_cases", "case_id", "random_input"]
+# --- ops against the timm modules they reproduce ----------------------------------------------------
+
+def perturbed(module: M, seed: int = 0) -> M:
+    """``module`` with N(0, .02) noise on every parameter and persistent float buffer (BatchNorm statistics
+    too, running_var kept positive; ``metaformer_lab.zoo.check.perturb``), so nothing sits at its init; in eval
+    mode."""
+    perturb(module, seed=seed)
+    module.eval()  # not chained: timm's LeViT-style attention overrides train() and returns None
+    return module
+
+
+def port(reference: nn.Module, ours: M, renames: Iterable[tuple[str, str]] = ()) -> M:
+    """Perturb ``reference`` (a timm module) and load its state_dict into ``ours`` with ``strict=True``, each key
+    rewritten by every ``(regex, replacement)`` of ``renames`` in order (``re.sub``); ``ours`` in eval mode.
+
+    A tensor whose shape differs from ours only by size-1 axes (a 1x1 conv's weight into a linear layer,
+    timm's (1, 1, C) affine into a (C,) one) is reshaped to ours; any other shape difference fails the load.
+    """
+    renames = list(renames)
+    target = ours.state_dict()
+    state = {}
+    for key, value in perturbed(reference).state_dict().items():
+        for pattern, replacement in renames:
+            key = re.sub(pattern, replacement, key)
+        if key in target and _squeezed(value.shape) == _squeezed(target[key].shape):
+            value = value.reshape(target[key].shape)
+        state[key] = value
+    ours.load_state_dict(state, strict=True)
+    ours.eval()
+    return ours
+
+
+def _squeezed(shape: torch.Size) -> tuple[int, ...]:
+    return tuple(n for n in shape if n != 1)
+
+
+def max_diff(a: Tensor, b: Tensor) -> float:
+    """The largest absolute elementwise difference."""
+    return (a - b).abs().max().item()
+
+
+def op_spec(registry_or_role: Registry | str, tag: str, config: dict[str, Any]) -> Any:
+    """``config`` validated by the config class of op ``tag`` (its ``type`` filled in); a role is a key of
+    ``REGISTRIES``."""
+    return _registry(registry_or_role).get(tag).spec.model_validate({"type": tag, **config})
+
+
+def build_op(registry_or_role: Registry | str, tag: str, config: dict[str, Any], x: TensorType,
+             *extra: int) -> nn.Module:
+    """Op ``tag`` built for input type ``x`` (``extra``: a downsampler's out dim, a head's classes), after its
+    shape rule has accepted the config; in eval mode."""
+    opdef = _registry(registry_or_role).get(tag)
+    assert isinstance(opdef, OpDef), f"{tag} is a composite op"
+    spec = op_spec(registry_or_role, tag, config)
+    opdef.infer(spec, x, *extra)
+    module = opdef.build(spec, x, *extra)
+    module.eval()
+    return module
+
+
+def _registry(registry_or_role: Registry | str) -> Registry:
+    return REGISTRIES[registry_or_role] if isinstance(registry_or_role, str) else registry_or_role
+
+
+__all__ = ["EXAMPLES", "ROOT", "CompositeDef", "OpDef", "all_cases", "build_op", "case_id", "max_diff", "op_spec",
+           "port", "perturbed", "random_input"]

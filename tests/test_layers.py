@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metaformer_lab"
-LAYERS = ["core", "ops", "spec", "graph", "compile", "zoo", "latency", "space", "search", "summary", "api", "cli"]
+LAYERS = ["core", "ops", "spec", "graph", "compile", "zoo", "latency", "space", "search", "summary", "export", "api",
+          "cli"]
 FILES = sorted(PACKAGE.rglob("*.py"))
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from metaformer_lab.compile.network import Block, Network, PrefixTokens, Stage
+from metaformer_lab.compile.network import Block, BranchPlan, Network, PrefixTokens, Stage
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.ops.common import init_weights
@@ -31,7 +31,8 @@ class _Compiler:
         name = f"stages.{i}.blocks.{j}"
         spec = stage.block_at(j)
         parts: dict[str, nn.Module] = {}
-        branches: list[tuple[list[str], list[str]]] = []
+        branches: list[BranchPlan] = []
+        prefix = 0
         for branch in TEMPLATES[spec.template]:
             if getattr(spec, PART_FIELDS[branch.main]) is None:
                 continue
@@ -40,9 +41,13 @@ class _Compiler:
                      for group in (branch.parts, branch.shortcut)]
             for p in names[0] + names[1]:
                 parts[p] = self.module(f"{name}.{p}")
-            branches.append((names[0], names[1]))
+            view = f"{name}.{branch.main}_prefix"  # branches on the prefix tokens only (lower.prefix_view)
+            if self.has(view):
+                prefix = self.g.nodes[view]["out"].prefix
+            branches.append(BranchPlan(names[0], names[1], reads_prefix=branch.reads == "prefix",
+                                       writes_prefix=branch.writes == "prefix", residual=branch.residual))
         return Block(layout_in=self.module(f"{name}.layout"), parts=parts, branches=branches,
-                     drop_path=self.drop_path[k])
+                     drop_path=self.drop_path[k], prefix=prefix)
 
     def stage(self, i: int, stage: StageSpec, first_block: int) -> Stage:
         name = f"stages.{i}"

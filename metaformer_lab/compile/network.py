@@ -3,6 +3,8 @@ the ops inside come from the block library."""
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
@@ -10,30 +12,51 @@ from torch import Tensor, nn
 from metaformer_lab.core.types import TensorType
 
 
+class BranchPlan(NamedTuple):
+    """One residual branch of a compiled block: its part names, its shortcut part names, and whether it
+    reads / writes the prefix tokens only (``Branch.reads`` / ``Branch.writes == "prefix"``)."""
+
+    parts: list[str]
+    shortcut: list[str]
+    reads_prefix: bool = False
+    writes_prefix: bool = False
+    residual: bool = True  # False: x = parts(x), no shortcut, no sum, no drop path (``Branch.residual``)
+
+
 class Block(nn.Module):
     """A block wired by its template (:mod:`metaformer_lab.spec.templates`): for each residual branch,
     ``x = shortcut(x) + drop_path(parts(x))``, parts applied in order. Submodules are named by part
     (``norm1``, ``token_mixer``, ``ls1``, ``rs1``, ...); parts the spec leaves out are absent.
+
+    A branch that reads the prefix tokens only runs its parts on ``x[:, :prefix]``; one that writes them
+    only computes ``x_cls = shortcut(x_cls) + drop_path(parts(.))`` and puts it back in front of the
+    unchanged grid tokens (CaiT's class-attention blocks). A branch without a residual is ``x = parts(x)``.
     """
 
     def __init__(self, *, layout_in: nn.Module, parts: dict[str, nn.Module],
-                 branches: list[tuple[list[str], list[str]]], drop_path: float) -> None:
+                 branches: list[BranchPlan], drop_path: float, prefix: int = 0) -> None:
         super().__init__()
         self.layout_in = layout_in
         for name, module in parts.items():
             self.add_module(name, module)
-        self.branches = branches  # [(branch part names, shortcut part names)]
+        self.branches = branches
+        self.prefix = prefix  # P, the number of prefix tokens (used by prefix-only branches)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layout_in(x)
-        for parts, shortcut in self.branches:
-            h = x
+        for parts, shortcut, reads_prefix, writes_prefix, residual in self.branches:
+            h = x[:, : self.prefix] if reads_prefix else x  # (B, P, C) prefix tokens, or all of x
             for name in parts:
                 h = self._modules[name](h)  # type: ignore[misc]
+            if not residual:
+                x = h
+                continue
+            s = x[:, : self.prefix] if writes_prefix else x
             for name in shortcut:
-                x = self._modules[name](x)  # type: ignore[misc]
-            x = x + self.drop_path(h)
+                s = self._modules[name](s)  # type: ignore[misc]
+            s = s + self.drop_path(h)
+            x = torch.cat([s, x[:, self.prefix :]], dim=1) if writes_prefix else s  # (B, P + H*W, C) or as x
         return x
 
 

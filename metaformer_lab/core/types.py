@@ -78,6 +78,8 @@ class TensorType:
         if self.layout == "maps":
             return f"maps {self.channels}x{self.height}x{self.width}"
         if self.layout == "tokens":
+            if self.height * self.width == 0:
+                return f"tokens {self.prefix}x{self.channels} (prefix only)"
             extra = f" (+{self.prefix} prefix)" if self.prefix else ""
             return f"tokens {self.height}x{self.width}x{self.channels}{extra}"
         return f"vector {self.channels}"

@@ -75,7 +75,8 @@ def node_cost(graph: ArchGraph, name: str, batch: int = 1, dtype_bytes: int = 4)
     node = graph.nodes[name]
     out: TensorType | None = node["out"]
     kind = node["kind"]
-    activations = out.numel(batch) * dtype_bytes if out is not None and kind not in ("input", "layout", "fork") else 0
+    views = ("input", "layout", "fork", "prefix_view")  # no new tensor of their own
+    activations = out.numel(batch) * dtype_bytes if out is not None and kind not in views else 0
     if kind == "scale":
         return NodeCost(out.channels, 0, activations)  # type: ignore[union-attr]
     if kind == "prefix":

@@ -54,6 +54,13 @@ def _at(path: str, field: str) -> str:
     return f"{path}.{field}" if field else path
 
 
+def _first_block_resizes(stage: StageSpec) -> bool:
+    """The stage's first block may change the width itself (a downsampling block): it has a shortcut op, or
+    its template has a branch without a residual."""
+    block = stage.block_at(0)
+    return block.shortcut is not None or not all(b.residual for b in TEMPLATES[block.template])
+
+
 class _Lowering:
     def __init__(self, spec: ArchSpec) -> None:
         self.spec = spec
@@ -157,7 +164,7 @@ class _Lowering:
             if isinstance(accepts, OpDef) and accepts.accepts:
                 x = self.layout(f"{name}.down_layout", x, accepts.accepts[0], f"{path}.downsample.type")
             x = self.op(f"{name}.down", "downsample", stage.downsample, f"{path}.downsample", x, stage.dim)
-        elif (t := self.out(x)) is not None and t.channels != stage.dim:
+        elif (t := self.out(x)) is not None and t.channels != stage.dim and not _first_block_resizes(stage):
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels coming in; "
                                                     "a downsample is needed to change the width"))
         x = self.layout(f"{name}.layout", x, stage.layout, f"{path}.layout")
@@ -173,6 +180,10 @@ class _Lowering:
             x = self.block(i, j, stage, x)
             if pos is not None and pos.after_block == j:
                 x = self.op(f"{name}.pos_embed", "pos_embed", pos, f"{path}.pos_embed", x)
+        if stage.downsample is None and _first_block_resizes(stage) and (t := self.out(x)) is not None \
+                and t.channels != stage.dim:
+            self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels its blocks "
+                                                    "give"))
         return self.norm(f"{name}.norm", stage.norm, f"{path}.norm", x)
 
     def prefix(self, name: str, path: str, stage: StageSpec, x: str) -> str:
@@ -196,24 +207,50 @@ class _Lowering:
         return x
 
     def branch(self, name: str, path: str, block: BlockSpec, branch: Branch, x: str) -> str:
-        """``shortcut(x) + parts(x)``; a shortcut op sizes itself to the branch's output."""
-        h = x
+        """``shortcut(x) + parts(x)``; a shortcut op sizes itself to the branch's output. A branch that reads
+        or writes the prefix tokens only starts from a ``prefix_view`` node (see :meth:`prefix_view`)."""
+        prefix = self.prefix_view(name, path, block, branch, x) if "prefix" in (branch.reads, branch.writes) else x
+        start = prefix if branch.writes == "prefix" else x
+        h = prefix if branch.reads == "prefix" else x
         for part in branch.parts:
             h = self.part(name, path, block, part, h)
-        s, target = x, self.out(h)
+        if not branch.residual:
+            return h
+        s, target = start, self.out(h)
         for part in branch.shortcut:
             s = self.part(name, path, block, part, s, target.channels if target else None)
         kept = self.out(s)
         if kept is not None and target is not None and kept != target:
-            if s != x:
+            if s != start:
                 self.issues.append(Issue(f"{path}.shortcut", f"gives {kept}, but the block's branch gives {target}"))
+            elif branch.writes == "prefix":
+                self.issues.append(Issue(f"{path}.{PART_FIELDS[branch.main]}",
+                                         f"gives {target}, but the '{block.template}' template adds it into the "
+                                         f"prefix tokens only ({kept}); it must return those alone"))
             else:
                 fix = ", or the block needs a shortcut" if "shortcut" in branch.shortcut else ""
                 self.issues.append(Issue(f"{path}.{PART_FIELDS[branch.main]}",
                                          f"changes the tensor type from {kept} to {target}; a residual branch must "
                                          f"keep it{fix}"))
             target = None
-        return self.node(f"{name}.add_{branch.main}", "add", [(s, kept), (h, self.out(h))], target, path)
+        inputs = [(s, kept), (h, self.out(h))]
+        if branch.writes == "prefix":  # the sum replaces x's prefix tokens; x's grid tokens pass through
+            inputs.append((x, self.out(x)))
+            target = self.out(x) if target is not None else None
+        return self.node(f"{name}.add_{branch.main}", "add", inputs, target, path)
+
+    def prefix_view(self, name: str, path: str, block: BlockSpec, branch: Branch, x: str) -> str:
+        """The prefix tokens of ``x`` alone, ``x[:, :P]`` of shape (B, P, C): a tokens type with an empty grid."""
+        t = self.out(x)
+        out = None
+        if t is not None:
+            if t.layout == "tokens" and t.prefix:
+                out = t.with_grid(0, 0)
+            else:
+                self.issues.append(Issue(f"{path}.template", f"'{block.template}' updates the prefix tokens only, "
+                                                             f"but the block gets {t} without any; use it in a stage "
+                                                             "with prefix_tokens"))
+        return self.node(f"{name}.{branch.main}_prefix", "prefix_view", [(x, t)], out, path)
 
     def part(self, name: str, path: str, block: BlockSpec, part: str, src: str, dim: int | None = None) -> str:
         field = PART_FIELDS[part]

@@ -6,19 +6,26 @@ from __future__ import annotations
 from metaformer_lab.core.registry import Registry
 from metaformer_lab.ops import (
     attention,
+    class_attention,
     composite,
     conv_mixers,
     downsamplers,
+    focal_modulation,
+    gpsa,
     heads,
     identity,
     linear_attention,
+    mbconv,
     mlp,
+    multiscale_linear_attention,
     norms,
     pooling,
     position,
     random_mixing,
+    rel_pos_attention,
     sr_attention,
     stems,
+    talking_heads,
     token_mlp,
     window_attention,
 )
@@ -35,15 +42,22 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     window_attention.WINDOW_ATTENTION,
     sr_attention.SR_ATTENTION,
     linear_attention.LINEAR_ATTENTION,
+    talking_heads.TALKING_HEADS_ATTENTION,
+    class_attention.CLASS_ATTENTION,
+    gpsa.GPSA,
+    rel_pos_attention.REL_POS_ATTENTION,
+    multiscale_linear_attention.MULTISCALE_LINEAR_ATTENTION,
+    focal_modulation.FOCAL_MODULATION,
+    mbconv.MBCONV,
     composite.PARALLEL,
     composite.SPLIT,
 ])
-CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU])
+CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)
 STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK])
 DOWNSAMPLERS = Registry.of("downsampler", [downsamplers.CONV_DOWN, downsamplers.PATCH_MERGING,
                                            downsamplers.POOL_DOWN])
-HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD])
+HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD, heads.CONV_MLP_HEAD])
 POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.PEG])
 
 REGISTRIES: dict[str, Registry] = {

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
@@ -16,9 +17,10 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout
+from metaformer_lab.ops.common import OpSpec, PosInt, Prob, Ratio, require_layout
 
 ScaleOrder = Literal["before", "after"]
+QkvLayout = Literal["qkv_heads", "heads_qkv"]
 
 NUM_HEADS_DOC = "number of heads; null: dim // head_dim"
 
@@ -105,36 +107,86 @@ class AttentionSpec(OpSpec):
     fused: bool = Field(True, description="F.scaled_dot_product_attention; false: explicit softmax(q kᵀ)")
     scale_order: ScaleOrder = Field(
         "before", description="explicit path only: scale q before q kᵀ (timm ViT) or the product after (MetaFormer)")
+    attn_ratio: Ratio = Field(1.0, description="value width per head = int(attn_ratio * head_dim); q and k keep "
+                                               "head_dim (LeViT, EfficientFormer: 4)")
+    qkv_layout: QkvLayout = Field(
+        "qkv_heads", description="channel order of the qkv projection: qkv_heads = [q | k | v], each split into "
+                                 "heads (ViT); heads_qkv = per head [q | k | v] (LeViT, EfficientFormer)")
+    attention_bias: bool = Field(
+        False, description="learned bias per head and grid offset (|dy|, |dx|) added to the attention logits "
+                           "(LeViT's attention_biases); ties the op to its grid size, no prefix tokens")
+
+
+def offset_index(grid: tuple[int, int]) -> Tensor:
+    """(N, N) index of the offset (|dy|, |dx|) between every two of the N = H*W grid positions, as
+    ``|dy| * W + |dx|`` (timm's LeViT / EfficientFormer ``attention_bias_idxs``)."""
+    rows, cols = torch.meshgrid(torch.arange(grid[0]), torch.arange(grid[1]), indexing="ij")
+    pos = torch.stack([rows, cols]).flatten(1)  # (2, N)
+    offset = (pos[:, :, None] - pos[:, None, :]).abs()  # (2, N, N)
+    return offset[0] * grid[1] + offset[1]
 
 
 class Attention(SequenceMixer):
-    """Parameter names follow timm's ViT ``Attention`` (qkv, q_norm, k_norm, proj)."""
+    """Parameter names follow timm's ViT ``Attention`` (qkv, q_norm, k_norm, proj) and, for the learned
+    bias, timm's LeViT/EfficientFormer attention (``attention_biases`` table, ``attention_bias_idxs``
+    index: a persistent buffer, as in timm's state_dict)."""
+
+    attention_biases: nn.Parameter | None
+    attention_bias_idxs: Tensor | None
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool, proj_bias: bool, qk_norm: bool,
-                 attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder, maps: bool) -> None:
+                 attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder, maps: bool,
+                 value_dim: int | None = None, qkv_layout: QkvLayout = "qkv_heads",
+                 bias_grid: tuple[int, int] | None = None) -> None:
         super().__init__(maps)
         self.num_heads, self.head_dim = num_heads, head_dim
-        self.fused, self.scale_order = fused, scale_order
+        self.value_dim = head_dim if value_dim is None else value_dim
+        self.fused, self.scale_order, self.qkv_layout = fused, scale_order, qkv_layout
         inner = num_heads * head_dim
-        self.qkv = nn.Linear(dim, 3 * inner, bias=qkv_bias)
+        self.qkv = nn.Linear(dim, 2 * inner + num_heads * self.value_dim, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(inner, dim, bias=proj_bias)
+        self.proj = nn.Linear(num_heads * self.value_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        if bias_grid is not None:
+            self.attention_biases = nn.Parameter(torch.zeros(num_heads, bias_grid[0] * bias_grid[1]))
+            self.register_buffer("attention_bias_idxs", offset_index(bias_grid), persistent=True)
+        else:
+            self.register_parameter("attention_biases", None)
+            self.attention_bias_idxs = None
+
+    def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """(B, N, 2*heads*d + heads*dv) -> q, k (B, heads, N, d) and v (B, heads, N, dv)."""
+        H, d, dv = self.num_heads, self.head_dim, self.value_dim
+        if self.qkv_layout == "heads_qkv":
+            qkv = qkv.unflatten(-1, (H, 2 * d + dv)).transpose(1, 2)  # (B, heads, N, 2d + dv)
+            q, k, v = qkv.split([d, d, dv], dim=-1)
+            return q, k, v
+        if dv == d:
+            q, k, v = qkv.unflatten(-1, (3, H, d)).permute(2, 0, 3, 1, 4).unbind(0)  # (B, N, 3, heads, d) -> 3 x
+            return q, k, v
+        q, k, v = (t.unflatten(-1, (H, -1)).transpose(1, 2) for t in qkv.split([H * d, H * d, H * dv], dim=-1))
+        return q, k, v  # (B, N, heads*d) -> (B, heads, N, d), same for v with dv
 
     def mix(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, N, C)
-        qkv = self.qkv(x).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B, N, 3, heads, d)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, d)
+        q, k, v = self.split_qkv(self.qkv(x))  # (B, heads, N, d), v: (B, heads, N, dv)
         q, k = self.q_norm(q), self.k_norm(k)
-        y = attend(q, k, v, bias=None, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order)
-        y = y.transpose(1, 2).flatten(2)  # (B, heads, N, d) -> (B, N, heads*d)
+        bias = None
+        if self.attention_biases is not None:
+            bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
+        y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order)
+        y = y.transpose(1, 2).flatten(2)  # (B, heads, N, dv) -> (B, N, heads*dv)
         return self.proj_drop(self.proj(y))
 
 
 def attention_shape(spec: AttentionSpec, x: TensorType) -> TensorType:
     require_layout(x, "maps", "tokens", op="attention")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    _, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    if int(spec.attn_ratio * head_dim) < 1:
+        raise ShapeIssue("attn_ratio", f"{spec.attn_ratio} times head_dim {head_dim} leaves no value channel")
+    if spec.attention_bias and x.prefix:
+        raise ShapeIssue("attention_bias", f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
     return x
 
 
@@ -143,7 +195,8 @@ def _build_attention(spec: AttentionSpec, x: TensorType) -> Attention:
     return Attention(x.channels, num_heads=num_heads, head_dim=head_dim, qkv_bias=spec.qkv_bias,
                      proj_bias=spec.proj_bias, qk_norm=spec.qk_norm, attn_drop=spec.attn_drop,
                      proj_drop=spec.proj_drop, fused=spec.fused, scale_order=spec.scale_order,
-                     maps=x.layout == "maps")
+                     maps=x.layout == "maps", value_dim=int(spec.attn_ratio * head_dim), qkv_layout=spec.qkv_layout,
+                     bias_grid=x.grid if spec.attention_bias else None)
 
 
 ATTENTION = OpDef(
@@ -157,5 +210,10 @@ ATTENTION = OpDef(
              id="vit-prefixed"),
         Case({"num_heads": 2, "head_dim": 4, "fused": False, "scale_order": "after", "proj_bias": False},
              TensorType("maps", 16, 4, 5), id="maps-unfused"),
+        Case({"num_heads": 2, "head_dim": 4, "attn_ratio": 2.0, "qkv_layout": "heads_qkv", "attention_bias": True,
+              "qkv_bias": True, "fused": False, "scale_order": "after"}, TensorType("tokens", 16, 3, 4),
+             id="levit-bias"),
+        Case({"num_heads": 2, "attn_ratio": 0.5, "attention_bias": True}, TensorType("maps", 16, 4, 3),
+             id="narrow-values-fused"),
     ),
 )

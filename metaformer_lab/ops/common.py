@@ -102,6 +102,12 @@ def require_no_prefix(x: TensorType, op: str) -> None:
         raise ShapeIssue("type", f"{op} works on the token grid only, but the input has {x.prefix} prefix token(s)")
 
 
+def require_grid(x: TensorType, op: str) -> None:
+    """Ops that work on the token grid need one (a prefix-only view, as in class attention, has none)."""
+    if x.height * x.width == 0:
+        raise ShapeIssue("type", f"{op} needs the token grid, but it gets the prefix tokens only")
+
+
 def split_prefix(x: Tensor, prefix: int, grid: tuple[int, int]) -> tuple[Tensor | None, Tensor]:
     """Tokens -> (prefix tokens (B, P, C) or None, grid tokens (B, H, W, C))."""
     if prefix == 0:

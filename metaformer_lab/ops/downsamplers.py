@@ -80,12 +80,14 @@ def _build_patch_merging(spec: PatchMergingSpec, x: TensorType, dim: int) -> nn.
 
 
 class PoolDownSpec(OpSpec):
-    """Pooling, then a 1x1 conv when the width changes (and an optional norm)."""
+    """Pooling, then a 1x1 conv when the width changes (and an optional norm). With the defaults, timm
+    ``maxxvit.Downsample2d`` (``avg2``), the shortcut of CoAtNet's downsampling blocks."""
 
     type: Literal["pool"] = "pool"
     mode: Literal["avg", "max"] = "avg"
     kernel: KernelInt = 2
     stride: KernelInt = 2
+    bias: bool = Field(True, description="bias of the 1x1 conv (timm's rw CoAtNet shortcuts have none)")
     norm_after: NormSpec | None = None
 
 
@@ -113,7 +115,7 @@ def _build_pool_down(spec: PoolDownSpec, x: TensorType, dim: int) -> nn.Module:
     pad = default_padding(spec.kernel, spec.stride)
     pool_cls = nn.AvgPool2d if spec.mode == "avg" else nn.MaxPool2d
     pool = pool_cls(spec.kernel, spec.stride, padding=pad)
-    proj = nn.Identity() if dim == x.channels else nn.Conv2d(x.channels, dim, 1)
+    proj = nn.Identity() if dim == x.channels else nn.Conv2d(x.channels, dim, 1, bias=spec.bias)
     return PoolDown(pool, proj, build_norm(spec.norm_after, out))
 
 
@@ -124,4 +126,5 @@ CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("ma
 PATCH_MERGING = OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging, accepts=("tokens",),
                       cases=(Case({}, _TOKENS, 16),))
 POOL_DOWN = OpDef(PoolDownSpec, _pool_down_shape, _build_pool_down, accepts=("maps",),
-                  cases=(Case({}, _MAPS, 16), Case({"mode": "max", "kernel": 3}, _MAPS, 8, id="max-k3")))
+                  cases=(Case({}, _MAPS, 16), Case({"mode": "max", "kernel": 3}, _MAPS, 8, id="max-k3"),
+                         Case({"bias": False}, _MAPS, 16, id="no-bias")))

@@ -19,9 +19,11 @@ from metaformer_lab.ops.common import (
     act_layer,
     join_prefix,
     make_act,
+    require_grid,
     require_layout,
     split_prefix,
 )
+from metaformer_lab.ops.norms import NormSpec, build_norm, check_norm
 
 _MAPS = TensorType("maps", 8, 4, 5)
 _TOKENS = TensorType("tokens", 8, 4, 5)
@@ -34,23 +36,57 @@ def _channelwise(spec: OpSpec, x: TensorType) -> TensorType:
 
 
 class MlpSpec(OpSpec):
-    """Two-layer MLP over channels (timm ``Mlp``; 1x1 convs on maps, Linear on tokens)."""
+    """Two-layer MLP over channels (timm ``Mlp``; 1x1 convs on maps, Linear on tokens), optionally with
+    norms on the hidden layer and the output (EfficientFormer's ``ConvMlpWithNorm``: fc1 -> BN -> act ->
+    fc2 -> BN)."""
 
     type: Literal["mlp"] = "mlp"
     ratio: Ratio = Field(4.0, description="hidden width = int(ratio * channels)")
     act: Act = "gelu"
     bias: bool = True
     drop: Prob = 0.0
+    hidden_norm: NormSpec | None = Field(None, description="norm right after fc1, before the activation")
+    out_norm: NormSpec | None = Field(None, description="norm after fc2")
+
+
+class MlpWithNorms(nn.Module):
+    """fc1 -> hidden_norm -> act -> drop -> fc2 -> out_norm -> drop (timm ``efficientformer.ConvMlpWithNorm``)."""
+
+    def __init__(self, fc1: nn.Module, hidden_norm: nn.Module, act: nn.Module, drop: float, fc2: nn.Module,
+                 out_norm: nn.Module) -> None:
+        super().__init__()
+        self.fc1, self.hidden_norm, self.act, self.drop = fc1, hidden_norm, act, nn.Dropout(drop)
+        self.fc2, self.out_norm = fc2, out_norm
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or (B, ..., C) -> same
+        x = self.drop(self.act(self.hidden_norm(self.fc1(x))))
+        return self.drop(self.out_norm(self.fc2(x)))
+
+
+def _mlp_shape(spec: MlpSpec, x: TensorType) -> TensorType:
+    check_norm(spec.hidden_norm, x.with_channels(int(spec.ratio * x.channels)), "hidden_norm")
+    check_norm(spec.out_norm, x, "out_norm")
+    return x
 
 
 def _build_mlp(spec: MlpSpec, x: TensorType) -> nn.Module:
-    return Mlp(x.channels, int(spec.ratio * x.channels), act_layer=act_layer(spec.act), bias=spec.bias,
-               drop=spec.drop, use_conv=x.layout == "maps")
+    hidden = int(spec.ratio * x.channels)
+    if spec.hidden_norm is None and spec.out_norm is None:
+        return Mlp(x.channels, hidden, act_layer=act_layer(spec.act), bias=spec.bias, drop=spec.drop,
+                   use_conv=x.layout == "maps")
+    maps = x.layout == "maps"
+    fc1 = nn.Conv2d(x.channels, hidden, 1, bias=spec.bias) if maps else nn.Linear(x.channels, hidden, bias=spec.bias)
+    fc2 = nn.Conv2d(hidden, x.channels, 1, bias=spec.bias) if maps else nn.Linear(hidden, x.channels, bias=spec.bias)
+    return MlpWithNorms(fc1, build_norm(spec.hidden_norm, x.with_channels(hidden)), make_act(spec.act), spec.drop,
+                        fc2, build_norm(spec.out_norm, x))
 
 
-MLP = OpDef(MlpSpec, _channelwise, _build_mlp, preserves_type=True,
+MLP = OpDef(MlpSpec, _mlp_shape, _build_mlp, preserves_type=True,
             cases=(Case({}, _MAPS), Case({"act": "star_relu", "bias": False}, _TOKENS, id="tokens"),
-                   Case({"ratio": 2.0}, _PREFIXED, id="prefixed"), Case({}, _VECTOR, id="vector")))
+                   Case({"ratio": 2.0}, _PREFIXED, id="prefixed"), Case({}, _VECTOR, id="vector"),
+                   Case({"hidden_norm": {"type": "batchnorm"}, "out_norm": {"type": "batchnorm"}}, _MAPS,
+                        id="efficientformer-bn"),
+                   Case({"hidden_norm": {"type": "layernorm"}, "act": "star_relu"}, _PREFIXED, id="hidden-ln")))
 
 
 class ConvFfnSpec(OpSpec):
@@ -94,6 +130,7 @@ class ConvFfn(nn.Module):
 
 def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType) -> TensorType:
     require_layout(x, "maps", "tokens", op="conv_ffn")
+    require_grid(x, op="conv_ffn")
     return x
 
 

@@ -17,6 +17,7 @@ from metaformer_lab.ops.common import (
     OddKernel,
     OpSpec,
     join_prefix,
+    require_grid,
     require_layout,
     split_prefix,
 )
@@ -76,6 +77,7 @@ def _learned_shape(spec: LearnedPosSpec, x: TensorType) -> TensorType:
 
 def _peg_shape(spec: PegSpec, x: TensorType) -> TensorType:
     require_layout(x, "maps", "tokens", op="peg")
+    require_grid(x, op="peg")
     return x
 
 

@@ -11,20 +11,27 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from metaformer_lab.ops.attention import AttentionSpec
+from metaformer_lab.ops.class_attention import ClassAttentionSpec
 from metaformer_lab.ops.common import MAX_SIZE, NonNegInt, PosInt, Prob
 from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
 from metaformer_lab.ops.conv_mixers import DwConvSpec, SepConvSpec
 from metaformer_lab.ops.downsamplers import ConvDownSpec, PatchMergingSpec, PoolDownSpec
-from metaformer_lab.ops.heads import ClassTokenSpec, MlpHeadSpec, PoolNormLinearSpec
+from metaformer_lab.ops.focal_modulation import FocalModulationSpec
+from metaformer_lab.ops.gpsa import GpsaSpec
+from metaformer_lab.ops.heads import ClassTokenSpec, ConvMlpHeadSpec, MlpHeadSpec, PoolNormLinearSpec
 from metaformer_lab.ops.identity import IdentitySpec
 from metaformer_lab.ops.linear_attention import LinearAttentionSpec
+from metaformer_lab.ops.mbconv import MbConvSpec
 from metaformer_lab.ops.mlp import ConvFfnSpec, GluSpec, MlpSpec
+from metaformer_lab.ops.multiscale_linear_attention import MultiScaleLinearAttentionSpec
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec
 from metaformer_lab.ops.pooling import PoolingSpec
 from metaformer_lab.ops.position import LearnedPosSpec, PegSpec
 from metaformer_lab.ops.random_mixing import RandomMixingSpec
+from metaformer_lab.ops.rel_pos_attention import RelPosAttentionSpec
 from metaformer_lab.ops.sr_attention import SrAttentionSpec
 from metaformer_lab.ops.stems import ConvStackSpec, ConvStemSpec, PatchifySpec
+from metaformer_lab.ops.talking_heads import TalkingHeadsAttentionSpec
 from metaformer_lab.ops.token_mlp import TokenLinearSpec, TokenMlpSpec
 from metaformer_lab.ops.window_attention import WindowAttentionSpec
 
@@ -41,14 +48,21 @@ TokenMixerSpec = Annotated[
     | WindowAttentionSpec
     | SrAttentionSpec
     | LinearAttentionSpec
+    | TalkingHeadsAttentionSpec
+    | ClassAttentionSpec
+    | GpsaSpec
+    | RelPosAttentionSpec
+    | MultiScaleLinearAttentionSpec
+    | FocalModulationSpec
+    | MbConvSpec
     | ParallelSpec
     | SplitSpec,
     Field(discriminator="type"),
 ]
-ChannelMixerSpec = Annotated[MlpSpec | ConvFfnSpec | GluSpec, Field(discriminator="type")]
+ChannelMixerSpec = Annotated[MlpSpec | ConvFfnSpec | GluSpec | MbConvSpec, Field(discriminator="type")]
 StemSpec = Annotated[PatchifySpec | ConvStemSpec | ConvStackSpec, Field(discriminator="type")]
 DownsampleSpec = Annotated[ConvDownSpec | PatchMergingSpec | PoolDownSpec, Field(discriminator="type")]
-HeadSpec = Annotated[PoolNormLinearSpec | ClassTokenSpec | MlpHeadSpec, Field(discriminator="type")]
+HeadSpec = Annotated[PoolNormLinearSpec | ClassTokenSpec | MlpHeadSpec | ConvMlpHeadSpec, Field(discriminator="type")]
 PosEmbedSpec = Annotated[LearnedPosSpec | PegSpec, Field(discriminator="type")]
 
 for _composite in (ParallelSpec, SplitSpec):
@@ -67,10 +81,17 @@ class BlockSpec(SpecModel):
 
     - ``metaformer``: ``x = rs1*shortcut(x) + ls1*TokenMixer(norm(x)); x = rs2*x + ls2*ChannelMixer(norm(x))``
       (``channel_mixer: null`` keeps the first residual only);
-    - ``convnext``: ``x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))`` (norm after the mixer).
+    - ``convnext``: ``x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))`` (norm after the mixer);
+    - ``postnorm``: ``x = rs1*shortcut(x) + ls1*norm(TokenMixer(x)); x = rs2*x + ls2*norm(ChannelMixer(x))``
+      (residual post-norm: FocalNet's ``use_post_norm``, Swin V2);
+    - ``class_attention``: the ``metaformer`` wiring updating only the prefix (class) tokens ``x_cls``:
+      ``x_cls = rs1*x_cls + ls1*TokenMixer(norm(x)); x_cls = rs2*x_cls + ls2*ChannelMixer(norm(x_cls))``
+      (CaiT's class-attention blocks; the grid tokens pass through);
+    - ``plain``: ``x = ls*TokenMixer(norm(x))``, no residual (a layer that changes the tensor type on its own,
+      EfficientViT's strided MBConv opening a stage; ``channel_mixer`` and ``shortcut`` are unused).
     """
 
-    template: Literal["metaformer", "convnext"] = "metaformer"
+    template: Literal["metaformer", "convnext", "postnorm", "class_attention", "plain"] = "metaformer"
     token_mixer: TokenMixerSpec
     channel_mixer: ChannelMixerSpec | None = Field(default_factory=MlpSpec,
                                                    description="null: no channel-mixer branch")

@@ -6,20 +6,30 @@ A template is a list of residual branches. For each branch, with the block's par
 
 Parts name the block's fields (see :data:`PART_FIELDS`); a part whose field is null is left out, and
 a branch whose ``main`` part is null is dropped (a MetaFormer block with ``channel_mixer: null`` is a
-single-residual block). The graph lowering and the compiled ``Block`` both read these tables, so a
-new wiring is a new entry here, not new code.
+single-residual block); a branch with ``residual=False`` is ``x = parts(x)``. The graph lowering and
+the compiled ``Block`` both read these tables, so a new wiring is a new entry here, not new code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
+
+Tokens = Literal["all", "prefix"]
+"""Which tokens a branch reads or writes: all of them, or the prefix (class) tokens only, (B, P, C)."""
 
 
 @dataclass(frozen=True)
 class Branch:
+    """One residual branch. ``reads: prefix``: the parts see the prefix tokens only; ``writes: prefix``: the
+    sum lands in the prefix tokens (the shortcut is the prefix tokens) and the grid tokens pass through."""
+
     main: str
     parts: tuple[str, ...]
     shortcut: tuple[str, ...] = ()
+    reads: Tokens = "all"
+    writes: Tokens = "all"
+    residual: bool = True  # False: no shortcut and no sum, x = parts(x) (the ``plain`` template)
 
 
 TEMPLATES: dict[str, tuple[Branch, ...]] = {
@@ -31,6 +41,23 @@ TEMPLATES: dict[str, tuple[Branch, ...]] = {
     # x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))   (ConvNeXt, InceptionNeXt)
     "convnext": (
         Branch("token_mixer", ("token_mixer", "norm", "channel_mixer", "ls"), ("shortcut",)),
+    ),
+    # x_cls = rs1*x_cls + ls1*TokenMixer(norm1(x));  x_cls = rs2*x_cls + ls2*ChannelMixer(norm2(x_cls))
+    # only the prefix (class) tokens x_cls = x[:, :P] are updated (CaiT's class-attention block)
+    "class_attention": (
+        Branch("token_mixer", ("norm1", "token_mixer", "ls1"), ("rs1",), writes="prefix"),
+        Branch("channel_mixer", ("norm2", "channel_mixer", "ls2"), ("rs2",), reads="prefix", writes="prefix"),
+    ),
+    # x = rs1*shortcut(x) + ls1*norm1(TokenMixer(x));  x = rs2*x + ls2*norm2(ChannelMixer(x))
+    # (residual post-norm: FocalNet's use_post_norm, Swin V2)
+    "postnorm": (
+        Branch("token_mixer", ("token_mixer", "norm1", "ls1"), ("shortcut", "rs1")),
+        Branch("channel_mixer", ("channel_mixer", "norm2", "ls2"), ("rs2",)),
+    ),
+    # x = ls*TokenMixer(norm(x)), no residual: a layer that changes the tensor type on its own
+    # (EfficientViT's strided MBConv opening a stage)
+    "plain": (
+        Branch("token_mixer", ("norm", "token_mixer", "ls"), residual=False),
     ),
 }
 

@@ -28,6 +28,8 @@ class ModelEntry(BaseModel):
     reference: str | None = Field(None, description="a builder in zoo/references.py, for models timm does not register")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
     tolerance: float = Field(1e-5, gt=0.0, description="max |logit difference| of the fixed-point check")
+    key_map: list[tuple[str, str | None]] = Field(
+        default_factory=list, description="extra rules applied after the family's, for this model only")
 
 
 class FamilyFile(BaseModel):
@@ -87,8 +89,8 @@ def catalog() -> dict[str, ZooModel]:
         except ValidationError as err:
             issues += [Issue(f"{path.name}:{i.path}", i.message) for i in issues_from(err, data, FamilyFile)]
             continue
-        key_map = KeyMap.of(family.key_map)
         for name, entry in family.models.items():
+            key_map = KeyMap.of([*family.key_map, *entry.key_map])
             if name in models:
                 issues.append(Issue(f"{path.name}:models.{name}", f"already listed by family '{models[name].family}'"))
             if not (zoo_dir() / f"{name}.yaml").is_file():

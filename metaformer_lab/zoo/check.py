@@ -9,6 +9,7 @@ converts back to timm's exactly.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass
 
 import torch
@@ -31,6 +32,7 @@ class CheckResult:
     max_abs_diff: float
     tolerance: float
     round_trip: bool
+    seconds: float
 
     @property
     def passed(self) -> bool:
@@ -41,11 +43,17 @@ class CheckResult:
 
 
 def perturb(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
-    """Add N(0, std) noise to every parameter and floating buffer (variances stay positive)."""
+    """Add N(0, std) noise to every parameter and floating buffer of the state_dict (variances stay positive).
+
+    Non-persistent buffers (Swin's shifted-window ``attn_mask``) are left alone: they are derived from the
+    config, never travel with the weights, and both sides rebuild them; noise there would make the reference
+    compute a function its own state_dict does not describe.
+    """
     gen = torch.Generator().manual_seed(seed)
+    persistent = set(module.state_dict())
     with torch.no_grad():
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
-            if not tensor.is_floating_point():
+            if not tensor.is_floating_point() or name not in persistent:
                 continue
             noise = torch.randn(tensor.shape, generator=gen) * std
             if name.endswith("running_var"):
@@ -56,6 +64,7 @@ def perturb(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
 
 def check(name: str, *, batch: int = 2, seed: int = 0) -> CheckResult:
     """Run the protocol for zoo model ``name``; raises CheckpointError when the keys do not map."""
+    start = time.perf_counter()
     zoo = get(name)
     spec = read_spec(name)
     torch.manual_seed(seed)
@@ -73,4 +82,5 @@ def check(name: str, *, batch: int = 2, seed: int = 0) -> CheckResult:
     round_trip = back.keys() == theirs.keys() and all(torch.equal(back[k], theirs[k]) for k in theirs)
     return CheckResult(name=name, timm_model=zoo.timm_name, params=count_params(ours),
                        timm_params=count_params(reference), keys_loaded=len(converted), max_abs_diff=diff,
-                       tolerance=zoo.entry.tolerance, round_trip=round_trip)
+                       tolerance=zoo.entry.tolerance, round_trip=round_trip,
+                       seconds=round(time.perf_counter() - start, 2))

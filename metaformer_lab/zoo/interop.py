@@ -38,7 +38,8 @@ def _classifier_keys(zoo: ZooModel) -> list[str]:
     cfg = getattr(reference, "pretrained_cfg", None) or {}
     names = cfg.get("classifier")
     if names is None:
-        heads = reference.get_classifier() if hasattr(reference, "get_classifier") else ()
+        get_classifier = getattr(reference, "get_classifier", None)
+        heads = get_classifier() if callable(get_classifier) else ()
         heads = heads if isinstance(heads, tuple) else (heads,)
         names = [n for n, m in reference.named_modules() if any(m is h for h in heads)]
     return [f"{n}.weight" for n in ((names,) if isinstance(names, str) else names)]
@@ -106,7 +107,15 @@ def _load_timm_checkpoint(zoo: ZooModel, pretrained: bool, checkpoint_path: str 
         return load_state_dict(path)  # handles 'state_dict'/'model' nesting, 'module.' prefixes, safetensors
     if not zoo.in_timm_registry:
         raise SpecError.single(zoo.name, "timm has no pretrained weights for this model (not in its registry)")
-    return zoo.reference(pretrained=True).state_dict()  # timm downloads and caches the weights
+    from timm.models import get_pretrained_cfg
+
+    cfg = get_pretrained_cfg(zoo.timm_name)
+    if cfg is None or not cfg.has_weights:
+        raise SpecError.single(zoo.name, f"timm has no pretrained weights for {zoo.timm_name}")
+    try:
+        return zoo.reference(pretrained=True).state_dict()  # timm downloads and caches the weights
+    except OSError as err:  # no network, hub errors (requests' and huggingface_hub's errors are OSErrors)
+        raise SpecError.single(zoo.name, f"could not fetch timm's weights: {err}") from err
 
 
 def create_model(name_or_spec: SpecSource, *, pretrained: bool = False,

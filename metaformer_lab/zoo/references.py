@@ -42,13 +42,13 @@ class RandomMixing7x7(RandomMixingReference):
 
 
 def identityformer_s12(**kwargs: Any) -> nn.Module:
-    return MetaFormer(depths=[2, 2, 6, 2], dims=[64, 128, 320, 512], token_mixers=nn.Identity,
+    return MetaFormer(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), token_mixers=nn.Identity,
                       norm_layers=GroupNorm1NoBias, use_mlp_head=False, **kwargs)
 
 
 def randformer_s12(**kwargs: Any) -> nn.Module:
     mixers = [nn.Identity, nn.Identity, RandomMixing14x14, RandomMixing7x7]
-    return MetaFormer(depths=[2, 2, 6, 2], dims=[64, 128, 320, 512], token_mixers=mixers,
+    return MetaFormer(depths=(2, 2, 6, 2), dims=(64, 128, 320, 512), token_mixers=mixers,
                       norm_layers=GroupNorm1NoBias, use_mlp_head=False, **kwargs)
 
 

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import build_op, max_diff, perturbed, port
 from timm.layers import Attention as TimmAttention
 from timm.models.metaformer import Attention as MetaFormerAttention
 from timm.models.pvt_v2 import Attention as PvtAttention
@@ -25,29 +26,7 @@ TOL = 1e-5
 B = 2
 
 
-def _op(tag: str, config: dict[str, Any], x: TensorType) -> nn.Module:
-    opdef = TOKEN_MIXERS.get(tag)
-    spec = opdef.spec.model_validate({"type": tag, **config})
-    assert opdef.infer(spec, x) == x
-    return opdef.build(spec, x)
-
-
-def _perturb(module: nn.Module) -> nn.Module:
-    """N(0, .02) noise on every parameter, so biases, norms and bias tables are not at their init."""
-    with torch.no_grad():
-        for p in module.parameters():
-            p.add_(0.02 * torch.randn_like(p))
-    return module.eval()
-
-
-def _port(ref: nn.Module, ours: nn.Module) -> nn.Module:
-    """Copy timm's weights in; strict loading checks that every key and shape maps 1:1."""
-    ours.load_state_dict(_perturb(ref).state_dict(), strict=True)
-    return ours.eval()
-
-
-def _max_diff(a: Tensor, b: Tensor) -> float:
-    return (a - b).abs().max().item()
+_op = partial(build_op, TOKEN_MIXERS)
 
 
 # --- global attention ---------------------------------------------------------------------------
@@ -61,11 +40,11 @@ def test_attention_matches_timm_vit_attention(fused: bool, heads: int, head_dim:
     ref = TimmAttention(32, num_heads=heads, attn_head_dim=head_dim, qkv_bias=qkv_bias, qk_norm=qk_norm,
                         norm_layer=partial(nn.LayerNorm, eps=1e-6))
     ref.fused_attn = fused
-    ours = _port(ref, _op("attention", {"num_heads": heads, "head_dim": head_dim, "qkv_bias": qkv_bias,
-                                        "qk_norm": qk_norm, "fused": fused}, x_type))
+    ours = port(ref, _op("attention", {"num_heads": heads, "head_dim": head_dim, "qkv_bias": qkv_bias,
+                                       "qk_norm": qk_norm, "fused": fused}, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
-        assert _max_diff(ours(x), ref(x)) <= TOL
+        assert max_diff(ours(x), ref(x)) <= TOL
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -73,22 +52,22 @@ def test_attention_matches_timm_metaformer_attention(fused: bool) -> None:
     x_type = TensorType("tokens", 64, 4, 5)
     ref = MetaFormerAttention(64, head_dim=32)  # qkv_bias and proj_bias off
     ref.fused_attn = fused
-    ours = _port(ref, _op("attention", {"head_dim": 32, "proj_bias": False, "fused": fused,
-                                        "scale_order": "after"}, x_type))
+    ours = port(ref, _op("attention", {"head_dim": 32, "proj_bias": False, "fused": fused,
+                                       "scale_order": "after"}, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
-        assert _max_diff(ours(x), ref(x.flatten(1, 2)).unflatten(1, x_type.grid)) <= TOL
+        assert max_diff(ours(x), ref(x.flatten(1, 2)).unflatten(1, x_type.grid)) <= TOL
 
 
 def test_attention_on_maps_is_attention_on_flattened_tokens() -> None:
     x_type = TensorType("maps", 32, 4, 5)
     ref = TimmAttention(32, num_heads=4, qkv_bias=True)
     ref.fused_attn = True
-    ours = _port(ref, _op("attention", {"num_heads": 4, "qkv_bias": True}, x_type))
+    ours = port(ref, _op("attention", {"num_heads": 4, "qkv_bias": True}, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         expected = ref(x.flatten(2).transpose(1, 2)).transpose(1, 2).reshape(x.shape)
-        assert _max_diff(ours(x), expected) <= TOL
+        assert max_diff(ours(x), expected) <= TOL
 
 
 # --- window attention ---------------------------------------------------------------------------
@@ -103,11 +82,11 @@ def test_window_attention_matches_timm_swin(fused: bool, grid: tuple[int, int], 
     block = SwinTransformerBlock(32, input_resolution=grid, num_heads=2, window_size=window,
                                  shift_size=window // 2 if shift else 0)
     block.attn.fused_attn = fused
-    ours = _port(block.attn, _op("window_attention", {"window": window, "shift": shift, "num_heads": 2,
-                                                      "fused": fused}, x_type))
+    ours = port(block.attn, _op("window_attention", {"window": window, "shift": shift, "num_heads": 2,
+                                                     "fused": fused}, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
-        assert _max_diff(ours(x), block._attn(x)) <= TOL
+        assert max_diff(ours(x), block._attn(x)) <= TOL
     assert tuple(block.shift_size) == ours.shift
     assert set(ours.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias",
                                       "relative_position_bias_table"}
@@ -124,12 +103,12 @@ def test_window_attention_matches_twins_locally_grouped_attention(fused: bool) -
     x_type = TensorType("tokens", 32, 8, 12)
     ref = LocallyGroupedAttn(32, num_heads=4, ws=4)
     ref.fused_attn = fused
-    ours = _port(ref, _op("window_attention", {"window": 4, "num_heads": 4, "rel_pos_bias": False, "fused": fused},
-                          x_type))
+    ours = port(ref, _op("window_attention", {"window": 4, "num_heads": 4, "rel_pos_bias": False, "fused": fused},
+                         x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         expected = ref(x.flatten(1, 2), x_type.grid).unflatten(1, x_type.grid)
-        assert _max_diff(ours(x), expected) <= TOL
+        assert max_diff(ours(x), expected) <= TOL
 
 
 # --- spatial-reduction attention ----------------------------------------------------------------
@@ -141,11 +120,11 @@ def test_sr_attention_matches_timm_pvt_v2(fused: bool, sr_ratio: int, linear: bo
     ref = PvtAttention(64, num_heads=2, sr_ratio=sr_ratio, linear_attn=linear, qkv_bias=True)
     ref.fused_attn = fused
     config = {"num_heads": 2, "sr_ratio": sr_ratio, "reduction": "pool" if linear else "conv", "fused": fused}
-    ours = _port(ref, _op("sr_attention", config, x_type))
+    ours = port(ref, _op("sr_attention", config, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         expected = ref(x.flatten(1, 2), list(x_type.grid)).unflatten(1, x_type.grid)
-        assert _max_diff(ours(x), expected) <= TOL
+        assert max_diff(ours(x), expected) <= TOL
 
 
 @pytest.mark.parametrize("sr_ratio", [1, 2])
@@ -153,11 +132,11 @@ def test_sr_attention_matches_twins_global_subsampled_attention(sr_ratio: int) -
     x_type = TensorType("tokens", 64, 8, 12)
     ref = GlobalSubSampleAttn(64, num_heads=4, sr_ratio=sr_ratio)
     ref.fused_attn = True
-    ours = _port(ref, _op("sr_attention", {"num_heads": 4, "sr_ratio": sr_ratio}, x_type))
+    ours = port(ref, _op("sr_attention", {"num_heads": 4, "sr_ratio": sr_ratio}, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         expected = ref(x.flatten(1, 2), x_type.grid).unflatten(1, x_type.grid)
-        assert _max_diff(ours(x), expected) <= TOL
+        assert max_diff(ours(x), expected) <= TOL
 
 
 # --- linear attention ---------------------------------------------------------------------------
@@ -177,20 +156,20 @@ def naive_linear_attention(module: nn.Module, x: Tensor, phi: Any, eps: float) -
 @pytest.mark.parametrize("x_type", [TensorType("tokens", 32, 4, 5, prefix=2), TensorType("tokens", 32, 4, 5)],
                          ids=["prefixed", "grid"])
 def test_linear_attention_matches_naive_quadratic_form(feature_map: str, phi: Any, x_type: TensorType) -> None:
-    ours = _perturb(_op("linear_attention", {"feature_map": feature_map, "num_heads": 4, "qkv_bias": True}, x_type))
+    ours = perturbed(_op("linear_attention", {"feature_map": feature_map, "num_heads": 4, "qkv_bias": True}, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         expected = naive_linear_attention(ours, x.reshape(B, x_type.num_tokens, -1), phi, ours.eps)
-        assert _max_diff(ours(x), expected.reshape(x.shape)) <= TOL
+        assert max_diff(ours(x), expected.reshape(x.shape)) <= TOL
 
 
 def test_linear_attention_on_maps_is_linear_attention_on_tokens() -> None:
-    tokens = _perturb(_op("linear_attention", {"num_heads": 2}, TensorType("tokens", 16, 4, 5)))
+    tokens = perturbed(_op("linear_attention", {"num_heads": 2}, TensorType("tokens", 16, 4, 5)))
     maps = _op("linear_attention", {"num_heads": 2}, TensorType("maps", 16, 4, 5))
     maps.load_state_dict(tokens.state_dict())
     x = torch.randn(B, 4, 5, 16)
     with torch.no_grad():
-        assert _max_diff(maps.eval()(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), tokens(x)) <= TOL
+        assert max_diff(maps.eval()(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1), tokens(x)) <= TOL
 
 
 # --- fused vs explicit --------------------------------------------------------------------------
@@ -203,12 +182,12 @@ def test_linear_attention_on_maps_is_linear_attention_on_tokens() -> None:
     ("sr_attention", {"reduction": "pool", "pool_size": 3, "num_heads": 2}, TensorType("tokens", 32, 8, 8)),
 ], ids=["attention", "attention-scale-after", "window-shifted", "sr", "sr-pool"])
 def test_fused_and_explicit_paths_agree(tag: str, config: dict[str, Any], x_type: TensorType) -> None:
-    fused = _perturb(_op(tag, {**config, "fused": True}, x_type))
+    fused = perturbed(_op(tag, {**config, "fused": True}, x_type))
     explicit = _op(tag, {**config, "fused": False}, x_type)
     explicit.load_state_dict(fused.state_dict())
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
-        assert _max_diff(fused(x), explicit.eval()(x)) <= TOL
+        assert max_diff(fused(x), explicit.eval()(x)) <= TOL
 
 
 # --- config and shape rules ---------------------------------------------------------------------

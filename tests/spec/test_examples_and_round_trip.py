@@ -7,31 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import EXAMPLES, ROOT
-from pydantic import BaseModel
 
 import metaformer_lab as ml
 from metaformer_lab.ops import TOKEN_MIXERS
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import block_names, data_dir
 from metaformer_lab.spec.yaml_io import parse_yaml
-
-
-def _mixer_tags(spec: BaseModel) -> set[str]:
-    """Every token-mixer type tag used in a spec, composite branches included."""
-    tags: set[str] = set()
-
-    def walk(value: object) -> None:
-        if isinstance(value, BaseModel):
-            if type(value) in TOKEN_MIXERS.specs():
-                tags.add(value.type)  # type: ignore[attr-defined]
-            for name in type(value).model_fields:
-                walk(getattr(value, name))
-        elif isinstance(value, list):
-            for item in value:
-                walk(item)
-
-    walk(spec)
-    return tags
+from metaformer_lab.zoo.report import token_mixer_tags
 
 
 def test_there_are_at_least_six_examples() -> None:
@@ -58,7 +40,7 @@ def test_example_round_trips(path: Path) -> None:
 
 
 def test_examples_use_every_token_mixer_family() -> None:
-    used = set().union(*(_mixer_tags(ml.load_spec(p)) for p in EXAMPLES))
+    used = set().union(*(token_mixer_tags(ml.load_spec(p)) for p in EXAMPLES))
     assert used == set(TOKEN_MIXERS.tags())
 
 

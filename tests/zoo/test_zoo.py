@@ -1,0 +1,91 @@
+"""Every zoo model against live timm: the fixed-point protocol, FLOPs, and the published size.
+
+The protocol runs for every model; the cheaper half (by the recorded protocol time in
+zoo/status.json) is in the default run, the rest is marked slow (CI runs it too).
+"""
+
+from __future__ import annotations
+
+import statistics
+
+import pytest
+import torch
+
+import metaformer_lab as ml
+from metaformer_lab.graph.cost import count_flops, graph_cost
+from metaformer_lab.zoo import check, get, list_models
+from metaformer_lab.zoo.report import recorded_status
+
+MODELS = list_models()
+RECORD = recorded_status()
+_TIMES = [row["seconds"] for row in RECORD.values() if "seconds" in row]
+MEDIAN_SECONDS = statistics.median(_TIMES) if _TIMES else 0.0
+
+
+def _params(name: str) -> pytest.param:  # type: ignore[valid-type]
+    seconds = RECORD.get(name, {}).get("seconds")
+    fast = seconds is not None and seconds <= MEDIAN_SECONDS
+    return pytest.param(name, marks=[pytest.mark.zoo] + ([] if fast else [pytest.mark.slow]), id=name)
+
+
+@pytest.mark.parametrize("name", [_params(n) for n in MODELS])
+def test_fixed_point(name: str) -> None:
+    result = check(name)
+    assert result.params == result.timm_params
+    assert result.max_abs_diff <= result.tolerance
+    assert result.round_trip
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", MODELS)
+def test_flops_equal_timms(name: str) -> None:
+    """Our FLOPs (from the graph alone) equal the same counter run on timm's module."""
+    spec = ml.load_spec(name)
+    with torch.device("meta"):
+        reference = get(name).reference().eval().requires_grad_(False)  # timm's CaiT trips the counter otherwise
+    x = torch.empty(1, spec.input.channels, *spec.input.hw, device="meta")
+    theirs, _ = count_flops(lambda: reference(x))
+    assert graph_cost(ml.to_graph(spec)).flops == theirs
+
+
+# GMACs (multiply-adds, = FLOPs / 2) as published, at the model's input size.
+PAPER_GMACS = {
+    "poolformer_s12": 1.8,  # PoolFormer, Table 1
+    "poolformer_m48": 11.6,
+    "convformer_s18": 3.9,  # MetaFormer Baselines, Table 2
+    "caformer_s18": 4.1,
+    "caformer_b36": 23.2,
+    "deit_tiny_patch16_224": 1.3,  # DeiT, Table 1
+    "deit_small_patch16_224": 4.6,
+    "deit_base_patch16_224": 17.6,
+    "swin_tiny_patch4_window7_224": 4.5,  # Swin, Table 1
+    "swin_small_patch4_window7_224": 8.7,
+    "swin_base_patch4_window7_224": 15.4,
+    "pvt_v2_b0": 0.6,  # PVTv2, Table 1
+    "pvt_v2_b1": 2.1,
+    "pvt_v2_b2": 4.0,
+    "convnext_tiny": 4.5,  # ConvNeXt, Table 1
+    "convnext_small": 8.7,
+    "convnext_base": 15.4,
+    "resmlp_12_224": 3.0,  # ResMLP, Table 4
+    "resmlp_24_224": 6.0,
+}
+
+
+@pytest.mark.zoo
+@pytest.mark.parametrize("name", sorted(n for n in PAPER_GMACS if n in MODELS))
+def test_gmacs_agree_with_the_paper(name: str) -> None:
+    gmacs = graph_cost(ml.to_graph(name)).flops / 2e9
+    assert gmacs == pytest.approx(PAPER_GMACS[name], rel=0.05, abs=0.05)
+
+
+def test_the_record_covers_the_zoo_and_every_model_passed() -> None:
+    assert sorted(RECORD) == MODELS
+    failed = [name for name, row in RECORD.items() if not row.get("passed")]
+    assert not failed
+
+
+def test_every_zoo_yaml_is_in_a_family() -> None:
+    from metaformer_lab.spec.load import zoo_names
+
+    assert zoo_names() == MODELS
