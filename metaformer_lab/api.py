@@ -44,9 +44,10 @@ def with_input_size(spec: ArchSpec, size: int | None) -> ArchSpec:
     return spec.model_copy(update={"input": spec.input.model_copy(update={"size": size})})
 
 
-def to_graph(spec: SpecSource, *, input_size: int | None = None) -> ArchGraph:
-    """The typed graph (a networkx DiGraph) of a spec; raises SpecError."""
-    return lower(with_input_size(read_spec(spec), input_size))
+def to_graph(spec: SpecSource, *, input_size: int | None = None,
+             block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchGraph:
+    """The typed graph (a networkx DiGraph) of a spec, checked at ``input_size`` when given; raises SpecError."""
+    return lower(with_input_size(read_spec(spec, block_dirs=block_dirs), input_size))
 
 
 def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None) -> Network:

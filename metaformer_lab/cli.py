@@ -34,6 +34,13 @@ SpecArg = Annotated[str, typer.Argument(metavar="SPEC", help="A YAML file or a z
 BlockDirs = Annotated[list[Path], typer.Option("--block-dir", help="Extra folder of named block YAMLs.")]
 
 
+def _output_file(path: Path | None) -> Path | None:
+    """An output path whose folder exists (a usage error otherwise, before any work is done)."""
+    if path is not None and not path.parent.is_dir():
+        raise typer.BadParameter(f"folder {path.parent} does not exist")
+    return path
+
+
 def _exit_with(err: MetaformerLabError) -> NoReturn:
     for issue in err.issues:
         typer.echo(str(issue), err=True)  # plain text, no markup
@@ -66,7 +73,8 @@ def validate(spec: SpecArg, block_dir: BlockDirs = []) -> None:  # noqa: B006 - 
 
 @app.command()
 def schema(
-    out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.",
+                                                     callback=_output_file)] = None,
 ) -> None:
     """Print the JSON Schema of the spec (point your editor's YAML plugin at it)."""
     text = json.dumps(ArchSpec.model_json_schema(), indent=2)
@@ -96,7 +104,7 @@ def build(
     from metaformer_lab.summary import summarize
 
     try:
-        graph = to_graph(load_spec(spec, block_dirs=block_dir), input_size=input_size)
+        graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
     except MetaformerLabError as err:
         _exit_with(err)
     with console.status(f"building {graph.spec.name} and running one forward pass", spinner="dots"):
@@ -122,7 +130,8 @@ def build(
 @app.command()
 def graph(
     spec: SpecArg,
-    out: Annotated[Path, typer.Option("--out", help="DOT file, or a picture when it ends in .png/.svg/.pdf.")],
+    out: Annotated[Path, typer.Option("--out", help="DOT file, or a picture when it ends in .png/.svg/.pdf.",
+                                                callback=_output_file)],
     input_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
     block_dir: BlockDirs = [],  # noqa: B006
 ) -> None:
@@ -130,7 +139,7 @@ def graph(
     from metaformer_lab.graph.render import write_graph
 
     try:
-        arch_graph = to_graph(load_spec(spec, block_dirs=block_dir), input_size=input_size)
+        arch_graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
     except MetaformerLabError as err:
         _exit_with(err)
     write_graph(arch_graph, out)
@@ -141,7 +150,7 @@ def graph(
 def export(
     spec: SpecArg,
     fmt: Annotated[str, typer.Option("--format", help="onnx or pt2 (torch.export).", case_sensitive=False)],
-    out: Annotated[Path, typer.Option("--out", help="File to write.")],
+    out: Annotated[Path, typer.Option("--out", help="File to write.", callback=_output_file)],
     input_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
     static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch size (default: dynamic).")]
     = False,
@@ -155,7 +164,7 @@ def export(
     if fmt.lower() not in ("onnx", "pt2"):
         raise typer.BadParameter(f"'{fmt}' is not one of onnx, pt2", param_hint="--format")
     try:
-        graph = to_graph(load_spec(spec, block_dirs=block_dir), input_size=input_size)
+        graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
         with console.status(f"exporting {graph.spec.name} to {fmt.lower()} and checking it", spinner="dots"):
             result = run_export(graph, fmt.lower(), out, dynamic_batch=not static_batch, atol=atol)  # type: ignore[arg-type]
     except MetaformerLabError as err:
@@ -229,19 +238,29 @@ def zoo_show(name: Annotated[str, typer.Argument(help="A zoo model name.")]) -> 
 def zoo_check(
     names: Annotated[list[str] | None, typer.Argument(help="Zoo model names.", show_default=False)] = None,
     check_all: Annotated[bool, typer.Option("--all", help="Check every zoo model.")] = False,
-    record: Annotated[Path | None, typer.Option(help="Write the results (with provenance) to this JSON file.")]
+    record: Annotated[Path | None, typer.Option(help="Write the results (with provenance) to this JSON file.",
+                                                        callback=_output_file)]
     = None,
     as_json: Annotated[bool, typer.Option("--json")] = False,
 ) -> None:
     """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|."""
     from rich.progress import Progress
 
-    from metaformer_lab.zoo import check, list_models
+    from metaformer_lab.core.errors import Issue, SpecError
+    from metaformer_lab.zoo import check, get, list_models
     from metaformer_lab.zoo.report import write_record
 
     if check_all == bool(names):
         raise typer.BadParameter("give model names or --all (not both)")
     targets = list_models() if check_all else list(names or [])
+    unknown: list[Issue] = []
+    for name in targets:
+        try:
+            get(name)
+        except SpecError as err:
+            unknown.extend(err.issues)
+    if unknown:
+        _exit_with(SpecError(unknown))
     results, failures = [], []
     with Progress(console=console, transient=True, disable=as_json) as progress:
         task = progress.add_task("checking", total=len(targets))

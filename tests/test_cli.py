@@ -84,6 +84,17 @@ def test_build_input_size_and_batch() -> None:
     assert data["input_shape"] == [2, 3, 64, 64] and data["output_shape"] == [2, 10]
 
 
+def test_input_size_is_what_gets_checked(tmp_path: Path) -> None:
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ninput: {size: 30}\nstem: {type: patchify, patch: 4}\n"
+                    "stages: [{depth: 1, dim: 8, block: {token_mixer: {type: pooling}}}]\n")
+    code, out, err = run("build", str(spec), "--json", "--input-size", "32")
+    assert code == 0, err
+    assert json.loads(out)["input_shape"] == [1, 3, 32, 32]
+    code, _, err = run("build", str(spec), "--json")
+    assert code == 1 and err == "stem.patch: 4 does not divide the 30x30 input\n"
+
+
 def test_build_table_mentions_every_stage() -> None:
     code, out, _ = run("build", str(EXAMPLES[0]))
     assert code == 0

@@ -92,18 +92,23 @@ class SequenceMixer(nn.Module):
         return self.mix(x.flatten(1, -2)).reshape(x.shape)  # (B, H, W, C) or (B, N, C) -> (B, N, C) -> back
 
 
-class AttentionSpec(OpSpec):
+class HeadsSpec(OpSpec):
+    """The fields the softmax multi-head attention ops share; each op adds its ``type`` tag and the rest."""
+
+    num_heads: PosInt | None = Field(None, description=NUM_HEADS_DOC)
+    head_dim: PosInt | None = head_dim_field(32)
+    qkv_bias: bool = False
+    proj_bias: bool = Field(True, description="bias of the output projection (timm's MetaFormer attention has none)")
+    attn_drop: Prob = 0.0
+    proj_drop: Prob = 0.0
+
+
+class AttentionSpec(HeadsSpec):
     """Multi-head self-attention over all tokens, prefix tokens included (timm ``layers.Attention``,
     timm ``metaformer.Attention``)."""
 
     type: Literal["attention"] = "attention"
-    num_heads: PosInt | None = Field(None, description=NUM_HEADS_DOC)
-    head_dim: PosInt | None = head_dim_field(32)
-    qkv_bias: bool = False
-    proj_bias: bool = Field(True, description="timm's MetaFormer attention has none")
     qk_norm: bool = Field(False, description="LayerNorm (eps 1e-6) over head_dim on q and k, as timm's ViT")
-    attn_drop: Prob = 0.0
-    proj_drop: Prob = 0.0
     fused: bool = Field(True, description="F.scaled_dot_product_attention; false: explicit softmax(q kᵀ)")
     scale_order: ScaleOrder = Field(
         "before", description="explicit path only: scale q before q kᵀ (timm ViT) or the product after (MetaFormer)")

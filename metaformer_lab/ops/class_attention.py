@@ -12,21 +12,15 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout
+from metaformer_lab.ops.attention import HeadsSpec, attend, resolve_heads
+from metaformer_lab.ops.common import require_layout
 
 
-class ClassAttentionSpec(OpSpec):
+class ClassAttentionSpec(HeadsSpec):
     """Queries from the prefix tokens only, keys and values from all tokens, separate q/k/v Linears
     (timm ``cait.ClassAttn``). Output: the prefix tokens alone, a tokens type with an empty grid."""
 
     type: Literal["class_attention"] = "class_attention"
-    num_heads: PosInt | None = Field(None, description=NUM_HEADS_DOC)
-    head_dim: PosInt | None = head_dim_field(32)
-    qkv_bias: bool = False
-    proj_bias: bool = True
-    attn_drop: Prob = 0.0
-    proj_drop: Prob = 0.0
     fused: bool = Field(True, description="F.scaled_dot_product_attention (timm's default); false: explicit, "
                         "q scaled before q kᵀ")
 

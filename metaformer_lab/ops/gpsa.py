@@ -13,22 +13,16 @@ from torch import Tensor, nn
 
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.attention import NUM_HEADS_DOC, SequenceMixer, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.attention import HeadsSpec, SequenceMixer, resolve_heads
+from metaformer_lab.ops.common import require_layout, require_no_prefix
 
 
-class GpsaSpec(OpSpec):
+class GpsaSpec(HeadsSpec):
     """GPSA over the token grid (timm ``convit.GPSA``): ``attn = (1 - sigmoid(g)) softmax(q kᵀ / sqrt(d))
     + sigmoid(g) softmax(pos_proj(r))``, renormalised over the keys, then ``attn @ v``; ``r`` holds the
     offsets (dx, dy, dx² + dy²) between grid tokens, ``g`` one gate per head."""
 
     type: Literal["gpsa"] = "gpsa"
-    num_heads: PosInt | None = Field(None, description=NUM_HEADS_DOC)
-    head_dim: PosInt | None = head_dim_field(32)
-    qkv_bias: bool = False
-    proj_bias: bool = True
-    attn_drop: Prob = 0.0
-    proj_drop: Prob = 0.0
     locality_strength: float = Field(1.0, gt=0.0, le=100.0,
                                       description="scale of the local init of pos_proj (how sharply heads attend "
                                                   "around their offsets)")

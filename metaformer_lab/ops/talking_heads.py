@@ -6,27 +6,20 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.attention import NUM_HEADS_DOC, SequenceMixer, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout
+from metaformer_lab.ops.attention import HeadsSpec, SequenceMixer, resolve_heads
+from metaformer_lab.ops.common import require_layout
 
 
-class TalkingHeadsAttentionSpec(OpSpec):
+class TalkingHeadsAttentionSpec(HeadsSpec):
     """Multi-head self-attention over all tokens whose heads are mixed by a Linear over the head axis
     before and after the softmax (timm ``cait.TalkingHeadAttn``). Always explicit: the attention
     matrix is needed, so there is no fused path."""
 
     type: Literal["talking_heads_attention"] = "talking_heads_attention"
-    num_heads: PosInt | None = Field(None, description=NUM_HEADS_DOC)
-    head_dim: PosInt | None = head_dim_field(32)
-    qkv_bias: bool = False
-    proj_bias: bool = True
-    attn_drop: Prob = 0.0
-    proj_drop: Prob = 0.0
 
 
 class TalkingHeadsAttention(SequenceMixer):

@@ -17,12 +17,6 @@ from pydantic import BaseModel, ValidationError
 
 from metaformer_lab.core.errors import Issue
 
-FIELD_KIND = {
-    "token_mixer": "token mixer", "branches": "token mixer", "channel_mixer": "channel mixer",
-    "norm": "norm", "norm_before": "norm", "norm_after": "norm", "hidden_norm": "norm",
-    "stem": "stem", "downsample": "downsampler", "head": "head", "pos_embed": "position embedding",
-}
-
 
 def show(value: Any) -> str:
     """A value as the user wrote it, without Python reprs."""

@@ -183,7 +183,7 @@ def read_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]
 
 
 def _compact(model: BaseModel, keep: Sequence[str] = ()) -> dict[str, Any]:
-    """Fields that differ from their defaults, plus ``type`` tags and ``keep``."""
+    """Fields that differ from their defaults, plus ``type`` tags (first, as people write them) and ``keep``."""
     out: dict[str, Any] = {}
     for name, field in type(model).model_fields.items():
         value = getattr(model, name)
@@ -192,7 +192,7 @@ def _compact(model: BaseModel, keep: Sequence[str] = ()) -> dict[str, Any]:
             if value == field.get_default(call_default_factory=True, validated_data=data):
                 continue
         out[name] = _plain(value)
-    return out
+    return {"type": out.pop("type"), **out} if "type" in out else out
 
 
 def _plain(value: Any) -> Any:

@@ -136,8 +136,8 @@ def create_model(name_or_spec: SpecSource, *, pretrained: bool = False,
         raise SpecError.single(spec.name, "weights load into zoo models only; this spec's name is not one")
     zoo = get(spec.name)
     timm_sd = _load_timm_checkpoint(zoo, pretrained, checkpoint_path)
-    ours = convert_state_dict(zoo.name, timm_sd)
     trained_classes = timm_num_classes(zoo, timm_sd)
+    ours = convert_state_dict(zoo.name, timm_sd, num_classes=trained_classes)
     net = compile_graph(lower(_with_classes(spec, trained_classes if num_classes is None else num_classes)))
     if num_classes is None or num_classes == trained_classes:
         net.load_state_dict(ours, strict=True)

@@ -51,8 +51,10 @@ def test_zoo_check_one_model() -> None:
 
 def test_zoo_check_needs_names_or_all() -> None:
     assert run("zoo", "check")[0] == 2
-    code, _, err = run("zoo", "check", "nope_model")
-    assert code == 1 and "nope_model" in err + _
+    code, out, err = run("zoo", "check", "nope_model", "poolformr_s12")
+    assert code == 1 and out == ""
+    assert err.splitlines() == ["nope_model: no zoo model of that name",
+                                "poolformr_s12: no zoo model of that name (did you mean 'poolformer_s12'?)"]
 
 
 def test_build_reports_timms_parameter_counts() -> None:
@@ -84,6 +86,14 @@ def test_exported_onnx_takes_another_batch_size(tmp_path: Path) -> None:
     session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
     (y,) = session.run(None, {"x": np.zeros((3, 3, 224, 224), dtype=np.float32)})
     assert y.shape == (3, 1000)
+
+
+@pytest.mark.parametrize("args", [["schema"], ["graph", "poolformer_s12"], ["zoo", "check", "poolformer_s12"],
+                                  ["export", "poolformer_s12", "--format", "onnx"]], ids=lambda a: a[0])
+def test_an_output_folder_that_does_not_exist_is_a_usage_error(args: list[str]) -> None:
+    option = "--record" if args[0] == "zoo" else "--out"
+    code, _, err = run(*args, option, "/no/such/folder/out.file")
+    assert code == 2 and "folder /no/such/folder does not exist" in err and "Traceback" not in err
 
 
 def test_export_bad_format(tmp_path: Path) -> None:
