@@ -13,7 +13,7 @@ from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.network import Network
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.spec.arch import ArchSpec
-from metaformer_lab.spec.load import SpecSource, read_spec
+from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
 from metaformer_lab.spec.load import dump_spec as _dump_spec
 
 
@@ -35,13 +35,6 @@ def load_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]
 def dump_spec(spec: ArchSpec) -> str:
     """YAML text of ``spec``; ``load_spec`` of it gives ``spec`` back."""
     return _dump_spec(spec)
-
-
-def with_input_size(spec: ArchSpec, size: int | None) -> ArchSpec:
-    """``spec`` with another square input size (None: unchanged)."""
-    if size is None:
-        return spec
-    return spec.model_copy(update={"input": spec.input.model_copy(update={"size": size})})
 
 
 def to_graph(spec: SpecSource, *, input_size: int | None = None,

@@ -23,6 +23,9 @@ def test_the_wheel_finds_its_yaml_without_the_source_tree(tmp_path: Path) -> Non
     probe = ("import metaformer_lab as ml, metaformer_lab.spec.load as L;"
              "assert L.data_dir('blocks') == L.PACKAGE_DIR / 'blocks', L.data_dir('blocks');"
              "assert len(ml.list_models()) >= 60;"
+             "import metaformer_lab.space as S;"
+             "assert S.space_names() == ['metaformer', 'tiny'], S.space_names();"
+             "assert len(S.load_space('tiny').references) >= 4;"
              "spec = ml.load_spec('caformer_s18');"
              "print(spec.stages[2].block[0].token_mixer.type, ml.build(spec).__class__.__name__)")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,

@@ -81,8 +81,13 @@ def initialize(net: nn.Module) -> None:
             own()
 
 
-def compile_graph(graph: ArchGraph) -> Network:
-    """An ``nn.Module`` computing ``graph``, initialised as timm does (call ``.eval()`` for inference)."""
+def compile_graph(graph: ArchGraph, *, init: bool = True) -> Network:
+    """An ``nn.Module`` computing ``graph``, initialised as timm does (call ``.eval()`` for inference).
+
+    ``init=False`` leaves PyTorch's default initialisation (for a module about to load a checkpoint, or one
+    built on the ``meta`` device to read its shapes).
+    """
     net = _Compiler(graph).network()
-    initialize(net)
+    if init:
+        initialize(net)
     return net

@@ -37,6 +37,14 @@ class SpecError(MetaformerLabError):
     """An architecture spec (or a file it names) is invalid."""
 
 
+class SpaceError(MetaformerLabError):
+    """A search-space file (or a point of it) is invalid."""
+
+
+class StudyError(MetaformerLabError):
+    """A search's settings, study or run folder are invalid (bad budget, study to resume, storage, ...)."""
+
+
 class ShapeIssue(Exception):
     """Raised by an op's shape rule; ``field`` is relative to the op (``"num_heads"``, ``""`` for the op)."""
 

@@ -73,7 +73,7 @@ def merge(base: Any, override: Any) -> Any:
     return out
 
 
-class _BlockResolver:
+class BlockResolver:
     """Replaces block names (``block: convformer``, ``{base: convformer, ...}``) by their YAML."""
 
     def __init__(self, dirs: Sequence[Path]) -> None:
@@ -124,7 +124,7 @@ def resolve(data: dict[str, Any], block_dirs: Sequence[Path] = ()) -> tuple[dict
     """Named blocks replaced by their content and ``defaults`` applied to every block, plus the
     problems found (a block that cannot be resolved is left as null)."""
     data = copy.deepcopy(data)
-    resolver = _BlockResolver(block_dirs)
+    resolver = BlockResolver(block_dirs)
     raw_defaults = data.get("defaults")
     defaults: dict[str, Any] = raw_defaults if isinstance(raw_defaults, dict) else {}
     inherited = {k: defaults[k] for k in INHERITED_BLOCK_FIELDS if k in defaults}
@@ -152,6 +152,14 @@ def validate(data: Any, origin: str = "") -> ArchSpec:
         return ArchSpec.model_validate(data)
     except ValidationError as err:
         raise SpecError(issues_from(err, data, ArchSpec)) from None
+
+
+def with_input_size(spec: ArchSpec, size: int | tuple[int, int] | list[int] | None) -> ArchSpec:
+    """``spec`` with another input size (an int: square; None: unchanged)."""
+    if size is None:
+        return spec
+    value = size if isinstance(size, int) else [int(size[0]), int(size[1])]
+    return spec.model_copy(update={"input": spec.input.model_copy(update={"size": value})})
 
 
 def read_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchSpec:
@@ -210,6 +218,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, list):
         return [_plain(v) for v in value]
     return value
+
+
+def compact(value: Any) -> Any:
+    """A spec part (any config model, or a list of them) as the YAML a person would write: fields at their
+    defaults left out, ``type`` first."""
+    return _plain(value)
 
 
 def spec_to_dict(spec: ArchSpec) -> dict[str, Any]:

@@ -1,0 +1,132 @@
+"""Zoo commands: list, show, check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from metaformer_lab.cli.common import app, console, exit_with, output_file
+from metaformer_lab.core.errors import MetaformerLabError
+
+zoo_app = typer.Typer(help="Known models: timm architectures reproduced exactly (fixed points).",
+                      no_args_is_help=True)
+app.add_typer(zoo_app, name="zoo")
+
+
+@zoo_app.command("list")
+def zoo_list(
+    family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Every zoo model: family, token mixers, params, GFLOPs at its input size, fixed-point status."""
+    from rich.progress import track
+
+    from metaformer_lab.zoo.report import model_rows
+
+    try:
+        names = _zoo_names(family)
+        rows = model_rows(track(names, description="sizing the zoo", console=console, transient=True)
+                          if not as_json else names)
+    except MetaformerLabError as err:
+        exit_with(err)
+    if as_json:
+        typer.echo(json.dumps([row.to_json() for row in rows]))
+        return
+    table = Table(title=f"metaformer-lab zoo: {len(rows)} models", title_justify="left")
+    for column in ("name", "family", "token mixers", "params", "GFLOPs", "input", "fixed point"):
+        table.add_column(column, justify="right" if column in ("params", "GFLOPs", "input") else "left",
+                         no_wrap=column != "token mixers", min_width=20 if column == "name" else None)
+    for row in rows:
+        table.add_row(row.name, row.family, ", ".join(row.token_mixers), f"{row.params:,}", f"{row.gflops:.3f}",
+                      str(row.input_size), row.status)
+    console.print(table)
+
+
+def _zoo_names(family: str | None) -> list[str]:
+    from metaformer_lab.core.errors import SpecError
+    from metaformer_lab.zoo import catalog, list_models
+
+    names = list_models(family)
+    if family is not None and not names:
+        families = sorted({m.family for m in catalog().values()})
+        raise SpecError.single("--family", f"unknown family '{family}'; one of: {', '.join(families)}")
+    return names
+
+
+@zoo_app.command("show")
+def zoo_show(name: Annotated[str, typer.Argument(help="A zoo model name.")]) -> None:
+    """Print a zoo model's YAML."""
+    from metaformer_lab.spec.load import zoo_dir
+    from metaformer_lab.zoo import get
+
+    try:
+        get(name)
+    except MetaformerLabError as err:
+        exit_with(err)
+    typer.echo((zoo_dir() / f"{name}.yaml").read_text(), nl=False)
+
+
+@zoo_app.command("check")
+def zoo_check(
+    names: Annotated[list[str] | None, typer.Argument(help="Zoo model names.", show_default=False)] = None,
+    check_all: Annotated[bool, typer.Option("--all", help="Check every zoo model.")] = False,
+    record: Annotated[Path | None, typer.Option(help="Write the results (with provenance) to this JSON file.",
+                                                        callback=output_file)]
+    = None,
+    as_json: Annotated[bool, typer.Option("--json")] = False,
+) -> None:
+    """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|."""
+    from rich.progress import Progress
+
+    from metaformer_lab.core.errors import Issue, SpecError
+    from metaformer_lab.zoo import check, get, list_models
+    from metaformer_lab.zoo.report import write_record
+
+    if check_all == bool(names):
+        raise typer.BadParameter("give model names or --all (not both)")
+    targets = list_models() if check_all else list(names or [])
+    unknown: list[Issue] = []
+    for name in targets:
+        try:
+            get(name)
+        except SpecError as err:
+            unknown.extend(err.issues)
+    if unknown:
+        exit_with(SpecError(unknown))
+    results, failures = [], []
+    with Progress(console=console, transient=True, disable=as_json) as progress:
+        task = progress.add_task("checking", total=len(targets))
+        for name in targets:
+            progress.update(task, description=f"checking {name}")
+            try:
+                results.append(check(name))
+            except MetaformerLabError as err:
+                failures.append((name, err))
+            progress.advance(task)
+    if record is not None:
+        write_record(results, failures, record)
+    if as_json:
+        typer.echo(json.dumps([r.to_json() for r in results] +
+                              [{"name": n, "passed": False, "error": str(e)} for n, e in failures]))
+    else:
+        _print_checks(results, failures)
+    if failures or not all(r.passed for r in results):
+        raise typer.Exit(code=1)
+
+
+def _print_checks(results: list, failures: list) -> None:  # type: ignore[type-arg]
+    table = Table(title="fixed-point protocol (timm weights + N(0, .02) noise, batch 2, eval)", title_justify="left")
+    for column in ("model", "params (= timm)", "keys", "max |Δlogit|", "back to timm", "passed"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True,
+                         min_width=20 if column == "model" else None)
+    for r in results:
+        params = f"{r.params:,}" if r.params == r.timm_params else f"{r.params:,} != {r.timm_params:,}"
+        table.add_row(r.name, params, str(r.keys_loaded), f"{r.max_abs_diff:.2e}", "yes" if r.round_trip else "NO",
+                      "[green]yes[/]" if r.passed else "[red]NO[/]")
+    for name, err in failures:
+        table.add_row(name, "-", "-", "-", "-", f"[red]{err.issues[0]}[/]")
+    console.print(table)
