@@ -1,4 +1,5 @@
-"""A built wheel carries the YAML the package needs at run time (zoo, families, blocks, status)."""
+"""A built wheel carries the data the package needs at run time (zoo, families, blocks, status, search spaces,
+latency profiles)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,9 @@ def test_the_wheel_finds_its_yaml_without_the_source_tree(tmp_path: Path) -> Non
              "import metaformer_lab.space as S;"
              "assert S.space_names() == ['metaformer', 'tiny'], S.space_names();"
              "assert len(S.load_space('tiny').references) >= 4;"
+             "import metaformer_lab.latency as T;"
+             "names = sorted(p.name for p in T.shipped_profiles());"
+             "assert names == ['cpu-metaformer-1t', 'cpu-tiny-1t'], names;"
              "spec = ml.load_spec('caformer_s18');"
              "print(spec.stages[2].block[0].token_mixer.type, ml.build(spec).__class__.__name__)")
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300,

@@ -8,6 +8,7 @@ from typing import Annotated, NoReturn
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from metaformer_lab import __version__
 from metaformer_lab.core.errors import MetaformerLabError
@@ -21,6 +22,7 @@ app = typer.Typer(
     context_settings={"help_option_names": ["-h", "--help"]},
 )
 console = Console(width=None if sys.stdout.isatty() else 160)  # piped output keeps whole table rows
+progress_console = Console(stderr=True)  # progress bars never mix with what a command prints (--json)
 
 SpecArg = Annotated[str, typer.Argument(metavar="SPEC", help="A YAML file or a zoo model name.")]
 BlockDirs = Annotated[list[Path], typer.Option("--block-dir", help="Extra folder of named block YAMLs.")]
@@ -31,6 +33,12 @@ def output_file(path: Path | None) -> Path | None:
     if path is not None and not path.parent.is_dir():
         raise typer.BadParameter(f"folder {path.parent} does not exist")
     return path
+
+
+def progress_bar() -> Progress:
+    """The bar of long commands (calibrate, evaluate, search), on stderr."""
+    return Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                    console=progress_console, transient=False)
 
 
 def exit_with(err: MetaformerLabError) -> NoReturn:

@@ -14,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 from rich.tree import Tree
 
-from metaformer_lab.cli.common import SpecArg, app, console, exit_with
+from metaformer_lab.cli.common import SpecArg, app, console, exit_with, progress_console
 from metaformer_lab.core.errors import MetaformerLabError, SpaceError
 
 space_app = typer.Typer(help="Search spaces: declared, typed spaces of architectures.", no_args_is_help=True)
@@ -88,7 +88,7 @@ def size(
 
     loaded = _load(space)
     points = count_points(loaded)
-    with Progress(console=console, transient=True, disable=as_json) as progress:
+    with Progress(console=progress_console, transient=True, disable=as_json) as progress:
         task = progress.add_task("drawing points", total=samples)
         validity = valid_share(loaded, samples, seed, progress=lambda k: progress.update(task, completed=k))
     if as_json:
@@ -131,7 +131,7 @@ def sample(
     if out.exists() and not out.is_dir():
         exit_with(SpaceError.single("--out", f"{out} exists and is not a folder"))
     try:
-        with Progress(console=console, transient=True) as progress:
+        with Progress(console=progress_console, transient=True) as progress:
             task = progress.add_task("sampling", total=n)
             result = draw(loaded, n, seed, progress=lambda k: progress.update(task, completed=k))
     except MetaformerLabError as err:

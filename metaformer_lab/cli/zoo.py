@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from metaformer_lab.cli.common import app, console, exit_with, output_file
+from metaformer_lab.cli.common import app, console, exit_with, output_file, progress_console
 from metaformer_lab.core.errors import MetaformerLabError
 
 zoo_app = typer.Typer(help="Known models: timm architectures reproduced exactly (fixed points).",
@@ -29,7 +29,7 @@ def zoo_list(
 
     try:
         names = _zoo_names(family)
-        rows = model_rows(track(names, description="sizing the zoo", console=console, transient=True)
+        rows = model_rows(track(names, description="sizing the zoo", console=progress_console, transient=True)
                           if not as_json else names)
     except MetaformerLabError as err:
         exit_with(err)
@@ -98,7 +98,7 @@ def zoo_check(
     if unknown:
         exit_with(SpecError(unknown))
     results, failures = [], []
-    with Progress(console=console, transient=True, disable=as_json) as progress:
+    with Progress(console=progress_console, transient=True, disable=as_json) as progress:
         task = progress.add_task("checking", total=len(targets))
         for name in targets:
             progress.update(task, description=f"checking {name}")

@@ -1,0 +1,293 @@
+"""Latency commands: ``latency SPEC`` (measure, predict, estimate), ``calibrate``, ``evaluate``, ``profiles``."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+from typer.core import TyperGroup
+
+from metaformer_lab.cli.common import BlockDirs, app, console, exit_with, output_file, progress_bar
+from metaformer_lab.core.errors import Issue, MetaformerLabError
+
+
+class _SpecByDefault(TyperGroup):
+    """``latency SPEC ...`` runs the hidden ``spec`` command; ``latency calibrate ...`` the subcommand."""
+
+    def parse_args(self, ctx: Any, args: list[str]) -> list[str]:  # ctx: the click Context typer vendors
+        if args and args[0] not in self.commands and args[0] not in ("-h", "--help"):
+            args = ["spec", *args]
+        return super().parse_args(ctx, args)
+
+
+latency_app = typer.Typer(
+    cls=_SpecByDefault, no_args_is_help=True,
+    help="Latency: `latency SPEC` measures a spec (and predicts it from a profile, or estimates it for a named "
+         "GPU); `latency calibrate | evaluate | profiles` build, check and list profiles.")
+app.add_typer(latency_app, name="latency")
+
+Device = Annotated[str, typer.Option(help="cpu, cuda, or a GPU name for an uncalibrated estimate (h100, t4, ...).")]
+Threads = Annotated[int, typer.Option(min=1, help="CPU threads (1 is the default setting: immune to a busy "
+                                                  "neighbour on a shared machine).")]
+BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")]
+Dtype = Annotated[str, typer.Option(help="float32, float16 or bfloat16.")]
+HostCheckOpt = Annotated[bool, typer.Option("--host-check/--no-host-check",
+                                            help="Rescale a CPU profile to this host from a few measured networks "
+                                                 "first (seconds; machines of one kind differ in speed).")]
+
+
+def _fail(path: str, message: str) -> None:
+    exit_with(MetaformerLabError([Issue(path, message)]))
+
+
+def _settings_text(settings: dict[str, Any]) -> str:
+    size = settings.get("input_size")
+    where = f"{settings.get('threads')} thread(s)" if settings.get("device") == "cpu" else settings.get("device_name")
+    grid = f"{size[0]}x{size[1]}, " if size else ""
+    return f"{grid}batch {settings.get('batch_size')}, {settings.get('dtype')}, {settings.get('device')} ({where})"
+
+
+@latency_app.command("spec", hidden=True)
+def latency_of(
+    spec: Annotated[str, typer.Argument(metavar="SPEC", help="A YAML file or a zoo model name.")],
+    device: Device = "cpu",
+    batch_size: BatchSize = 1,
+    input_size: Annotated[int | None, typer.Option("--input-size", min=8, help="Input side (default: the spec's).")]
+    = None,
+    dtype: Dtype = "float32",
+    threads: Threads = 1,
+    profile: Annotated[str | None, typer.Option(help="A profile file, a shipped profile's name, or `auto` (the "
+                                                     "shipped profile matching the setting).")] = None,
+    no_measure: Annotated[bool, typer.Option("--no-measure", help="Predict or estimate only.")] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Time in channels-last memory format.")]
+    = False,
+    host_check: HostCheckOpt = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
+    block_dir: BlockDirs = [],  # noqa: B006  (typer reads the default)
+) -> None:
+    """Measure a spec's forward latency, predict it from a profile, or estimate it for a named GPU.
+
+    Examples: metaformer-lab latency poolformer_s12 --input-size 64;
+    metaformer-lab latency vit_small_patch16_224 --device h100 --no-measure --dtype float16
+    """
+    from metaformer_lab.api import load_spec
+    from metaformer_lab.latency import GPUS, estimate_gpu, measure
+    from metaformer_lab.latency.predict import as_graph, predict
+    from metaformer_lab.latency.profile import find_profile, resolve_profile
+
+    try:
+        arch = load_spec(spec, block_dirs=block_dir)
+        graph = as_graph(arch, input_size)
+        size = (graph.input_type.height, graph.input_type.width)
+        gpu = device.lower() if device.lower() in GPUS else None
+        if gpu is None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+            from metaformer_lab.latency import gpu_spec
+
+            gpu_spec(device)  # raises the "did you mean" error
+        out: dict[str, Any] = {"spec": arch.name, "settings": {
+            "device": device, "batch_size": batch_size, "input_size": list(size), "dtype": dtype,
+            "threads": threads if device == "cpu" else None, "channels_last": channels_last},
+            "measured_ms": None, "predicted_ms": None, "estimated_ms": None}
+        if gpu is not None:
+            est = estimate_gpu(graph, gpu, batch_size=batch_size, dtype=dtype)
+            out.update(estimated_ms=est.total_ms, estimate=est.to_json(), label=est.label)
+        else:
+            chosen = None
+            if profile == "auto":
+                chosen = find_profile({"device": "cpu" if device == "cpu" else "cuda", "dtype": dtype,
+                                       "batch_size": batch_size, "threads": threads if device == "cpu" else None,
+                                       "input_size": size, "channels_last": channels_last})
+            elif profile is not None:
+                chosen = resolve_profile(profile)
+            if chosen is not None:
+                if host_check and chosen.device == "cpu":
+                    from metaformer_lab.search.latency import fit_to_host
+
+                    chosen, check, line = fit_to_host(chosen)
+                    out.update(host_check=check.to_json() if check is not None else None, host_line=line)
+                p = predict(graph, chosen)
+                out.update(predicted_ms=p.ms, prediction=p.to_json())
+            elif no_measure:
+                _fail("--no-measure", "nothing to report: give --profile (or auto), or a GPU name as --device")
+            if not no_measure:
+                r = measure(graph, device=device, batch_size=batch_size, dtype=dtype, threads=threads,
+                            channels_last=channels_last)
+                out.update(measured_ms=r.median_ms, measurement=r.to_json())
+    except MetaformerLabError as err:
+        exit_with(err)
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    _print_latency(out)
+
+
+def _print_latency(out: dict[str, Any]) -> None:
+    s = out["settings"]
+    where = f"{s['threads']} thread(s)" if s["device"] == "cpu" else s["device"]
+    console.print(f"[bold]{out['spec']}[/bold] at {s['input_size'][0]}x{s['input_size'][1]}, batch "
+                  f"{s['batch_size']}, {s['dtype']}, {where}")
+    if out.get("measurement"):
+        m = out["measurement"]
+        flag = f"  [red]noisy: {'; '.join(m['noise_reasons'])}[/red]" if m["noisy"] else ""
+        load = m.get("neighbour_cores")
+        busy = f"; neighbours used {load:.2f} cores" if load is not None else ""
+        console.print(f"  measured   {m['median_ms']:.3f} ms median (p10 {m['p10_ms']:.3f}, p90 {m['p90_ms']:.3f}, "
+                      f"cv {m['cv']:.1%}, {m['runs']} runs{busy}){flag}")
+    if out.get("prediction"):
+        p = out["prediction"]
+        est = f"; {len(p['estimated_nodes'])} op(s) estimated from neighbours" if p["estimated_nodes"] else ""
+        host = f", x{p['host_scale']:.2f} for this host" if p.get("host_scale", 1.0) != 1.0 else ""
+        console.print(f"  predicted  {p['predicted_ms']:.3f} ms from profile '{p['profile']}' (quiet-machine "
+                      f"p10{host}, coverage {p['coverage']:.0%}{est})")
+        if out.get("host_line"):
+            console.print(f"  {out['host_line']}")
+    if out.get("estimate"):
+        e = out["estimate"]
+        console.print(f"  estimated  {e['total_ms']:.4f} ms on {e['gpu']} ([yellow]{out['label']}[/yellow])")
+
+
+
+@latency_app.command("calibrate")
+def calibrate(
+    space: Annotated[str, typer.Option(help="The space whose ops the profile covers (a file or a shipped name).")],
+    out: Annotated[Path, typer.Option(help="The profile file to write (JSON).")],
+    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    threads: Threads = 1,
+    batch_size: BatchSize = 1,
+    dtype: Dtype = "float32",
+    name: Annotated[str | None, typer.Option(help="Profile name (default: the file's stem).")] = None,
+    ops_archs: Annotated[int, typer.Option(min=1, help="Sampled architectures whose ops are timed.")] = 1000,
+    fit_archs: Annotated[int, typer.Option(min=8, help="Whole networks measured for the correction.")] = 60,
+    passes: Annotated[int, typer.Option(min=1, help="Timing passes per op (the fastest is kept).")] = 3,
+    seed: Annotated[int, typer.Option(help="Seed of the draws (seed and seed+1; evaluate refuses both).")] = 1,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the calibration in OUT.")] = False,
+) -> None:
+    """Build a latency profile: every op of sampled architectures timed in isolation, then a whole-model
+    correction fitted on measured networks. Saved as it goes; `--resume` continues a killed run.
+
+    Example: metaformer-lab latency calibrate --space tiny --threads 1 --out cpu-tiny-1t.json
+    """
+    import torch
+
+    from metaformer_lab.latency.calibrate import Setting, calibrate_space
+    from metaformer_lab.space import load_space, sample
+
+    output_file(out)
+    if device not in ("cpu", "cuda"):
+        _fail("--device", f"calibrate measures the device here: cpu or cuda, not '{device}'")
+    if device == "cuda" and not torch.cuda.is_available():
+        _fail("--device", "cuda is not available on this machine")
+    try:
+        sp = load_space(space)
+        size = sp.template.parts["input"]["size"]
+        setting = Setting(device=device, dtype=dtype, batch_size=batch_size, threads=threads,
+                          input_size=(size, size) if isinstance(size, int) else tuple(size))
+        with progress_bar() as bar:
+            tasks: dict[str, Any] = {}
+
+            def progress(phase: str, done: int, total: int) -> None:
+                if phase not in tasks:
+                    tasks[phase] = bar.add_task(phase, total=total)
+                bar.update(tasks[phase], completed=done, total=total)
+
+            op_graphs = [p.graph for p in sample(sp, ops_archs, seed=seed).points]
+            fit_graphs = [p.graph for p in sample(sp, fit_archs, seed=seed + 1).points]
+            profile = calibrate_space(sp.name, op_graphs, fit_graphs, setting, out, name=name or out.stem,
+                                      seeds=(seed, seed + 1), passes=passes, resume=resume, progress=progress)
+    except MetaformerLabError as err:
+        exit_with(err)
+    console.print(f"wrote {out}: {len(profile.ops)} ops, correction fitted on {profile.fit['archs']} networks "
+                  f"(in-sample MAPE {profile.fit['mape']:.1%}); check it with `metaformer-lab latency evaluate "
+                  f"--profile {out} --space {space} --seed {seed + 100}`")
+
+
+@latency_app.command("evaluate")
+def evaluate(
+    profile: Annotated[str, typer.Option(help="A profile file or a shipped profile's name.")],
+    space: Annotated[str, typer.Option(help="The space to sample architectures from.")],
+    n: Annotated[int, typer.Option(min=2, help="Architectures to measure and predict.")] = 200,
+    seed: Annotated[int, typer.Option(help="Seed of the draw (not one the calibration used).")] = 100,
+    plot: Annotated[Path | None, typer.Option(help="Scatter plot PNG (default: next to the profile).")] = None,
+    record: Annotated[bool, typer.Option("--record", help="Store the report in the profile file.")] = False,
+    host_check: HostCheckOpt = True,
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Measure and predict sampled architectures; print the share within ±5 % and ±10 %, MAPE and
+    Spearman rank correlation, and plot predicted against measured.
+
+    Example: metaformer-lab latency evaluate --profile cpu-tiny-1t --space tiny --n 200 --seed 100
+    """
+    from metaformer_lab.latency.evaluate import evaluate as run_evaluate
+    from metaformer_lab.latency.evaluate import scatter_plot
+    from metaformer_lab.latency.profile import resolve_profile
+    from metaformer_lab.space import load_space, sample
+
+    try:
+        prof = resolve_profile(profile)
+        sp = load_space(space)
+        used = prof.fit.get("calibration", {})
+        if used.get("space") == sp.name and seed in used.get("seeds", []):
+            _fail("--seed", f"seed {seed} drew the architectures profile '{prof.name}' was calibrated on; "
+                            f"evaluate on others (not {', '.join(map(str, used['seeds']))})")
+        size = sp.template.parts["input"]["size"]
+        want = (size, size) if isinstance(size, int) else tuple(size)
+        if prof.input_size is not None and prof.input_size != want:
+            _fail("--space", f"space '{sp.name}' is {want[0]}x{want[1]}; profile '{prof.name}' was measured at "
+                             f"{prof.input_size[0]}x{prof.input_size[1]}")
+        graphs = [p.graph for p in sample(sp, n, seed=seed).points]
+        host_line = None
+        if host_check and prof.device == "cpu":
+            from metaformer_lab.latency.host import HOST_SEED
+            from metaformer_lab.search.latency import fit_to_host
+
+            if seed == HOST_SEED:
+                _fail("--seed", f"seed {seed} draws the host check's networks; evaluate on others")
+            prof, _, host_line = fit_to_host(prof, sp)
+        with progress_bar() as bar:
+            task = bar.add_task(f"measuring {n} networks", total=n)
+            report = run_evaluate(prof, graphs, progress=lambda done, total: bar.update(task, completed=done),
+                                  context={"space": sp.name, "seed": seed, "host_scale": prof.host_scale})
+    except MetaformerLabError as err:
+        exit_with(err)
+    target = plot or (prof.path.with_suffix(".png") if prof.path is not None else Path(f"{prof.name}.png"))
+    scatter_plot(report, target)
+    summary = report.to_json()
+    if host_line:
+        summary["host_line"] = host_line
+    if record and prof.path is not None:
+        prof.accuracy = summary
+        prof.save(prof.path)
+    if as_json:
+        typer.echo(json.dumps({**summary, "plot": str(target)}, indent=1))
+        return
+    if host_line:
+        console.print(host_line)
+    console.print(f"profile '{prof.name}' ({_settings_text(prof.settings)}) on {n} '{sp.name}' networks, seed {seed}:")
+    console.print(f"  within ±5 %: {report.within_5:.1%}   within ±10 %: {report.within_10:.1%}   "
+                  f"MAPE: {report.mape:.2%}   Spearman: {report.spearman:.3f}   max error: {report.max_abs_error:.1%}")
+    if report.noisy:
+        console.print(f"  [red]{report.noisy} measurement(s) flagged noisy[/red] (see the plot's crosses)")
+    console.print(f"  scatter plot: {target}")
+
+
+@latency_app.command("profiles")
+def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
+    """List the shipped latency profiles with their provenance and measured accuracy."""
+    from metaformer_lab.latency.profile import shipped_profiles
+
+    found = shipped_profiles()
+    if as_json:
+        typer.echo(json.dumps([p.summary() for p in found], indent=1))
+        return
+    table = Table("profile", "setting", "device", "torch", "created", "ops", "within ±10 %", "MAPE", "Spearman")
+    for p in found:
+        acc = p.accuracy or {}
+        s = p.settings
+        table.add_row(p.name, _settings_text(s), str(s.get("device_name", "")), str(s.get("torch", "")),
+                      str(s.get("created", ""))[:10], str(len(p.ops)),
+                      f"{acc['within_10']:.1%} (n={acc['n']})" if acc else "not evaluated",
+                      f"{acc['mape']:.2%}" if acc else "", f"{acc['spearman']:.3f}" if acc else "")
+    console.print(table)

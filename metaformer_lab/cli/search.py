@@ -1,0 +1,180 @@
+"""The main job: `search` (latency-constrained architecture search) and `report` (re-print a run)."""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from types import FrameType
+from typing import Annotated, Any
+
+import typer
+from rich.progress import Progress
+from rich.table import Table
+
+from metaformer_lab.cli.common import app, console, exit_with, progress_bar
+from metaformer_lab.core.errors import MetaformerLabError
+
+Opt = typer.Option
+
+
+def _config(study: Path | None, **values: Any) -> Any:
+    from metaformer_lab.search.config import load_study_file, make_config
+
+    if study is not None:
+        return load_study_file(study, **values)
+    return make_config(**values)
+
+
+class _StopAfterTrial:
+    """First Ctrl-C: finish the running trial, then stop; a second one stops at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+
+    def __call__(self, signum: int, frame: FrameType | None) -> None:
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        console.print("[yellow]stopping after the running trial (Ctrl-C again to stop now); the study is kept[/]")
+
+
+@app.command()
+def search(
+    space: Annotated[str | None, Opt(help="Search space: a file or a shipped name (tiny, metaformer).")] = None,
+    budget: Annotated[str | None, Opt(help="Latency budget with a unit: 2ms, 500us, 0.1s.")] = None,
+    device: Annotated[str | None, Opt(help="cpu, cuda, or a GPU name for an uncalibrated estimate (h100, t4, ...).")]
+    = None,
+    threads: Annotated[int | None, Opt(help="CPU threads for latency (default 1).")] = None,
+    profile: Annotated[str | None, Opt(help="Latency profile (file or shipped name), 'auto', or 'none' to "
+                                            "measure every candidate.")] = None,
+    host_check: Annotated[bool, Opt("--host-check/--no-host-check", help="Rescale a CPU profile to this host from "
+                                                                        "8 measured networks first.")] = True,
+    batch_size: Annotated[int | None, Opt(help="Batch size of the latency budget (default 1).")] = None,
+    dtype: Annotated[str | None, Opt(help="float32, float16 or bfloat16.")] = None,
+    dataset: Annotated[str | None, Opt(help="digits, cifar10:PATH, imagefolder:PATH or synthetic[:N].")] = None,
+    evaluator: Annotated[str | None, Opt(help="train (short training) or zero-cost (training-free proxy).")] = None,
+    epochs: Annotated[int | None, Opt(help="Epochs of the train evaluator.")] = None,
+    proxy: Annotated[str | None, Opt(help="Proxy of the zero-cost evaluator: grad_norm (default), naswot, synflow, "
+                                          "params.")] = None,
+    trials: Annotated[int | None, Opt(help="Trials in the study (a resumed study runs up to this many).")] = None,
+    timeout: Annotated[float | None, Opt(help="Stop starting trials after this many seconds.")] = None,
+    objectives: Annotated[str | None, Opt(help="score (best score within budget) or score,latency (Pareto).")]
+    = None,
+    storage: Annotated[str | None, Opt(help="SQLAlchemy URL of the study storage (default: SQLite in the run "
+                                            "folder).")] = None,
+    study_name: Annotated[str | None, Opt(help="Study name (default: SPACE-BUDGET-DEVICE).")] = None,
+    resume: Annotated[bool, Opt("--resume", help="Continue an existing study (or join it from another "
+                                                "process).")] = False,
+    seed: Annotated[int | None, Opt(help="Seed of the sampler and of training.")] = None,
+    out: Annotated[Path | None, Opt(help="Run folder (default: runs/STUDY_NAME).")] = None,
+    study: Annotated[Path | None, Opt("--study", help="A study file (studies/*.yaml); options given here win.")]
+    = None,
+) -> None:
+    """Search a space for the best architectures within a latency budget; write them as spec YAMLs.
+
+    With no options: the tiny 32x32 space, scikit-learn's digits, 5 epochs of training per candidate, 40 trials,
+    the CPU at 1 thread, a 2 ms budget.
+
+    Examples:
+      metaformer-lab search --budget 2ms
+      metaformer-lab search --space metaformer --device h100 --dtype bfloat16 --budget 1ms --evaluator zero-cost
+      metaformer-lab search --study studies/tiny_digits_2ms.yaml --resume
+    """
+    import optuna
+
+    from metaformer_lab.search.run import execute, prepare
+
+    options: dict[str, Any] = {}
+    if epochs is not None:
+        options["epochs"] = epochs
+    if proxy is not None:
+        options["proxy"] = proxy
+    try:
+        config = _config(study, space=space, budget=budget, device=device, threads=threads,
+                         profile=None if profile is None else (None if profile == "none" else profile),
+                         batch_size=batch_size, dtype=dtype, dataset=dataset, evaluator=evaluator,
+                         evaluator_options=options or None, trials=trials, timeout_s=timeout, objectives=objectives,
+                         storage=storage, study_name=study_name, seed=seed, out=None if out is None else str(out),
+                         host_check=None if host_check else False)
+        if profile == "none":
+            config = config.model_copy(update={"profile": None})
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar tells each trial's outcome
+        prepared = prepare(config, resume=resume)  # every input checked before anything runs
+        for note in prepared.notes:
+            console.print(note)
+        stop = _StopAfterTrial()
+        previous = signal.signal(signal.SIGINT, stop)
+        try:
+            with progress_bar() as bar:
+                task = bar.add_task("searching", total=config.trials)
+                report = execute(prepared, progress=lambda e: _advance(bar, task, e),
+                                 should_stop=lambda: stop.requested,
+                                 finalist_progress=lambda k, n: bar.update(
+                                     task, description=f"re-measuring finalist {k}/{n}"))
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    except MetaformerLabError as err:
+        exit_with(err)
+    _print_report(report, config.run_dir)
+
+
+
+def _advance(bar: Progress, task: Any, event: Any) -> None:
+    what = event.reason if event.score is None else f"score {event.score:.3f}"
+    lat = f" at {event.latency_ms:.2f} ms" if event.latency_ms is not None else ""
+    ref = f" ({event.reference})" if event.reference else ""
+    best = f" | best {event.best_score:.3f}" if event.best_score is not None else ""
+    bar.update(task, completed=min(event.finished, event.total),
+               description=f"trial {event.number}{ref}: {what}{lat}{best}")
+
+
+def _print_report(report: dict[str, Any], run_dir: Path) -> None:
+    console.print(f"[bold]{report['study']}[/]: budget {report['budget_ms']:g} ms, latency {report['latency']}")
+    table = Table(title="trials by outcome", title_justify="left")
+    table.add_column("outcome")
+    table.add_column("trials", justify="right")
+    for reason, n in sorted(report["trials"]["by_reason"].items(), key=lambda kv: -kv[1]):
+        table.add_row(reason, str(n))
+    console.print(table)
+    refs = report.get("references") or {}
+    if refs:
+        rt = Table(title="reference models", title_justify="left")
+        for c in ("reference", "score", "latency ms", "outcome"):
+            rt.add_column(c, justify="left" if c in ("reference", "outcome") else "right")
+        for name, r in refs.items():
+            rt.add_row(name, "-" if r["score"] is None else f"{r['score']:.4f}",
+                       "-" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}", r["reason"])
+        console.print(rt)
+    for violator in report.get("finalists_over_budget", []):
+        console.print(f"[red]trial {violator['trial']} (score {violator['score']:.4f}) was predicted at "
+                      f"{violator['latency_ms']:.3f} ms but measured {violator['measured_ms']:.3f} ms: over budget, "
+                      "not chosen[/]")
+    best = report.get("best")
+    if best is None and report.get("finalists_over_budget"):
+        console.print("[red]no trial within budget: every finalist measured broke it; relax the budget or run "
+                      "more trials (--resume --trials N)[/]")
+    elif best is None:
+        console.print("[red]no trial within budget finished[/]")
+    else:
+        measured = "" if best["measured_ms"] is None else f", measured {best['measured_ms']:.3f} ms"
+        console.print(f"best: trial {best['trial']}, score {best['score']:.4f}, latency {best['latency_ms']:.3f} ms "
+                      f"({best['latency_label']}){measured}, {best['params']:,} params")
+    if report.get("interrupted"):
+        console.print("[yellow]interrupted: the run folder holds what finished; resume with --resume[/]")
+    console.print(f"run folder: {run_dir} (best.yaml, pareto/, trials.csv, pareto.png, summary.json)")
+
+
+@app.command()
+def report(run_dir: Annotated[Path, typer.Argument(help="A run folder written by `search`.")]) -> None:
+    """Re-print and re-plot a search from its storage (best.yaml, pareto/, trials.csv, pareto.png, summary.json).
+
+    Example: metaformer-lab report runs/tiny-2ms-cpu
+    """
+    from metaformer_lab.search.report import load_run, write_run
+
+    try:
+        study, url = load_run(run_dir)
+        summary = write_run(study, run_dir, url)
+    except MetaformerLabError as err:
+        exit_with(err)
+    _print_report(summary, run_dir)

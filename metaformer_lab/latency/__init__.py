@@ -1,0 +1,37 @@
+"""Latency: trustworthy measurement (:mod:`.measure`), profiles and the predictor (:mod:`.profile`,
+:mod:`.predict`, built by :mod:`.calibrate`, checked by :mod:`.evaluate`, fitted to the host by
+:mod:`.host`), and uncalibrated GPU estimates (:mod:`.gpu`)."""
+
+from __future__ import annotations
+
+from metaformer_lab.latency.calibrate import Setting, calibrate_space
+from metaformer_lab.latency.evaluate import Accuracy, evaluate
+from metaformer_lab.latency.gpu import (
+    GPUS,
+    UNCALIBRATED,
+    Efficiency,
+    GpuEstimate,
+    GpuSpec,
+    estimate_gpu,
+    fit_efficiency,
+    gpu_spec,
+)
+from metaformer_lab.latency.host import HostCheck, check_host
+from metaformer_lab.latency.measure import (
+    LatencyError,
+    LatencyResult,
+    Provenance,
+    cpu_name,
+    measure,
+    parse_duration_ms,
+    provenance,
+)
+from metaformer_lab.latency.predict import Prediction, predict
+from metaformer_lab.latency.profile import Profile, find_profile, load_profile, resolve_profile, shipped_profiles
+
+__all__ = [
+    "GPUS", "UNCALIBRATED", "Accuracy", "Efficiency", "GpuEstimate", "GpuSpec", "HostCheck", "LatencyError",
+    "LatencyResult", "Prediction", "Profile", "Provenance", "Setting", "calibrate_space", "check_host", "cpu_name",
+    "estimate_gpu", "evaluate", "find_profile", "fit_efficiency", "gpu_spec", "load_profile", "measure",
+    "parse_duration_ms", "predict", "provenance", "resolve_profile", "shipped_profiles",
+]

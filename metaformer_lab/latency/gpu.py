@@ -1,0 +1,696 @@
+"""GPU latency estimates without a GPU: a per-kernel roofline from the typed graph against a named
+GPU's datasheet (DESIGN.md section 7). Until :func:`fit_efficiency` has fitted the efficiency
+factors on a real GPU, every number here is an **uncalibrated estimate**, and says so.
+
+Kernels. Each graph node's module is built on the ``meta`` device and run on a meta tensor of the
+node's input type under a dispatch mode that records every aten kernel it launches: its FLOPs
+(``torch.utils.flop_counter``'s formulas; SDPA as one fused attention kernel), the bytes it reads
+and writes (its input and output tensors at the dtype's element size) and its class. Views and
+metadata ops (view, permute, expand, transpose, unsqueeze, detach, alias, ``_unsafe_view``...)
+launch nothing. Nodes without a module of their own are costed analytically: a residual ``add`` is
+one element-wise kernel over its output (plus a concatenation when it writes the prefix tokens
+only), a ``layout`` change one copy (the permute is a view, but the next op makes it contiguous),
+``prefix`` tokens two concatenations, a composite mixer's join its sums or its concatenation;
+``input``, ``fork`` and ``prefix_view`` cost nothing. Records are cached by (node kind, role, op
+config, input and output type, batch, dtype), so repeated blocks cost nothing.
+
+Time per kernel: ``max(flops / (peak * eff_compute[class]), bytes / (bandwidth * eff_memory[class]))
++ launch``. matmul, conv and attention run on tensor cores in float16/bfloat16; in float32,
+matmul and attention use the float32 rate and conv the TF32 rate (PyTorch's defaults:
+``torch.backends.cuda.matmul.allow_tf32 = False``, ``torch.backends.cudnn.allow_tf32 = True``).
+Every other class is memory-bound (no FLOPs are counted for it). The model is additive: it does
+not overlap the host's kernel launches with the GPU's work.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from types import MappingProxyType
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from metaformer_lab.core.errors import Issue
+from metaformer_lab.graph.cost import SDPA_FORMULAS
+from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
+from metaformer_lab.latency.measure import DTYPES, LatencyError
+from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
+from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
+
+UNCALIBRATED = "uncalibrated estimate"
+"""The label of every estimate made with efficiency factors that were not fitted on the target GPU."""
+
+OpClass = Literal["matmul", "conv", "attention", "norm", "softmax", "reduction", "elementwise", "copy"]
+OP_CLASSES: tuple[OpClass, ...] = ("matmul", "conv", "attention", "norm", "softmax", "reduction", "elementwise",
+                                   "copy")
+TENSOR_CORE_CLASSES: frozenset[str] = frozenset({"matmul", "conv", "attention"})
+
+DEFAULT_LAUNCH_US = 6.0
+"""Per-kernel overhead: PyTorch eager spends about 5-8 us of host time per kernel at batch 1 (Python
+module call, dispatcher, ``cudaLaunchKernel``); the GPU's own launch latency (2-3 us) is inside it."""
+
+
+# --- datasheets --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class GpuSpec:
+    """Datasheet figures of one GPU. Tensor-core rates are dense (no sparsity) with float32 accumulation.
+
+    Attributes:
+        name: short key (``h100``).
+        full_name: the product (``NVIDIA H100 SXM5 80GB``).
+        fp32_tflops: peak float32, CUDA cores (no tensor cores).
+        fp16_tflops: dense tensor-core float16.
+        bf16_tflops: dense tensor-core bfloat16; None when the GPU has none.
+        tf32_tflops: dense tensor-core TF32; None when the GPU has none.
+        bandwidth_gbs: memory bandwidth, GB/s.
+        memory_gb: memory size, GB.
+        launch_us: per-kernel overhead, see :data:`DEFAULT_LAUNCH_US`.
+        source: where the figures come from.
+    """
+
+    name: str
+    full_name: str
+    fp32_tflops: float
+    fp16_tflops: float
+    bf16_tflops: float | None
+    tf32_tflops: float | None
+    bandwidth_gbs: float
+    memory_gb: float
+    launch_us: float = DEFAULT_LAUNCH_US
+    source: str = ""
+
+    def peak_tflops(self, op_class: str, dtype: str) -> tuple[float, str | None]:
+        """The peak rate a kernel of ``op_class`` runs against at ``dtype``, and a note when it falls back."""
+        if op_class not in TENSOR_CORE_CLASSES:
+            return self.fp32_tflops, None
+        if dtype == "float16":
+            return self.fp16_tflops, None
+        if dtype == "bfloat16":
+            if self.bf16_tflops is None:
+                return self.fp32_tflops, (f"{self.name} has no bfloat16 tensor cores; bfloat16 kernels are "
+                                          f"estimated at its float32 rate ({self.fp32_tflops:g} TFLOPS)")
+            return self.bf16_tflops, None
+        if op_class == "conv" and self.tf32_tflops is not None:
+            return self.tf32_tflops, None  # cuDNN convs use TF32 by default (torch.backends.cudnn.allow_tf32)
+        return self.fp32_tflops, None
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+GPUS: Mapping[str, GpuSpec] = MappingProxyType({g.name: g for g in (
+    GpuSpec("t4", "NVIDIA T4", 8.1, 65.0, None, None, 320.0, 16.0,
+            source="NVIDIA T4 Tensor Core GPU datasheet: FP32 8.1 TF, mixed-precision FP16/FP32 65 TF, 320 GB/s "
+                   "GDDR6; Turing has no bfloat16 or TF32"),
+    GpuSpec("l4", "NVIDIA L4", 30.3, 121.0, 121.0, 60.0, 300.0, 24.0,
+            source="NVIDIA L4 Tensor Core GPU datasheet: FP32 30.3 TF, FP16/BF16 242 TF and TF32 120 TF with "
+                   "sparsity (halved here), 300 GB/s"),
+    GpuSpec("a10", "NVIDIA A10", 31.2, 125.0, 125.0, 62.5, 600.0, 24.0,
+            source="NVIDIA A10 Tensor Core GPU datasheet: FP32 31.2 TF, FP16/BF16 125 TF, TF32 62.5 TF (dense), "
+                   "600 GB/s"),
+    GpuSpec("a100", "NVIDIA A100 SXM4 80GB", 19.5, 312.0, 312.0, 156.0, 2039.0, 80.0,
+            source="NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): FP32 19.5 TF, FP16/BF16 312 TF, TF32 156 TF "
+                   "(dense), 2039 GB/s HBM2e"),
+    GpuSpec("h100", "NVIDIA H100 SXM5 80GB", 67.0, 989.4, 989.4, 494.7, 3350.0, 80.0,
+            source="NVIDIA H100 Tensor Core GPU datasheet (SXM): FP32 67 TF, FP16/BF16 1979 TF and TF32 989 TF "
+                   "with sparsity (halved here), 3.35 TB/s HBM3"),
+    GpuSpec("h200", "NVIDIA H200 SXM 141GB", 67.0, 989.4, 989.4, 494.7, 4800.0, 141.0,
+            source="NVIDIA H200 Tensor Core GPU datasheet (SXM): H100 SXM compute, 4.8 TB/s HBM3e, 141 GB"),
+    GpuSpec("rtx4090", "NVIDIA GeForce RTX 4090", 82.6, 165.2, 165.2, 82.6, 1008.0, 24.0,
+            source="NVIDIA Ada Lovelace GPU architecture whitepaper (appendix): FP32 82.6 TF, FP16/BF16 tensor with "
+                   "FP32 accumulate 165.2 TF and TF32 82.6 TF (dense), 1008 GB/s GDDR6X"),
+)})
+"""Known GPUs by short name."""
+
+_ALIASES = {"a100sxm": "a100", "a100sxm4": "a100", "a10080gb": "a100", "h100sxm": "h100", "h100sxm5": "h100",
+            "h200sxm": "h200", "4090": "rtx4090", "geforcertx4090": "rtx4090"}
+
+
+def gpu_spec(gpu: str | GpuSpec) -> GpuSpec:
+    """The datasheet of ``gpu``, by short name (case, spaces and dashes ignored: ``"RTX 4090"``, ``"H100"``).
+
+    Raises:
+        LatencyError: unknown name, with the closest match and every known name.
+    """
+    if isinstance(gpu, GpuSpec):
+        return gpu
+    key = re.sub(r"[^a-z0-9]", "", str(gpu).lower()).removeprefix("nvidia")
+    key = _ALIASES.get(key, key)
+    if key in GPUS:
+        return GPUS[key]
+    close = difflib.get_close_matches(key, [*GPUS, *_ALIASES], n=1, cutoff=0.5)
+    hint = f" (did you mean '{_ALIASES.get(close[0], close[0])}'?)" if close else ""
+    raise LatencyError.single("gpu", f"unknown '{gpu}'{hint}; known: {', '.join(sorted(GPUS))}")
+
+
+# --- efficiency --------------------------------------------------------------------------------
+
+DEFAULT_COMPUTE_EFFICIENCY: Mapping[str, float] = MappingProxyType({
+    "matmul": 0.70,  # cuBLAS reaches 70-80 % of dense tensor peak on large GEMMs
+    "conv": 0.55,  # implicit-GEMM convs, often with few channels, do worse
+    "attention": 0.45,  # FlashAttention-2 forward: 35-50 % of peak on A100/H100
+    **{c: 1.0 for c in ("norm", "softmax", "reduction", "elementwise", "copy")},  # no FLOPs counted
+})
+DEFAULT_MEMORY_EFFICIENCY: Mapping[str, float] = MappingProxyType({
+    "matmul": 0.80, "conv": 0.70, "attention": 0.70,
+    "norm": 0.60, "softmax": 0.60, "reduction": 0.60,  # two passes and warp reductions
+    "elementwise": 0.80,  # streaming kernels reach 80-90 % of the bandwidth on large tensors
+    "copy": 0.70,  # strided gathers, concatenations
+})
+
+
+@dataclass(frozen=True)
+class Efficiency:
+    """Share of the peak rates that kernels of each class reach, and the per-kernel overhead.
+
+    Attributes:
+        compute: per class, share of the peak FLOP rate (missing classes: the defaults).
+        memory: per class, share of the memory bandwidth.
+        launch_us: per-kernel overhead; None: the GPU's ``launch_us``.
+        calibrated: fitted on a real GPU by :func:`fit_efficiency`.
+        gpu: the GPU it was fitted on (None: any).
+        dtype: the dtype it was fitted at.
+        source: how the factors were obtained.
+    """
+
+    compute: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_COMPUTE_EFFICIENCY))
+    memory: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_MEMORY_EFFICIENCY))
+    launch_us: float | None = None
+    calibrated: bool = False
+    gpu: str | None = None
+    dtype: str | None = None
+    source: str = "uncalibrated defaults (gpu.py)"
+
+    def __post_init__(self) -> None:
+        issues = [Issue(f"efficiency.{kind}.{c}", f"{v} must be a finite number > 0")
+                  for kind, table in (("compute", self.compute), ("memory", self.memory))
+                  for c, v in table.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
+        if self.launch_us is not None and not (math.isfinite(self.launch_us) and self.launch_us >= 0):
+            issues.append(Issue("efficiency.launch_us", f"{self.launch_us} must be a finite number >= 0"))
+        if issues:
+            raise LatencyError(issues)
+
+    def compute_of(self, op_class: str) -> float:
+        return self.compute.get(op_class, DEFAULT_COMPUTE_EFFICIENCY.get(op_class, 1.0))
+
+    def memory_of(self, op_class: str) -> float:
+        return self.memory.get(op_class, DEFAULT_MEMORY_EFFICIENCY.get(op_class, 0.7))
+
+    def to_json(self) -> dict[str, Any]:
+        return {"compute": dict(self.compute), "memory": dict(self.memory), "launch_us": self.launch_us,
+                "calibrated": self.calibrated, "gpu": self.gpu, "dtype": self.dtype, "source": self.source}
+
+
+# --- kernel records ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KernelRecord:
+    """One kernel launch: its aten op (``aten.mm``), class, FLOPs (multiply-add = 2) and bytes moved."""
+
+    op: str
+    op_class: OpClass
+    flops: int
+    bytes_moved: int
+
+
+_CLASS_OPS: dict[OpClass, tuple[str, ...]] = {
+    "matmul": ("mm", "addmm", "bmm", "baddbmm", "addbmm", "mv", "addmv", "dot", "_int_mm", "_scaled_mm"),
+    "conv": ("convolution", "_convolution", "cudnn_convolution", "convolution_overrideable", "_slow_conv2d_forward",
+             "mkldnn_convolution", "_conv_depthwise2d", "slow_conv_dilated2d", "cudnn_convolution_transpose",
+             "slow_conv_transpose2d"),
+    "attention": ("scaled_dot_product_attention", "_scaled_dot_product_flash_attention",
+                  "_scaled_dot_product_efficient_attention", "_scaled_dot_product_cudnn_attention",
+                  "_scaled_dot_product_flash_attention_for_cpu", "_flash_attention_forward",
+                  "_efficient_attention_forward"),
+    "norm": ("native_layer_norm", "native_group_norm", "native_batch_norm", "_native_batch_norm_legit",
+             "_native_batch_norm_legit_no_training", "_native_batch_norm_legit_functional", "_fused_rms_norm",
+             "_batch_norm_with_update", "_batch_norm_no_update"),
+    "softmax": ("_softmax", "_log_softmax", "_safe_softmax"),
+    "reduction": ("sum", "mean", "amax", "amin", "max", "min", "var", "std", "var_mean", "std_mean", "prod",
+                  "argmax", "argmin", "logsumexp", "linalg_vector_norm", "norm", "cumsum", "avg_pool1d",
+                  "avg_pool2d", "avg_pool3d", "max_pool2d_with_indices", "_low_memory_max_pool_with_offsets",
+                  "_adaptive_avg_pool2d", "_adaptive_avg_pool3d", "adaptive_max_pool2d"),
+    "copy": ("cat", "stack", "clone", "copy_", "_to_copy", "index", "_unsafe_index", "index_select", "gather",
+             "scatter", "index_put", "index_put_", "constant_pad_nd", "roll", "flip", "repeat", "narrow_copy",
+             "tril", "triu", "pixel_shuffle", "pixel_unshuffle", "im2col", "col2im", "upsample_nearest2d",
+             "upsample_bilinear2d", "_upsample_bicubic2d_aa", "fill_", "zero_", "zeros", "ones", "full",
+             "arange", "zeros_like", "ones_like", "full_like"),
+}
+_CLASS_OF: dict[str, OpClass] = {op: c for c, ops in _CLASS_OPS.items() for op in ops}
+_NO_KERNEL = frozenset({"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
+                        "lift_fresh", "alias", "detach", "_reshape_alias", "resize_", "set_"})
+_WHOLE = frozenset({"scaled_dot_product_attention"})  # one fused kernel on a GPU: never decomposed
+
+
+def op_class(op_name: str) -> OpClass:
+    """The class of an aten op by its packet name (``mm``); element-wise when not listed."""
+    return _CLASS_OF.get(op_name, "elementwise")
+
+
+def _tensor_bytes(t: Tensor, element_size: int) -> int:
+    """Bytes of the distinct elements ``t`` covers (a broadcast input is read once), floating-point tensors
+    at ``element_size``."""
+    extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
+    elements = min(t.numel(), extent) if t.numel() else 0
+    return elements * (element_size if t.is_floating_point() else t.element_size())
+
+
+def _bytes(values: Any, element_size: int) -> int:
+    return sum(_tensor_bytes(t, element_size) for t in tree_flatten(values)[0] if isinstance(t, Tensor))
+
+
+class _KernelRecorder(TorchDispatchMode):
+    """Records one :class:`KernelRecord` per aten op that launches a kernel; decomposes composite ops
+    first (as FlopCounterMode does), except the fused attention kept whole (:data:`_WHOLE`)."""
+
+    def __init__(self, element_size: int) -> None:
+        super().__init__()
+        self.element_size = element_size
+        self.records: list[KernelRecord] = []
+        self.formulas = FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS).flop_registry
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        packet = getattr(func, "_overloadpacket", None)
+        if packet is None:  # a higher-order operator: run it, record nothing
+            return func(*args, **kwargs)
+        name = packet.__name__
+        if name not in _WHOLE:
+            with self:
+                decomposed = func.decompose(*args, **kwargs)
+            if decomposed is not NotImplemented:
+                return decomposed
+        out = func(*args, **kwargs)
+        if not func.is_view and name not in _NO_KERNEL and any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
+            moved = _bytes((args, kwargs), self.element_size) + _bytes(out, self.element_size)
+            self.records.append(KernelRecord(f"aten.{name}", op_class(name), self._flops(packet, args, kwargs, out),
+                                             moved))
+        return out
+
+    def _flops(self, packet: Any, args: Any, kwargs: Any, out: Any) -> int:
+        if packet.__name__ == "scaled_dot_product_attention":
+            return int(sdpa_flop_count(args[0].shape, args[1].shape, args[2].shape))
+        formula: Callable[..., int] | None = self.formulas.get(packet)
+        return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
+
+
+def module_records(module: nn.Module, input_shape: Sequence[int], *, dtype: str = "float16") -> tuple[KernelRecord,
+                                                                                                       ...]:
+    """The kernels ``module(x)`` launches in eval mode, ``x`` of ``input_shape`` on the module's device
+    (build it under ``with torch.device("meta")`` to record without memory); bytes at ``dtype``.
+
+    The module runs in float32; floating-point tensors are counted at ``dtype``'s element size.
+    """
+    device = next((p.device for p in module.parameters()), torch.device("meta"))
+    x = torch.empty(tuple(input_shape), device=device)
+    recorder = _KernelRecorder(DTYPES[_checked_dtype(dtype)].itemsize)
+    module.eval()
+    with torch.inference_mode(), recorder:  # composite ops (SDPA) reach the recorder whole
+        module(x)
+    return tuple(recorder.records)
+
+
+def _checked_dtype(dtype: str) -> str:
+    if dtype not in DTYPES:
+        raise LatencyError.single("dtype", f"'{dtype}' is not supported; use {', '.join(DTYPES)}")
+    return dtype
+
+
+# --- node records ------------------------------------------------------------------------------
+
+
+@dataclass
+class KernelCache:
+    """Kernel records by node key (see the module docstring); share one across estimates of many specs."""
+
+    records: dict[tuple[Any, ...], tuple[KernelRecord, ...]] = field(default_factory=dict)
+    hits: int = 0
+    misses: int = 0
+
+
+def _elementwise(op: str, elements: int, tensors: int, element_size: int) -> KernelRecord:
+    """An analytic kernel touching ``tensors`` tensors of ``elements`` elements each."""
+    return KernelRecord(op, op_class(op.removeprefix("aten.")), 0, elements * tensors * element_size)
+
+
+def _add_records(node: dict[str, Any], batch: int, es: int) -> tuple[KernelRecord, ...]:
+    """A residual add reads both summands and writes the sum; when it writes the prefix tokens only,
+    a concatenation then rebuilds the whole sequence."""
+    summand, out = node["in_type"].numel(batch), node["out"].numel(batch)
+    add = _elementwise("aten.add", summand, 3, es)
+    return (add,) if out == summand else (add, _elementwise("aten.cat", out, 2, es))
+
+
+def _prefix_records(node: dict[str, Any], batch: int, es: int) -> tuple[KernelRecord, ...]:
+    """PrefixTokens: the learned tokens concatenated, then put in front of the sequence."""
+    x, out = node["in_type"], node["out"]
+    tokens = (out.prefix - x.prefix) * out.channels
+    return (_elementwise("aten.cat", tokens, 2, es),
+            KernelRecord("aten.cat", "copy", 0, (x.numel(batch) + tokens * batch + out.numel(batch)) * es))
+
+
+def _join_records(graph: ArchGraph, name: str, batch: int, es: int) -> tuple[KernelRecord, ...]:
+    """A composite mixer's join: ``parallel`` sums its branches, ``split`` concatenates them, any other
+    composite is taken as one pass over its branch outputs."""
+    node = graph.nodes[name]
+    spec, out = node["spec"], node["out"].numel(batch)
+    branches = graph.in_degree(name)
+    if isinstance(spec, ParallelSpec):
+        return tuple(_elementwise("aten.add", out, 3, es) for _ in range(branches - 1))
+    if isinstance(spec, SplitSpec):
+        return (_elementwise("aten.cat", out, 2, es),)
+    return (_elementwise("aten.add", out, branches + 1, es),)
+
+
+def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str) -> tuple[KernelRecord, ...] | None:
+    """The node's kernels; None for a node kind this estimator does not know."""
+    node, es = graph.nodes[name], DTYPES[dtype].itemsize
+    kind = node["kind"]
+    if kind in ("input", "fork", "prefix_view"):
+        return ()
+    if kind == "add":
+        return _add_records(node, batch, es)
+    if kind == "prefix":
+        return _prefix_records(node, batch, es)
+    if kind == "layout":
+        return (_elementwise("aten.clone", node["out"].numel(batch), 2, es),)
+    if kind in LEAF_KINDS and f"{name}.fork" in graph.nodes:
+        return _join_records(graph, name, batch, es)
+    if kind in LEAF_KINDS or kind == "scale":
+        with torch.device("meta"):
+            module = build_node(graph, name)
+        return module_records(module, node["in_type"].shape(batch), dtype=dtype)
+    return None
+
+
+def _node_key(graph: ArchGraph, name: str, batch: int, dtype: str) -> tuple[Any, ...]:
+    node = graph.nodes[name]
+    spec = node["spec"]
+    config = None if spec is None else (type(spec).__qualname__, spec.model_dump_json())
+    composite = f"{name}.fork" in graph.nodes
+    return (node["kind"], node["role"], config, composite, graph.in_degree(name), node["in_type"], node["out"],
+            batch, dtype)
+
+
+def node_records(graph: ArchGraph, name: str, *, batch_size: int = 1, dtype: str = "float16",
+                 cache: KernelCache | None = None) -> tuple[KernelRecord, ...] | None:
+    """The kernels node ``name`` launches at ``batch_size`` (None: a node kind not known here)."""
+    key = _node_key(graph, name, batch_size, dtype)
+    if cache is not None and key in cache.records:
+        cache.hits += 1
+        return cache.records[key]
+    records = _computed_records(graph, name, batch_size, dtype)
+    if cache is not None and records is not None:
+        cache.misses += 1
+        cache.records[key] = records
+    return records
+
+
+# --- the estimate ------------------------------------------------------------------------------
+
+
+def kernel_ms(record: KernelRecord, gpu: GpuSpec, dtype: str, efficiency: Efficiency) -> float:
+    """Roofline time of one kernel plus the launch overhead, in milliseconds."""
+    peak, _ = gpu.peak_tflops(record.op_class, dtype)
+    compute_s = record.flops / (peak * 1e12 * efficiency.compute_of(record.op_class)) if record.flops else 0.0
+    memory_s = record.bytes_moved / (gpu.bandwidth_gbs * 1e9 * efficiency.memory_of(record.op_class))
+    launch_us = gpu.launch_us if efficiency.launch_us is None else efficiency.launch_us
+    return (max(compute_s, memory_s) + launch_us * 1e-6) * 1e3
+
+
+@dataclass(frozen=True)
+class GpuEstimate:
+    """An estimated GPU latency, labelled: ``calibrated`` is False and ``label`` is
+    ``"uncalibrated estimate"`` unless the efficiency factors were fitted on this GPU.
+
+    Attributes:
+        total_ms: the estimated forward latency.
+        nodes_ms: per graph node.
+        parts_ms: per part (``stem``, ``stages.i``, ``head``).
+        classes_ms: per kernel class.
+        launch_ms: the share of ``total_ms`` that is per-kernel overhead.
+        kernels: kernel launches.
+        flops: FLOPs (multiply-add = 2).
+        bytes_moved: bytes read and written by all kernels.
+        gpu: the GPU's short name; ``gpu_name`` its product name.
+        dtype: the dtype estimated at.
+        batch_size: B.
+        input_shape: the input's shape, batch included.
+        calibrated: the efficiency was fitted on this GPU.
+        label: ``"uncalibrated estimate"`` or ``"calibrated estimate"``.
+        notes: fallbacks and nodes left out.
+        efficiency: the factors used.
+        records: each node's kernels.
+    """
+
+    total_ms: float
+    nodes_ms: dict[str, float]
+    parts_ms: dict[str, float]
+    classes_ms: dict[str, float]
+    launch_ms: float
+    kernels: int
+    flops: int
+    bytes_moved: int
+    gpu: str
+    gpu_name: str
+    dtype: str
+    batch_size: int
+    input_shape: tuple[int, ...]
+    calibrated: bool
+    label: str
+    notes: tuple[str, ...]
+    efficiency: Efficiency
+    records: dict[str, tuple[KernelRecord, ...]] = field(default_factory=dict, repr=False)
+
+    def to_json(self, *, nodes: bool = False) -> dict[str, Any]:
+        """A JSON-serialisable dict, label first; ``nodes`` adds the per-node breakdown."""
+        keys = ("label", "calibrated", "total_ms", "gpu", "gpu_name", "dtype", "batch_size", "launch_ms", "kernels",
+                "flops", "bytes_moved", "parts_ms", "classes_ms")
+        out: dict[str, Any] = {k: getattr(self, k) for k in keys}
+        out.update(input_shape=list(self.input_shape), notes=list(self.notes), efficiency=self.efficiency.to_json())
+        if nodes:
+            out["nodes_ms"] = dict(self.nodes_ms)
+        return out
+
+
+def _graph_of(graph_or_spec: ArchGraph | SpecSource, input_size: int | None) -> ArchGraph:
+    if isinstance(graph_or_spec, ArchGraph) and input_size is None:
+        return graph_or_spec
+    spec = graph_or_spec.spec if isinstance(graph_or_spec, ArchGraph) else read_spec(graph_or_spec)
+    return lower(with_input_size(spec, input_size))
+
+
+def _part(name: str) -> str:
+    parts = name.split(".")
+    return ".".join(parts[:2]) if parts[0] == "stages" else parts[0]
+
+
+def _labelled(efficiency: Efficiency, gpu: GpuSpec, dtype: str) -> tuple[bool, str, list[str]]:
+    """(calibrated, label, notes): factors fitted on another GPU or dtype do not make an estimate calibrated."""
+    if not efficiency.calibrated:
+        return False, UNCALIBRATED, []
+    if efficiency.gpu not in (None, gpu.name) or efficiency.dtype not in (None, dtype):
+        return False, UNCALIBRATED, [f"efficiency fitted on {efficiency.gpu} {efficiency.dtype}, applied to "
+                                     f"{gpu.name} {dtype}"]
+    return True, "calibrated estimate", []
+
+
+def _node_times(records: Mapping[str, tuple[KernelRecord, ...]], gpu: GpuSpec, dtype: str,
+                efficiency: Efficiency) -> tuple[dict[str, float], dict[str, float]]:
+    """(ms per node, ms per kernel class)."""
+    nodes_ms: dict[str, float] = {}
+    classes_ms = dict.fromkeys(OP_CLASSES, 0.0)
+    for name, kernels in records.items():
+        times = [kernel_ms(k, gpu, dtype, efficiency) for k in kernels]
+        nodes_ms[name] = sum(times)
+        for kernel, ms in zip(kernels, times, strict=True):
+            classes_ms[kernel.op_class] += ms
+    return nodes_ms, {c: ms for c, ms in classes_ms.items() if ms}
+
+
+def _summary(graph: ArchGraph, records: dict[str, tuple[KernelRecord, ...]], gpu: GpuSpec, dtype: str,
+             batch_size: int, efficiency: Efficiency, notes: list[str]) -> GpuEstimate:
+    nodes_ms, classes_ms = _node_times(records, gpu, dtype, efficiency)
+    parts_ms: dict[str, float] = {}
+    for name, ms in nodes_ms.items():
+        if name != "input":
+            parts_ms[_part(name)] = parts_ms.get(_part(name), 0.0) + ms
+    kernels = [k for ks in records.values() for k in ks]
+    fallbacks = sorted({note for k in kernels if (note := gpu.peak_tflops(k.op_class, dtype)[1]) is not None})
+    calibrated, label, label_notes = _labelled(efficiency, gpu, dtype)
+    launch_us = gpu.launch_us if efficiency.launch_us is None else efficiency.launch_us
+    return GpuEstimate(
+        total_ms=sum(nodes_ms.values()), nodes_ms=nodes_ms, parts_ms=parts_ms, classes_ms=classes_ms,
+        launch_ms=len(kernels) * launch_us * 1e-3, kernels=len(kernels), flops=sum(k.flops for k in kernels),
+        bytes_moved=sum(k.bytes_moved for k in kernels), gpu=gpu.name, gpu_name=gpu.full_name, dtype=dtype,
+        batch_size=batch_size, input_shape=graph.input_type.shape(batch_size), calibrated=calibrated, label=label,
+        notes=tuple([*fallbacks, *notes, *label_notes]), efficiency=efficiency, records=records)
+
+
+def estimate_gpu(graph_or_spec: ArchGraph | SpecSource, gpu: str | GpuSpec, *, batch_size: int = 1,
+                 dtype: str = "float16", efficiency: Efficiency | None = None, input_size: int | None = None,
+                 cache: KernelCache | None = None) -> GpuEstimate:
+    """Estimate the eager forward latency of a graph or spec on ``gpu`` without one (module docstring).
+
+    Args:
+        graph_or_spec: an ``ArchGraph``, an ``ArchSpec`` or a spec source (path, zoo name, mapping).
+        gpu: a short name from :data:`GPUS` or a :class:`GpuSpec`.
+        batch_size: B.
+        dtype: ``float16``, ``bfloat16`` or ``float32``.
+        efficiency: per-class factors; None: the uncalibrated defaults.
+        input_size: square input size overriding the spec's.
+        cache: kernel records shared between calls.
+
+    Raises:
+        LatencyError: unknown GPU or dtype, batch size below 1.
+        SpecError: an invalid spec.
+    """
+    spec_gpu = gpu_spec(gpu)
+    _checked_dtype(dtype)
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise LatencyError.single("batch_size", f"{batch_size} must be an integer >= 1")
+    graph = _graph_of(graph_or_spec, input_size)
+    cache = KernelCache() if cache is None else cache
+    records: dict[str, tuple[KernelRecord, ...]] = {}
+    unknown: set[str] = set()
+    for name in graph.nodes:
+        node = node_records(graph, name, batch_size=batch_size, dtype=dtype, cache=cache)
+        if node is None:
+            unknown.add(graph.nodes[name]["kind"])
+        records[name] = node or ()
+    notes = [f"nodes of kind '{k}' are not costed" for k in sorted(unknown)]
+    return _summary(graph, records, spec_gpu, dtype, batch_size, efficiency or Efficiency(), notes)
+
+
+# --- calibration -------------------------------------------------------------------------------
+
+_GRID_LOW, _GRID_HIGH = math.log(0.005), math.log(2.0)  # efficiency factors searched between 0.5 % and 200 %
+_GRID_POINTS = 25  # per axis and refinement level
+_LAUNCH_POINTS = 9
+
+
+def _fit_class(compute_s: Tensor, memory_s: Tensor, launch_s: float, measured_s: Tensor) -> tuple[float, float,
+                                                                                                 float]:
+    """(eff_compute, eff_memory, mean squared log error) fitting ``measured ~ max(compute/ec, memory/em) +
+    launch``: a log-spaced grid search refined three times around the best point. The error is taken on
+    the whole kernel time, so kernels that are all launch overhead say little about the factors."""
+    lo_c = lo_m = _GRID_LOW
+    hi_c = hi_m = _GRID_HIGH
+    log_measured = measured_s.log()
+    best = (1.0, 1.0, math.inf)
+    for _ in range(4):
+        grid_c = torch.linspace(lo_c, hi_c, _GRID_POINTS, dtype=torch.float64).exp()
+        grid_m = torch.linspace(lo_m, hi_m, _GRID_POINTS, dtype=torch.float64).exp()
+        pred = torch.maximum(compute_s[None, None, :] / grid_c[:, None, None],
+                             memory_s[None, None, :] / grid_m[None, :, None]) + launch_s
+        loss = ((pred.log() - log_measured) ** 2).mean(-1)
+        i, j = divmod(int(loss.argmin()), loss.shape[1])
+        best = (float(grid_c[i]), float(grid_m[j]), float(loss[i, j]))
+        step_c, step_m = (hi_c - lo_c) / (_GRID_POINTS - 1), (hi_m - lo_m) / (_GRID_POINTS - 1)
+        lo_c, hi_c = math.log(best[0]) - step_c, math.log(best[0]) + step_c
+        lo_m, hi_m = math.log(best[1]) - step_m, math.log(best[1]) + step_m
+    return best
+
+
+def _identified(ec: float, em: float, compute_s: Tensor, memory_s: Tensor, prior_c: float,
+                prior_m: float) -> tuple[float, float]:
+    """A factor no record is bound by is not identified by the data: keep the prior, raised to the
+    lowest value that leaves every record bound as fitted."""
+    compute_bound = compute_s / ec > memory_s / em
+    if not bool(compute_bound.any()):
+        ec = max(prior_c, float((compute_s * em / memory_s).max()))
+    if bool(compute_bound.all()):
+        em = max(prior_m, float((memory_s * ec / compute_s).max()))
+    return ec, em
+
+
+@dataclass(frozen=True)
+class _Fit:
+    compute: dict[str, float]
+    memory: dict[str, float]
+    loss: float
+
+
+def _fit_at(launch_s: float, by_class: dict[str, tuple[Tensor, Tensor, Tensor]], prior: Efficiency) -> _Fit:
+    """Per-class factors with the launch overhead fixed at ``launch_s``; loss summed over records."""
+    compute, memory, total = dict(prior.compute), dict(prior.memory), 0.0
+    for c, (compute_s, memory_s, measured_s) in by_class.items():
+        ec, em, loss = _fit_class(compute_s, memory_s, launch_s, measured_s)
+        compute[c], memory[c] = _identified(ec, em, compute_s, memory_s, prior.compute_of(c), prior.memory_of(c))
+        total += loss * len(measured_s)
+    return _Fit(compute, memory, total)
+
+
+def _fit_launch(by_class: dict[str, tuple[Tensor, Tensor, Tensor]], prior: Efficiency, ceiling_s: float) -> float:
+    """The launch overhead (seconds) minimising the total loss, in [0, ceiling_s]: grid, then two refinements."""
+    lo, hi = 0.0, ceiling_s
+    best = 0.0
+    for _ in range(3):
+        candidates = torch.linspace(lo, hi, _LAUNCH_POINTS, dtype=torch.float64).tolist()
+        best = min(candidates, key=lambda s: _fit_at(s, by_class, prior).loss)
+        step = (hi - lo) / (_LAUNCH_POINTS - 1)
+        lo, hi = max(0.0, best - step), min(ceiling_s, best + step)
+    return best
+
+
+def _fit_inputs(records: Sequence[KernelRecord], measured_ms: Sequence[float], gpu: GpuSpec,
+                dtype: str) -> dict[str, tuple[Tensor, Tensor, Tensor]]:
+    """Per class: (seconds at full compute rate, seconds at full bandwidth, measured seconds)."""
+    rows: dict[str, list[tuple[float, float, float]]] = {}
+    for record, ms in zip(records, measured_ms, strict=True):
+        peak, _ = gpu.peak_tflops(record.op_class, dtype)
+        rows.setdefault(record.op_class, []).append(
+            (record.flops / (peak * 1e12), record.bytes_moved / (gpu.bandwidth_gbs * 1e9), ms * 1e-3))
+    return {c: tuple(torch.tensor(v, dtype=torch.float64).unbind(1)) for c, v in rows.items()}  # type: ignore[misc]
+
+
+def fit_efficiency(records: Sequence[KernelRecord], measured_ms: Sequence[float], gpu: str | GpuSpec, *,
+                   dtype: str = "float16", launch_us: float | None = None,
+                   prior: Efficiency | None = None) -> Efficiency:
+    """Fit the per-class efficiency factors (and the launch overhead) to kernels measured on a real GPU.
+
+    Minimises the squared log error between :func:`kernel_ms` and ``measured_ms`` per class by grid
+    search. A factor that no record is bound by keeps the prior's value (see :func:`_identified`).
+
+    Args:
+        records: kernels (e.g. :func:`module_records` of single ops at many sizes).
+        measured_ms: their measured latencies, same order.
+        gpu: the GPU they were measured on.
+        dtype: the dtype they ran at.
+        launch_us: fixed per-kernel overhead; None: fitted between 0 and the fastest kernel.
+        prior: factors kept where the data says nothing; None: the defaults.
+
+    Raises:
+        LatencyError: mismatched lengths, no records, or a measurement not finite and positive.
+    """
+    spec_gpu, prior = gpu_spec(gpu), prior or Efficiency()
+    _checked_dtype(dtype)
+    issues = [Issue(f"measured_ms[{i}]", f"{ms} must be a finite number > 0") for i, ms in enumerate(measured_ms)
+              if not (isinstance(ms, (int, float)) and math.isfinite(ms) and ms > 0)]
+    if not records or len(records) != len(measured_ms):
+        issues.insert(0, Issue("measured_ms", f"{len(measured_ms)} measurements for {len(records)} records; "
+                                              "give one per record, at least one"))
+    if issues:
+        raise LatencyError(issues)
+    by_class = _fit_inputs(records, measured_ms, spec_gpu, dtype)
+    launch_s = _fit_launch(by_class, prior, 0.999e-3 * min(measured_ms)) if launch_us is None else launch_us * 1e-6
+    fit = _fit_at(launch_s, by_class, prior)
+    return replace(prior, compute=fit.compute, memory=fit.memory, launch_us=launch_s * 1e6, calibrated=True,
+                   gpu=spec_gpu.name, dtype=dtype, source=f"fitted on {len(records)} kernels measured on "
+                                                           f"{spec_gpu.name} ({dtype})")
+
+
+__all__ = ["GPUS", "UNCALIBRATED", "Efficiency", "GpuEstimate", "GpuSpec", "KernelCache", "KernelRecord",
+           "estimate_gpu", "fit_efficiency", "gpu_spec", "kernel_ms", "module_records", "node_records"]

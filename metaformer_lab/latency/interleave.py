@@ -1,0 +1,115 @@
+"""Measuring many networks at once, interleaved: robust numbers on a machine whose speed wanders.
+
+On a shared host the speed of one CPU thread changes from second to second (seen here: the median of a
+32x32 network over one-second windows moves between 7 and 12 ms while nothing else runs in the VM), so
+two one-shot medians of the same network can differ by 20-50 %. Interleaving spreads every network's
+runs over the same long window, in short bursts taken in turn, so all of them see the same mix of
+fast and slow spells; the 10th percentile of those runs then repeats within a few percent from one
+measurement to the next (the median does not). Latency profiles are fitted to, and evaluated
+against, this statistic (``p10_ms``); the median and p90 are reported with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+
+from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.latency.measure import (
+    LatencyResult,
+    _cpu_timer,
+    _module_and_shape,
+    _plan,
+    _prepare,
+    _warm_up,
+    contention,
+    cpu_snapshot,
+    neighbour_load,
+    provenance,
+    summarize,
+)
+from metaformer_lab.spec.load import SpecSource
+
+
+def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], *, batch_size: int = 1,
+                        dtype: str = "float32", threads: int = 1, channels_last: bool = False,
+                        time_per_item_s: float = 2.0, burst_s: float = 0.02, min_runs: int = 30,
+                        max_time_per_item_s: float = 20.0, max_cv: float = 0.5,
+                        progress: Callable[[int, int], None] | None = None) -> list[LatencyResult]:
+    """CPU latency of every item, measured in turns (see the module docstring).
+
+    Each item runs bursts of ``burst_s`` (at least one forward) in round-robin order until it has
+    ``min_runs`` runs and ``time_per_item_s`` seconds of them, or ``max_time_per_item_s``. A result is
+    ``noisy`` when other processes took the cores it needed during the window, or when its spread is
+    beyond ``max_cv`` (a cv of 0.2-0.3 is ordinary here; the p10 copes with it).
+    """
+    plan = _plan(device="cpu", dtype=dtype, channels_last=channels_last, compile=False,
+                 ints={"batch_size": batch_size, "threads": threads, "min_runs": min_runs, "max_runs": 1_000_000,
+                       "retries": 0},
+                 floats={"min_time_s": time_per_item_s, "max_time_s": max_time_per_item_s, "max_warmup_s": 2.0,
+                         "max_cv": max_cv, "contention_tolerance": 0.3})
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with torch.inference_mode():
+            runs, shapes = _runners(items, plan, batch_size)
+            samples, load = _rounds(runs, plan, time_per_item_s, burst_s, min_runs, max_time_per_item_s, progress)
+    finally:
+        torch.set_num_threads(previous)
+    contended = contention(load, threads, 0.3) if load is not None else None
+    return [_result(s, shape, plan, load, contended, threads) for s, shape in zip(samples, shapes, strict=True)]
+
+
+def _runners(items: Sequence[Any], plan: Any,
+             batch_size: int) -> tuple[list[Callable[[], float]], list[tuple[int, ...]]]:
+    runs, shapes = [], []
+    for item in items:
+        module, shape = _module_and_shape(item, batch_size, None, 3)
+        fn, x = _prepare(module, shape, plan, owned=not isinstance(item, nn.Module))
+        run = _cpu_timer(fn, x)
+        _warm_up(run, plan.max_warmup_s)
+        runs.append(run)
+        shapes.append(shape)
+    return runs, shapes
+
+
+def _rounds(runs: Sequence[Callable[[], float]], plan: Any, want_s: float, burst_s: float, min_runs: int,
+            max_s: float, progress: Callable[[int, int], None] | None) -> tuple[list[list[float]], Any]:
+    samples: list[list[float]] = [[] for _ in runs]
+    spent = [0.0] * len(runs)
+    active = set(range(len(runs)))
+    start = cpu_snapshot()
+    while active:
+        for i in sorted(active):
+            t0 = time.perf_counter()
+            while True:
+                samples[i].append(runs[i]())
+                if time.perf_counter() - t0 >= burst_s:
+                    break
+            spent[i] += time.perf_counter() - t0
+            if (len(samples[i]) >= min_runs and spent[i] >= want_s) or spent[i] >= max_s:
+                active.discard(i)
+                if progress is not None:
+                    progress(len(runs) - len(active), len(runs))
+    end = cpu_snapshot()
+    load = neighbour_load(start, end) if start is not None and end is not None else None
+    return samples, load
+
+
+def _result(samples: list[float], shape: tuple[int, ...], plan: Any, load: Any, contended: str | None,
+            threads: int) -> LatencyResult:
+    stats = summarize(samples)
+    reasons = [r for r in (contended,) if r]
+    if stats.cv > plan.max_cv:
+        reasons.append(f"cv {stats.cv:.2f} > {plan.max_cv:.2f}")
+    return LatencyResult(median_ms=stats.median_ms, p10_ms=stats.p10_ms, p90_ms=stats.p90_ms, mean_ms=stats.mean_ms,
+                         cv=stats.cv, runs=stats.runs, attempts=1, warmup_runs=0, noisy=bool(reasons),
+                         noise_reasons=tuple(reasons), neighbour_load=load.load if load else None,
+                         neighbour_cores=load.cores if load else None,
+                         provenance=provenance(device="cpu", dtype=plan.dtype, batch_size=shape[0], input_shape=shape,
+                                               channels_last=plan.channels_last, compile=None, threads=threads),
+                         samples_ms=tuple(samples))

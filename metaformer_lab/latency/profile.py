@@ -1,0 +1,216 @@
+"""Latency profiles: named, versioned JSON files of per-op latencies measured on one device, plus the
+whole-model correction fitted on measured networks and the profile's measured accuracy.
+
+A profile is valid for one setting: device (and its name), dtype, batch size, threads, input size and
+memory format. Shipped profiles live in ``metaformer_lab/latency/profiles/``; ``find_profile`` picks
+the one that matches a setting or says which come close.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+from metaformer_lab.core.errors import Issue
+from metaformer_lab.latency.measure import LatencyError
+
+FORMAT = "metaformer-lab latency profile"
+VERSION = 1
+PROFILES_DIR = Path(__file__).resolve().parent / "profiles"
+FEATURES = ("ops_ms", "blocks", "branches", "stages", "one")
+"""Whole-model correction: measured ~ coef . (sum of op latencies, blocks, residual branches, stages, 1)."""
+
+
+@dataclass(frozen=True)
+class OpEntry:
+    """One measured op: median and spread in ms, the memory order it returns, and what nearest-neighbour
+    estimates compare (config hash, kind, op type, input and output element counts, input memory order)."""
+
+    ms: float
+    p10: float
+    p90: float
+    out_mem: str
+    config: str
+    kind: str
+    op: str
+    numel_in: int
+    numel_out: int
+    mem: str
+    passes: int = 1
+
+    def to_json(self) -> dict[str, Any]:
+        return {"ms": round(self.ms, 6), "p10": round(self.p10, 6), "p90": round(self.p90, 6), "out_mem": self.out_mem,
+                "config": self.config, "kind": self.kind, "op": self.op, "numel_in": self.numel_in,
+                "numel_out": self.numel_out, "mem": self.mem, "passes": self.passes}
+
+
+@dataclass
+class Profile:
+    """A loaded profile. ``settings`` holds device, device_name, dtype, batch_size, threads, input_size,
+    channels_last, torch version and date; ``accuracy`` the last ``latency evaluate`` report."""
+
+    name: str
+    settings: dict[str, Any]
+    ops: dict[str, OpEntry] = field(default_factory=dict)
+    correction: list[float] | None = None
+    fit: dict[str, Any] = field(default_factory=dict)
+    accuracy: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    path: Path | None = None
+    host_scale: float = 1.0
+    """Factor fitted to the host in use (:mod:`.host`); not saved: it belongs to the host, not the profile."""
+    host_check: dict[str, Any] | None = None
+
+    @property
+    def device(self) -> str:
+        return str(self.settings.get("device", "cpu"))
+
+    @property
+    def batch_size(self) -> int:
+        return int(self.settings.get("batch_size", 1))
+
+    @property
+    def threads(self) -> int | None:
+        value = self.settings.get("threads")
+        return None if value is None else int(value)
+
+    @property
+    def dtype(self) -> str:
+        return str(self.settings.get("dtype", "float32"))
+
+    @property
+    def input_size(self) -> tuple[int, int] | None:
+        value = self.settings.get("input_size")
+        return None if value is None else (int(value[0]), int(value[1]))
+
+    @cached_property
+    def by_config(self) -> dict[str, list[OpEntry]]:
+        groups: dict[str, list[OpEntry]] = defaultdict(list)
+        for entry in self.ops.values():
+            groups[entry.config].append(entry)
+        return dict(groups)
+
+    @cached_property
+    def by_op(self) -> dict[tuple[str, str], list[OpEntry]]:
+        groups: dict[tuple[str, str], list[OpEntry]] = defaultdict(list)
+        for entry in self.ops.values():
+            groups[(entry.kind, entry.op)].append(entry)
+        return dict(groups)
+
+    @cached_property
+    def by_kind(self) -> dict[str, list[OpEntry]]:
+        groups: dict[str, list[OpEntry]] = defaultdict(list)
+        for entry in self.ops.values():
+            groups[entry.kind].append(entry)
+        return dict(groups)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"format": FORMAT, "version": VERSION, "name": self.name, "description": self.description,
+                "settings": self.settings, "correction": {"features": list(FEATURES), "coef": self.correction},
+                "fit": self.fit, "accuracy": self.accuracy,
+                "ops": {k: e.to_json() for k, e in sorted(self.ops.items())}}
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write atomically (a killed calibration leaves the previous file intact)."""
+        target = Path(path)
+        tmp = target.with_name(target.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+        tmp.replace(target)
+        self.path = target
+
+    def summary(self) -> dict[str, Any]:
+        """Provenance and accuracy without the op table (for listings)."""
+        return {"name": self.name, "path": str(self.path) if self.path else None, **self.settings,
+                "ops": len(self.ops), "fit": {k: v for k, v in self.fit.items() if k != "models"},
+                "accuracy": self.accuracy}
+
+
+def _entry(raw: Mapping[str, Any]) -> OpEntry:
+    return OpEntry(ms=float(raw["ms"]), p10=float(raw["p10"]), p90=float(raw["p90"]), out_mem=str(raw["out_mem"]),
+                   config=str(raw["config"]), kind=str(raw["kind"]), op=str(raw["op"]), numel_in=int(raw["numel_in"]),
+                   numel_out=int(raw["numel_out"]), mem=str(raw["mem"]), passes=int(raw.get("passes", 1)))
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read a profile file; raises LatencyError for a file that is not one."""
+    where = os.fspath(path)
+    try:
+        raw = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise LatencyError.single(where, "no such profile file") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise LatencyError.single(where, f"is not a readable JSON profile ({err})") from None
+    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+        raise LatencyError.single(where, f"is not a {FORMAT} (no 'format: {FORMAT}')")
+    if raw.get("version") != VERSION:
+        raise LatencyError.single(where, f"profile version {raw.get('version')} is not {VERSION}; calibrate again")
+    try:
+        ops = {k: _entry(v) for k, v in raw.get("ops", {}).items()}
+        coef = raw.get("correction", {}).get("coef")
+        return Profile(name=str(raw["name"]), settings=dict(raw["settings"]), ops=ops,
+                       correction=[float(c) for c in coef] if coef else None, fit=dict(raw.get("fit") or {}),
+                       accuracy=dict(raw.get("accuracy") or {}), description=str(raw.get("description", "")),
+                       path=Path(path))
+    except (KeyError, TypeError, ValueError) as err:
+        raise LatencyError.single(where, f"is a damaged profile ({err})") from None
+
+
+def shipped_profiles() -> list[Profile]:
+    return [load_profile(p) for p in sorted(PROFILES_DIR.glob("*.json"))]
+
+
+def resolve_profile(name_or_path: str | os.PathLike[str]) -> Profile:
+    """A profile by path or by the name of a shipped one."""
+    text = os.fspath(name_or_path)
+    if text.endswith(".json") or "/" in text or Path(text).exists():
+        return load_profile(text)
+    shipped = {p.name: p for p in shipped_profiles()}
+    if text in shipped:
+        return shipped[text]
+    import difflib
+
+    close = difflib.get_close_matches(text, list(shipped), n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else f"; shipped: {', '.join(shipped) or 'none'}"
+    raise LatencyError.single(text, f"no such profile file, and no shipped profile of that name{hint}")
+
+
+MATCH_KEYS = ("device", "device_name", "dtype", "batch_size", "threads", "input_size", "channels_last")
+
+
+def mismatches(profile: Profile, want: Mapping[str, Any]) -> list[str]:
+    """The settings in which ``profile`` differs from ``want`` (keys of ``want`` that are None are free)."""
+    out = []
+    for key in MATCH_KEYS:
+        value = want.get(key)
+        if value is None:
+            continue
+        have = profile.settings.get(key)
+        if key == "input_size":
+            have = tuple(have) if have is not None else None
+            value = tuple(value) if not isinstance(value, int) else (value, value)
+        if have != value:
+            out.append(f"{key} {have} (want {value})")
+    return out
+
+
+def find_profile(want: Mapping[str, Any], profiles: Sequence[Profile] | None = None) -> Profile:
+    """The shipped profile matching every given setting; raises LatencyError listing the near matches."""
+    candidates = list(profiles) if profiles is not None else shipped_profiles()
+    scored = sorted(((mismatches(p, want), p) for p in candidates), key=lambda mp: len(mp[0]))
+    if scored and not scored[0][0]:
+        return scored[0][1]
+    wanted = ", ".join(f"{k} {v}" for k, v in want.items() if v is not None)
+    issues = [Issue("--profile", f"no shipped profile matches {wanted}")]
+    issues += [Issue("--profile", f"near match '{p.name}': differs in {', '.join(m)}") for m, p in scored[:3]]
+    raise LatencyError(issues)
+
+
+def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
+    return [(p - m) / m for p, m in zip(predicted, measured, strict=True) if m > 0 and math.isfinite(p)]

@@ -1,0 +1,131 @@
+"""What a search is: space, dataset, evaluator, latency budget and target, trials, storage, seed.
+
+The same settings come from the command line or from a study file (``studies/*.yaml``), which is this
+model as YAML. Everything is checked before a study is opened, so bad input never touches storage.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from metaformer_lab.core.errors import Issue, StudyError
+from metaformer_lab.latency.gpu import gpu_spec
+from metaformer_lab.latency.measure import LatencyError, parse_duration_ms
+from metaformer_lab.spec.issues import issues_from, show
+from metaformer_lab.spec.yaml_io import load_yaml_file
+
+Objectives = Literal["score", "score,latency"]
+EvaluatorName = Literal["zero-cost", "train"]
+
+
+class SearchConfig(BaseModel):
+    """The settings of one search (a study file has these keys)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    space: str = Field("tiny", description="a space file or a shipped space name")
+    dataset: str = Field("digits", description="digits | cifar10:PATH | imagefolder:PATH | synthetic[:N]")
+    evaluator: EvaluatorName = "train"
+    evaluator_options: dict[str, Any] = Field(
+        default_factory=dict, description="e.g. {epochs: 5} for train, {proxy: grad_norm} for zero-cost")
+    budget: str = Field("2ms", description="latency budget with a unit: us, ms or s")
+    device: str = Field("cpu", description="cpu, cuda, or a GPU name for the uncalibrated estimate (h100, t4, ...)")
+    threads: Annotated[int, Field(ge=1, le=256)] = 1
+    batch_size: Annotated[int, Field(ge=1, le=4096)] = 1
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    profile: str | None = Field("auto", description="a profile file or shipped name; auto: one that matches; "
+                                                    "null: measure every candidate")
+    host_check: bool = Field(True, description="rescale a CPU profile to this host from a few measured networks "
+                                               "before the search (a few seconds)")
+    trials: Annotated[int, Field(ge=1, le=100_000)] = 40
+    timeout_s: Annotated[float, Field(gt=0)] | None = None
+    objectives: Objectives = "score"
+    sampler: Literal["tpe", "nsga2", "random"] | None = Field(None, description="default: tpe for score, nsga2 "
+                                                                                 "for score,latency")
+    pruner: Literal["median", "hyperband", "none"] = "median"
+    storage: str | None = Field(None, description="SQLAlchemy URL; default: sqlite in the run folder")
+    study_name: str | None = None
+    seed: int = 0
+    out: str | None = Field(None, description="run folder; default: runs/<study name>")
+    finalists: Annotated[int, Field(ge=1, le=64)] = 3
+    train_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
+        None, description="torch threads while training (default: all cores); latency keeps `threads`")
+    heartbeat_s: Annotated[int, Field(ge=1, le=3600)] = 10
+
+    @property
+    def budget_ms(self) -> float:
+        return parse_duration_ms(self.budget, path="budget")
+
+    @property
+    def gpu_name(self) -> str | None:
+        """The GPU the latency is estimated for, when ``device`` names one (not cpu or cuda)."""
+        return None if self.device == "cpu" or self.device.startswith("cuda") else self.device
+
+    @property
+    def name(self) -> str:
+        if self.study_name:
+            return self.study_name
+        space = Path(self.space).stem if self.space.endswith((".yaml", ".yml")) else self.space
+        return f"{space}-{self.budget.replace(' ', '')}-{self.device}"
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out) if self.out else Path("runs") / self.name
+
+    def identity(self) -> dict[str, Any]:
+        """The settings a resumed study must share with the one it continues."""
+        return {"space": self.space, "budget_ms": self.budget_ms, "device": self.device, "threads": self.threads,
+                "batch_size": self.batch_size, "dtype": self.dtype, "objectives": self.objectives,
+                "evaluator": self.evaluator, "dataset": self.dataset}
+
+
+def check(config: SearchConfig) -> SearchConfig:
+    """Cross-field checks with one issue per problem (budget unit, device name)."""
+    issues: list[Issue] = []
+    try:
+        _ = config.budget_ms
+    except LatencyError as err:
+        issues += [Issue("--budget", i.message) for i in err.issues]
+    if config.gpu_name is not None:
+        try:
+            gpu_spec(config.gpu_name)
+        except LatencyError as err:
+            message = err.issues[0].message.replace("; known: ", "; one of cpu, cuda, ")
+            issues.append(Issue("--device", message))
+    if issues:
+        raise StudyError(issues)
+    return config
+
+
+def make_config(**values: Any) -> SearchConfig:
+    """A checked config from keyword values (None means: the default)."""
+    data = {k: v for k, v in values.items() if v is not None}
+    try:
+        return check(SearchConfig.model_validate(data))
+    except ValidationError as err:
+        raise StudyError(issues_from(err, data, SearchConfig)) from None
+
+
+def load_study_file(path: str | os.PathLike[str], **overrides: Any) -> SearchConfig:
+    """A study file's settings, with command-line ``overrides`` (None: not given) on top."""
+    from metaformer_lab.core.errors import SpecError
+
+    try:
+        data = load_yaml_file(Path(path))
+    except SpecError as err:
+        raise StudyError(err.issues) from None
+    if not isinstance(data, dict):
+        raise StudyError.single(os.fspath(path), f"the top level must be a mapping, got {show(data)}")
+    data.pop("description", None)
+    result = data.pop("result", None)  # a checked-in study may carry its result summary
+    del result
+    merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    try:
+        return check(SearchConfig.model_validate(merged))
+    except ValidationError as err:
+        raise StudyError([Issue(f"{path}:{i.path}" if i.path else str(path), i.message)
+                          for i in issues_from(err, merged, SearchConfig)]) from None

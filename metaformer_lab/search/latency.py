@@ -1,0 +1,125 @@
+"""Where a search's latency numbers come from, and what they are called.
+
+- a CPU (or CUDA) profile that matches the target setting: **predicted** from the graph, no module built;
+- no matching profile, the device here: **measured** (every candidate is built and timed);
+- a GPU that is not here (``h100``, ``t4``, ...): an **uncalibrated estimate** from its datasheet, and every
+  output says so. Finalists cannot be re-measured then.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from metaformer_lab.core.errors import MetaformerLabError
+from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.latency.gpu import UNCALIBRATED, KernelCache, estimate_gpu, gpu_spec
+from metaformer_lab.latency.host import CHECK_NETWORKS, HOST_SEED, HostCheck, check_host
+from metaformer_lab.latency.measure import LatencyError, LatencyResult, cpu_name, measure
+from metaformer_lab.latency.predict import predict
+from metaformer_lab.latency.profile import Profile, find_profile, resolve_profile
+from metaformer_lab.search.config import SearchConfig
+from metaformer_lab.space import SearchSpace, load_space, sample
+
+Source = Literal["predicted", "measured", "estimated"]
+
+
+@dataclass(frozen=True)
+class Latency:
+    """One latency number with its kind (``predicted``, ``measured``, ``estimated``) and a label for people."""
+
+    ms: float
+    source: Source
+    label: str
+    noisy: bool = False
+
+    def attrs(self) -> dict[str, Any]:
+        return {"latency_ms": self.ms, "latency_source": self.source, "latency_label": self.label,
+                "latency_noisy": self.noisy}
+
+
+def _wanted(config: SearchConfig, size: tuple[int, int]) -> dict[str, Any]:
+    return {"device": "cpu" if config.device == "cpu" else "cuda",
+            "device_name": cpu_name() if config.device == "cpu" else None, "dtype": config.dtype,
+            "batch_size": config.batch_size, "threads": config.threads if config.device == "cpu" else None,
+            "input_size": size}
+
+
+def fit_to_host(profile: Profile, space: SearchSpace | None = None, *,
+                n: int = CHECK_NETWORKS) -> tuple[Profile, HostCheck | None, str]:
+    """``profile`` rescaled to this host (:mod:`metaformer_lab.latency.host`) from ``n`` networks of ``space``
+    (default: the space the profile was calibrated on), with the check and a line saying what was done.
+    A profile that is not for the CPU, or whose space cannot be loaded, comes back as it was."""
+    if profile.device != "cpu":
+        return profile, None, f"no host check: '{profile.name}' is a {profile.device} profile"
+    if space is None:
+        name = profile.fit.get("calibration", {}).get("space")
+        try:
+            space = load_space(str(name)) if name else None
+        except MetaformerLabError:
+            space = None
+        if space is None:
+            return profile, None, f"no host check: the space profile '{profile.name}' was calibrated on is not here"
+    graphs = [p.graph for p in sample(space, n, seed=HOST_SEED).points]
+    check = check_host(profile, graphs)
+    return check.apply(profile), check, check.describe()
+
+
+class LatencyOracle:
+    """Gives each candidate its latency the way the config asks (see the module docstring)."""
+
+    def __init__(self, config: SearchConfig, input_size: tuple[int, int]) -> None:
+        self.config = config
+        self.gpu = gpu_spec(config.gpu_name) if config.gpu_name else None
+        self.profile: Profile | None = None
+        self.cache = KernelCache()
+        self.unmatched: tuple[str, ...] = ()  # why no shipped profile fits, when `auto` found none
+        self.host: HostCheck | None = None
+        if self.gpu is None and config.profile is not None:
+            if config.profile == "auto":
+                try:
+                    self.profile = find_profile(_wanted(config, input_size))
+                except LatencyError as err:  # none fits: measure every candidate instead (and say why)
+                    self.unmatched = tuple(i.message for i in err.issues)
+            else:
+                self.profile = resolve_profile(config.profile)
+
+    def fit_host(self, space: SearchSpace) -> str | None:
+        """Rescale the profile to this host from networks of the search's space (config ``host_check``)."""
+        if self.profile is None or not self.config.host_check or self.profile.device != "cpu":
+            return None
+        self.profile, self.host, line = fit_to_host(self.profile, space)
+        return line
+
+    @property
+    def source(self) -> Source:
+        if self.gpu is not None:
+            return "estimated"
+        return "predicted" if self.profile is not None else "measured"
+
+    def describe(self) -> str:
+        if self.gpu is not None:
+            return f"{UNCALIBRATED} for {self.gpu.full_name} ({self.config.dtype}, batch {self.config.batch_size})"
+        if self.profile is not None:
+            host = f", rescaled x{self.host.scale:.2f} to this host" if self.host is not None else ""
+            return f"predicted from profile '{self.profile.name}'{host}"
+        where = f"{self.config.threads} thread(s)" if self.config.device == "cpu" else self.config.device
+        return f"measured on {self.config.device} at {where} (no matching profile)"
+
+    def __call__(self, graph: ArchGraph) -> Latency:
+        if self.gpu is not None:
+            est = estimate_gpu(graph, self.gpu, batch_size=self.config.batch_size, dtype=self.config.dtype,
+                               cache=self.cache)
+            return Latency(est.total_ms, "estimated", f"{est.label} ({self.gpu.name})")
+        if self.profile is not None:
+            return Latency(predict(graph, self.profile).ms, "predicted", f"predicted from {self.profile.name}")
+        result = self.measure(graph)
+        return Latency(result.median_ms, "measured", "measured", result.noisy)
+
+    def measure(self, graph: ArchGraph, *, min_time_s: float = 0.5) -> LatencyResult:
+        return measure(graph, device=self.config.device, batch_size=self.config.batch_size, dtype=self.config.dtype,
+                       threads=self.config.threads, min_time_s=min_time_s)
+
+    @property
+    def can_measure(self) -> bool:
+        return self.gpu is None

@@ -1,0 +1,167 @@
+"""One trial of a search, as named steps: decode -> latency -> reject over budget -> build -> evaluate -> record.
+
+What a trial leaves in storage (``trial.user_attrs``): ``spec`` (the YAML), ``spec_name``, ``params``,
+``flops``, ``latency_ms`` with ``latency_source`` / ``latency_label``, ``budget_ms``, and ``score`` with
+the evaluator's metrics; a trial that did not finish says why in ``reason``:
+
+- rejected before any evaluation, state PRUNED with a violated constraint (so TPE and NSGA-II steer away):
+  ``invalid`` (the point gives no valid spec; ``detail`` has the issue), ``over_budget``; a reference point
+  over budget is scored all the same (state COMPLETE, constraint violated: never best, never on the front),
+  so the plot shows where the hand-designed models sit;
+- stopped by the pruner: ``pruned`` (state PRUNED, constraints satisfied);
+- failed, state FAIL: ``nan_loss``, ``out_of_memory``, or another evaluation failure.
+
+The budget is a hard constraint through ``trial.set_constraint`` (Optuna 5): ``latency`` is
+``latency_ms - budget_ms`` and ``valid`` is 1 for an invalid point, 0 otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import optuna
+import torch
+
+from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.graph.cost import graph_cost
+from metaformer_lab.search.config import SearchConfig
+from metaformer_lab.search.datasets import Dataset
+from metaformer_lab.search.evaluators import EvaluationFailed, Evaluator
+from metaformer_lab.search.latency import Latency, LatencyOracle
+from metaformer_lab.space import InvalidPoint, SearchSpace, decode_point
+from metaformer_lab.space.decode import Point
+from metaformer_lab.spec.load import dump_spec
+
+INVALID_PENALTY = 1.0
+
+
+class Rejected(optuna.TrialPruned):
+    """A candidate turned away before evaluation (an outcome, not an error)."""
+
+
+@dataclass
+class Objective:
+    """The callable ``study.optimize`` runs."""
+
+    space: SearchSpace
+    config: SearchConfig
+    data: Dataset
+    evaluator: Evaluator
+    oracle: LatencyOracle
+    device: str = "cpu"
+
+    @property
+    def budget_ms(self) -> float:
+        return self.config.budget_ms
+
+    @property
+    def multi(self) -> bool:
+        return self.config.objectives == "score,latency"
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        trial.set_user_attr("budget_ms", self.budget_ms)
+        point = self.decode(trial)
+        latency = self.latency(trial, point)
+        self.record_size(trial, point)
+        if latency.ms > self.budget_ms:
+            detail = f"{latency.ms:.3f} ms > budget {self.budget_ms:g} ms"
+            if not self.is_reference(trial):
+                self.reject(trial, "over_budget", detail)
+            # a hand-designed reference is scored anyway, to show where it sits; it stays infeasible
+            trial.set_user_attr("reason", "over_budget")
+            trial.set_user_attr("detail", detail + " (a reference: scored, never chosen)")
+        score = self.evaluate(trial, point)
+        return (score, latency.ms) if self.multi else score
+
+    @staticmethod
+    def is_reference(trial: optuna.Trial) -> bool:
+        return bool(trial.user_attrs.get("reference"))
+
+    def decode(self, trial: optuna.Trial) -> Point:
+        try:
+            return decode_point(self.space, trial)
+        except InvalidPoint as err:
+            trial.set_constraint("valid", INVALID_PENALTY)
+            trial.set_constraint("latency", 0.0)
+            self.reject(trial, "invalid", str(err.issues[0]))
+        raise AssertionError("unreachable")  # reject() raises
+
+    def latency(self, trial: optuna.Trial, point: Point) -> Latency:
+        latency = self.oracle(point.graph)
+        for key, value in latency.attrs().items():
+            trial.set_user_attr(key, value)
+        trial.set_constraint("valid", 0.0)
+        trial.set_constraint("latency", latency.ms - self.budget_ms)
+        return latency
+
+    def record_size(self, trial: optuna.Trial, point: Point) -> None:
+        cost = graph_cost(point.graph)
+        trial.set_user_attr("spec_name", point.spec.name)
+        trial.set_user_attr("spec", dump_spec(point.spec))
+        trial.set_user_attr("params", cost.params)
+        trial.set_user_attr("flops", cost.flops)
+
+    def reject(self, trial: optuna.Trial, reason: str, detail: str) -> None:
+        trial.set_user_attr("reason", reason)
+        trial.set_user_attr("detail", detail)
+        raise Rejected(f"{reason}: {detail}")
+
+    def evaluate(self, trial: optuna.Trial, point: Point) -> float:
+        with torch.random.fork_rng():  # a candidate's score depends on its architecture and the seed alone
+            torch.manual_seed(self.config.seed)
+            net = compile_graph(point.graph)
+        try:
+            result = self.evaluator.evaluate(net, self.data, report=self.reporter(trial), seed=self.config.seed,
+                                             device=self.device)
+        except EvaluationFailed as err:
+            trial.set_user_attr("reason", err.reason)
+            trial.set_user_attr("detail", str(err))
+            raise
+        except torch.OutOfMemoryError as err:
+            trial.set_user_attr("reason", "out_of_memory")
+            trial.set_user_attr("detail", str(err).splitlines()[0] if str(err) else "out of memory")
+            raise
+        trial.set_user_attr("score", result.score)
+        trial.set_user_attr("metrics", {k: float(v) for k, v in result.metrics.items()})
+        trial.set_user_attr("eval_seconds", result.seconds)
+        return result.score
+
+    def reporter(self, trial: optuna.Trial) -> Callable[[int, float], None] | None:
+        if self.multi:  # Optuna reports intermediate values for single-objective studies only
+            return None
+        if trial.user_attrs.get("reason") == "over_budget":  # a reference scored over budget is no baseline
+            return None  # for the pruner: within-budget candidates are judged against their own kind
+
+        def report(epoch: int, value: float) -> None:
+            trial.report(value, epoch)
+            if trial.should_prune():
+                trial.set_user_attr("reason", "pruned")
+                trial.set_user_attr("detail", f"stopped by the pruner after epoch {epoch} at {value:.4f}")
+                raise optuna.TrialPruned(f"pruned after epoch {epoch}")
+
+        return report
+
+
+def trial_reason(trial: optuna.trial.FrozenTrial) -> str:
+    """Why a trial ended as it did (``complete`` for a scored one, ``running`` while it runs)."""
+    state = trial.state
+    if state == optuna.trial.TrialState.COMPLETE:
+        return "complete" if feasible(trial) else str(trial.user_attrs.get("reason", "infeasible"))
+    if state == optuna.trial.TrialState.RUNNING:
+        return "running"
+    if state == optuna.trial.TrialState.WAITING:
+        return "waiting"
+    reason = trial.user_attrs.get("reason")
+    if reason:
+        return str(reason)
+    return "interrupted" if state == optuna.trial.TrialState.FAIL else state.name.lower()
+
+
+def feasible(trial: optuna.trial.FrozenTrial) -> bool:
+    return all(v <= 0 for v in trial.constraints.values())
+
+
+def attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    return dict(trial.user_attrs)

@@ -1,0 +1,268 @@
+"""The search loop: open (or resume) an Optuna study in a real database, seed it with the space's reference
+points, run the objective under the latency budget, re-measure the finalists, write the run folder.
+
+Storage is Optuna's RDB storage: SQLite in the run folder by default, any SQLAlchemy URL otherwise, with
+a heartbeat, so a trial whose process was killed (even ``kill -9``) is failed after the grace period and
+run again (``RetryHeartbeatStaleTrialCallback``); completed trials are never lost or repeated. Several
+processes can work on one study: the first creates it, the others join with ``resume=True``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import optuna
+import torch
+from optuna.trial import TrialState
+
+from metaformer_lab.core.errors import Issue, StudyError
+from metaformer_lab.search.config import SearchConfig
+from metaformer_lab.search.datasets import Dataset, load_dataset
+from metaformer_lab.search.evaluators import EvaluationFailed, make_evaluator
+from metaformer_lab.search.latency import LatencyOracle
+from metaformer_lab.search.objective import Objective, trial_reason
+from metaformer_lab.space import SearchSpace, load_space
+
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+RUN_FILE = "run.json"
+
+
+@dataclass(frozen=True)
+class TrialEvent:
+    """What the progress callback hears after each trial."""
+
+    number: int
+    state: str
+    reason: str
+    score: float | None
+    latency_ms: float | None
+    reference: str | None
+    finished: int
+    total: int
+    best_score: float | None
+
+
+@dataclass
+class Search:
+    """A prepared search: config, space, data, latency oracle, study and run folder."""
+
+    config: SearchConfig
+    space: SearchSpace
+    data: Dataset
+    oracle: LatencyOracle
+    study: optuna.Study
+    run_dir: Path
+    storage_url: str
+    notes: list[str] = field(default_factory=list)
+
+
+def input_size(space: SearchSpace) -> tuple[int, int]:
+    size = space.template.parts.get("input", {}).get("size", 224) if isinstance(space.template.parts.get("input"),
+                                                                                 dict) else 224
+    if not isinstance(size, (int, list)):
+        raise StudyError.single("space.input.size", "a search needs a fixed input size (latency is measured at it)")
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def storage_url(config: SearchConfig, run_dir: Path) -> str:
+    return config.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
+
+
+def open_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
+    """RDB storage with a heartbeat; an unreachable URL is a StudyError."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        try:
+            return optuna.storages.RDBStorage(
+                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot open it"
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise StudyError.single("--storage", f"cannot open {url}: {first}") from None
+
+
+def _sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:
+    kind = config.sampler or ("nsga2" if config.objectives == "score,latency" else "tpe")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if kind == "random":
+            return optuna.samplers.RandomSampler(seed=config.seed)
+        if kind == "nsga2":
+            return optuna.samplers.NSGAIISampler(seed=config.seed, population_size=max(8, min(50, config.trials // 3)))
+        return optuna.samplers.TPESampler(seed=config.seed, multivariate=True, group=True, constant_liar=True,
+                                          n_startup_trials=max(5, min(10, config.trials // 3)))
+
+
+def _pruner(config: SearchConfig) -> optuna.pruners.BasePruner:
+    if config.pruner == "none" or config.evaluator != "train":
+        return optuna.pruners.NopPruner()
+    if config.pruner == "hyperband":
+        epochs = int(config.evaluator_options.get("epochs", 3))
+        return optuna.pruners.HyperbandPruner(min_resource=1, max_resource=max(epochs, 2))
+    return optuna.pruners.MedianPruner(n_startup_trials=5, n_warmup_steps=1, n_min_trials=3)
+
+
+def _directions(config: SearchConfig) -> list[optuna.study.StudyDirection]:
+    up, down = optuna.study.StudyDirection.MAXIMIZE, optuna.study.StudyDirection.MINIMIZE
+    return [up, down] if config.objectives == "score,latency" else [up]
+
+
+def open_study(config: SearchConfig, storage: optuna.storages.RDBStorage, *, resume: bool) -> optuna.Study:
+    """Create the study, or load it to resume (refusing one made with other settings)."""
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage, include_best_trial=False)]
+    exists = config.name in names
+    if resume and not exists:
+        raise StudyError.single("--resume", f"no study '{config.name}' in {storage.url} to resume"
+                                + (f"; studies there: {', '.join(names)}" if names else ""))
+    if not resume and exists:
+        raise StudyError.single("--study-name", f"a study '{config.name}' already exists in {storage.url}; add "
+                                                "--resume to continue it, or give another --study-name or --out")
+    if exists:
+        study = optuna.load_study(study_name=config.name, storage=storage, sampler=_sampler(config),
+                                  pruner=_pruner(config))
+        _check_same(study, config)
+        return study
+    study = optuna.create_study(study_name=config.name, storage=storage, sampler=_sampler(config),
+                                pruner=_pruner(config), directions=_directions(config))
+    study.set_user_attr("config", config.model_dump())
+    study.set_user_attr("identity", config.identity())
+    return study
+
+
+def _check_same(study: optuna.Study, config: SearchConfig) -> None:
+    old = study.user_attrs.get("identity", {})
+    new = config.identity()
+    differ = [f"{k}: {old.get(k)!s} in the study, {v!s} now" for k, v in new.items() if old.get(k) != v]
+    if differ:
+        raise StudyError([Issue("--resume", f"the study was made with other settings ({d})") for d in differ])
+
+
+def enqueue_references(study: optuna.Study, space: SearchSpace) -> int:
+    """Queue the space's reference points once (their trials carry ``reference: NAME``)."""
+    done = {t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)}
+    added = 0
+    for name, params in space.references.items():
+        if name not in done:
+            study.enqueue_trial(dict(params), user_attrs={"reference": name})
+            added += 1
+    return added
+
+
+def finished(study: optuna.Study) -> int:
+    """Trials that count towards the trial budget (a killed trial that is run again counts once)."""
+    trials = study.get_trials(deepcopy=False, states=FINISHED)
+    return sum(1 for t in trials if trial_reason(t) != "interrupted")
+
+
+def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
+    """Check everything (space, dataset, evaluator, latency source, storage) and open the study."""
+    space = load_space(config.space)
+    size = input_size(space)
+    channels = space.template.parts.get("input", {}).get("channels", 3)
+    data = load_dataset(config.dataset, input_size=size, channels=channels, seed=config.seed)
+    make_evaluator(config.evaluator, **config.evaluator_options)
+    oracle = LatencyOracle(config, size)
+    run_dir = config.run_dir
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StudyError.single("--out", f"{run_dir} exists and is not a folder")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    url = storage_url(config, run_dir)
+    storage = open_storage(url, config.heartbeat_s)
+    study = open_study(config, storage, resume=resume)
+    host_line = oracle.fit_host(space)  # after every check: bad input costs no measuring
+    search = Search(config, space, data, oracle, study, run_dir, url, notes=[host_line] if host_line else [])
+    if oracle.host is not None:
+        study.set_user_attr("host_check", oracle.host.to_json())
+    (run_dir / RUN_FILE).write_text(json.dumps({"storage": url, "study_name": config.name,
+                                                "config": config.model_dump()}, indent=2) + "\n")
+    return search
+
+
+def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, total: int) -> TrialEvent:
+    best = None
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if all(v <= 0 for v in t.constraints.values())]
+    if complete:
+        best = max(float(t.values[0]) for t in complete)
+    return TrialEvent(number=trial.number, state=trial.state.name.lower(), reason=trial_reason(trial),
+                      score=trial.user_attrs.get("score"), latency_ms=trial.user_attrs.get("latency_ms"),
+                      reference=trial.user_attrs.get("reference"), finished=finished(study), total=total,
+                      best_score=best)
+
+
+def optimize(search: Search, *, progress: Callable[[TrialEvent], None] | None = None,
+             should_stop: Callable[[], bool] = lambda: False) -> None:
+    """Run trials until the study has ``config.trials`` finished ones (or the timeout, or a stop request)."""
+    config = search.config
+    enqueue_references(search.study, search.space)
+    remaining = config.trials - finished(search.study)
+    if remaining <= 0:
+        return
+    evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
+    device = "cuda" if config.device.startswith("cuda") else "cpu"
+    objective = Objective(search.space, config, search.data, evaluator, search.oracle, device)
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if progress is not None:
+            progress(_event(study, trial, config.trials))
+        if should_stop() or finished(study) >= config.trials:
+            study.stop()
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(config.train_threads or os.cpu_count() or 1)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            search.study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, callbacks=[after],
+                                  catch=(EvaluationFailed, torch.OutOfMemoryError), gc_after_trial=True)
+    finally:
+        torch.set_num_threads(previous)
+
+
+def counts(study: optuna.Study) -> dict[str, Any]:
+    """Trials by state and by reason."""
+    by_state: dict[str, int] = {}
+    by_reason: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        by_state[t.state.name.lower()] = by_state.get(t.state.name.lower(), 0) + 1
+        reason = trial_reason(t)
+        by_reason[reason] = by_reason.get(reason, 0) + 1
+    return {"by_state": by_state, "by_reason": by_reason}
+
+
+def run_search(config: SearchConfig, *, resume: bool = False, progress: Callable[[TrialEvent], None] | None = None,
+               should_stop: Callable[[], bool] = lambda: False,
+               finalist_progress: Callable[[int, int], None] | None = None) -> tuple[Search, dict[str, Any]]:
+    """prepare -> optimize -> re-measure finalists -> write the run folder (also after Ctrl-C).
+
+    Returns the search and its summary (``summary.json``'s content).
+    """
+    search = prepare(config, resume=resume)
+    return search, execute(search, progress=progress, should_stop=should_stop, finalist_progress=finalist_progress)
+
+
+def execute(search: Search, *, progress: Callable[[TrialEvent], None] | None = None,
+            should_stop: Callable[[], bool] = lambda: False,
+            finalist_progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+    """Run a prepared search to the end and write its run folder; returns the summary."""
+    from metaformer_lab.search.report import remeasure_finalists, write_run
+
+    config = search.config
+    search.study.set_user_attr("latency_description", search.oracle.describe())
+    interrupted = False
+    try:
+        optimize(search, progress=progress, should_stop=should_stop)
+    except KeyboardInterrupt:
+        interrupted = True
+    if not interrupted:
+        remeasure_finalists(search.study, search.oracle, config.budget_ms, config.finalists,
+                            progress=finalist_progress)
+    report = write_run(search.study, search.run_dir, search.storage_url)
+    report["interrupted"] = interrupted
+    return report

@@ -1,0 +1,61 @@
+"""The host check: a shipped CPU profile fitted to the machine it runs on by one measured factor."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+
+from metaformer_lab.latency import LatencyError
+from metaformer_lab.latency.host import HOST_SEED, HostCheck, check_host
+from metaformer_lab.latency.predict import predict
+from metaformer_lab.latency.profile import resolve_profile
+from metaformer_lab.search.latency import fit_to_host
+from metaformer_lab.space import load_space, sample
+
+
+@pytest.fixture(scope="module")
+def graphs() -> list:
+    return [p.graph for p in sample(load_space("tiny"), 4, seed=HOST_SEED + 1).points]
+
+
+def test_the_factor_multiplies_every_prediction_and_is_not_saved(graphs: list, tmp_path) -> None:
+    profile = resolve_profile("cpu-tiny-1t")
+    check = HostCheck(profile.name, 0.5, [0.4, 0.5, 0.5, 0.6])
+    scaled = check.apply(profile)
+    for g in graphs:
+        assert predict(g, scaled).ms == pytest.approx(0.5 * predict(g, profile).ms)
+        assert predict(g, scaled).host_scale == 0.5 and predict(g, profile).host_scale == 1.0
+    assert profile.host_scale == 1.0  # the loaded profile is untouched
+    scaled.save(tmp_path / "p.json")
+    assert "host_scale" not in (tmp_path / "p.json").read_text()
+
+
+def test_the_spread_says_when_one_factor_cannot_fit() -> None:
+    assert not HostCheck("p", 1.0, [0.95, 1.0, 1.0, 1.05]).wide
+    wide = HostCheck("p", 1.0, [0.5, 0.7, 1.0, 1.4, 1.6])
+    assert wide.wide and "latency calibrate" in wide.describe()
+
+
+def test_the_check_undoes_a_miscalibrated_profile(graphs: list) -> None:
+    """A profile whose every op is 3x too slow gets a factor about a third of the true one's."""
+    profile = resolve_profile("cpu-tiny-1t")
+    coef = profile.correction or []  # ops_ms's coefficient first: it scales with the ops, the others by hand
+    slow = replace(profile, ops={k: replace(e, ms=3 * e.ms) for k, e in profile.ops.items()},
+                   correction=coef[:1] + [3 * c for c in coef[1:]])
+    for g in graphs:
+        assert predict(g, slow).ms == pytest.approx(3 * predict(g, profile).ms)
+    true, off = check_host(profile, graphs), check_host(slow, graphs)
+    assert off.scale * 3 == pytest.approx(true.scale, rel=0.3)
+    assert len(true.ratios) == len(graphs) and true.seconds > 0
+
+
+def test_a_gpu_profile_or_no_network_is_refused(graphs: list) -> None:
+    profile = resolve_profile("cpu-tiny-1t")
+    gpu = replace(profile, settings={**profile.settings, "device": "cuda"})
+    with pytest.raises(LatencyError, match="measures on the CPU"):
+        check_host(gpu, graphs)
+    with pytest.raises(LatencyError, match="at least one network"):
+        check_host(profile, [])
+    same, check, line = fit_to_host(gpu)
+    assert same is gpu and check is None and "no host check" in line

@@ -1,0 +1,291 @@
+"""The search loop: outcomes recorded with reasons, references seeded, budget as a hard constraint, resume
+after SIGKILL, run-folder outputs, and bad input refused before any study is touched."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from metaformer_lab.cli import app
+from metaformer_lab.core.errors import StudyError
+from metaformer_lab.search.config import load_study_file, make_config
+from metaformer_lab.search.report import FINALISTS, best_trial, load_run, ranked
+from metaformer_lab.search.run import finished, optimize, prepare, run_search
+from metaformer_lab.space import load_space
+
+ROOT = Path(__file__).resolve().parents[2]
+runner = CliRunner()
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def quick(tmp_path: Path, **over: Any) -> Any:
+    """A fast search: the tiny space, an uncalibrated T4 estimate (no timing), the parameter-count proxy."""
+    values: dict[str, Any] = {"space": "tiny", "device": "t4", "budget": "5ms", "evaluator": "zero-cost",
+                              "evaluator_options": {"proxy": "params"}, "trials": 8, "dataset": "synthetic:64",
+                              "out": str(tmp_path / "run"), "seed": 1}
+    values.update(over)
+    return make_config(**values)
+
+
+def test_a_search_records_every_trial_and_writes_the_run_folder(tmp_path: Path) -> None:
+    search, report = run_search(quick(tmp_path))
+    study = search.study
+    trials = study.get_trials()
+    assert finished(study) == 8
+    references = [t.user_attrs.get("reference") for t in trials[:4]]
+    assert references == list(load_space("tiny").references)  # the hand-designed models go first
+    for t in trials:
+        assert "budget_ms" in t.user_attrs
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            a = t.user_attrs
+            assert a["latency_source"] == "estimated" and "uncalibrated estimate" in a["latency_label"]
+            assert a["latency_ms"] <= 5.0 and a["params"] > 0 and a["flops"] > 0
+            assert t.constraints["latency"] == pytest.approx(a["latency_ms"] - 5.0)
+            assert yaml.safe_load(a["spec"])["name"] == a["spec_name"]
+        else:
+            assert t.user_attrs["reason"] in ("invalid", "over_budget")
+    run = tmp_path / "run"
+    for name in ("best.yaml", "trials.csv", "pareto.png", "summary.json", "run.json", "study.db"):
+        assert (run / name).is_file(), name
+    assert list((run / "pareto").glob("*.yaml"))
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["budget_ms"] == 5.0 and summary["device"] == "t4"
+    assert "uncalibrated estimate" in summary["latency"]
+    assert summary["best"]["latency_ms"] <= 5.0
+    assert sum(summary["trials"]["by_state"].values()) == len(trials)
+    code = runner.invoke(app, ["validate", str(run / "best.yaml")]).exit_code
+    assert code == 0
+
+
+def test_on_the_cpu_latency_is_predicted_and_the_finalists_measured(tmp_path: Path) -> None:
+    search, report = run_search(quick(tmp_path, device="cpu", budget="50ms", trials=6, finalists=2))
+    complete = [t for t in search.study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and all(t.user_attrs["latency_source"] == "predicted" for t in complete)
+    assert "predicted from profile 'cpu-tiny-1t', rescaled x" in report["latency"]  # fitted to this host first
+    check = search.study.user_attrs["host_check"]
+    assert check["networks"] == 8 and check["scale"] > 0 and search.oracle.profile.host_scale == check["scale"]
+    best = report["best"]
+    assert best["measured_ms"] is not None and best["measured_ms"] <= 50.0
+    measured = report["finalists"][str(best["trial"])]
+    assert measured["within_budget"] and measured["provenance"]["threads"] == 1
+    assert len([m for m in report["finalists"].values() if m.get("measured_ms")]) >= 2
+
+
+def test_a_finalist_over_budget_when_measured_is_reported_not_chosen(tmp_path: Path) -> None:
+    search, _ = run_search(quick(tmp_path, trials=8))
+    study = search.study
+    top, second, third = ranked(study)[:3]
+    study.set_user_attr(FINALISTS, {str(top.number): {"measured_ms": 9.0, "within_budget": False},
+                                    str(second.number): {"measured_ms": 4.0, "within_budget": True}})
+    best, broke = best_trial(study)
+    assert best is not None and best.number == second.number
+    assert [b["trial"] for b in broke] == [top.number] and broke[0]["measured_ms"] == 9.0
+    study.set_user_attr(FINALISTS, {str(top.number): {"measured_ms": 9.0, "within_budget": False}})
+    best, _ = best_trial(study)
+    assert best is None  # measured finalists all broke the budget: an unmeasured trial is not the answer
+    result = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert result.exit_code == 0 and "over budget, not chosen" in result.stdout
+    assert "no trial within budget: every finalist measured broke it" in result.stdout
+
+
+def test_over_budget_candidates_are_rejected_before_evaluation(tmp_path: Path) -> None:
+    search, report = run_search(quick(tmp_path, budget="1us", trials=8))
+    trials = search.study.get_trials()
+    for t in trials:
+        assert t.user_attrs["reason"] in ("over_budget", "invalid")
+        assert any(v > 0 for v in t.constraints.values())
+        if t.user_attrs.get("reference"):  # hand-designed references are scored to be shown, never chosen
+            assert t.state == optuna.trial.TrialState.COMPLETE and "score" in t.user_attrs
+        else:
+            assert t.state == optuna.trial.TrialState.PRUNED and "score" not in t.user_attrs
+    assert len([t for t in trials if not t.user_attrs.get("reference")]) >= 4
+    assert report["best"] is None and report["pareto"] == []
+    assert report["trials"]["by_reason"].get("over_budget", 0) >= 5
+    assert all(r["score"] is not None and r["feasible"] is False for r in report["references"].values())
+
+
+def test_an_invalid_point_is_recorded_with_its_reason(tmp_path: Path) -> None:
+    config = quick(tmp_path, trials=5)
+    search = prepare(config)
+    params = dict(load_space("tiny").references["vit_tiny"])
+    params["stages[0].dim"] = 24  # head_dim 32 does not divide it
+    search.study.enqueue_trial(params)
+    optimize(search)
+    bad = [t for t in search.study.get_trials() if t.user_attrs.get("reason") == "invalid"]
+    assert bad and "32 does not divide dim 24" in bad[0].user_attrs["detail"]
+    assert bad[0].constraints["valid"] == 1.0
+
+
+def test_two_objectives_give_a_pareto_front(tmp_path: Path) -> None:
+    search, report = run_search(quick(tmp_path, objectives="score,latency", trials=10))
+    assert len(search.study.directions) == 2
+    assert report["pareto"]
+    front = sorted((t for t in search.study.get_trials() if t.number in report["pareto"]), key=lambda t: t.values[1])
+    score = [t.values[0] for t in front]
+    assert score == sorted(score)  # along the front, more score costs more latency
+
+
+def test_resume_continues_and_refuses_other_settings(tmp_path: Path) -> None:
+    run_search(quick(tmp_path, trials=5))
+    with pytest.raises(StudyError, match="already exists"):
+        prepare(quick(tmp_path, trials=5))
+    with pytest.raises(StudyError, match="budget_ms"):
+        prepare(quick(tmp_path, trials=5, budget="3ms", study_name="tiny-5ms-t4"), resume=True)
+    search, _ = run_search(quick(tmp_path, trials=9), resume=True)
+    assert finished(search.study) == 9
+    with pytest.raises(StudyError, match="no study"):
+        prepare(quick(tmp_path, study_name="other"), resume=True)
+
+
+def test_report_rewrites_the_run_folder(tmp_path: Path) -> None:
+    run_search(quick(tmp_path, trials=5))
+    run = tmp_path / "run"
+    (run / "summary.json").unlink()
+    (run / "pareto.png").unlink()
+    result = runner.invoke(app, ["report", str(run)])
+    assert result.exit_code == 0, result.stderr
+    assert (run / "summary.json").is_file() and (run / "pareto.png").is_file()
+    study, _ = load_run(run)
+    assert len(study.trials) == 5
+
+
+@pytest.mark.parametrize(("args", "line"), [
+    (["--budget", "2"], "--budget: '2' has no unit"),
+    (["--budget", "-1ms"], "--budget:"),
+    (["--space", "nosuch"], "nosuch: no such file, and no shipped space of that name"),
+    (["--dataset", "cifar10:/no/such/folder"], "/no/such/folder: no such folder"),
+    (["--device", "h1000"], "--device: unknown 'h1000' (did you mean 'h100'?)"),
+    (["--storage", "sqlite:////no/such/dir/x.db"], "--storage: cannot open sqlite:////no/such/dir/x.db"),
+    (["--resume"], "--resume: no study"),
+    (["--objectives", "latency"], "objectives:"),
+])
+def test_bad_input_is_one_line_and_exit_1(tmp_path: Path, args: list[str], line: str) -> None:
+    result = runner.invoke(app, ["search", "--out", str(tmp_path / "run"), "--trials", "2", *args])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    assert result.stderr.splitlines()[0].startswith(line), result.stderr  # checked before any progress is shown
+    assert not (tmp_path / "run" / "summary.json").exists()
+
+
+def test_study_files_load_and_reject_unknown_keys(tmp_path: Path) -> None:
+    for path in sorted((ROOT / "studies").glob("*.yaml")):
+        config = load_study_file(path)
+        assert config.trials >= 1 and config.budget_ms > 0
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("space: tiny\nbugdet: 2ms\n")
+    with pytest.raises(StudyError) as err:
+        load_study_file(bad)
+    assert str(err.value).startswith(f"{bad}:bugdet: unknown field (did you mean 'budget'?)")
+
+
+def _cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "metaformer_lab.cli", *args]
+
+
+def _wait(predicate: Any, timeout: float) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError("timed out")
+
+
+def _states(db: Path) -> dict[int, tuple[str, Any]]:
+    if not db.exists():
+        return {}
+    try:
+        study = optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+    except KeyError:
+        return {}
+    return {t.number: (t.state.name, t.value) for t in study.get_trials()}
+
+
+@pytest.mark.slow
+def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None:
+    study_file = tmp_path / "study.yaml"
+    study_file.write_text(yaml.safe_dump({
+        "space": "tiny", "dataset": "digits", "evaluator": "train",
+        # trials of a few seconds each, so the test can catch one running
+        "evaluator_options": {"epochs": 3, "max_batches_per_epoch": 8, "batch_size": 128}, "budget": "50ms",
+        "device": "t4",
+        "trials": 7, "study_name": "killed", "out": str(tmp_path / "run"), "heartbeat_s": 1, "pruner": "none"}))
+    db = tmp_path / "run" / "study.db"
+    proc = subprocess.Popen(_cli("search", "--study", str(study_file)), cwd=tmp_path, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        def mid_trial() -> bool:
+            states = _states(db)
+            return sum(s == "COMPLETE" for s, _ in states.values()) >= 2 and any(
+                s == "RUNNING" for s, _ in states.values())
+        _wait(mid_trial, 240)
+        before = {n: v for n, (s, v) in _states(db).items() if s == "COMPLETE"}
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert any(s == "RUNNING" for s, _ in _states(db).values())  # the killed trial is left running
+    resumed = subprocess.run(_cli("search", "--study", str(study_file), "--resume"), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    after = _states(db)
+    for number, value in before.items():
+        assert after[number] == ("COMPLETE", value)  # nothing completed was lost or run again
+    study = optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
+    assert finished(study) >= 7
+    assert not [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+    assert (tmp_path / "run" / "summary.json").is_file()
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    proc = subprocess.Popen(_cli("search", "--space", "tiny", "--device", "t4", "--budget", "50ms", "--trials", "30",
+                                 "--dataset", "digits", "--epochs", "1", "--study-name", "stopped", "--out", str(out)),
+                            cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = out / "study.db"
+    try:
+        def one_done() -> bool:
+            if not db.exists():
+                return False
+            try:
+                study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{db}")
+            except KeyError:
+                return False
+            return finished(study) >= 1
+        _wait(one_done, 240)
+        proc.send_signal(signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, stderr[-2000:]
+    assert "Traceback" not in stderr
+    study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{db}")
+    assert 1 <= finished(study) < 30
+    assert not [t for t in study.get_trials() if t.state == optuna.trial.TrialState.RUNNING]
+    assert (out / "summary.json").is_file()
+
+
+def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
+    """Sampler, weight init and training are all seeded: a study repeats trial by trial."""
+    def scores(folder: str) -> list[tuple[dict[str, Any], float | None]]:
+        search, _ = run_search(quick(tmp_path / folder, evaluator="train", trials=6,
+                                     evaluator_options={"epochs": 1, "max_batches_per_epoch": 2, "batch_size": 16}))
+        return [(t.params, t.user_attrs.get("score")) for t in search.study.get_trials()]
+
+    first = scores("a")
+    assert any(score is not None for _, score in first)
+    assert scores("b") == first
