@@ -103,7 +103,7 @@ def latency_of(
             elif profile is not None:
                 chosen = resolve_profile(profile)
             if chosen is not None:
-                if host_check and chosen.device == "cpu":
+                if host_check and not no_measure and chosen.device == "cpu":  # --no-measure measures nothing
                     from metaformer_lab.search.latency import fit_to_host
 
                     chosen, check, line = fit_to_host(chosen)
