@@ -106,3 +106,50 @@ def _registry(registry_or_role: Registry | str) -> Registry:
 
 __all__ = ["EXAMPLES", "ROOT", "CompositeDef", "OpDef", "all_cases", "build_op", "case_id", "max_diff", "op_spec",
            "port", "perturbed", "random_input"]
+
+
+# --- search processes ----------------------------------------------------------------------------
+
+def cli_command(*args: str) -> list[str]:
+    """``metaformer-lab ARGS`` as a subprocess command line (this interpreter)."""
+    import sys
+
+    return [sys.executable, "-m", "metaformer_lab.cli", *args]
+
+
+def wait_for(predicate: Any, timeout: float, what: str = "the condition") -> None:
+    """Poll ``predicate`` every 0.2 s until it holds; AssertionError after ``timeout`` seconds."""
+    import time
+
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if predicate():
+            return
+        time.sleep(0.2)
+    raise AssertionError(f"timed out after {timeout:g} s waiting for {what}")
+
+
+def study_trials(url: str, name: str) -> list[Any]:
+    """The study's trials (FrozenTrial), or [] while the study or its database does not exist yet."""
+    import optuna
+    import sqlalchemy
+
+    if url.startswith("sqlite:///") and not _sqlite_ready(Path(url.removeprefix("sqlite:///"))):
+        return []  # never race the search process to create the schema
+    try:
+        return optuna.load_study(study_name=name, storage=url).get_trials()
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
+        return []
+
+
+def _sqlite_ready(path: Path) -> bool:
+    """Whether Optuna's schema is complete in the SQLite file (read-only look)."""
+    import sqlite3
+
+    if not path.exists():
+        return False
+    try:
+        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+            return bool(db.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
+    except sqlite3.Error:
+        return False

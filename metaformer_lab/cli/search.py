@@ -69,6 +69,14 @@ def search(
     out: Annotated[Path | None, Opt(help="Run folder (default: runs/STUDY_NAME).")] = None,
     study: Annotated[Path | None, Opt("--study", help="A study file (studies/*.yaml); options given here win.")]
     = None,
+    backend: Annotated[str | None, Opt(help="optuna (trials in this process) or ray (trials spread over a Ray "
+                                            "cluster).")] = None,
+    address: Annotated[str | None, Opt(help="Ray: a cluster to join (default: a local Ray with this machine's "
+                                            "CPUs).")] = None,
+    workers: Annotated[int | None, Opt(help="Ray: trials at once (default: what the cluster's CPUs allow).")] = None,
+    cpus_per_trial: Annotated[float | None, Opt(help="Ray: CPUs per trial (default 1).")] = None,
+    gpus_per_trial: Annotated[float | None, Opt(help="Ray: GPUs per trial (default 0; with any, trials train on "
+                                                     "CUDA).")] = None,
 ) -> None:
     """Search a space for the best architectures within a latency budget; write them as spec YAMLs.
 
@@ -79,6 +87,7 @@ def search(
       metaformer-lab search --budget 2ms
       metaformer-lab search --space metaformer --device h100 --dtype bfloat16 --budget 1ms --evaluator zero-cost
       metaformer-lab search --study studies/tiny_digits_2ms.yaml --resume
+      metaformer-lab search --backend ray --workers 2 --trials 8
     """
     import optuna
 
@@ -89,19 +98,25 @@ def search(
         options["epochs"] = epochs
     if proxy is not None:
         options["proxy"] = proxy
+    ray = {k: v for k, v in {"address": address, "workers": workers, "cpus_per_trial": cpus_per_trial,
+                             "gpus_per_trial": gpus_per_trial}.items() if v is not None}
     try:
         config = _config(study, space=space, budget=budget, device=device, threads=threads,
                          profile=None if profile is None else (None if profile == "none" else profile),
                          batch_size=batch_size, dtype=dtype, dataset=dataset, evaluator=evaluator,
                          evaluator_options=options or None, trials=trials, timeout_s=timeout, objectives=objectives,
                          storage=storage, study_name=study_name, seed=seed, out=None if out is None else str(out),
-                         host_check=None if host_check else False)
+                         host_check=None if host_check else False, backend=backend, ray=ray or None)
         if profile == "none":
             config = config.model_copy(update={"profile": None})
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar tells each trial's outcome
         prepared = prepare(config, resume=resume)  # every input checked before anything runs
         for note in prepared.notes:
             console.print(note)
+        if config.backend == "ray":
+            from metaformer_lab.search.ray_backend import describe
+
+            console.print(describe(config) + "; Ctrl-C stops at once, --resume re-runs the unfinished trials")
         stop = _StopAfterTrial()
         previous = signal.signal(signal.SIGINT, stop)
         try:

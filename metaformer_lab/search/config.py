@@ -22,6 +22,22 @@ Objectives = Literal["score", "score,latency"]
 EvaluatorName = Literal["zero-cost", "train"]
 
 
+class RayConfig(BaseModel):
+    """Where and how wide the Ray backend runs (``backend: ray``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    address: str | None = Field(None, description="a Ray cluster to join (ray://HOST:10001 or HOST:6379, or auto); "
+                                                  "default: a local Ray with this machine's CPUs")
+    workers: Annotated[int, Field(ge=1, le=100_000)] | None = Field(
+        None, description="trials at once (default: as many as the cluster's CPUs allow)")
+    cpus_per_trial: Annotated[float, Field(gt=0, le=1024)] = 1.0
+    gpus_per_trial: Annotated[float, Field(ge=0, le=64)] = Field(
+        0.0, description="GPUs per trial; with any, trials train on CUDA (latency still follows `device`)")
+    max_failures: Annotated[int, Field(ge=0, le=100)] = Field(
+        1, description="times a trial whose worker died is run again before it counts as failed")
+
+
 class SearchConfig(BaseModel):
     """The settings of one search (a study file has these keys)."""
 
@@ -55,6 +71,10 @@ class SearchConfig(BaseModel):
     train_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
         None, description="torch threads while training (default: all cores); latency keeps `threads`")
     heartbeat_s: Annotated[int, Field(ge=1, le=3600)] = 10
+    backend: Literal["optuna", "ray"] = Field("optuna", description="optuna: trials in this process (several "
+                                                                    "processes can share a study through --storage); "
+                                                                    "ray: trials spread over a Ray cluster")
+    ray: RayConfig = Field(default_factory=RayConfig)
 
     @property
     def budget_ms(self) -> float:
@@ -96,6 +116,11 @@ def check(config: SearchConfig) -> SearchConfig:
         except LatencyError as err:
             message = err.issues[0].message.replace("; known: ", "; one of cpu, cuda, ")
             issues.append(Issue("--device", message))
+    if config.backend != "ray":
+        default = RayConfig()
+        issues += [Issue(f"--{name.replace('_', '-')}", "needs --backend ray (the Optuna backend runs its trials "
+                                                         "in this process)")
+                   for name in RayConfig.model_fields if getattr(config.ray, name) != getattr(default, name)]
     if issues:
         raise StudyError(issues)
     return config
@@ -124,6 +149,8 @@ def load_study_file(path: str | os.PathLike[str], **overrides: Any) -> SearchCon
     result = data.pop("result", None)  # a checked-in study may carry its result summary
     del result
     merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
+    if isinstance(data.get("ray"), dict) and isinstance(overrides.get("ray"), dict):  # one --workers keeps the rest
+        merged["ray"] = {**data["ray"], **overrides["ray"]}
     try:
         return check(SearchConfig.model_validate(merged))
     except ValidationError as err:

@@ -75,6 +75,7 @@ class LatencyOracle:
         self.cache = KernelCache()
         self.unmatched: tuple[str, ...] = ()  # why no shipped profile fits, when `auto` found none
         self.host: HostCheck | None = None
+        self.shared = False  # set when other trials run on this machine while candidates are measured (Ray)
         if self.gpu is None and config.profile is not None:
             if config.profile == "auto":
                 try:
@@ -114,6 +115,8 @@ class LatencyOracle:
         if self.profile is not None:
             return Latency(predict(graph, self.profile).ms, "predicted", f"predicted from {self.profile.name}")
         result = self.measure(graph)
+        if self.shared:  # kept, but flagged: the finalists are measured again with the machine to themselves
+            return Latency(result.median_ms, "measured", "measured while other trials ran (not trusted)", True)
         return Latency(result.median_ms, "measured", "measured", result.noisy)
 
     def measure(self, graph: ArchGraph, *, min_time_s: float = 0.5) -> LatencyResult:

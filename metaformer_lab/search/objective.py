@@ -1,8 +1,9 @@
 """One trial of a search, as named steps: decode -> latency -> reject over budget -> build -> evaluate -> record.
 
 What a trial leaves in storage (``trial.user_attrs``): ``spec`` (the YAML), ``spec_name``, ``params``,
-``flops``, ``latency_ms`` with ``latency_source`` / ``latency_label``, ``budget_ms``, and ``score`` with
-the evaluator's metrics; a trial that did not finish says why in ``reason``:
+``flops``, ``latency_ms`` with ``latency_source`` / ``latency_label``, ``budget_ms``, ``worker`` (host and
+pid of the process that evaluated it), and ``score`` with the evaluator's metrics; a trial that did not
+finish says why in ``reason``:
 
 - rejected before any evaluation, state PRUNED with a violated constraint (so TPE and NSGA-II steer away):
   ``invalid`` (the point gives no valid spec; ``detail`` has the issue), ``over_budget``; a reference point
@@ -13,10 +14,15 @@ the evaluator's metrics; a trial that did not finish says why in ``reason``:
 
 The budget is a hard constraint through ``trial.set_constraint`` (Optuna 5): ``latency`` is
 ``latency_ms - budget_ms`` and ``valid`` is 1 for an invalid point, 0 otherwise.
+
+The steps are shared by both backends: :class:`Screening` runs where the sampler is (the Optuna process, or
+Ray's driver), :func:`evaluate_candidate` where the trial runs (the same process, or a Ray worker).
 """
 
 from __future__ import annotations
 
+import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,9 +32,10 @@ import torch
 
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.graph.cost import graph_cost
+from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
-from metaformer_lab.search.evaluators import EvaluationFailed, Evaluator
+from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator
 from metaformer_lab.search.latency import Latency, LatencyOracle
 from metaformer_lab.space import InvalidPoint, SearchSpace, decode_point
 from metaformer_lab.space.decode import Point
@@ -42,15 +49,13 @@ class Rejected(optuna.TrialPruned):
 
 
 @dataclass
-class Objective:
-    """The callable ``study.optimize`` runs."""
+class Screening:
+    """The steps before evaluation: decode -> latency -> record size -> reject over budget. Both backends run
+    them where the sampler lives (the Optuna process, Ray's driver); ``trial`` only needs Optuna's trial API."""
 
     space: SearchSpace
     config: SearchConfig
-    data: Dataset
-    evaluator: Evaluator
     oracle: LatencyOracle
-    device: str = "cpu"
 
     @property
     def budget_ms(self) -> float:
@@ -60,24 +65,20 @@ class Objective:
     def multi(self) -> bool:
         return self.config.objectives == "score,latency"
 
-    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+    def __call__(self, trial: optuna.Trial) -> tuple[Point, Latency]:
+        """The candidate and its latency; raises :class:`Rejected` (reason recorded) for one not to evaluate."""
         trial.set_user_attr("budget_ms", self.budget_ms)
         point = self.decode(trial)
         latency = self.latency(trial, point)
         self.record_size(trial, point)
         if latency.ms > self.budget_ms:
             detail = f"{latency.ms:.3f} ms > budget {self.budget_ms:g} ms"
-            if not self.is_reference(trial):
+            if not is_reference(trial):
                 self.reject(trial, "over_budget", detail)
             # a hand-designed reference is scored anyway, to show where it sits; it stays infeasible
             trial.set_user_attr("reason", "over_budget")
             trial.set_user_attr("detail", detail + " (a reference: scored, never chosen)")
-        score = self.evaluate(trial, point)
-        return (score, latency.ms) if self.multi else score
-
-    @staticmethod
-    def is_reference(trial: optuna.Trial) -> bool:
-        return bool(trial.user_attrs.get("reference"))
+        return point, latency
 
     def decode(self, trial: optuna.Trial) -> Point:
         try:
@@ -103,37 +104,84 @@ class Objective:
         trial.set_user_attr("params", cost.params)
         trial.set_user_attr("flops", cost.flops)
 
-    def reject(self, trial: optuna.Trial, reason: str, detail: str) -> None:
+    @staticmethod
+    def reject(trial: optuna.Trial, reason: str, detail: str) -> None:
         trial.set_user_attr("reason", reason)
         trial.set_user_attr("detail", detail)
         raise Rejected(f"{reason}: {detail}")
 
-    def evaluate(self, trial: optuna.Trial, point: Point) -> float:
-        with torch.random.fork_rng():  # a candidate's score depends on its architecture and the seed alone
-            torch.manual_seed(self.config.seed)
-            net = compile_graph(point.graph)
+    def prunable(self, trial: optuna.Trial) -> bool:
+        """Whether the trial's epochs go to the pruner: single-objective studies only (Optuna reports
+        intermediate values for those alone), and not a reference scored over budget, so that within-budget
+        candidates are judged against their own kind."""
+        return not self.multi and trial.user_attrs.get("reason") != "over_budget"
+
+
+def is_reference(trial: optuna.Trial) -> bool:
+    return bool(trial.user_attrs.get("reference"))
+
+
+class Failure(Exception):
+    """An evaluation that ended without a score, with the ``reason`` and ``detail`` a trial records."""
+
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(f"{reason}: {detail}")
+        self.reason, self.detail = reason, detail
+
+
+def evaluate_candidate(graph: ArchGraph, evaluator: Evaluator, data: Dataset, *, seed: int, device: str,
+                       report: Callable[[int, float], None] | None) -> EvalResult:
+    """Build the candidate with weights drawn from ``seed`` and score it; both backends' evaluation.
+
+    Raises :class:`Failure` for a candidate that could not be scored (``nan_loss``, ``out_of_memory``, ...);
+    whatever ``report`` raises goes through."""
+    with torch.random.fork_rng():  # a candidate's score depends on its architecture and the seed alone
+        torch.manual_seed(seed)
+        net = compile_graph(graph)
+    try:
+        return evaluator.evaluate(net, data, report=report, seed=seed, device=device)
+    except EvaluationFailed as err:
+        raise Failure(err.reason, str(err)) from err
+    except torch.OutOfMemoryError as err:
+        raise Failure("out_of_memory", str(err).splitlines()[0] if str(err) else "out of memory") from err
+
+
+def record_result(trial: optuna.Trial | optuna.trial.FrozenTrial, result: EvalResult) -> None:
+    trial.set_user_attr("score", result.score)
+    trial.set_user_attr("metrics", {k: float(v) for k, v in result.metrics.items()})
+    trial.set_user_attr("eval_seconds", result.seconds)
+
+
+@dataclass
+class Objective:
+    """The callable ``study.optimize`` runs: screening, then evaluation in the same process."""
+
+    space: SearchSpace
+    config: SearchConfig
+    data: Dataset
+    evaluator: Evaluator
+    oracle: LatencyOracle
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        self.screen = Screening(self.space, self.config, self.oracle)
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
+        trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})  # which process ran it
+        point, latency = self.screen(trial)
+        report = self.reporter(trial) if self.screen.prunable(trial) else None
         try:
-            result = self.evaluator.evaluate(net, self.data, report=self.reporter(trial), seed=self.config.seed,
-                                             device=self.device)
-        except EvaluationFailed as err:
+            result = evaluate_candidate(point.graph, self.evaluator, self.data, seed=self.config.seed,
+                                        device=self.device, report=report)
+        except Failure as err:
             trial.set_user_attr("reason", err.reason)
-            trial.set_user_attr("detail", str(err))
+            trial.set_user_attr("detail", err.detail)
             raise
-        except torch.OutOfMemoryError as err:
-            trial.set_user_attr("reason", "out_of_memory")
-            trial.set_user_attr("detail", str(err).splitlines()[0] if str(err) else "out of memory")
-            raise
-        trial.set_user_attr("score", result.score)
-        trial.set_user_attr("metrics", {k: float(v) for k, v in result.metrics.items()})
-        trial.set_user_attr("eval_seconds", result.seconds)
-        return result.score
+        record_result(trial, result)
+        return (result.score, latency.ms) if self.screen.multi else result.score
 
-    def reporter(self, trial: optuna.Trial) -> Callable[[int, float], None] | None:
-        if self.multi:  # Optuna reports intermediate values for single-objective studies only
-            return None
-        if trial.user_attrs.get("reason") == "over_budget":  # a reference scored over budget is no baseline
-            return None  # for the pruner: within-budget candidates are judged against their own kind
-
+    @staticmethod
+    def reporter(trial: optuna.Trial) -> Callable[[int, float], None]:
         def report(epoch: int, value: float) -> None:
             trial.report(value, epoch)
             if trial.should_prune():

@@ -123,7 +123,15 @@ def _row(t: FrozenTrial, finalists: dict[str, Any]) -> dict[str, Any]:
             "params": a.get("params", ""), "flops": a.get("flops", ""), "feasible": feasible(t),
             "detail": a.get("detail", ""), "spec_name": a.get("spec_name", ""),
             "duration_s": t.duration.total_seconds() if t.duration else "",
+            "started": t.datetime_start.isoformat(timespec="milliseconds") if t.datetime_start else "",
+            "completed": t.datetime_complete.isoformat(timespec="milliseconds") if t.datetime_complete else "",
+            "worker": _worker(a.get("worker")),
             "assignment": json.dumps(t.params, sort_keys=True)}
+
+
+def _worker(worker: Any) -> str:
+    """``host:pid`` of the Ray worker that ran the trial ('' for the Optuna backend)."""
+    return f"{worker.get('host')}:{worker.get('pid')}" if isinstance(worker, dict) else ""
 
 
 def write_csv(study: optuna.Study, path: Path) -> None:

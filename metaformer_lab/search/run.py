@@ -24,9 +24,9 @@ from optuna.trial import TrialState
 from metaformer_lab.core.errors import Issue, StudyError
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset, load_dataset
-from metaformer_lab.search.evaluators import EvaluationFailed, make_evaluator
+from metaformer_lab.search.evaluators import make_evaluator
 from metaformer_lab.search.latency import LatencyOracle
-from metaformer_lab.search.objective import Objective, trial_reason
+from metaformer_lab.search.objective import Failure, Objective, trial_reason
 from metaformer_lab.space import SearchSpace, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -167,6 +167,10 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
     channels = space.template.parts.get("input", {}).get("channels", 3)
     data = load_dataset(config.dataset, input_size=size, channels=channels, seed=config.seed)
     make_evaluator(config.evaluator, **config.evaluator_options)
+    if config.backend == "ray":
+        from metaformer_lab.search.ray_backend import check_address
+
+        check_address(config.ray.address)
     oracle = LatencyOracle(config, size)
     run_dir = config.run_dir
     if run_dir.exists() and not run_dir.is_dir():
@@ -184,7 +188,7 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
     return search
 
 
-def _event(study: optuna.Study, trial: optuna.trial.FrozenTrial, total: int) -> TrialEvent:
+def event(study: optuna.Study, trial: optuna.trial.FrozenTrial, total: int) -> TrialEvent:
     best = None
     complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
                 if all(v <= 0 for v in t.constraints.values())]
@@ -210,7 +214,7 @@ def optimize(search: Search, *, progress: Callable[[TrialEvent], None] | None = 
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if progress is not None:
-            progress(_event(study, trial, config.trials))
+            progress(event(study, trial, config.trials))
         if should_stop() or finished(study) >= config.trials:
             study.stop()
 
@@ -220,7 +224,7 @@ def optimize(search: Search, *, progress: Callable[[TrialEvent], None] | None = 
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             search.study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, callbacks=[after],
-                                  catch=(EvaluationFailed, torch.OutOfMemoryError), gc_after_trial=True)
+                                  catch=(Failure,), gc_after_trial=True)
     finally:
         torch.set_num_threads(previous)
 
@@ -257,7 +261,12 @@ def execute(search: Search, *, progress: Callable[[TrialEvent], None] | None = N
     search.study.set_user_attr("latency_description", search.oracle.describe())
     interrupted = False
     try:
-        optimize(search, progress=progress, should_stop=should_stop)
+        if config.backend == "ray":
+            from metaformer_lab.search.ray_backend import optimize_ray
+
+            interrupted = optimize_ray(search, progress=progress)
+        else:
+            optimize(search, progress=progress, should_stop=should_stop)
     except KeyboardInterrupt:
         interrupted = True
     if not interrupted:

@@ -7,14 +7,13 @@ import json
 import os
 import signal
 import subprocess
-import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import optuna
 import pytest
 import yaml
+from helpers import cli_command, study_trials, wait_for
 from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
@@ -169,6 +168,10 @@ def test_report_rewrites_the_run_folder(tmp_path: Path) -> None:
     (["--storage", "sqlite:////no/such/dir/x.db"], "--storage: cannot open sqlite:////no/such/dir/x.db"),
     (["--resume"], "--resume: no study"),
     (["--objectives", "latency"], "objectives:"),
+    (["--workers", "2"], "--workers: needs --backend ray"),
+    (["--backend", "dask"], "backend: 'dask' is not one of"),
+    (["--backend", "ray", "--address", "127.0.0.1:1"], "--address: nothing answers at 127.0.0.1:1"),
+    (["--backend", "ray", "--cpus-per-trial", "0"], "ray.cpus_per_trial:"),
 ])
 def test_bad_input_is_one_line_and_exit_1(tmp_path: Path, args: list[str], line: str) -> None:
     result = runner.invoke(app, ["search", "--out", str(tmp_path / "run"), "--trials", "2", *args])
@@ -190,26 +193,15 @@ def test_study_files_load_and_reject_unknown_keys(tmp_path: Path) -> None:
 
 
 def _cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "metaformer_lab.cli", *args]
+    return cli_command(*args)
 
 
 def _wait(predicate: Any, timeout: float) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
-        time.sleep(0.2)
-    raise AssertionError("timed out")
+    wait_for(predicate, timeout)
 
 
 def _states(db: Path) -> dict[int, tuple[str, Any]]:
-    if not db.exists():
-        return {}
-    try:
-        study = optuna.load_study(study_name="killed", storage=f"sqlite:///{db}")
-    except KeyError:
-        return {}
-    return {t.number: (t.state.name, t.value) for t in study.get_trials()}
+    return {t.number: (t.state.name, t.value) for t in study_trials(f"sqlite:///{db}", "killed")}
 
 
 @pytest.mark.slow
@@ -258,13 +250,7 @@ def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path
     db = out / "study.db"
     try:
         def one_done() -> bool:
-            if not db.exists():
-                return False
-            try:
-                study = optuna.load_study(study_name="stopped", storage=f"sqlite:///{db}")
-            except KeyError:
-                return False
-            return finished(study) >= 1
+            return any(t.state.is_finished() for t in study_trials(f"sqlite:///{db}", "stopped"))
         _wait(one_done, 240)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=300)

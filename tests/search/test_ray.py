@@ -1,0 +1,142 @@
+"""The Ray Tune backend on a local Ray with this machine's CPUs: parallel trials with the Optuna backend's
+outputs, a worker killed mid-trial, and resume from Ray's experiment state after Ctrl-C.
+
+Each test runs ``metaformer-lab search --backend ray`` as a subprocess (Ray's processes stay out of the
+test process) on short trials: a few epochs of a few batches, latency from the T4 estimate (no timing)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pytest
+from helpers import cli_command, study_trials, wait_for
+
+pytestmark = pytest.mark.slow
+
+def _study_file(tmp_path: Path, name: str, trials: int, *, epochs: int = 2, batches: int = 3,
+                pruner: str = "none") -> Path:
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(json.dumps({
+        "space": "tiny", "dataset": "digits", "device": "t4", "budget": "50ms", "evaluator": "train",
+        "evaluator_options": {"epochs": epochs, "max_batches_per_epoch": batches, "batch_size": 64},
+        "trials": trials, "study_name": name, "out": str(tmp_path / name), "pruner": pruner, "backend": "ray",
+        "ray": {"workers": 2}}))
+    return path
+
+
+def _url(tmp_path: Path, name: str) -> str:
+    return f"sqlite:///{tmp_path / name / 'study.db'}"
+
+
+def _start(tmp_path: Path, *args: str) -> tuple[subprocess.Popen[str], Path, Path]:
+    """The search in the background, its output in files (a pipe nobody reads fills up and blocks it)."""
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as o, err.open("w") as e:
+        proc = subprocess.Popen(cli_command(*args), cwd=tmp_path, stdout=o, stderr=e, text=True)
+    return proc, out, err
+
+
+def _finished(trials: list[Any]) -> list[Any]:
+    return [t for t in trials if t.state.is_finished()]
+
+
+def test_a_ray_search_runs_trials_in_parallel_and_writes_the_same_run_folder(tmp_path: Path) -> None:
+    study = _study_file(tmp_path, "parallel", 8)
+    done = subprocess.run(cli_command("search", "--study", str(study)), cwd=tmp_path, capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run = tmp_path / "parallel"
+    for name in ("best.yaml", "trials.csv", "pareto.png", "summary.json", "run.json"):
+        assert (run / name).is_file(), name
+    assert list((run / "pareto").glob("*.yaml"))
+    trials = study_trials(_url(tmp_path, "parallel"), "parallel")
+    assert len(_finished(trials)) == 8 and len(trials) == 8
+    evaluated = [t for t in trials if "worker" in t.user_attrs and "worker_finished" in t.user_attrs]
+    assert len(evaluated) >= 4
+    # two trials at a time: some pair of evaluations overlaps in time, on two worker processes
+    spans = sorted((t.user_attrs["worker_started"], t.user_attrs["worker_finished"]) for t in evaluated)
+    assert any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False))
+    pids = {t.user_attrs["worker"]["pid"] for t in trials if "worker" in t.user_attrs}
+    assert 2 <= len(pids) < len([t for t in trials if "worker" in t.user_attrs])  # actors are reused
+    # the same columns as the Optuna backend's, with the worker filled in
+    with (run / "trials.csv").open() as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 8 and all(r["worker"] for r in rows)
+    assert {"number", "state", "reason", "score", "latency_ms", "started", "completed"} <= set(rows[0])
+    # and `report` reads it back
+    again = subprocess.run(cli_command("report", str(run)), cwd=tmp_path, capture_output=True, text=True,
+                           timeout=300)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "best: trial" in again.stdout
+
+
+def test_a_worker_killed_mid_trial_does_not_end_the_run(tmp_path: Path) -> None:
+    study = _study_file(tmp_path, "killed", 6, epochs=4, batches=4)
+    url = _url(tmp_path, "killed")
+    proc, _, err = _start(tmp_path, "search", "--study", str(study))
+    try:
+        def running_with_worker() -> Any:
+            return next((t for t in study_trials(url, "killed") if t.state == optuna.trial.TrialState.RUNNING
+                         and "worker" in t.user_attrs and t.intermediate_values), None)
+
+        wait_for(lambda: running_with_worker() is not None, 300, "a trial running on a worker")
+        victim = running_with_worker()
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    trials = study_trials(url, "killed")
+    assert len(_finished(trials)) == 6 and len(trials) == 6  # the run went on to its trial count
+    after = next(t for t in trials if t.number == victim.number)
+    # run again on another worker (Ray retries it), or failed with the reason said
+    retried = victim.user_attrs["worker"] in after.user_attrs.get("earlier_workers", [])
+    assert after.state.is_finished() and (retried or after.user_attrs.get("reason") == "worker_failed")
+    assert (tmp_path / "killed" / "summary.json").is_file()
+
+
+def test_ctrl_c_then_resume_reruns_the_unfinished_trials_and_keeps_the_rest(tmp_path: Path) -> None:
+    study = _study_file(tmp_path, "resumed", 8, epochs=3, batches=4)
+    url = _url(tmp_path, "resumed")
+    proc, out, err = _start(tmp_path, "search", "--study", str(study))
+    try:
+        def mid_run() -> bool:
+            trials = study_trials(url, "resumed")
+            return (sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 2
+                    and any(t.state == optuna.trial.TrialState.RUNNING for t in trials))
+
+        wait_for(mid_run, 300, "two complete trials and one running")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    assert "Traceback" not in err.read_text()
+    assert "interrupted" in out.read_text()
+    before = {t.number: (t.state, t.values, t.datetime_complete) for t in study_trials(url, "resumed")
+              if t.state.is_finished()}
+    unfinished = [t.number for t in study_trials(url, "resumed") if not t.state.is_finished()]
+    assert before and unfinished and len(before) < 8
+    assert (tmp_path / "resumed" / "ray").is_dir()  # Ray's experiment state, what --resume restores
+
+    resumed = subprocess.run(cli_command("search", "--study", str(study), "--resume"), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    trials = study_trials(url, "resumed")
+    assert len(trials) == 8 and len(_finished(trials)) == 8
+    for t in trials:
+        if t.number in before:  # nothing finished was lost or run again
+            assert (t.state, t.values, t.datetime_complete) == before[t.number]
+    # the trials Ray restored ran to an end in the resumed run, as the same Optuna trials
+    restarted = [t for t in trials if t.number in unfinished]
+    assert all(t.state.is_finished() and t.datetime_complete > max(c for _, _, c in before.values())
+               for t in restarted)
