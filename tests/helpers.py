@@ -135,11 +135,17 @@ def study_trials(url: str, name: str) -> list[Any]:
     import sqlalchemy
 
     if url.startswith("sqlite:///") and not _sqlite_ready(Path(url.removeprefix("sqlite:///"))):
-        return []  # never race the search process to create the schema
-    try:
-        return optuna.load_study(study_name=name, storage=url).get_trials()
-    except (KeyError, sqlalchemy.exc.SQLAlchemyError):
         return []
+    try:
+        if url not in _POLLING:  # one engine per database: a poll loop must not pile up connections
+            # never creates the schema: that would race the search process creating it
+            _POLLING[url] = optuna.storages.RDBStorage(url, skip_table_creation=True)
+        return optuna.load_study(study_name=name, storage=_POLLING[url]).get_trials()
+    except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
+        return []  # not there yet
+
+
+_POLLING: dict[str, Any] = {}
 
 
 def _sqlite_ready(path: Path) -> bool:

@@ -48,7 +48,7 @@ def _finished(trials: list[Any]) -> list[Any]:
 
 
 def test_a_ray_search_runs_trials_in_parallel_and_writes_the_same_run_folder(tmp_path: Path) -> None:
-    study = _study_file(tmp_path, "parallel", 8)
+    study = _study_file(tmp_path, "parallel", 6)
     done = subprocess.run(cli_command("search", "--study", str(study)), cwd=tmp_path, capture_output=True,
                           text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -57,9 +57,9 @@ def test_a_ray_search_runs_trials_in_parallel_and_writes_the_same_run_folder(tmp
         assert (run / name).is_file(), name
     assert list((run / "pareto").glob("*.yaml"))
     trials = study_trials(_url(tmp_path, "parallel"), "parallel")
-    assert len(_finished(trials)) == 8 and len(trials) == 8
+    assert len(_finished(trials)) == 6 and len(trials) == 6
     evaluated = [t for t in trials if "worker" in t.user_attrs and "worker_finished" in t.user_attrs]
-    assert len(evaluated) >= 4
+    assert len(evaluated) >= 4  # the four references at least
     # two trials at a time: some pair of evaluations overlaps in time, on two worker processes
     spans = sorted((t.user_attrs["worker_started"], t.user_attrs["worker_finished"]) for t in evaluated)
     assert any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False))
@@ -68,7 +68,7 @@ def test_a_ray_search_runs_trials_in_parallel_and_writes_the_same_run_folder(tmp
     # the same columns as the Optuna backend's, with the worker filled in
     with (run / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 8 and all(r["worker"] for r in rows)
+    assert len(rows) == 6 and all(r["worker"] for r in rows)
     assert {"number", "state", "reason", "score", "latency_ms", "started", "completed"} <= set(rows[0])
     # and `report` reads it back
     again = subprocess.run(cli_command("report", str(run)), cwd=tmp_path, capture_output=True, text=True,

@@ -71,16 +71,20 @@ def postgres() -> Iterator[str]:
         import sqlalchemy
 
         def accepts() -> bool:
+            engine = sqlalchemy.create_engine(url)
             try:
-                with sqlalchemy.create_engine(url).connect():
+                with engine.connect():
                     return True
             except sqlalchemy.exc.OperationalError:
                 return False
+            finally:
+                engine.dispose()
 
         wait_for(accepts, 60, "PostgreSQL to accept connections")
         yield url
     finally:
-        server.send_signal(signal.SIGINT)  # fast shutdown
+        subprocess.run([*as_postgres, str(bindir / "pg_ctl"), "-D", str(data), "-m", "immediate", "stop"],
+                       capture_output=True, timeout=60)  # the data is thrown away
         try:
             server.wait(30)
         except subprocess.TimeoutExpired:
