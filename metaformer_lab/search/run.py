@@ -5,6 +5,9 @@ Storage is Optuna's RDB storage: SQLite in the run folder by default, any SQLAlc
 a heartbeat, so a trial whose process was killed (even ``kill -9``) is failed after the grace period and
 run again (``RetryHeartbeatStaleTrialCallback``); completed trials are never lost or repeated. Several
 processes can work on one study: the first creates it, the others join with ``resume=True``.
+
+``config.backend == "ray"`` runs the same trials on Ray Tune instead (:mod:`metaformer_lab.search.ray_backend`);
+everything before and after ``optimize`` is shared.
 """
 
 from __future__ import annotations
