@@ -20,6 +20,11 @@ M = TypeVar("M", bound=nn.Module)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
+PROFILE_CPU = "AMD EPYC"
+"""The CPU model the shipped CPU profiles were made on."""
+OTHER_CPU = "Intel(R) Xeon(R) Processor"
+"""Another CPU model that instances of this machine kind come with."""
+
 
 def all_cases() -> list[tuple[str, Any, Case]]:
     """(role, op definition, case) for every example case of every registered op."""

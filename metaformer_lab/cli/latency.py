@@ -76,7 +76,8 @@ def latency_of(
     from metaformer_lab.api import load_spec
     from metaformer_lab.latency import GPUS, estimate_gpu, measure
     from metaformer_lab.latency.predict import as_graph, predict
-    from metaformer_lab.latency.profile import find_profile, resolve_profile
+    from metaformer_lab.latency.measure import cpu_name
+    from metaformer_lab.latency.profile import match_profile, resolve_profile
 
     try:
         arch = load_spec(spec, block_dirs=block_dir)
@@ -96,14 +97,16 @@ def latency_of(
             out.update(estimated_ms=est.total_ms, estimate=est.to_json(), label=est.label)
         else:
             chosen = None
-            if profile == "auto":
-                chosen = find_profile({"device": "cpu" if device == "cpu" else "cuda", "dtype": dtype,
-                                       "batch_size": batch_size, "threads": threads if device == "cpu" else None,
-                                       "input_size": size, "channels_last": channels_last})
+            adapt = host_check and not no_measure  # --no-measure measures nothing, the host check included
+            if profile == "auto":  # one made on another CPU model only through the host check
+                chosen, _ = match_profile({"device": "cpu" if device == "cpu" else "cuda",
+                                           "device_name": cpu_name() if device == "cpu" else None, "dtype": dtype,
+                                           "batch_size": batch_size, "threads": threads if device == "cpu" else None,
+                                           "input_size": size, "channels_last": channels_last}, adapt=adapt)
             elif profile is not None:
                 chosen = resolve_profile(profile)
             if chosen is not None:
-                if host_check and not no_measure and chosen.device == "cpu":  # --no-measure measures nothing
+                if adapt and chosen.device == "cpu":
                     from metaformer_lab.search.latency import fit_to_host
 
                     chosen, check, line = fit_to_host(chosen)

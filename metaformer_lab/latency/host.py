@@ -41,6 +41,8 @@ class HostCheck:
         scale: median of ``measured / predicted`` over the check networks; predictions are multiplied by it.
         ratios: each network's ``measured / predicted``, sorted.
         seconds: wall time of the check.
+        host: this host's CPU model.
+        made_on: the CPU model the profile was made on.
     """
 
     profile: str
@@ -48,6 +50,12 @@ class HostCheck:
     ratios: list[float] = field(default_factory=list)
     seconds: float = 0.0
     host: str = ""
+    made_on: str = ""
+
+    @property
+    def foreign(self) -> bool:
+        """The profile was made on another CPU model than this host's."""
+        return bool(self.made_on) and self.made_on != self.host
 
     @property
     def spread(self) -> float:
@@ -66,7 +74,8 @@ class HostCheck:
         return replace(profile, host_scale=self.scale, host_check=self.to_json())
 
     def describe(self) -> str:
-        text = (f"host check: profile '{self.profile}' rescaled x{self.scale:.2f} to this host from "
+        made = f" (made on {self.made_on}; this host: {self.host})" if self.foreign else ""
+        text = (f"host check: profile '{self.profile}'{made} rescaled x{self.scale:.2f} to this host from "
                 f"{len(self.ratios)} networks (ratio spread {self.spread:.0%})")
         if self.wide:
             text += "; this host differs from the profile's in kind, run `latency calibrate` on it"
@@ -74,7 +83,8 @@ class HostCheck:
 
     def to_json(self) -> dict[str, Any]:
         return {"profile": self.profile, "scale": self.scale, "ratios": self.ratios, "spread": self.spread,
-                "networks": len(self.ratios), "seconds": self.seconds, "host": self.host}
+                "networks": len(self.ratios), "seconds": self.seconds, "host": self.host,
+                "made_on": self.made_on}
 
 
 def check_host(profile: Profile, graphs: Sequence[ArchGraph], *, time_per_model_s: float = 0.4) -> HostCheck:
@@ -98,4 +108,5 @@ def check_host(profile: Profile, graphs: Sequence[ArchGraph], *, time_per_model_
     ratios = sorted(r.p10_ms / p for p, r in zip(predicted, results, strict=True) if p > 0)
     if not ratios:
         raise LatencyError.single("--profile", f"profile '{profile.name}' predicts no time for the check networks")
-    return HostCheck(profile.name, statistics.median(ratios), ratios, time.perf_counter() - start, cpu_name())
+    return HostCheck(profile.name, statistics.median(ratios), ratios, time.perf_counter() - start, cpu_name(),
+                     str(profile.settings.get("device_name") or ""))

@@ -97,8 +97,16 @@ def parse_duration_ms(text: str, *, path: str = "duration") -> float:
 # --- provenance --------------------------------------------------------------------------------
 
 
+CPU_NAME_ENV = "METAFORMER_LAB_CPU_NAME"
+"""Overrides the CPU model name the host reports (profile matching and provenance follow it)."""
+
+
 def cpu_name() -> str:
-    """The CPU's model name (``/proc/cpuinfo``), else ``platform.processor()``, else the machine type."""
+    """The CPU's model name: ``$METAFORMER_LAB_CPU_NAME`` if set, else ``/proc/cpuinfo``, else
+    ``platform.processor()``, else the machine type."""
+    override = os.environ.get(CPU_NAME_ENV, "").strip()
+    if override:
+        return override
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")

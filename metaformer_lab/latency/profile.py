@@ -212,5 +212,26 @@ def find_profile(want: Mapping[str, Any], profiles: Sequence[Profile] | None = N
     raise LatencyError(issues)
 
 
+def match_profile(want: Mapping[str, Any], *, adapt: bool,
+                  profiles: Sequence[Profile] | None = None) -> tuple[Profile, bool]:
+    """The shipped profile for ``want``, and whether it was made on another CPU model.
+
+    A profile that matches every setting but ``device_name`` (made on another CPU model, on a CPU
+    ``want``) is returned only when ``adapt`` says the caller fits it to this host (the host check of
+    :mod:`.host`); its raw numbers are another machine's. Raises LatencyError (from :func:`find_profile`,
+    listing the near matches) when none fits.
+    """
+    try:
+        return find_profile(want, profiles), False
+    except LatencyError:
+        if not (adapt and want.get("device") == "cpu" and want.get("device_name") is not None):
+            raise
+    try:
+        return find_profile({**want, "device_name": None}, profiles), True
+    except LatencyError:
+        pass
+    return find_profile(want, profiles), False  # raises, with the near matches of the full setting
+
+
 def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:
     return [(p - m) / m for p, m in zip(predicted, measured, strict=True) if m > 0 and math.isfinite(p)]

@@ -17,7 +17,7 @@ from metaformer_lab.latency.gpu import UNCALIBRATED, KernelCache, estimate_gpu, 
 from metaformer_lab.latency.host import CHECK_NETWORKS, HOST_SEED, HostCheck, check_host
 from metaformer_lab.latency.measure import LatencyError, LatencyResult, cpu_name, measure
 from metaformer_lab.latency.predict import predict
-from metaformer_lab.latency.profile import Profile, find_profile, resolve_profile
+from metaformer_lab.latency.profile import Profile, match_profile, resolve_profile
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.space import SearchSpace, load_space, sample
 
@@ -78,8 +78,8 @@ class LatencyOracle:
         self.shared = False  # set when other trials run on this machine while candidates are measured (Ray)
         if self.gpu is None and config.profile is not None:
             if config.profile == "auto":
-                try:
-                    self.profile = find_profile(_wanted(config, input_size))
+                try:  # one made on another CPU model only through the host check (fit_host)
+                    self.profile, _ = match_profile(_wanted(config, input_size), adapt=config.host_check)
                 except LatencyError as err:  # none fits: measure every candidate instead (and say why)
                     self.unmatched = tuple(i.message for i in err.issues)
             else:
@@ -102,7 +102,10 @@ class LatencyOracle:
         if self.gpu is not None:
             return f"{UNCALIBRATED} for {self.gpu.full_name} ({self.config.dtype}, batch {self.config.batch_size})"
         if self.profile is not None:
-            host = f", rescaled x{self.host.scale:.2f} to this host" if self.host is not None else ""
+            host = ""
+            if self.host is not None:
+                made = f" (made on {self.host.made_on})" if self.host.foreign else ""
+                host = f"{made}, rescaled x{self.host.scale:.2f} to this host"
             return f"predicted from profile '{self.profile.name}'{host}"
         where = f"{self.config.threads} thread(s)" if self.config.device == "cpu" else self.config.device
         return f"measured on {self.config.device} at {where} (no matching profile)"

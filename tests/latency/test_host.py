@@ -5,11 +5,12 @@ from __future__ import annotations
 from dataclasses import replace
 
 import pytest
+from helpers import OTHER_CPU, PROFILE_CPU
 
 from metaformer_lab.latency import LatencyError
 from metaformer_lab.latency.host import HOST_SEED, HostCheck, check_host
 from metaformer_lab.latency.predict import predict
-from metaformer_lab.latency.profile import resolve_profile
+from metaformer_lab.latency.profile import MATCH_KEYS, match_profile, resolve_profile
 from metaformer_lab.search.latency import fit_to_host
 from metaformer_lab.space import load_space, sample
 
@@ -59,3 +60,27 @@ def test_a_gpu_profile_or_no_network_is_refused(graphs: list) -> None:
         check_host(profile, [])
     same, check, line = fit_to_host(gpu)
     assert same is gpu and check is None and "no host check" in line
+
+
+def test_a_profile_of_another_cpu_model_matches_only_through_the_host_check() -> None:
+    """Both outcomes of matching, each labelled: the CPU model the profile was made on, and another."""
+    profile = resolve_profile("cpu-tiny-1t")
+    assert profile.settings["device_name"] == PROFILE_CPU
+    want = {**{k: profile.settings.get(k) for k in MATCH_KEYS}, "device_name": PROFILE_CPU}
+    for adapt in (True, False):
+        assert match_profile(want, adapt=adapt, profiles=[profile]) == (profile, False)  # same model: as it is
+    other = {**want, "device_name": OTHER_CPU}
+    assert match_profile(other, adapt=True, profiles=[profile]) == (profile, True)  # another: to be rescaled
+    with pytest.raises(LatencyError, match=f"differs in device_name {PROFILE_CPU}"):
+        match_profile(other, adapt=False, profiles=[profile])
+    with pytest.raises(LatencyError, match=r"threads 1 \(want 2\)"):  # only the CPU model is forgiven
+        match_profile({**other, "threads": 2}, adapt=True, profiles=[profile])
+
+
+def test_the_check_says_when_the_profile_was_made_on_another_cpu(graphs: list, host_cpu: str) -> None:
+    profile = resolve_profile("cpu-tiny-1t")
+    check = check_host(profile, graphs[:2], time_per_model_s=0.05)
+    assert check.host == host_cpu and check.made_on == PROFILE_CPU
+    assert check.foreign == (host_cpu != PROFILE_CPU)
+    assert ("(made on AMD EPYC; this host: " in check.describe()) == check.foreign
+    assert check.to_json()["made_on"] == PROFILE_CPU

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import PROFILE_CPU
 from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
@@ -22,7 +23,8 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
-def test_a_spec_is_measured_and_predicted_from_the_matching_profile() -> None:
+def test_a_spec_is_measured_and_predicted_from_the_matching_profile(host_cpu: str) -> None:
+    """On either CPU model the shipped profile predicts, fitted to this host; the check names both models."""
     code, out, err = run("latency", TINY, "--profile", "auto", "--json")
     assert code == 0, err
     report = json.loads(out)
@@ -31,6 +33,26 @@ def test_a_spec_is_measured_and_predicted_from_the_matching_profile() -> None:
     assert report["prediction"]["profile"] == "cpu-tiny-1t" and report["predicted_ms"] > 0
     assert report["settings"]["threads"] == 1 and report["settings"]["input_size"] == [32, 32]
     assert report["estimated_ms"] is None
+    check = report["host_check"]
+    assert check["host"] == host_cpu and check["made_on"] == PROFILE_CPU
+    assert report["prediction"]["host_scale"] == check["scale"]
+    assert (f"(made on {PROFILE_CPU}; this host: {host_cpu})" in report["host_line"]) == (host_cpu != PROFILE_CPU)
+    assert report["measurement"]["provenance"]["device_name"] == host_cpu
+
+
+def test_without_a_host_check_only_a_profile_of_this_cpu_predicts(host_cpu: str) -> None:
+    """--no-measure measures nothing, the host check included: a profile made on another CPU model does not
+    fit, and the near match says why."""
+    code, out, err = run("latency", TINY, "--profile", "auto", "--no-measure", "--json")
+    if host_cpu == PROFILE_CPU:
+        assert code == 0, err
+        report = json.loads(out)
+        assert report["prediction"]["profile"] == "cpu-tiny-1t" and report["prediction"]["host_scale"] == 1.0
+        assert report["measured_ms"] is None and "host_check" not in report
+    else:
+        assert code == 1 and "Traceback" not in out + err
+        assert err.splitlines()[0].startswith("--profile: no shipped profile matches"), err
+        assert f"near match 'cpu-tiny-1t': differs in device_name {PROFILE_CPU} (want {host_cpu})" in err
 
 
 def test_a_spec_is_measured_without_a_profile() -> None:

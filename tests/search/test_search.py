@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from helpers import cli_command, study_trials, wait_for
+from helpers import PROFILE_CPU, cli_command, study_trials, wait_for
 from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
@@ -67,18 +67,38 @@ def test_a_search_records_every_trial_and_writes_the_run_folder(tmp_path: Path) 
     assert code == 0
 
 
-def test_on_the_cpu_latency_is_predicted_and_the_finalists_measured(tmp_path: Path) -> None:
+def test_on_the_cpu_latency_is_predicted_and_the_finalists_measured(tmp_path: Path, host_cpu: str) -> None:
+    """Whichever CPU model the host reports, the shipped profile predicts, fitted to this host first; one made
+    on another CPU model says so."""
     search, report = run_search(quick(tmp_path, device="cpu", budget="50ms", trials=6, finalists=2))
     complete = [t for t in search.study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and all(t.user_attrs["latency_source"] == "predicted" for t in complete)
-    assert "predicted from profile 'cpu-tiny-1t', rescaled x" in report["latency"]  # fitted to this host first
+    made_on = "" if host_cpu == PROFILE_CPU else f" (made on {PROFILE_CPU})"
+    assert f"predicted from profile 'cpu-tiny-1t'{made_on}, rescaled x" in report["latency"]
     check = search.study.user_attrs["host_check"]
     assert check["networks"] == 8 and check["scale"] > 0 and search.oracle.profile.host_scale == check["scale"]
+    assert check["host"] == host_cpu and check["made_on"] == PROFILE_CPU
     best = report["best"]
     assert best["measured_ms"] is not None and best["measured_ms"] <= 50.0
     measured = report["finalists"][str(best["trial"])]
     assert measured["within_budget"] and measured["provenance"]["threads"] == 1
     assert len([m for m in report["finalists"].values() if m.get("measured_ms")]) >= 2
+
+
+def test_without_the_host_check_a_profile_of_another_cpu_is_not_used(tmp_path: Path, host_cpu: str) -> None:
+    """--no-host-check: the shipped profile predicts on the CPU model it was made on, unscaled; on another
+    model nothing fits, and every candidate is measured."""
+    search, report = run_search(quick(tmp_path, device="cpu", budget="50ms", trials=5, finalists=1,
+                                      host_check=False))
+    complete = [t for t in search.study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert complete and "host_check" not in search.study.user_attrs
+    source = "predicted" if host_cpu == PROFILE_CPU else "measured"
+    assert all(t.user_attrs["latency_source"] == source for t in complete)
+    if host_cpu == PROFILE_CPU:
+        assert report["latency"] == "predicted from profile 'cpu-tiny-1t'"
+    else:
+        assert "no matching profile" in report["latency"]
+        assert any("near match 'cpu-tiny-1t': differs in device_name" in m for m in search.oracle.unmatched)
 
 
 def test_a_finalist_over_budget_when_measured_is_reported_not_chosen(tmp_path: Path) -> None:
