@@ -135,16 +135,19 @@ def wait_for(predicate: Any, timeout: float, what: str = "the condition") -> Non
 
 
 def study_trials(url: str, name: str) -> list[Any]:
-    """The study's trials (FrozenTrial), or [] while the study or its database does not exist yet."""
+    """The study's trials (FrozenTrial), or [] while the study or its database does not exist yet.
+
+    Nothing is written: Optuna's storage is opened only once the search process has finished creating the
+    schema (the alembic stamp is its last step), since opening it earlier stamps the schema too, and two
+    processes creating one PostgreSQL table at once make one of them fail."""
     import optuna
     import sqlalchemy
 
-    if url.startswith("sqlite:///") and not _sqlite_ready(Path(url.removeprefix("sqlite:///"))):
-        return []
+    if url not in _POLLING:
+        if not _schema_ready(url):
+            return []
+        _POLLING[url] = optuna.storages.RDBStorage(url, skip_table_creation=True)
     try:
-        if url not in _POLLING:  # one engine per database: a poll loop must not pile up connections
-            # never creates the schema: that would race the search process creating it
-            _POLLING[url] = optuna.storages.RDBStorage(url, skip_table_creation=True)
         return optuna.load_study(study_name=name, storage=_POLLING[url]).get_trials()
     except (KeyError, sqlalchemy.exc.SQLAlchemyError, optuna.exceptions.StorageInternalError):
         return []  # not there yet
@@ -153,14 +156,28 @@ def study_trials(url: str, name: str) -> list[Any]:
 _POLLING: dict[str, Any] = {}
 
 
-def _sqlite_ready(path: Path) -> bool:
-    """Whether Optuna's schema is complete in the SQLite file (read-only look)."""
+def _schema_ready(url: str) -> bool:
+    """Whether Optuna's schema is complete in the database at ``url`` (a read-only look)."""
     import sqlite3
 
-    if not path.exists():
-        return False
+    import sqlalchemy
+
+    if url.startswith("sqlite:///"):
+        path = Path(url.removeprefix("sqlite:///"))
+        if not path.exists():
+            return False
+        try:
+            with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
+                return bool(db.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
+        except sqlite3.Error:
+            return False
+    engine = sqlalchemy.create_engine(url)
     try:
-        with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=5) as db:
-            return bool(db.execute("SELECT count(*) FROM alembic_version").fetchone()[0])
-    except sqlite3.Error:
+        with engine.connect() as connection:
+            if "alembic_version" not in sqlalchemy.inspect(connection).get_table_names():
+                return False
+            return bool(connection.execute(sqlalchemy.text("SELECT count(*) FROM alembic_version")).scalar())
+    except sqlalchemy.exc.SQLAlchemyError:
         return False
+    finally:
+        engine.dispose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -77,17 +78,35 @@ def storage_url(config: SearchConfig, run_dir: Path) -> str:
     return config.storage or f"sqlite:///{(run_dir / 'study.db').resolve()}"
 
 
-def open_storage(url: str, heartbeat_s: int) -> optuna.storages.RDBStorage:
-    """RDB storage with a heartbeat; an unreachable URL is a StudyError."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+def open_storage(url: str, heartbeat_s: int, *, attempts: int = 5) -> optuna.storages.RDBStorage:
+    """RDB storage with a heartbeat; an unreachable URL is a StudyError.
+
+    Processes started together on an empty database all create Optuna's schema; PostgreSQL lets one
+    ``CREATE TABLE`` win and fails the others with a unique violation. Such a loser tries again (the
+    schema is then there, and creating it is skipped) up to ``attempts`` times."""
+    import sqlalchemy
+
+    attempt = 1
+    while True:
         try:
-            return optuna.storages.RDBStorage(
-                url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
-                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                return optuna.storages.RDBStorage(
+                    url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
+                    heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+        except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
+            if attempt < attempts:  # another process is creating the schema
+                time.sleep(0.2 * attempt)
+                attempt += 1
+                continue
+            failure: BaseException = err
         except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot open it"
-            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            raise StudyError.single("--storage", f"cannot open {url}: {first}") from None
+            failure = err
+        raise StudyError.single("--storage", f"cannot open {url}: {_first_line(failure)}")
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
 
 
 def _sampler(config: SearchConfig) -> optuna.samplers.BaseSampler:

@@ -99,12 +99,38 @@ def _start(tmp_path: Path, name: str, *args: str) -> tuple[subprocess.Popen[str]
     return proc, err
 
 
+def _running(proc: subprocess.Popen[str], err: Path) -> bool:
+    assert proc.poll() is None, f"a search process ended early: {err.read_text()[-2000:]}"
+    return True
+
+
 def _origin(t: Any) -> int:
     """The trial a retried trial repeats (itself for a first run)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         number = RetryFailedTrialCallback.retried_trial_number(t)
     return t.number if number is None else int(number)
+
+
+def test_processes_opening_one_empty_database_at_once_all_get_the_storage(postgres: str) -> None:
+    """Every process started on an empty database creates Optuna's schema; PostgreSQL fails all but one
+    ``CREATE TABLE`` of a race with a unique violation, and the losers must try again, not give up."""
+    from concurrent.futures import ThreadPoolExecutor
+    from threading import Barrier
+
+    from metaformer_lab.search.run import open_storage
+
+    barrier = Barrier(6)
+
+    def open_one(_: int) -> str:
+        barrier.wait()
+        storage = open_storage(postgres, 5)
+        storage.engine.dispose()
+        return type(storage).__name__
+
+    with ThreadPoolExecutor(6) as pool:
+        assert list(pool.map(open_one, range(6))) == ["RDBStorage"] * 6
+    assert study_trials(postgres, "none-yet") == []  # the schema is whole: the poller can open it
 
 
 def test_two_processes_share_a_study_and_one_killed_mid_trial_loses_nothing(postgres: str, tmp_path: Path) -> None:
@@ -116,7 +142,8 @@ def test_two_processes_share_a_study_and_one_killed_mid_trial_loses_nothing(post
     first, first_err = _start(tmp_path, "first", "search", "--study", str(study_file), "--out", "first")
     procs = [first]
     try:
-        wait_for(lambda: study_trials(postgres, "shared"), 120, "the first process to create the study")
+        wait_for(lambda: _running(first, first_err) and study_trials(postgres, "shared"), 120,
+                 "the first process to create the study")
         second, second_err = _start(tmp_path, "second", "search", "--study", str(study_file), "--resume", "--out",
                                     "second")
         procs.append(second)
@@ -125,8 +152,8 @@ def test_two_processes_share_a_study_and_one_killed_mid_trial_loses_nothing(post
         before: dict[int, Any] = {}
 
         def both_busy() -> bool:  # both at work, the second one mid-trial, something complete
-            for p, err in ((first, first_err), (second, second_err)):
-                assert p.poll() is None, f"a search process ended early: {err.read_text()[-2000:]}"
+            _running(first, first_err)
+            _running(second, second_err)
             trials = study_trials(postgres, "shared")
             killed[:] = [t.number for t in trials if t.state == TrialState.RUNNING and t.intermediate_values
                          and t.user_attrs.get("worker", {}).get("pid") == second.pid]
