@@ -20,6 +20,20 @@ M = TypeVar("M", bound=nn.Module)
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 
+TINY_SPEC: dict[str, Any] = {
+    "name": "tiny_test_net",
+    "input": {"channels": 3, "size": 32},
+    "num_classes": 10,
+    "stem": {"type": "conv", "kernel": 4, "stride": 4, "padding": 0},
+    "stages": [
+        {"depth": 1, "dim": 32, "block": "convformer"},
+        {"depth": 1, "dim": 64, "downsample": {"type": "conv", "kernel": 3, "stride": 2, "padding": 1},
+         "block": "poolformer"},
+    ],
+    "head": {"type": "pool_norm_linear", "norm": {"type": "layernorm"}},
+}
+"""A small network (conv stem, ConvFormer then PoolFormer stage, LayerNorm head) the evaluator tests score."""
+
 PROFILE_CPU = "AMD EPYC"
 """The CPU model the shipped CPU profiles were made on."""
 OTHER_CPU = "Intel(R) Xeon(R) Processor"

@@ -75,8 +75,8 @@ def latency_of(
     """
     from metaformer_lab.api import load_spec
     from metaformer_lab.latency import GPUS, estimate_gpu, measure
-    from metaformer_lab.latency.predict import as_graph, predict
     from metaformer_lab.latency.measure import cpu_name
+    from metaformer_lab.latency.predict import as_graph, predict
     from metaformer_lab.latency.profile import match_profile, resolve_profile
 
     try:

@@ -69,6 +69,13 @@ def search(
     out: Annotated[Path | None, Opt(help="Run folder (default: runs/STUDY_NAME).")] = None,
     study: Annotated[Path | None, Opt("--study", help="A study file (studies/*.yaml); options given here win.")]
     = None,
+    max_memory: Annotated[str | None, Opt(help="Memory the process may hold while evaluating (2GB, 512MB; what "
+                                               "it holds counts): a candidate whose estimated step does not fit "
+                                               "is micro-batched, else recorded out_of_memory (default: a quarter "
+                                               "of what is free).")] = None,
+    score_references: Annotated[bool, Opt("--score-references", help="Also score the space's references far over "
+                                                                     "the budget, after the searched trials.")]
+    = False,
     backend: Annotated[str | None, Opt(help="optuna (trials in this process) or ray (trials spread over a Ray "
                                             "cluster).")] = None,
     address: Annotated[str | None, Opt(help="Ray: a cluster to join (default: a local Ray with this machine's "
@@ -106,11 +113,13 @@ def search(
                          batch_size=batch_size, dtype=dtype, dataset=dataset, evaluator=evaluator,
                          evaluator_options=options or None, trials=trials, timeout_s=timeout, objectives=objectives,
                          storage=storage, study_name=study_name, seed=seed, out=None if out is None else str(out),
-                         host_check=None if host_check else False, backend=backend, ray=ray or None)
+                         host_check=None if host_check else False, max_memory=max_memory,
+                         score_references=score_references or None, backend=backend, ray=ray or None)
         if profile == "none":
             config = config.model_copy(update={"profile": None})
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar tells each trial's outcome
         prepared = prepare(config, resume=resume)  # every input checked before anything runs
+        console.print(f"{config.name}: budget {config.budget_ms:g} ms, {config.dtype_note}, batch {config.batch_size}")
         for note in prepared.notes:
             console.print(note)
         if config.backend == "ray":
@@ -152,13 +161,18 @@ def _print_report(report: dict[str, Any], run_dir: Path) -> None:
         table.add_row(reason, str(n))
     console.print(table)
     refs = report.get("references") or {}
+    counted = report.get("reference_counts")
+    if counted and refs:
+        console.print(f"references: {counted['scored']} scored, {counted['placed']} placed from their latency "
+                      f"alone (far over the budget; --score-references scores them); none takes one of --trials")
     if refs:
         rt = Table(title="reference models", title_justify="left")
         for c in ("reference", "score", "latency ms", "outcome"):
             rt.add_column(c, justify="left" if c in ("reference", "outcome") else "right")
         for name, r in refs.items():
+            outcome = r["reason"] if r.get("evaluated", True) else f"{r['reason']} (not scored)"
             rt.add_row(name, "-" if r["score"] is None else f"{r['score']:.4f}",
-                       "-" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}", r["reason"])
+                       "-" if r["latency_ms"] is None else f"{r['latency_ms']:.3f}", outcome)
         console.print(rt)
     for violator in report.get("finalists_over_budget", []):
         console.print(f"[red]trial {violator['trial']} (score {violator['score']:.4f}) was predicted at "
@@ -176,7 +190,9 @@ def _print_report(report: dict[str, Any], run_dir: Path) -> None:
                       f"({best['latency_label']}){measured}, {best['params']:,} params")
     if report.get("interrupted"):
         console.print("[yellow]interrupted: the run folder holds what finished; resume with --resume[/]")
-    console.print(f"run folder: {run_dir} (best.yaml, pareto/, trials.csv, pareto.png, summary.json)")
+    written = [n for n in ("best.yaml", "pareto/", "trials.csv", "pareto.png", "summary.json")
+               if (run_dir / n.rstrip("/")).exists()]
+    console.print(f"run folder: {run_dir} ({', '.join(written)})")
 
 
 @app.command()

@@ -90,6 +90,11 @@ class GpuSpec:
     launch_us: float = DEFAULT_LAUNCH_US
     source: str = ""
 
+    @property
+    def default_dtype(self) -> str:
+        """What a model is deployed at on this GPU: float16, or bfloat16 where its rate is the higher one."""
+        return "bfloat16" if self.bf16_tflops is not None and self.bf16_tflops > self.fp16_tflops else "float16"
+
     def peak_tflops(self, op_class: str, dtype: str) -> tuple[float, str | None]:
         """The peak rate a kernel of ``op_class`` runs against at ``dtype``, and a note when it falls back."""
         if op_class not in TENSOR_CORE_CLASSES:

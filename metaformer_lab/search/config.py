@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from metaformer_lab.core.errors import Issue, StudyError
 from metaformer_lab.latency.gpu import gpu_spec
@@ -52,7 +52,8 @@ class SearchConfig(BaseModel):
     device: str = Field("cpu", description="cpu, cuda, or a GPU name for the uncalibrated estimate (h100, t4, ...)")
     threads: Annotated[int, Field(ge=1, le=256)] = 1
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 1
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
+        None, description="default: float32 on the CPU; on a GPU float16, or bfloat16 where its datasheet favours it")
     profile: str | None = Field("auto", description="a profile file or shipped name; auto: one that matches; "
                                                     "null: measure every candidate")
     host_check: bool = Field(True, description="rescale a CPU profile to this host from a few measured networks "
@@ -71,14 +72,39 @@ class SearchConfig(BaseModel):
     train_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
         None, description="torch threads while training (default: all cores); latency keeps `threads`")
     heartbeat_s: Annotated[int, Field(ge=1, le=3600)] = 10
+    max_memory: str | None = Field(None, description="memory the process may hold while it evaluates, e.g. 2GB "
+                                                     "(what it holds already counts): a candidate whose estimated "
+                                                     "step does not fit is micro-batched, else recorded "
+                                                     "out_of_memory; default: a share of what is free")
+    score_references: bool = Field(False, description="also score the space's references far over the budget, "
+                                                      "after the searched trials (default: placed from their "
+                                                      "latency alone)")
     backend: Literal["optuna", "ray"] = Field("optuna", description="optuna: trials in this process (several "
                                                                     "processes can share a study through --storage); "
                                                                     "ray: trials spread over a Ray cluster")
     ray: RayConfig = Field(default_factory=RayConfig)
+    _dtype_defaulted: bool = PrivateAttr(False)
+
+    @property
+    def dtype_note(self) -> str:
+        """The dtype latency is for, and whether it was chosen for the user (said first in a search's output)."""
+        if not self._dtype_defaulted:
+            return f"latency at {self.dtype}"
+        if self.device == "cpu":
+            return f"latency at {self.dtype} (the CPU default; --dtype to change)"
+        return (f"latency at {self.dtype}, the default for a GPU (what it is deployed at); --dtype float32 "
+                "for full precision")
 
     @property
     def budget_ms(self) -> float:
         return parse_duration_ms(self.budget, path="budget")
+
+    @property
+    def max_memory_bytes(self) -> int | None:
+        """``max_memory`` in bytes (None: a share of what is free when an evaluation starts)."""
+        from metaformer_lab.search.memory import parse_bytes
+
+        return None if self.max_memory is None else parse_bytes(self.max_memory)
 
     @property
     def gpu_name(self) -> str | None:
@@ -116,6 +142,12 @@ def check(config: SearchConfig) -> SearchConfig:
         except LatencyError as err:
             message = err.issues[0].message.replace("; known: ", "; one of cpu, cuda, ")
             issues.append(Issue("--device", message))
+    if config.max_memory is not None:
+        try:
+            if config.max_memory_bytes <= 0:  # type: ignore[operator]
+                issues.append(Issue("--max-memory", f"'{config.max_memory}' is not positive"))
+        except ValueError as err:
+            issues.append(Issue("--max-memory", str(err)))
     if config.backend != "ray":
         default = RayConfig()
         issues += [Issue(f"--{name.replace('_', '-')}", "needs --backend ray (the Optuna backend runs its trials "
@@ -123,7 +155,20 @@ def check(config: SearchConfig) -> SearchConfig:
                    for name in RayConfig.model_fields if getattr(config.ray, name) != getattr(default, name)]
     if issues:
         raise StudyError(issues)
+    if config.dtype is None:
+        config = config.model_copy(update={"dtype": default_dtype(config)})
+        config._dtype_defaulted = True
     return config
+
+
+def default_dtype(config: SearchConfig) -> str:
+    """The dtype a search measures at when none is given: float32 on the CPU; on a GPU the one people deploy
+    at, float16, or bfloat16 where the GPU's datasheet gives it the higher tensor-core rate."""
+    if config.device == "cpu":
+        return "float32"
+    if config.gpu_name is not None:
+        return gpu_spec(config.gpu_name).default_dtype
+    return "float16"
 
 
 def make_config(**values: Any) -> SearchConfig:

@@ -9,6 +9,12 @@ Two kinds, chosen by name with :func:`make_evaluator`:
 
 Evaluators know nothing of Optuna: a caller that prunes raises from its ``report`` callback, and the
 exception goes through untouched.
+
+Both bound their memory before allocating: given ``max_memory``, an evaluator estimates its step on the meta
+device (:mod:`metaformer_lab.search.memory`) before it copies or runs the candidate, splits a batch that does
+not fit into micro-batches over the same images (the score is the same quantity, so candidates stay
+comparable), and raises :class:`MemoryLimitExceeded` (reason ``out_of_memory``) for a candidate that does not
+fit even one image at a time, with nothing allocated for it.
 """
 
 from __future__ import annotations
@@ -22,7 +28,7 @@ import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Literal, get_args
+from typing import Any, ClassVar, Literal, cast, get_args
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +38,7 @@ from torch import Tensor, nn
 
 from metaformer_lab.core.errors import Issue, StudyError
 from metaformer_lab.search.datasets import Dataset, DatasetError
+from metaformer_lab.search.memory import MemoryEstimate, estimate_step, format_bytes
 
 Report = Callable[[int, float], None]
 """``report(epoch, value)``: called by an evaluator as it goes; may raise (``optuna.TrialPruned``) to stop it."""
@@ -74,6 +81,25 @@ class ProxyUndefined(EvaluationFailed):
     reason: ClassVar[str] = "proxy_undefined"
 
 
+class MemoryLimitExceeded(EvaluationFailed):
+    """Even one image at a time, a step would need more than ``max_memory``: raised before anything is
+    allocated for the candidate (no copy, no forward).
+
+    Attributes:
+        estimate: the step's estimate at the smallest micro-batch tried (one image).
+        limit: ``max_memory``, in bytes.
+    """
+
+    reason: ClassVar[str] = "out_of_memory"
+
+    def __init__(self, what: str, estimate: MemoryEstimate, limit: int) -> None:
+        super().__init__(f"{what} needs {estimate.describe()} > limit {format_bytes(limit)} (--max-memory)")
+        self.what, self.estimate, self.limit = what, estimate, limit
+
+    def __reduce__(self) -> tuple[Any, ...]:  # picklable to and from worker processes
+        return type(self), (self.what, self.estimate, self.limit)
+
+
 @dataclass(frozen=True)
 class EvalResult:
     """What an evaluation gives.
@@ -108,6 +134,11 @@ class Evaluator(ABC):
     - A candidate that cannot be scored raises an :class:`EvaluationFailed` subclass with a ``reason``;
       running out of memory propagates as ``torch.OutOfMemoryError``; data that does not fit the network
       raises :class:`~metaformer_lab.search.datasets.DatasetError`.
+    - With ``max_memory`` (bytes), memory is bounded before anything is allocated for the candidate: the step
+      is estimated on the meta device, a batch that does not fit is split into micro-batches (the largest
+      power-of-two split that fits, ``details["micro_batch"]`` such as ``"16x4"``) whose gradients add up to
+      the whole batch's, and a candidate that does not fit one image at a time raises
+      :class:`MemoryLimitExceeded`; ``metrics["est_peak_bytes"]`` is the estimate. None: no estimate.
     - ``seed`` fixes every random choice (the batch, the shuffling, dropout); on CPU the same seed gives the
       same score. The global torch RNG is left as it was.
     - Evaluators are plain, picklable values (options only), so they can be sent to worker processes.
@@ -181,6 +212,59 @@ def _deterministic_train_mode(net: nn.Module) -> nn.Module:
     return net
 
 
+@contextlib.contextmanager
+def _modes(net: nn.Module, set_mode: Callable[[nn.Module], Any]) -> Iterator[None]:
+    """``set_mode(net)`` for the block, every module's ``training`` flag restored afterwards (to estimate the
+    caller's module in the mode its copy will run in)."""
+    before = [(m, m.training) for m in net.modules()]
+    try:
+        set_mode(net)
+        yield
+    finally:
+        for m, training in before:
+            m.training = training
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """How an evaluation splits ``batch`` images: micro-batches of ``micro`` (the last one may be smaller)."""
+
+    batch: int
+    micro: int
+    estimate: MemoryEstimate | None = None  # None: no limit, nothing estimated
+
+    def split(self) -> str:
+        return f"{self.micro}x{-(-self.batch // self.micro)}"
+
+
+def _fit(what: str, batch: int, need: Callable[[int], MemoryEstimate], limit: int | None) -> _Plan:
+    """The largest micro-batch, ``ceil(batch / 2**k)``, whose step ``need(micro)`` fits under ``limit``; the
+    whole batch without a limit. Each try is a meta run (a second for the largest networks): one image is
+    tried right after the whole batch, so a candidate that cannot fit fails after two.
+
+    Raises:
+        MemoryLimitExceeded: one image does not fit.
+    """
+    if limit is None:
+        return _Plan(batch, batch)
+    estimate = need(batch)
+    if estimate.total <= limit:
+        return _Plan(batch, batch, estimate)
+    smallest = need(1) if batch > 1 else estimate
+    if smallest.total > limit:
+        raise MemoryLimitExceeded(what, smallest, limit)
+    parts = 2
+    while (micro := -(-batch // parts)) > 1:
+        if (estimate := need(micro)).total <= limit:
+            return _Plan(batch, micro, estimate)
+        parts *= 2
+    return _Plan(batch, 1, smallest)
+
+
+def _image_bytes(data: Dataset) -> int:
+    return data.channels * data.input_size[0] * data.input_size[1] * torch.float32.itemsize
+
+
 def _probe_batch(data: Dataset, batch_size: int, seed: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """``batch_size`` train images chosen by ``seed`` (all of them when there are fewer)."""
     images, labels = data.train.tensors
@@ -190,7 +274,7 @@ def _probe_batch(data: Dataset, batch_size: int, seed: int, device: torch.device
 
 # --- zero-cost proxies ---------------------------------------------------------------------------
 
-def naswot_score(net: nn.Module, images: Tensor) -> tuple[float, int]:
+def naswot_score(net: nn.Module, images: Tensor, micro_batch: int | None = None) -> tuple[float, int]:
     """NASWOT (Mellor et al. 2021, "Neural Architecture Search without Training"): ``log det(K + I)`` with
     ``K[i, j] = N_A - hamming(c_i, c_j)``, where ``c_i`` is the binary code of image i over all N_A units.
 
@@ -204,31 +288,69 @@ def naswot_score(net: nn.Module, images: Tensor) -> tuple[float, int]:
     image (no activation at all, or only GLU gates, which timm initialises open) scores 0, the floor. For
     the usual ``N_A`` of thousands of units the identity changes the other scores very little.
 
+    ``micro_batch`` runs the images that many at a time (to bound memory): the codes of every micro-batch are
+    kept, as bool, until the last one, and K is formed from all of them, so it is the whole batch's K (exactly,
+    where nothing mixes images: BatchNorm in train mode normalises each micro-batch by its own statistics).
+
     Returns:
         (the score, N_A).
     """
     batch = images.shape[0]
+    step = micro_batch or batch
     kernel = torch.zeros(batch, batch, dtype=torch.float64, device=images.device)
+    kept: list[list[Tensor]] = []  # per activation call, the codes of each micro-batch so far
+    at = {"rows": batch, "call": 0, "chunk": 0}
     units = [0]
 
     def hook(_: nn.Module, args: tuple[Any, ...]) -> None:
         x = args[0] if args and isinstance(args[0], Tensor) else None
-        if x is None or x.numel() % batch:
+        if x is None or x.numel() % at["rows"]:
             return
-        signs = (x.detach() > 0).reshape(batch, -1).to(torch.float64) * 2 - 1  # (B, units) in {-1, +1}
-        kernel.add_(signs @ signs.T)  # N_A - 2 * hamming, summed over modules
-        units[0] += signs.shape[1]
+        codes = (x.detach() > 0).reshape(at["rows"], -1)  # (B, units): the unit is on
+        if at["chunk"] == 0:
+            units[0] += codes.shape[1]
+        if step >= batch:
+            _add_gram(kernel, codes)
+        elif at["chunk"] == 0:
+            kept.append([codes])
+        elif at["call"] >= len(kept) or kept[at["call"]][0].shape[1] != codes.shape[1]:
+            raise ProxyUndefined("naswot: the network's activations differ between micro-batches")
+        else:
+            kept[at["call"]].append(codes)
+        at["call"] += 1
 
     handles = [m.register_forward_pre_hook(hook) for m in _outer_activations(net)]
     try:
         with torch.no_grad():
-            net(images)
+            for chunk, first in enumerate(range(0, batch, step)):
+                at.update(rows=min(step, batch - first), call=0, chunk=chunk)
+                net(images[first:first + step])
     finally:
         for h in handles:
             h.remove()
+    while kept:  # K from the codes of all micro-batches, each call's freed once added
+        parts = kept.pop()
+        if len(parts) != -(-batch // step):
+            raise ProxyUndefined("naswot: the network's activations differ between micro-batches")
+        _add_gram(kernel, torch.cat(parts))
     eye = torch.eye(batch, dtype=torch.float64, device=images.device)
     logdet = torch.linalg.slogdet((kernel + units[0]) / 2 + eye)[1]  # K = N_A - hamming, positive definite + I
     return logdet.item(), units[0]
+
+
+_GRAM_CHUNK = 1 << 18
+"""Float64 signs formed at a time by :func:`_add_gram` (2 MB). With its temporaries and the freed slices the
+allocator keeps, this costs up to eight slices of memory (14 MB measured on CPU), whatever the batch."""
+
+
+def _add_gram(kernel: Tensor, codes: Tensor) -> None:
+    """``kernel += S S^T`` for the signs ``S = 2 codes - 1`` of bool ``codes`` (B, units), a slice of columns at a
+    time so the float64 signs stay within :data:`_GRAM_CHUNK` elements. Exact whatever the slicing: every
+    partial sum is an integer far below 2**53."""
+    step = max(_GRAM_CHUNK // codes.shape[0], 1)
+    for i in range(0, codes.shape[1], step):
+        signs = codes[:, i:i + step].to(torch.float64) * 2 - 1  # in {-1, +1}
+        kernel.addmm_(signs, signs.T)  # N_A - 2 * hamming, summed over modules
 
 
 def _outer_activations(net: nn.Module) -> list[nn.Module]:
@@ -269,30 +391,46 @@ def synflow_score(net: nn.Module, input_shape: tuple[int, ...]) -> float:
     if not total.requires_grad:
         raise ProxyUndefined("synflow: no parameter gets a gradient")
     total.backward()
-    terms = [(p * p.grad).abs().flatten() for p in params if p.grad is not None]
-    logs = torch.cat(terms).log() if terms else torch.zeros(0, dtype=torch.float64)
-    logs = logs[logs > -math.inf]  # zero terms add nothing to the sum
-    if logs.numel() == 0 or not torch.isfinite(logs).all():
+    sums = []  # each parameter's log-sum-exp in turn: one parameter's terms in memory at a time, and no graph
+    for p in params:
+        if p.grad is None:
+            continue
+        with torch.no_grad():
+            logs = (p * p.grad).abs_().log_().flatten()
+            logs = logs[logs > -math.inf]  # zero terms add nothing to the sum
+        if not torch.isfinite(logs).all():
+            raise ProxyUndefined("synflow: no parameter gets a finite, nonzero gradient")
+        if logs.numel():
+            sums.append(torch.logsumexp(logs, dim=0))
+    if not sums:
         raise ProxyUndefined("synflow: no parameter gets a finite, nonzero gradient")
-    return torch.logsumexp(logs, dim=0).item()
+    return torch.logsumexp(torch.stack(sums), dim=0).item()
 
 
-def grad_norm_score(net: nn.Module, images: Tensor, labels: Tensor) -> float:
+def grad_norm_score(net: nn.Module, images: Tensor, labels: Tensor, micro_batch: int | None = None) -> float:
     """grad-norm (Abdelfattah et al. 2021, "Zero-Cost Proxies for Lightweight NAS"): the sum over conv and
     linear layers of the L2 norm of the weight's gradient of the cross-entropy loss on one batch. ``net``
     runs as given (the caller sets its mode); its gradients are overwritten.
+
+    ``micro_batch`` runs the images that many at a time (to bound memory), each micro-batch's mean loss
+    weighted by its share of the batch, so the gradients add up to that of the whole batch's mean loss (up to
+    rounding, where nothing mixes images: BatchNorm in train mode normalises each micro-batch by its own
+    statistics).
 
     Raises:
         NonFiniteLoss: the loss at initialisation is NaN or infinite.
         ProxyUndefined: no conv or linear weight gets a gradient.
     """
     net.zero_grad(set_to_none=True)
-    loss = F.cross_entropy(net(images), labels)
-    if not torch.isfinite(loss):
-        raise NonFiniteLoss("initialisation", loss.item())
-    if not loss.requires_grad:
-        raise ProxyUndefined("grad_norm: no parameter gets a gradient")
-    loss.backward()
+    batch = len(labels)
+    step = micro_batch or batch
+    for first in range(0, batch, step):
+        loss = F.cross_entropy(net(images[first:first + step]), labels[first:first + step])
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss("initialisation", loss.item())
+        if not loss.requires_grad:
+            raise ProxyUndefined("grad_norm: no parameter gets a gradient")
+        (loss * (len(labels[first:first + step]) / batch)).backward()
     norms = [m.weight.grad.double().norm() for m in net.modules()
              if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d)) and m.weight.grad is not None]
     if not norms:
@@ -313,21 +451,29 @@ class ZeroCostEvaluator(Evaluator):
 
     ``report`` is never called: there is nothing to prune.
 
+    Memory, bounded before anything is allocated when ``max_memory`` is set (the class docstring of
+    :class:`Evaluator`): grad-norm is estimated as a forward and backward at the batch, NASWOT as a forward
+    plus its codes, SynFlow as a float64 forward and backward of one image (it cannot be split), ``params``
+    needs nothing. grad-norm and NASWOT split the batch into micro-batches when it does not fit: the same
+    images, the same gradient or kernel (``details["micro_batch"]``, such as ``"16x4"``).
+
     Attributes:
         proxy: which proxy; ``grad_norm`` by default, the one that ranked 30 trained architectures of the tiny
             space best (Spearman 0.70 against 0.51 for ``params``; README).
         batch_size: images in the batch NASWOT and grad-norm read.
         threads: ``torch.set_num_threads`` for the evaluation (None: unchanged).
+        max_memory: bytes one evaluation may use (None: no limit, nothing estimated).
     """
 
     proxy: Proxy = "grad_norm"  # the best-ranking proxy on the tiny space (benchmarks/zero_cost_vs_trained.py)
     batch_size: int = 64
     threads: int | None = None
+    max_memory: int | None = None
     name: ClassVar[str] = "zero-cost"
 
     def __post_init__(self) -> None:
         issues = _choice_issues("--proxy", self.proxy, PROXIES) + _positive_issues({
-            "--batch-size": self.batch_size, "--threads": self.threads})
+            "--batch-size": self.batch_size, "--threads": self.threads, "--max-memory": self.max_memory})
         if issues:
             raise StudyError(issues)
 
@@ -338,24 +484,85 @@ class ZeroCostEvaluator(Evaluator):
         dev = torch.device(device)
         count = num_params(net)
         metrics: dict[str, float] = {"num_params": float(count)}
-        with _threads(self.threads), _seeded(seed, dev):
-            score = self._score(net, data, seed, dev, metrics) if self.proxy != "params" else math.log(max(count, 1))
-        metrics[self.proxy] = score if self.proxy != "params" else float(count)
-        return EvalResult(score=score, metrics=metrics, seconds=time.perf_counter() - start,
-                          details={"proxy": self.proxy, "device": str(dev)})
+        details = {"proxy": self.proxy, "device": str(dev)}
+        if self.proxy == "params":
+            score = math.log(max(count, 1))
+            metrics["params"] = float(count)
+        else:
+            plan = self.plan(net, data)  # before anything is allocated for the candidate
+            details["micro_batch"] = plan.split()
+            if plan.estimate is not None:
+                metrics["est_peak_bytes"] = float(plan.estimate.total)
+            with _threads(self.threads), _seeded(seed, dev):
+                score = self._score(net, data, seed, dev, metrics, plan.micro)
+            metrics[self.proxy] = score
+        return EvalResult(score=score, metrics=metrics, seconds=time.perf_counter() - start, details=details)
+
+    def plan(self, net: nn.Module, data: Dataset) -> _Plan:
+        """The micro-batch that keeps the proxy under ``max_memory``, from meta runs of ``net`` (unchanged).
+
+        Raises:
+            MemoryLimitExceeded: one image does not fit.
+        """
+        image = (data.channels, *data.input_size)
+        if self.proxy == "synflow":
+            widest = max((p.numel() for p in net.parameters() if p.requires_grad), default=0)
+
+            def synflow(micro: int) -> MemoryEstimate:  # and the terms of one parameter at a time, in float64
+                with _modes(net, nn.Module.eval):
+                    step = estimate_step(net, (micro, *image), backward=True, dtype=torch.float64)
+                return dataclasses.replace(step, workspace=step.workspace + 3 * widest * torch.float64.itemsize)
+
+            return _fit("synflow", 1, synflow, self.max_memory)
+        batch = min(self.batch_size, len(data.train.tensors[1]))
+
+        def need(micro: int) -> MemoryEstimate:
+            with _modes(net, _deterministic_train_mode):
+                if self.proxy == "grad_norm":
+                    step = estimate_step(net, (micro, *image), backward=True)
+                    return dataclasses.replace(step, activations=step.activations  # and the rest of the batch
+                                               + (batch - micro) * _image_bytes(data))
+                return _naswot_estimate(net, data, batch, micro)
+
+        return _fit(self.proxy, batch, need, self.max_memory)
 
     def _score(self, net: nn.Module, data: Dataset, seed: int, device: torch.device,
-               metrics: dict[str, float]) -> float:
+               metrics: dict[str, float], micro: int) -> float:
         work = copy.deepcopy(net).to(device)
         if self.proxy == "synflow":
             return synflow_score(work, (1, data.channels, *data.input_size))
         images, labels = _probe_batch(data, self.batch_size, seed, device)
         _deterministic_train_mode(work)
         if self.proxy == "grad_norm":
-            return grad_norm_score(work, images, labels)
-        score, units = naswot_score(work, images)
+            return grad_norm_score(work, images, labels, micro)
+        score, units = naswot_score(work, images, micro)
         metrics["naswot_units"] = float(units)
         return score
+
+
+def _naswot_estimate(net: nn.Module, data: Dataset, batch: int, micro: int) -> MemoryEstimate:
+    """NASWOT's memory at ``micro`` of ``batch`` images: the forward's peak, plus the widest module's codes
+    (bool), eight float64 slices of :func:`_add_gram` and the kernel, plus, when split, the codes of the whole
+    batch kept until the end (twice the widest one's, while it is concatenated) and the rest of the batch."""
+    widths: list[int] = []
+
+    def count(_: nn.Module, args: tuple[Any, ...]) -> None:  # the units naswot_score reads, per image
+        if args and isinstance(args[0], Tensor) and args[0].numel() % micro == 0:
+            widths.append(args[0].numel() // micro)
+
+    handles = [m.register_forward_pre_hook(count) for m in _outer_activations(net)]
+    try:
+        step = estimate_step(net, (micro, data.channels, *data.input_size), backward=False)
+    finally:
+        for h in handles:
+            h.remove()
+    if step.analytic:  # the hooks may not all have run: every activation taken as a unit
+        widths = [step.activations // micro // torch.float32.itemsize]
+    widest = max(widths, default=0)
+    extra = micro * widest + (8 * _GRAM_CHUNK + 3 * batch * batch) * torch.float64.itemsize
+    if micro < batch:
+        extra += batch * (sum(widths) + widest) + (batch - micro) * _image_bytes(data)
+    return dataclasses.replace(step, workspace=step.workspace + extra)
 
 
 # --- short training ------------------------------------------------------------------------------
@@ -372,6 +579,14 @@ class TrainEvaluator(Evaluator):
     On CUDA, ``amp`` picks autocast: ``auto`` is bf16 where supported, else fp16 with a GradScaler; on CPU
     training runs in float32 whatever ``amp`` says. The data is moved to the device once.
 
+    Memory, bounded before anything is allocated when ``max_memory`` is set (the class docstring of
+    :class:`Evaluator`): a train step (forward, backward, AdamW's two states) at ``batch_size`` and a
+    validation forward at ``eval_batch_size`` (the gradients and states still held) are estimated in float32
+    (autocast only makes them smaller), with the data when it is moved to an accelerator. A train batch that
+    does not fit is split into micro-batches whose gradients accumulate into one optimiser step over the same
+    images (``details["micro_batch"]``; BatchNorm sees micro-batch statistics), a validation batch into
+    smaller forwards (``details["eval_micro_batch"]``, exact).
+
     Attributes:
         epochs: passes over the train split (at most ``max_batches_per_epoch`` batches each).
         batch_size: train batch; the last partial batch is dropped (a batch of one breaks BatchNorm).
@@ -385,6 +600,7 @@ class TrainEvaluator(Evaluator):
         eval_batch_size: validation batch.
         clip_grad: max gradient norm (None: no clipping).
         threads: ``torch.set_num_threads`` for the evaluation (None: unchanged).
+        max_memory: bytes one evaluation may use (None: no limit, nothing estimated).
     """
 
     epochs: int = 5
@@ -399,6 +615,7 @@ class TrainEvaluator(Evaluator):
     eval_batch_size: int = 256
     clip_grad: float | None = None
     threads: int | None = None
+    max_memory: int | None = None
     name: ClassVar[str] = "train"
 
     def __post_init__(self) -> None:
@@ -406,6 +623,7 @@ class TrainEvaluator(Evaluator):
             "--epochs": self.epochs, "--batch-size": self.batch_size, "--lr": self.lr,
             "--max-batches-per-epoch": self.max_batches_per_epoch, "--max-val-batches": self.max_val_batches,
             "--eval-batch-size": self.eval_batch_size, "--clip-grad": self.clip_grad, "--threads": self.threads,
+            "--max-memory": self.max_memory,
         }) + _choice_issues("--amp", self.amp, get_args(Amp))
         if self.weight_decay < 0:
             issues.append(Issue("--weight-decay", f"{self.weight_decay:g} is negative"))
@@ -421,21 +639,58 @@ class TrainEvaluator(Evaluator):
         start = time.perf_counter()
         check_fits(net, data)
         dev = torch.device(device)
+        train, val = self.plan(net, data, dev)  # before anything is allocated for the candidate
         with _threads(self.threads), _seeded(seed, dev):
-            run = _TrainRun(self, copy.deepcopy(net).to(dev), data, dev, seed)
+            run = _TrainRun(self, copy.deepcopy(net).to(dev), data, dev, seed, train.micro, val.micro)
             for epoch in range(1, self.epochs + 1):
                 acc = run.epoch(epoch)
                 if report is not None:
                     report(epoch, acc)
-        return run.result(time.perf_counter() - start)
+        result = run.result(time.perf_counter() - start)
+        result.details.update(micro_batch=train.split(), eval_micro_batch=val.split())
+        if train.estimate is not None and val.estimate is not None:
+            result.metrics["est_peak_bytes"] = float(max(train.estimate.total, val.estimate.total))
+        return result
+
+    def plan(self, net: nn.Module, data: Dataset, device: torch.device) -> tuple[_Plan, _Plan]:
+        """The train and validation micro-batches that keep the run under ``max_memory``, from meta runs of
+        ``net`` (unchanged).
+
+        Raises:
+            MemoryLimitExceeded: one image does not fit.
+        """
+        image = (data.channels, *data.input_size)
+        batch = min(self.batch_size, len(data.train.tensors[1]))
+        val_batch = min(self.eval_batch_size, len(data.val.tensors[1]))
+        if self.max_memory is None:
+            return _Plan(batch, batch), _Plan(val_batch, val_batch)
+        moved = 0 if device.type == "cpu" else sum(t.nbytes for t in (*data.train.tensors, *data.val.tensors))
+
+        def train_step(micro: int) -> MemoryEstimate:
+            with _modes(net, nn.Module.train):
+                step = estimate_step(net, (micro, *image), backward=True, optimizer_states=2)
+            gathered = batch * _image_bytes(data)  # the batch indexed out of the data, and the data if moved
+            return dataclasses.replace(step, activations=step.activations + moved + gathered)
+
+        train = _fit("training", batch, train_step, self.max_memory)
+        held = cast(MemoryEstimate, train.estimate)  # the gradients and states held during validation
+
+        def val_step(micro: int) -> MemoryEstimate:
+            with _modes(net, nn.Module.eval):
+                step = estimate_step(net, (micro, *image), backward=False)
+            return dataclasses.replace(step, grads=held.grads, optimizer=held.optimizer,
+                                       activations=step.activations + moved)  # its batches are views
+
+        return train, _fit("validation", val_batch, val_step, self.max_memory)
 
 
 class _TrainRun:
     """The state of one :class:`TrainEvaluator` run."""
 
     def __init__(self, options: TrainEvaluator, net: nn.Module, data: Dataset, device: torch.device,
-                 seed: int) -> None:
+                 seed: int, micro: int, eval_micro: int) -> None:
         self.options, self.net, self.device = options, net, device
+        self.micro, self.eval_micro = micro, eval_micro  # images per forward, to bound memory
         self.train_x, self.train_y = (t.to(device) for t in data.train.tensors)
         self.val_x, self.val_y = (t.to(device) for t in data.val.tensors)
         self.generator = torch.Generator().manual_seed(seed)
@@ -494,19 +749,27 @@ class _TrainRun:
         return torch.autocast(self.device.type, dtype=self.dtype)
 
     def train_step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimiser step on the batch, run ``self.micro`` images at a time: each micro-batch's mean loss,
+        weighted by its share of the batch, adds its gradient, so the step is the whole batch's. Returns the
+        batch's mean loss (detached)."""
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr_at(self.step)
-        with self.autocast():
-            loss = F.cross_entropy(self.net(x), y, label_smoothing=self.options.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
+        total = torch.zeros((), device=self.device)
+        for first in range(0, len(y), self.micro):
+            xs, ys = x[first:first + self.micro], y[first:first + self.micro]
+            with self.autocast():
+                loss = F.cross_entropy(self.net(xs), ys, label_smoothing=self.options.label_smoothing)
+                loss = loss * (len(ys) / len(y))
+            self.scaler.scale(loss).backward()
+            total += loss.detach().float()
         if self.options.clip_grad is not None:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.net.parameters(), self.options.clip_grad)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.step += 1
-        return loss.detach().float()
+        return total
 
     def validate(self, epoch: int) -> tuple[float, float]:
         """(top-1 accuracy, mean cross-entropy) on the validation split."""
@@ -516,11 +779,13 @@ class _TrainRun:
         batches = math.ceil(len(self.val_y) / bs)
         with torch.no_grad(), self.autocast():
             for i in range(min(batches, self.options.max_val_batches or batches)):
-                x, y = self.val_x[i * bs:(i + 1) * bs], self.val_y[i * bs:(i + 1) * bs]
-                logits = self.net(x).float()
-                loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-                correct += int((logits.argmax(dim=1) == y).sum().item())
-                seen += len(y)
+                for first in range(i * bs, min((i + 1) * bs, len(self.val_y)), self.eval_micro):
+                    last = min(first + self.eval_micro, (i + 1) * bs)
+                    x, y = self.val_x[first:last], self.val_y[first:last]
+                    logits = self.net(x).float()
+                    loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+                    correct += int((logits.argmax(dim=1) == y).sum().item())
+                    seen += len(y)
         if not math.isfinite(loss_sum):
             raise NonFiniteLoss(f"validation after epoch {epoch}", loss_sum)
         return correct / max(seen, 1), loss_sum / max(seen, 1)

@@ -20,6 +20,7 @@ from metaformer_lab.latency.predict import predict
 from metaformer_lab.latency.profile import Profile, match_profile, resolve_profile
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.space import SearchSpace, load_space, sample
+from metaformer_lab.spec.load import dump_spec
 
 Source = Literal["predicted", "measured", "estimated"]
 
@@ -76,6 +77,7 @@ class LatencyOracle:
         self.unmatched: tuple[str, ...] = ()  # why no shipped profile fits, when `auto` found none
         self.host: HostCheck | None = None
         self.shared = False  # set when other trials run on this machine while candidates are measured (Ray)
+        self.memo: dict[str, Latency] = {}
         if self.gpu is None and config.profile is not None:
             if config.profile == "auto":
                 try:  # one made on another CPU model only through the host check (fit_host)
@@ -111,6 +113,13 @@ class LatencyOracle:
         return f"measured on {self.config.device} at {where} (no matching profile)"
 
     def __call__(self, graph: ArchGraph) -> Latency:
+        """The candidate's latency; a spec asked again (a reference screened, then run) gets the same answer."""
+        key = dump_spec(graph.spec)
+        if key not in self.memo:
+            self.memo[key] = self._latency(graph)
+        return self.memo[key]
+
+    def _latency(self, graph: ArchGraph) -> Latency:
         if self.gpu is not None:
             est = estimate_gpu(graph, self.gpu, batch_size=self.config.batch_size, dtype=self.config.dtype,
                                cache=self.cache)

@@ -21,6 +21,7 @@ Ray's driver), :func:`evaluate_candidate` where the trial runs (the same process
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 from collections.abc import Callable
@@ -35,8 +36,9 @@ from metaformer_lab.graph.cost import graph_cost
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
-from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator
+from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator, MemoryLimitExceeded
 from metaformer_lab.search.latency import Latency, LatencyOracle
+from metaformer_lab.search.memory import format_bytes, held_bytes, step_limit
 from metaformer_lab.space import InvalidPoint, SearchSpace, decode_point
 from metaformer_lab.space.decode import Point
 from metaformer_lab.spec.load import dump_spec
@@ -130,16 +132,28 @@ class Failure(Exception):
 
 
 def evaluate_candidate(graph: ArchGraph, evaluator: Evaluator, data: Dataset, *, seed: int, device: str,
-                       report: Callable[[int, float], None] | None) -> EvalResult:
+                       report: Callable[[int, float], None] | None, max_memory: int | None = None) -> EvalResult:
     """Build the candidate with weights drawn from ``seed`` and score it; both backends' evaluation.
 
-    Raises :class:`Failure` for a candidate that could not be scored (``nan_loss``, ``out_of_memory``, ...);
-    whatever ``report`` raises goes through."""
+    ``max_memory`` caps what this process may hold (what it holds already counts; None: the default share of
+    what is free now, :func:`.memory.step_limit`); the evaluator fits its step under what is left, or fails
+    with ``out_of_memory`` before allocating. Raises :class:`Failure` for a candidate that could not be scored
+    (``nan_loss``, ``out_of_memory``, ...); whatever ``report`` raises goes through."""
     with torch.random.fork_rng():  # a candidate's score depends on its architecture and the seed alone
         torch.manual_seed(seed)
         net = compile_graph(graph)
+    limit = step_limit(max_memory, device)
+    limited = dataclasses.replace(evaluator, max_memory=limit)  # type: ignore[type-var]
     try:
-        return evaluator.evaluate(net, data, report=report, seed=seed, device=device)
+        return limited.evaluate(net, data, report=report, seed=seed, device=device)
+    except MemoryLimitExceeded as err:
+        if max_memory is None:
+            left = f"the {format_bytes(limit)} allowed (a share of the memory free now; --max-memory sets it)"
+        else:
+            held = f"the process holds {format_bytes(held_bytes(device))}"
+            left = (f"the {format_bytes(limit)} left of --max-memory {format_bytes(max_memory)} ({held})"
+                    if limit > 1 else f"--max-memory {format_bytes(max_memory)} allows ({held} already)")
+        raise Failure(err.reason, f"{err.what} needs {err.estimate.describe()}, more than {left}") from err
     except EvaluationFailed as err:
         raise Failure(err.reason, str(err)) from err
     except torch.OutOfMemoryError as err:
@@ -172,7 +186,7 @@ class Objective:
         report = self.reporter(trial) if self.screen.prunable(trial) else None
         try:
             result = evaluate_candidate(point.graph, self.evaluator, self.data, seed=self.config.seed,
-                                        device=self.device, report=report)
+                                        device=self.device, report=report, max_memory=self.config.max_memory_bytes)
         except Failure as err:
             trial.set_user_attr("reason", err.reason)
             trial.set_user_attr("detail", err.detail)

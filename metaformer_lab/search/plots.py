@@ -23,28 +23,40 @@ def pareto_plot(study: optuna.Study, path: Path, report: dict[str, Any]) -> Path
 
     budget = report.get("budget_ms")
     trials = [t for t in study.get_trials(deepcopy=False) if "score" in t.user_attrs and "latency_ms" in t.user_attrs]
-    over = [t for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("reason") == "over_budget" and "score" not in t.user_attrs]
+    over = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reason") == "over_budget"
+            and "score" not in t.user_attrs and not t.user_attrs.get("reference")]
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     ok = [t for t in trials if feasible(t) and not t.user_attrs.get("reference")]
     ax.scatter([t.user_attrs["latency_ms"] for t in ok], [t.user_attrs["score"] for t in ok], s=18, color="tab:blue",
                alpha=0.7, label="searched (within budget)")
     if over:
-        ax.scatter([t.user_attrs["latency_ms"] for t in over], [0.0] * len(over), s=14, marker="|", color="tab:gray",
-                   label="rejected over budget (not trained)")
+        ax.scatter([t.user_attrs["latency_ms"] for t in over], [0.01] * len(over), s=14, marker="|", color="tab:gray",
+                   transform=ax.get_xaxis_transform(), label="rejected over budget (not evaluated)")
     pareto = front(scored(study))
     if pareto:
         ax.plot([t.user_attrs["latency_ms"] for t in pareto], [t.user_attrs["score"] for t in pareto], "-o",
                 color="tab:orange", ms=5, lw=1.5, label="Pareto front")
-    refs = [t for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("reference") and "latency_ms" in t.user_attrs]
+    latest = {t.user_attrs["reference"]: t for t in study.get_trials(deepcopy=False)
+              if t.user_attrs.get("reference") and "latency_ms" in t.user_attrs}  # a reference scored later wins
+    refs = [t for t in latest.values() if "score" in t.user_attrs]
     for k, t in enumerate(sorted(refs, key=lambda t: t.user_attrs["latency_ms"])):
-        y = t.user_attrs.get("score", 0.0)
+        y = t.user_attrs["score"]
         ax.scatter([t.user_attrs["latency_ms"]], [y], marker="*", s=140, color="tab:red", zorder=5)
         ax.annotate(t.user_attrs["reference"], (t.user_attrs["latency_ms"], y), textcoords="offset points",
                     xytext=(6, 4 if k % 2 == 0 else -11), fontsize=8, color="tab:red")  # neighbours alternate
     if refs:
         ax.scatter([], [], marker="*", s=140, color="tab:red", label="reference models")
+    placed = sorted((t for t in latest.values() if "score" not in t.user_attrs),
+                    key=lambda t: t.user_attrs["latency_ms"])
+    if placed:  # no score: along the bottom of the axes, at their latency
+        along = ax.get_xaxis_transform()
+        xs = [t.user_attrs["latency_ms"] for t in placed]
+        ax.scatter(xs, [0.03] * len(xs), transform=along, marker="*", s=110, facecolors="none",
+                   edgecolors="tab:red", zorder=5, label="references over budget (latency only, not scored)")
+        for k, t in enumerate(placed):
+            ax.annotate(t.user_attrs["reference"], (t.user_attrs["latency_ms"], 0.03), xycoords=along,
+                        textcoords="offset points", xytext=(0, 7 + 9 * (k % 3)), fontsize=6, color="tab:red",
+                        rotation=0, ha="center")
     finalists = report.get("finalists", {})
     by_number = {t.number: t for t in trials}
     for number, m in finalists.items():

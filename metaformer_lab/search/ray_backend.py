@@ -43,9 +43,9 @@ from metaformer_lab.core.errors import StudyError
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
-from metaformer_lab.search.evaluators import EvalResult, make_evaluator
+from metaformer_lab.search.evaluators import EvalResult
 from metaformer_lab.search.objective import Failure, Rejected, Screening, evaluate_candidate, record_result
-from metaformer_lab.search.run import Search, TrialEvent, event, finished, open_storage
+from metaformer_lab.search.run import Search, TrialEvent, evaluator_for, event, finished, open_storage
 from metaformer_lab.spec.load import read_spec
 
 RAY_DIR = "ray"
@@ -75,7 +75,7 @@ def run_trial(params: dict[str, Any], *, config: SearchConfig, data: Dataset) ->
         tune.report({**base, "outcome": "rejected", "final": 1})
         return
     graph = lower(read_spec(yaml.safe_load(params["spec"])))
-    evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
+    evaluator = evaluator_for(config)
     device = "cuda" if config.ray.gpus_per_trial > 0 or config.device.startswith("cuda") else "cpu"
     prunable = bool(params.get("prunable"))
 
@@ -84,7 +84,7 @@ def run_trial(params: dict[str, Any], *, config: SearchConfig, data: Dataset) ->
 
     try:
         result = evaluate_candidate(graph, evaluator, data, seed=config.seed, device=device,
-                                    report=report if not _multi(config) else None)
+                                    report=report if not _multi(config) else None, max_memory=config.max_memory_bytes)
     except Failure as err:
         tune.report({**base, "outcome": err.reason, "detail": err.detail, "final": 1, "finished": time.time()})
         return
@@ -297,7 +297,7 @@ def optimize_ray(search: Search, *, progress: Callable[[TrialEvent], None] | Non
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from metaformer_lab.search.run import enqueue_references
+    from metaformer_lab.search.run import references, waiting_references
 
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: resume loses little
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the study is the record
@@ -324,8 +324,8 @@ def optimize_ray(search: Search, *, progress: Callable[[TrialEvent], None] | Non
         # a new Ray experiment for the trials still to run (a fresh study, or one resumed for more trials)
         experiment = experiments / (config.name if experiment is None else
                                     f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        enqueue_references(search.study, search.space)
-        remaining = config.trials - finished(search.study)
+        references(search)
+        remaining = max(config.trials - finished(search.study), 0) + waiting_references(search.study)
         if remaining <= 0:
             return False
         searcher = _searcher_class()(search)

@@ -22,6 +22,7 @@ from metaformer_lab.core.errors import StudyError
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.search.latency import LatencyOracle
 from metaformer_lab.search.objective import feasible, trial_reason
+from metaformer_lab.search.references import reference_counts
 from metaformer_lab.search.run import RUN_FILE, counts, open_storage
 from metaformer_lab.spec.load import read_spec
 
@@ -162,13 +163,16 @@ def summary(study: optuna.Study, storage: str) -> dict[str, Any]:
         if name:
             refs[name] = {"trial": t.number, "reason": trial_reason(t), "score": t.user_attrs.get("score"),
                           "latency_ms": t.user_attrs.get("latency_ms"),
-                          "feasible": feasible(t) if t.constraints else None}
+                          "feasible": feasible(t) if t.constraints else None,
+                          "evaluated": "score" in t.user_attrs}  # the latest trial of the reference wins
     out: dict[str, Any] = {
         "study": study.study_name, "storage": storage,
         "budget_ms": study.user_attrs.get("identity", {}).get("budget_ms"),
         "device": config.get("device"), "latency": study.user_attrs.get("latency_description"),
         "space": config.get("space"), "dataset": config.get("dataset"), "evaluator": config.get("evaluator"),
-        "objectives": config.get("objectives"), "trials": counts(study), "references": refs,
+        "objectives": config.get("objectives"), "dtype": config.get("dtype"),
+        "dtype_note": study.user_attrs.get("dtype_note"), "max_memory": config.get("max_memory"),
+        "trials": counts(study), "references": refs, "reference_counts": reference_counts(study),
         "finalists": finalists, "finalists_over_budget": broke, "best": None}
     if best is not None:
         m = finalists.get(str(best.number), {})

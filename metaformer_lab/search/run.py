@@ -28,9 +28,10 @@ from optuna.trial import TrialState
 from metaformer_lab.core.errors import Issue, StudyError
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset, load_dataset
-from metaformer_lab.search.evaluators import make_evaluator
+from metaformer_lab.search.evaluators import Evaluator, make_evaluator
 from metaformer_lab.search.latency import LatencyOracle
-from metaformer_lab.search.objective import Failure, Objective, trial_reason
+from metaformer_lab.search.objective import Failure, Objective, Screening, trial_reason
+from metaformer_lab.search.references import ReferencePlan, plan_references, queue_later
 from metaformer_lab.space import SearchSpace, load_space
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
@@ -64,6 +65,7 @@ class Search:
     run_dir: Path
     storage_url: str
     notes: list[str] = field(default_factory=list)
+    references: ReferencePlan | None = None
 
 
 def input_size(space: SearchSpace) -> tuple[int, int]:
@@ -165,21 +167,17 @@ def _check_same(study: optuna.Study, config: SearchConfig) -> None:
         raise StudyError([Issue("--resume", f"the study was made with other settings ({d})") for d in differ])
 
 
-def enqueue_references(study: optuna.Study, space: SearchSpace) -> int:
-    """Queue the space's reference points once (their trials carry ``reference: NAME``)."""
-    done = {t.user_attrs.get("reference") for t in study.get_trials(deepcopy=False)}
-    added = 0
-    for name, params in space.references.items():
-        if name not in done:
-            study.enqueue_trial(dict(params), user_attrs={"reference": name})
-            added += 1
-    return added
+def waiting_references(study: optuna.Study) -> int:
+    """Reference trials queued and not yet run (a backend runs them on top of the searched trials)."""
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    return sum(1 for t in waiting if t.user_attrs.get("reference"))
 
 
 def finished(study: optuna.Study) -> int:
-    """Trials that count towards the trial budget (a killed trial that is run again counts once)."""
+    """Searched trials that count towards the trial budget: references never do, and a killed trial that is
+    run again counts once."""
     trials = study.get_trials(deepcopy=False, states=FINISHED)
-    return sum(1 for t in trials if trial_reason(t) != "interrupted")
+    return sum(1 for t in trials if not t.user_attrs.get("reference") and trial_reason(t) != "interrupted")
 
 
 def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
@@ -205,6 +203,7 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
     search = Search(config, space, data, oracle, study, run_dir, url, notes=[host_line] if host_line else [])
     if oracle.host is not None:
         study.set_user_attr("host_check", oracle.host.to_json())
+    study.set_user_attr("dtype_note", config.dtype_note)
     (run_dir / RUN_FILE).write_text(json.dumps({"storage": url, "study_name": config.name,
                                                 "config": config.model_dump()}, indent=2) + "\n")
     return search
@@ -222,33 +221,75 @@ def event(study: optuna.Study, trial: optuna.trial.FrozenTrial, total: int) -> T
                       best_score=best)
 
 
+def references(search: Search) -> ReferencePlan:
+    """Screen the space's references and queue or place them (:mod:`metaformer_lab.search.references`)."""
+    plan = plan_references(search.study, Screening(search.space, search.config, search.oracle),
+                           score_later=search.config.score_references)
+    search.references = plan
+    return plan
+
+
 def optimize(search: Search, *, progress: Callable[[TrialEvent], None] | None = None,
              should_stop: Callable[[], bool] = lambda: False) -> None:
-    """Run trials until the study has ``config.trials`` finished ones (or the timeout, or a stop request)."""
+    """Run trials until the study has ``config.trials`` finished searched ones (or the timeout, or a stop
+    request); the references near the budget first, on top of them."""
     config = search.config
-    enqueue_references(search.study, search.space)
-    remaining = config.trials - finished(search.study)
-    if remaining <= 0:
+    references(search)
+    runs = config.trials - finished(search.study)
+    if runs <= 0 and not waiting_references(search.study):
         return
-    evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
-    device = "cuda" if config.device.startswith("cuda") else "cpu"
-    objective = Objective(search.space, config, search.data, evaluator, search.oracle, device)
+    objective = Objective(search.space, config, search.data, evaluator_for(config), search.oracle, _device(config))
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if progress is not None:
             progress(event(study, trial, config.trials))
-        if should_stop() or finished(study) >= config.trials:
+        if should_stop() or (finished(study) >= config.trials and not waiting_references(study)):
             study.stop()
 
+    _run(search, objective, max(runs, 0) + waiting_references(search.study), after, config.timeout_s)
+
+
+def score_later(search: Search, *, progress: Callable[[TrialEvent], None] | None = None,
+                should_stop: Callable[[], bool] = lambda: False) -> int:
+    """Score the references kept for after the searched trials (``score_references``), in this process,
+    whichever backend ran the search. Returns how many were queued."""
+    plan = search.references
+    if plan is None or not plan.later or should_stop():
+        return 0
+    queued = queue_later(search.study, plan)
+    config = search.config
+    objective = Objective(search.space, config, search.data, evaluator_for(config), search.oracle, _device(config))
+
+    def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        if progress is not None:
+            progress(event(study, trial, config.trials))
+        if should_stop():
+            study.stop()
+
+    _run(search, objective, queued, after, None)
+    return queued
+
+
+def _run(search: Search, objective: Objective, n_trials: int, after: Callable[..., None],
+         timeout_s: float | None) -> None:
     previous = torch.get_num_threads()
-    torch.set_num_threads(config.train_threads or os.cpu_count() or 1)
+    torch.set_num_threads(search.config.train_threads or os.cpu_count() or 1)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            search.study.optimize(objective, n_trials=remaining, timeout=config.timeout_s, callbacks=[after],
+            search.study.optimize(objective, n_trials=n_trials, timeout=timeout_s, callbacks=[after],
                                   catch=(Failure,), gc_after_trial=True)
     finally:
         torch.set_num_threads(previous)
+
+
+def _device(config: SearchConfig) -> str:
+    return "cuda" if config.device.startswith("cuda") else "cpu"
+
+
+def evaluator_for(config: SearchConfig) -> Evaluator:
+    """The config's evaluator (its memory limit is set per candidate: :func:`.objective.evaluate_candidate`)."""
+    return make_evaluator(config.evaluator, **config.evaluator_options)
 
 
 def counts(study: optuna.Study) -> dict[str, Any]:
@@ -289,6 +330,8 @@ def execute(search: Search, *, progress: Callable[[TrialEvent], None] | None = N
             interrupted = optimize_ray(search, progress=progress)
         else:
             optimize(search, progress=progress, should_stop=should_stop)
+        if not interrupted:
+            score_later(search, progress=progress, should_stop=should_stop)
     except KeyboardInterrupt:
         interrupted = True
     if not interrupted:

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 import torch
+from helpers import TINY_SPEC as TINY
 from torch import Tensor, nn
 
 from metaformer_lab.compile.compiler import compile_graph
@@ -30,18 +31,6 @@ from metaformer_lab.spec.load import read_spec
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
-TINY: dict[str, Any] = {
-    "name": "tiny_test_net",
-    "input": {"channels": 3, "size": 32},
-    "num_classes": 10,
-    "stem": {"type": "conv", "kernel": 4, "stride": 4, "padding": 0},
-    "stages": [
-        {"depth": 1, "dim": 32, "block": "convformer"},
-        {"depth": 1, "dim": 64, "downsample": {"type": "conv", "kernel": 3, "stride": 2, "padding": 1},
-         "block": "poolformer"},
-    ],
-    "head": {"type": "pool_norm_linear", "norm": {"type": "layernorm"}},
-}
 """A net that trains on digits in a second or two on one CPU thread."""
 
 FAST: dict[str, Any] = {"batch_size": 32, "lr": 5e-3}
@@ -265,7 +254,7 @@ def test_make_evaluator() -> None:
     pytest.param("trian", {}, "--evaluator: unknown 'trian' (did you mean 'train'?); use zero-cost, train",
                  id="name"),
     pytest.param("zero-cost", {"proxi": "naswot"}, "--evaluator zero-cost: unknown option 'proxi' (did you mean "
-                                                   "'proxy'?); zero-cost takes proxy, batch_size, threads",
+                                                   "'proxy'?); zero-cost takes proxy, batch_size, threads, max_memory",
                  id="option"),
     pytest.param("zero-cost", {"proxy": "synflw"}, "--proxy: unknown 'synflw' (did you mean 'synflow'?); use naswot, "
                                                    "synflow, grad_norm, params", id="proxy"),

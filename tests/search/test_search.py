@@ -18,7 +18,10 @@ from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
 from metaformer_lab.core.errors import StudyError
+from metaformer_lab.search import objective as objective_module
 from metaformer_lab.search.config import load_study_file, make_config
+from metaformer_lab.search.objective import feasible
+from metaformer_lab.search.references import NEAR_BUDGET, nearness
 from metaformer_lab.search.report import FINALISTS, best_trial, load_run, ranked
 from metaformer_lab.search.run import finished, optimize, prepare, run_search
 from metaformer_lab.space import load_space
@@ -41,9 +44,11 @@ def test_a_search_records_every_trial_and_writes_the_run_folder(tmp_path: Path) 
     search, report = run_search(quick(tmp_path))
     study = search.study
     trials = study.get_trials()
-    assert finished(study) == 8
-    references = [t.user_attrs.get("reference") for t in trials[:4]]
-    assert references == list(load_space("tiny").references)  # the hand-designed models go first
+    assert finished(study) == 8 and len(trials) == 12  # the 4 references come on top of the 8 searched trials
+    first = trials[:4]  # the hand-designed models go first, nearest the budget first
+    assert {t.user_attrs.get("reference") for t in first} == set(load_space("tiny").references)
+    distance = [nearness(t.user_attrs["latency_ms"], 5.0) for t in first]
+    assert distance == sorted(distance)
     for t in trials:
         assert "budget_ms" in t.user_attrs
         if t.state == optuna.trial.TrialState.COMPLETE:
@@ -118,20 +123,88 @@ def test_a_finalist_over_budget_when_measured_is_reported_not_chosen(tmp_path: P
     assert "no trial within budget: every finalist measured broke it" in result.stdout
 
 
-def test_over_budget_candidates_are_rejected_before_evaluation(tmp_path: Path) -> None:
+def test_over_budget_candidates_are_rejected_before_evaluation(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Far over the budget, nothing is evaluated: candidates are rejected, references placed by latency alone."""
+    evaluated: list[str] = []
+    real = objective_module.evaluate_candidate
+    monkeypatch.setattr(objective_module, "evaluate_candidate",
+                        lambda graph, *a, **k: evaluated.append(graph.spec.name) or real(graph, *a, **k))
     search, report = run_search(quick(tmp_path, budget="1us", trials=8))
     trials = search.study.get_trials()
+    assert evaluated == [] and finished(search.study) == 8
     for t in trials:
         assert t.user_attrs["reason"] in ("over_budget", "invalid")
         assert any(v > 0 for v in t.constraints.values())
-        if t.user_attrs.get("reference"):  # hand-designed references are scored to be shown, never chosen
-            assert t.state == optuna.trial.TrialState.COMPLETE and "score" in t.user_attrs
-        else:
-            assert t.state == optuna.trial.TrialState.PRUNED and "score" not in t.user_attrs
-    assert len([t for t in trials if not t.user_attrs.get("reference")]) >= 4
+        assert t.state == optuna.trial.TrialState.PRUNED and "score" not in t.user_attrs
+        if t.user_attrs.get("reference"):
+            assert t.user_attrs["placed"] and t.user_attrs["latency_ms"] > 0 and "placed from its latency" in \
+                t.user_attrs["detail"]
+    placed = [t for t in trials if t.user_attrs.get("reference")]
+    assert [t.number for t in placed] == [0, 1, 2, 3]  # recorded before the searched trials
     assert report["best"] is None and report["pareto"] == []
     assert report["trials"]["by_reason"].get("over_budget", 0) >= 5
-    assert all(r["score"] is not None and r["feasible"] is False for r in report["references"].values())
+    assert all(r["score"] is None and r["feasible"] is False and not r["evaluated"]
+               for r in report["references"].values())
+    assert report["reference_counts"]["placed"] == 4 and report["reference_counts"]["scored"] == 0
+
+
+def _reference_latencies(tmp_path: Path) -> dict[str, float]:
+    """The tiny space's references' latencies at the quick setting (T4 estimate), from a placing run."""
+    search, _ = run_search(quick(tmp_path / "probe", budget="1us", trials=1))
+    return {t.user_attrs["reference"]: t.user_attrs["latency_ms"] for t in search.study.get_trials()
+            if t.user_attrs.get("reference")}
+
+
+def test_references_near_the_budget_are_scored_first_and_far_ones_placed(tmp_path: Path) -> None:
+    latency = _reference_latencies(tmp_path)
+    order = sorted(latency.values())
+    budget = (order[1] + order[2]) / 2 / NEAR_BUDGET  # the two fastest within NEAR_BUDGET budgets, two beyond
+    search, report = run_search(quick(tmp_path, budget=f"{budget:.6f}ms", trials=6))
+    trials = search.study.get_trials()
+    near = sorted((n for n, v in latency.items() if v <= NEAR_BUDGET * budget), key=lambda n: nearness(latency[n],
+                                                                                                         budget))
+    assert len(near) == 2
+    refs = [t for t in trials if t.user_attrs.get("reference")]
+    placed = [t.user_attrs["reference"] for t in refs if t.user_attrs.get("placed")]
+    scored = [t.user_attrs["reference"] for t in refs if "score" in t.user_attrs]
+    assert sorted(placed) == sorted(set(latency) - set(near)) and scored == near
+    assert finished(search.study) == 6  # the references took none of the user's trials
+    counts = report["reference_counts"]
+    assert (counts["scored"], counts["placed"]) == (2, 2) and "never count towards --trials" in counts["why"]
+
+
+def test_score_references_scores_the_far_ones_after_the_searched_trials(tmp_path: Path) -> None:
+    search, report = run_search(quick(tmp_path, budget="1us", trials=5, score_references=True))
+    trials = search.study.get_trials()
+    searched = [t.number for t in trials if not t.user_attrs.get("reference")]
+    refs = [t for t in trials if t.user_attrs.get("reference")]
+    assert len(searched) == 5 and len(refs) == 4
+    assert all("score" in t.user_attrs and not feasible(t) for t in refs)  # scored, never chosen
+    assert min(t.number for t in refs) > max(searched)  # after the searched trials
+    assert report["reference_counts"]["scored"] == 4 and report["best"] is None
+
+
+@pytest.mark.parametrize(("device", "given", "dtype"), [
+    ("h100", None, "float16"), ("t4", None, "float16"), ("a100", None, "float16"), ("cpu", None, "float32"),
+    ("h100", "float32", "float32"), ("l4", "bfloat16", "bfloat16"),
+])
+def test_a_gpu_search_defaults_to_half_precision_and_says_so(device: str, given: str | None, dtype: str) -> None:
+    config = make_config(device=device, dtype=given)
+    assert config.dtype == dtype
+    assert config.dtype_note.startswith(f"latency at {dtype}")
+    assert ("default" in config.dtype_note) == (given is None)
+
+
+def test_the_dtype_is_the_first_line_and_in_the_summary(tmp_path: Path) -> None:
+    result = runner.invoke(app, ["search", "--space", "tiny", "--device", "h100", "--budget", "5ms", "--trials", "2",
+                                 "--evaluator", "zero-cost", "--proxy", "params", "--dataset", "synthetic:64",
+                                 "--out", str(tmp_path / "run")])
+    assert result.exit_code == 0, result.output
+    first = result.stdout.splitlines()[0]
+    assert "float16, the default for a GPU" in first and "budget 5 ms" in first
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["dtype"] == "float16" and "default for a GPU" in summary["dtype_note"]
+    assert "float16" in summary["latency"]
 
 
 def test_an_invalid_point_is_recorded_with_its_reason(tmp_path: Path) -> None:
@@ -176,7 +249,7 @@ def test_report_rewrites_the_run_folder(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.stderr
     assert (run / "summary.json").is_file() and (run / "pareto.png").is_file()
     study, _ = load_run(run)
-    assert len(study.trials) == 5
+    assert finished(study) == 5
 
 
 @pytest.mark.parametrize(("args", "line"), [
@@ -269,8 +342,9 @@ def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = out / "study.db"
     try:
-        def one_done() -> bool:
-            return any(t.state.is_finished() for t in study_trials(f"sqlite:///{db}", "stopped"))
+        def one_done() -> bool:  # a searched trial, not a reference
+            return any(t.state.is_finished() and not t.user_attrs.get("reference")
+                       for t in study_trials(f"sqlite:///{db}", "stopped"))
         _wait(one_done, 240)
         proc.send_signal(signal.SIGINT)
         stdout, stderr = proc.communicate(timeout=300)
@@ -295,3 +369,31 @@ def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
     first = scores("a")
     assert any(score is not None for _, score in first)
     assert scores("b") == first
+
+
+def test_a_candidate_over_the_memory_limit_is_an_out_of_memory_trial_and_the_search_goes_on(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With less memory left than one image's step needs, every evaluation is refused with its estimate, before
+    the candidate is run (its forward never sees a real tensor), and the search reaches its trial count."""
+    from metaformer_lab.search import memory
+
+    for module in (memory, objective_module):  # the process holds 1 GB of a 1.001 GB cap
+        monkeypatch.setattr(module, "held_bytes", lambda device: 10**9)
+    ran: list[str] = []
+    real = objective_module.compile_graph
+
+    def compiled(graph: Any) -> Any:
+        net = real(graph)
+        forward = net.forward
+        net.forward = lambda x, *a, **k: ran.append(graph.spec.name) if x.device.type != "meta" else forward(x, *a, **k)
+        return net
+
+    monkeypatch.setattr(objective_module, "compile_graph", compiled)
+    search, report = run_search(quick(tmp_path, trials=5, max_memory="1.001GB", evaluator_options={}))
+    assert ran == []
+    failed = [t for t in search.study.get_trials() if t.user_attrs.get("reason") == "out_of_memory"]
+    assert failed and all(t.state == optuna.trial.TrialState.FAIL for t in failed)
+    detail = failed[0].user_attrs["detail"]
+    assert detail.startswith("grad_norm needs est. ") and "at batch 1" in detail
+    assert "left of --max-memory 1.00 GB (the process holds 1.00 GB)" in detail
+    assert finished(search.study) == 5 and report["trials"]["by_reason"]["out_of_memory"] == len(failed)
