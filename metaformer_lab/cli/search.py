@@ -71,7 +71,7 @@ def search(
     = None,
     max_memory: Annotated[str | None, Opt(help="Memory the process may hold while evaluating (2GB, 512MB; what "
                                                "it holds counts): a candidate whose estimated step does not fit "
-                                               "is micro-batched, else recorded out_of_memory (default: a quarter "
+                                               "is micro-batched, else recorded out_of_memory (default: a fifth "
                                                "of what is free).")] = None,
     score_references: Annotated[bool, Opt("--score-references", help="Also score the space's references far over "
                                                                      "the budget, after the searched trials.")]

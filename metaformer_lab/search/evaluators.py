@@ -269,7 +269,7 @@ def _probe_batch(data: Dataset, batch_size: int, seed: int, device: torch.device
     """``batch_size`` train images chosen by ``seed`` (all of them when there are fewer)."""
     images, labels = data.train.tensors
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(seed))[:batch_size]
-    return images[order].to(device), labels[order].to(device)
+    return images[order].to(device, torch.float32), labels[order].to(device)
 
 
 # --- zero-cost proxies ---------------------------------------------------------------------------
@@ -734,7 +734,7 @@ class _TrainRun:
         total = 0.0
         for i in range(self.steps_per_epoch):
             idx = order[i * bs:(i + 1) * bs]
-            window = window + self.train_step(self.train_x[idx], self.train_y[idx])
+            window = window + self.train_step(self.train_x[idx].float(), self.train_y[idx])
             if (i + 1) % check_every == 0 or i + 1 == self.steps_per_epoch:
                 value = window.item()
                 if not math.isfinite(value):
@@ -781,7 +781,7 @@ class _TrainRun:
             for i in range(min(batches, self.options.max_val_batches or batches)):
                 for first in range(i * bs, min((i + 1) * bs, len(self.val_y)), self.eval_micro):
                     last = min(first + self.eval_micro, (i + 1) * bs)
-                    x, y = self.val_x[first:last], self.val_y[first:last]
+                    x, y = self.val_x[first:last].float(), self.val_y[first:last]
                     logits = self.net(x).float()
                     loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
                     correct += int((logits.argmax(dim=1) == y).sum().item())

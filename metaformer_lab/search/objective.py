@@ -38,7 +38,7 @@ from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
 from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator, MemoryLimitExceeded
 from metaformer_lab.search.latency import Latency, LatencyOracle
-from metaformer_lab.search.memory import format_bytes, held_bytes, step_limit
+from metaformer_lab.search.memory import format_bytes, held_bytes, release, step_limit
 from metaformer_lab.space import InvalidPoint, SearchSpace, decode_point
 from metaformer_lab.space.decode import Point
 from metaformer_lab.spec.load import dump_spec
@@ -158,6 +158,9 @@ def evaluate_candidate(graph: ArchGraph, evaluator: Evaluator, data: Dataset, *,
         raise Failure(err.reason, str(err)) from err
     except torch.OutOfMemoryError as err:
         raise Failure("out_of_memory", str(err).splitlines()[0] if str(err) else "out of memory") from err
+    finally:
+        del net
+        release(device)  # the next candidate starts from the same footprint, whatever this one's peak
 
 
 def record_result(trial: optuna.Trial | optuna.trial.FrozenTrial, result: EvalResult) -> None:

@@ -53,10 +53,10 @@ def pareto_plot(study: optuna.Study, path: Path, report: dict[str, Any]) -> Path
         xs = [t.user_attrs["latency_ms"] for t in placed]
         ax.scatter(xs, [0.03] * len(xs), transform=along, marker="*", s=110, facecolors="none",
                    edgecolors="tab:red", zorder=5, label="references over budget (latency only, not scored)")
-        for k, t in enumerate(placed):
+        for t in placed:  # upright names: neighbours a few percent apart stay readable
             ax.annotate(t.user_attrs["reference"], (t.user_attrs["latency_ms"], 0.03), xycoords=along,
-                        textcoords="offset points", xytext=(0, 7 + 9 * (k % 3)), fontsize=6, color="tab:red",
-                        rotation=0, ha="center")
+                        textcoords="offset points", xytext=(0, 7), fontsize=6, color="tab:red", rotation=90,
+                        ha="center", va="bottom")
     finalists = report.get("finalists", {})
     by_number = {t.number: t for t in trials}
     for number, m in finalists.items():
@@ -90,7 +90,11 @@ def pareto_plot(study: optuna.Study, path: Path, report: dict[str, Any]) -> Path
         title += f"; best {best['score']:.3f} at {best['latency_ms']:.2f} ms"
     ax.set_title(title, fontsize=10)
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    xs = [t.user_attrs["latency_ms"] for t in (*trials, *over, *placed)] + [m["measured_ms"] for m in measured]
+    xs = [x for x in xs + ([budget] if budget else []) if x and x > 0]
+    if xs:  # points placed along the bottom do not widen the axes by themselves
+        ax.set_xlim(min(xs) / 1.15, max(xs) * 1.15)
+    ax.legend(fontsize=7, loc="upper left", framealpha=0.85)  # fast and high-scoring: rarely anything there
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
