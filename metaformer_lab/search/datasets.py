@@ -393,25 +393,53 @@ def _convert_channels(images: Tensor, channels: int, source: str) -> Tensor:
                                      f"use a network with 1 or {have} input channels")
 
 
-def _resize(images: Tensor, size: tuple[int, int], chunk: int = 1024) -> Tensor:
-    """Bilinear resize of ``(N, C, h, w)`` to ``size``, antialiased when shrinking; in chunks, to bound memory."""
+_CHUNK_BYTES = 1 << 26
+"""Images processed at a time while loading (64 MB of float32), so a split at 224 px never exists twice over."""
+
+
+def _chunks(images: Tensor, size: tuple[int, int]) -> range:
+    per_image = images.shape[1] * size[0] * size[1] * 4
+    return range(0, len(images), max(1, _CHUNK_BYTES // max(per_image, 1)))
+
+
+def _resize(images: Tensor, size: tuple[int, int]) -> Tensor:
+    """Bilinear resize of ``(N, C, h, w)`` to ``size``, antialiased when shrinking; in chunks written into the
+    result, to bound memory."""
     if tuple(images.shape[-2:]) == size:
         return images
     shrink = images.shape[-2] > size[0] or images.shape[-1] > size[1]
-    out = [F.interpolate(images[i:i + chunk], size=size, mode="bilinear", align_corners=False, antialias=shrink)
-           for i in range(0, len(images), chunk)]
-    return torch.cat(out) if out else images.new_zeros(0, images.shape[1], *size)
+    out = images.new_empty(len(images), images.shape[1], *size)
+    step = _chunks(images, size).step
+    for i in _chunks(images, size):
+        out[i:i + step] = F.interpolate(images[i:i + step], size=size, mode="bilinear", align_corners=False,
+                                        antialias=shrink)
+    return out
 
 
 def _channel_stats(images: Tensor) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std over (N, H, W), in float64; a constant channel gets std 1."""
-    flat = images.transpose(0, 1).reshape(images.shape[1], -1).double()  # (N, C, H, W) -> (C, N*H*W)
-    std = flat.std(dim=1, unbiased=False)
+    """Per-channel mean and std over (N, H, W), summed in float64 a chunk at a time; a constant channel gets
+    std 1."""
+    channels = images.shape[1]
+    total = torch.zeros(channels, dtype=torch.float64)
+    squares = torch.zeros(channels, dtype=torch.float64)
+    step = _chunks(images, tuple(images.shape[-2:])).step  # type: ignore[arg-type]
+    for i in range(0, len(images), step):
+        part = images[i:i + step].transpose(0, 1).reshape(channels, -1).double()
+        total += part.sum(dim=1)
+        squares += (part * part).sum(dim=1)
+    count = max(images.numel() // max(channels, 1), 1)
+    mean = total / count
+    std = (squares / count - mean * mean).clamp_min(0).sqrt()
     std = torch.where(std > 1e-8, std, torch.ones_like(std))
-    return tuple(flat.mean(dim=1).tolist()), tuple(std.tolist())
+    return tuple(mean.tolist()), tuple(std.tolist())
 
 
 def _normalised(images: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """``(images - mean) / std`` per channel, as :data:`STORED`, a chunk at a time."""
     m = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return ((images - m) / s).to(STORED).contiguous()
+    out = torch.empty(images.shape, dtype=STORED)
+    step = _chunks(images, tuple(images.shape[-2:])).step  # type: ignore[arg-type]
+    for i in range(0, len(images), step):
+        out[i:i + step] = (images[i:i + step].float() - m) / s
+    return out
