@@ -7,10 +7,13 @@ from pathlib import Path
 
 import pytest
 
+import metaformer_lab
+
 PACKAGE = Path(__file__).resolve().parents[1] / "metaformer_lab"
 LAYERS = ["core", "ops", "spec", "graph", "compile", "zoo", "latency", "space", "search", "summary", "export", "api",
           "cli"]
 FILES = sorted(PACKAGE.rglob("*.py"))
+ROOT_OWN = {"__version__"}  # defined in the root itself, not re-exported from a layer
 
 
 def _layer(module: str) -> int:
@@ -29,7 +32,13 @@ def _module_name(path: Path) -> str:
 
 
 def _runtime_imports(tree: ast.Module) -> list[str]:
-    """Imported module names, leaving out `if TYPE_CHECKING:` blocks."""
+    """Imported module names, leaving out `if TYPE_CHECKING:` blocks.
+
+    ``from metaformer_lab import name`` counts as an import of the module that defines ``name`` (the root
+    resolves its public names lazily from there), so it is held to that module's layer; names the root
+    defines itself (``__version__``) import nothing else and are left out. A bare ``import metaformer_lab``
+    counts as the root, the top layer.
+    """
     names: list[str] = []
 
     def visit(node: ast.AST) -> None:
@@ -37,6 +46,9 @@ def _runtime_imports(tree: ast.Module) -> list[str]:
             return
         if isinstance(node, ast.Import):
             names.extend(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module == "metaformer_lab" and node.level == 0:
+            names.extend(metaformer_lab._EXPORTS.get(alias.name, "metaformer_lab") for alias in node.names
+                         if alias.name not in ROOT_OWN)
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             names.append(node.module)
         for child in ast.iter_child_nodes(node):
@@ -50,8 +62,18 @@ def _runtime_imports(tree: ast.Module) -> list[str]:
 def test_imports_point_down_the_layers(path: Path) -> None:
     own = _layer(_module_name(path))
     tree = ast.parse(path.read_text())
-    upward = [m for m in _runtime_imports(tree) if m.startswith("metaformer_lab.") and _layer(m) > own]
+    upward = [m for m in _runtime_imports(tree) if _in_package(m) and _layer(m) > own]
     assert not upward, f"{path.name} imports a higher layer: {upward}"
+
+
+def _in_package(module: str) -> bool:
+    return module == "metaformer_lab" or module.startswith("metaformer_lab.")
+
+
+def test_the_root_imports_nothing_of_the_package_at_runtime() -> None:
+    """Every layer may take ``__version__`` from the root only because the root loads no layer itself (no cycle)."""
+    tree = ast.parse((PACKAGE / "__init__.py").read_text())
+    assert not [m for m in _runtime_imports(tree) if _in_package(m)]
 
 
 @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(PACKAGE)))

@@ -1,4 +1,8 @@
-"""Spec commands: validate, schema, build, graph, export."""
+"""Spec commands: validate, schema, build, graph, export.
+
+The spec layer and the API are imported inside the commands: they pull in the op library and torch, which
+``--help`` (and every other command group) should not wait for.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +13,15 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from metaformer_lab.api import load_spec, to_graph
 from metaformer_lab.cli.common import BlockDirs, SpecArg, app, console, exit_with, human, output_file
 from metaformer_lab.core.errors import MetaformerLabError
-from metaformer_lab.spec.arch import ArchSpec
 
 
 @app.command()
 def validate(spec: SpecArg, block_dir: BlockDirs = []) -> None:  # noqa: B006 - typer reads the default
     """Check a spec: exit 0 when valid, else 1 with one `path: message` line per problem."""
+    from metaformer_lab.api import load_spec
+
     try:
         arch = load_spec(spec, block_dirs=block_dir)
     except MetaformerLabError as err:
@@ -31,6 +35,8 @@ def schema(
                                                      callback=output_file)] = None,
 ) -> None:
     """Print the JSON Schema of the spec (point your editor's YAML plugin at it)."""
+    from metaformer_lab.spec.arch import ArchSpec
+
     text = json.dumps(ArchSpec.model_json_schema(), indent=2)
     if out is None:
         typer.echo(text)
@@ -48,6 +54,7 @@ def build(
     block_dir: BlockDirs = [],  # noqa: B006
 ) -> None:
     """Build the PyTorch module: params, FLOPs, activation memory, output shape, per-stage table."""
+    from metaformer_lab.api import to_graph
     from metaformer_lab.summary import summarize
 
     try:
@@ -83,6 +90,7 @@ def graph(
     block_dir: BlockDirs = [],  # noqa: B006
 ) -> None:
     """Write the typed graph: every op with its spec path, every edge with its tensor type."""
+    from metaformer_lab.api import to_graph
     from metaformer_lab.graph.render import write_graph
 
     try:
@@ -106,6 +114,7 @@ def export(
     block_dir: BlockDirs = [],  # noqa: B006
 ) -> None:
     """Export to ONNX or .pt2; succeeds only when the exported outputs match eager ones."""
+    from metaformer_lab.api import to_graph
     from metaformer_lab.export import export as run_export
 
     if fmt.lower() not in ("onnx", "pt2"):

@@ -1,12 +1,14 @@
 """The containers a compiled network is made of. Their ``forward`` reads like the paper's equations;
-the ops inside come from the block library."""
+the ops inside come from the block library.
+
+timm is imported where a module is built, not here: ``validate`` imports this file (through the API) and
+must not pay for timm's ``__init__``, which imports every timm model."""
 
 from __future__ import annotations
 
 from typing import NamedTuple
 
 import torch
-from timm.layers import DropPath, trunc_normal_
 from torch import Tensor, nn
 
 from metaformer_lab.core.types import TensorType
@@ -41,6 +43,8 @@ class Block(nn.Module):
             self.add_module(name, module)
         self.branches = branches
         self.prefix = prefix  # P, the number of prefix tokens (used by prefix-only branches)
+        from timm.layers import DropPath
+
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
     def forward(self, x: Tensor) -> Tensor:
@@ -69,6 +73,8 @@ class PrefixTokens(nn.Module):
         self.had_prefix = had_prefix
 
     def init_weights(self) -> None:
+        from timm.layers import trunc_normal_
+
         for token in self.tokens:
             trunc_normal_(token, std=0.02)
 

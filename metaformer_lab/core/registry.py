@@ -9,12 +9,14 @@ from __future__ import annotations
 import difflib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from pydantic import BaseModel
-from torch import nn
 
 from metaformer_lab.core.types import Layout, TensorType
+
+if TYPE_CHECKING:  # annotations only: the bottom layer (and the command line above it) must not pay for torch
+    from torch import nn
 
 S = TypeVar("S", bound=BaseModel)
 

@@ -1,15 +1,19 @@
-"""What every op file shares: the config base class, bounded field types, activations, layout helpers."""
+"""What every op file shares: the config base class, bounded field types, activations, layout helpers.
+
+The op files import timm inside the functions that build modules, never at module level: the first
+``from timm.layers import ...`` runs timm's ``__init__``, which imports every timm model (about 2 s), and
+checking a spec (``validate``, ``space size``) needs only the config classes and shape rules.
+"""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 from pydantic_core import PydanticCustomError
-from timm.layers import QuickGELU, trunc_normal_
-from timm.models.metaformer import SquaredReLU, StarReLU
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
@@ -61,31 +65,37 @@ Act = Literal[
     "mish", "star_relu", "squared_relu", "identity",
 ]
 
-_ACTS: dict[str, Callable[[], nn.Module]] = {
-    "gelu": nn.GELU,
-    "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
-    "quick_gelu": QuickGELU,
-    "relu": nn.ReLU,
-    "relu6": nn.ReLU6,
-    "silu": nn.SiLU,
-    "hardswish": nn.Hardswish,
-    "sigmoid": nn.Sigmoid,
-    "tanh": nn.Tanh,
-    "mish": nn.Mish,
-    "star_relu": StarReLU,  # s * relu(x)^2 + b with learnable scalars (MetaFormer baselines)
-    "squared_relu": SquaredReLU,
-    "identity": nn.Identity,
-}
+@functools.cache
+def _acts() -> dict[str, Callable[[], nn.Module]]:
+    """Activation name -> layer factory; built on first use, when a module is built (it needs timm)."""
+    from timm.layers import QuickGELU
+    from timm.models.metaformer import SquaredReLU, StarReLU
+
+    return {
+        "gelu": nn.GELU,
+        "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
+        "quick_gelu": QuickGELU,
+        "relu": nn.ReLU,
+        "relu6": nn.ReLU6,
+        "silu": nn.SiLU,
+        "hardswish": nn.Hardswish,
+        "sigmoid": nn.Sigmoid,
+        "tanh": nn.Tanh,
+        "mish": nn.Mish,
+        "star_relu": StarReLU,  # s * relu(x)^2 + b with learnable scalars (MetaFormer baselines)
+        "squared_relu": SquaredReLU,
+        "identity": nn.Identity,
+    }
 
 
 def make_act(name: Act) -> nn.Module:
-    return _ACTS[name]()
+    return _acts()[name]()
 
 
 def act_layer(name: Act) -> Any:
     """A zero-argument layer factory, for timm.layers classes that take ``act_layer=`` (typed there as a
     class; a factory works the same)."""
-    return _ACTS[name]
+    return _acts()[name]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -191,6 +201,8 @@ def truncated_normal_(tensor: Tensor, std: float, bound: float = 2.0) -> Tensor:
     if bound >= 6 * std:
         with torch.no_grad():
             return tensor.normal_(0.0, std).clamp_(-bound, bound)
+    from timm.layers import trunc_normal_
+
     return trunc_normal_(tensor, std=std, a=-bound, b=bound)
 
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from pydantic import Field
-from timm.layers import SEModule, make_divisible
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
@@ -83,6 +82,7 @@ def hidden_width(spec: MbConvSpec, x: TensorType) -> int:
     if not spec.expand:
         return x.channels
     base = x.channels if spec.expand_from == "in" else spec.out_dim or x.channels
+    from timm.layers import make_divisible
     return make_divisible(base * spec.ratio, spec.divisor)
 
 
@@ -150,6 +150,7 @@ def _build_mbconv(spec: MbConvSpec, x: TensorType) -> MbConv:
     se: nn.Module = nn.Identity()
     if spec.se_ratio is not None:
         base = {"hidden": width, "in": x.channels, "out": out.channels}[spec.se_from]
+        from timm.layers import SEModule
         se = SEModule(width, rd_channels=max(1, int(spec.se_ratio * base)), act_layer=act_layer(spec.se_act))
     return MbConv(
         pre_norm=build_norm(spec.pre_norm, x), pre_act=make_act(spec.pre_act),

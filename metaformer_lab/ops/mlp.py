@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from timm.layers import GluMlp, Mlp
 from torch import Tensor, nn
 
 from metaformer_lab.core.registry import Case, OpDef
@@ -72,6 +71,7 @@ def _mlp_shape(spec: MlpSpec, x: TensorType) -> TensorType:
 def _build_mlp(spec: MlpSpec, x: TensorType) -> nn.Module:
     hidden = int(spec.ratio * x.channels)
     if spec.hidden_norm is None and spec.out_norm is None:
+        from timm.layers import Mlp
         return Mlp(x.channels, hidden, act_layer=act_layer(spec.act), bias=spec.bias, drop=spec.drop,
                    use_conv=x.layout == "maps")
     maps = x.layout == "maps"
@@ -154,6 +154,7 @@ class GluSpec(OpSpec):
 
 def _build_glu(spec: GluSpec, x: TensorType) -> nn.Module:
     # timm's GluMlp splits fc1's output in two halves, so fc1 is twice the gated width.
+    from timm.layers import GluMlp
     return GluMlp(x.channels, 2 * int(spec.ratio * x.channels), act_layer=act_layer(spec.act), bias=spec.bias,
                   drop=spec.drop, use_conv=x.layout == "maps")
 

@@ -7,7 +7,6 @@ from typing import Annotated, Literal
 import torch
 import torch.nn.functional as F
 from pydantic import Field
-from timm.layers import LayerNorm2d, RmsNorm, RmsNorm2d
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
@@ -37,6 +36,7 @@ class LayerNormSpec(OpSpec):
 def _build_layernorm(spec: LayerNormSpec, x: TensorType) -> nn.Module:
     bias = spec.bias and spec.affine
     if x.layout == "maps":
+        from timm.layers import LayerNorm2d
         return LayerNorm2d(x.channels, eps=spec.eps, affine=spec.affine, bias=bias)
     return nn.LayerNorm(x.channels, eps=spec.eps, elementwise_affine=spec.affine, bias=bias)
 
@@ -109,6 +109,7 @@ class RmsNormSpec(OpSpec):
 
 
 def _build_rmsnorm(spec: RmsNormSpec, x: TensorType) -> nn.Module:
+    from timm.layers import RmsNorm, RmsNorm2d
     cls = RmsNorm2d if x.layout == "maps" else RmsNorm
     return cls(x.channels, eps=spec.eps, affine=spec.affine)
 

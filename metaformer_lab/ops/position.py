@@ -7,7 +7,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from timm.layers import trunc_normal_
 from torch import Tensor, nn
 
 from metaformer_lab.core.registry import Case, OpDef
@@ -40,6 +39,7 @@ class LearnedPosition(nn.Module):
         self.init_std = init_std
 
     def init_weights(self) -> None:
+        from timm.layers import trunc_normal_
         trunc_normal_(self.weight, std=self.init_std)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -12,7 +12,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from timm.layers import gen_relative_position_index, trunc_normal_
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
@@ -79,6 +78,7 @@ class RelPosAttention2d(nn.Module):
         if rel_pos_bias:
             size = (2 * grid[0] - 1) * (2 * grid[1] - 1)
             self.relative_position_bias_table = nn.Parameter(torch.zeros(size, num_heads))
+            from timm.layers import gen_relative_position_index, trunc_normal_
             trunc_normal_(self.relative_position_bias_table, std=0.02)
             index = gen_relative_position_index(grid)  # (N, N) into the table
         else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from timm.layers import Mlp
 from torch import Tensor, nn
 
 from metaformer_lab.core.registry import Case, OpDef
@@ -52,6 +51,7 @@ class TokenMlpSpec(OpSpec):
 class TokenMlp(TokenMixing):
     def __init__(self, num_tokens: int, hidden: int, act: Act, bias: bool, channels_last: bool) -> None:
         super().__init__()
+        from timm.layers import Mlp
         self.mlp = Mlp(num_tokens, hidden, act_layer=act_layer(act), bias=bias)
         self.channels_last = channels_last
 

@@ -7,8 +7,6 @@ from typing import Literal
 
 import torch
 from pydantic import Field
-from timm.layers import trunc_normal_
-from timm.models.swin_transformer import get_relative_position_index
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
@@ -98,6 +96,8 @@ class WindowAttention(nn.Module):
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+            from timm.layers import trunc_normal_
+            from timm.models.swin_transformer import get_relative_position_index
             trunc_normal_(self.relative_position_bias_table, std=0.02)
             index = get_relative_position_index(window, window)  # (w*w, w*w) into the table
         else:

@@ -1,0 +1,78 @@
+"""The command line starts at once: ``--help`` and ``--version`` import neither torch nor timm, and checking a
+spec imports no timm.
+
+Each check runs in a fresh interpreter, since this test process has long since imported both. The root
+package resolves its public names lazily; its ``TYPE_CHECKING`` imports and its lookup table must agree.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import metaformer_lab
+
+HEAVY = ("torch", "timm")
+PROBE = """
+import json, sys
+from metaformer_lab.cli import main
+heavy = json.loads(sys.argv[2])
+sys.argv = ["metaformer-lab", *json.loads(sys.argv[1])]
+try:
+    main()
+except SystemExit as stop:
+    code = stop.code
+else:
+    code = 0
+print(json.dumps({"code": code, "heavy": sorted(m for m in heavy if m in sys.modules)}), file=sys.stderr)
+"""
+
+
+def _heavy_imports(*args: str) -> tuple[int, list[str]]:
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args), json.dumps(HEAVY)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    result = json.loads(done.stderr.strip().splitlines()[-1])
+    return result["code"], result["heavy"]
+
+
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("space", "--help"), ("latency", "--help")],
+                         ids=" ".join)
+def test_help_and_version_import_neither_torch_nor_timm(args: tuple[str, ...]) -> None:
+    assert _heavy_imports(*args) == (0, [])
+
+
+def test_importing_the_package_imports_neither_torch_nor_timm() -> None:
+    probe = f"import sys, metaformer_lab, metaformer_lab.cli; print([m for m in {HEAVY!r} if m in sys.modules])"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_lazy_names_match_the_type_checking_imports() -> None:
+    tree = ast.parse(Path(metaformer_lab.__file__).read_text())
+    guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
+    declared = {alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom)
+                for alias in node.names}
+    assert declared == metaformer_lab._EXPORTS
+    assert sorted(metaformer_lab.__all__) == sorted([*metaformer_lab._EXPORTS, "__version__"])
+
+
+def test_every_public_name_resolves_and_is_listed() -> None:
+    for name in metaformer_lab.__all__:
+        assert getattr(metaformer_lab, name) is not None
+    assert set(metaformer_lab.__all__) <= set(dir(metaformer_lab))
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        metaformer_lab.nope  # noqa: B018
+
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_caformer.yaml"
+
+
+@pytest.mark.parametrize("args", [("validate", str(EXAMPLE)), ("space", "size", "tiny")], ids=["validate", "space"])
+def test_checking_a_spec_needs_torch_but_not_timm(args: tuple[str, ...]) -> None:
+    """The op library defines its modules with torch, but imports timm only when it builds one."""
+    assert _heavy_imports(*args) == (0, ["torch"])
