@@ -246,7 +246,9 @@ def optimize(search: Search, *, progress: Callable[[TrialEvent], None] | None = 
         if should_stop() or (finished(study) >= config.trials and not waiting_references(study)):
             study.stop()
 
-    _run(search, objective, max(runs, 0) + waiting_references(search.study), after, config.timeout_s)
+    # no trial count: the callback stops the study once enough searched trials finished and no reference waits,
+    # so a reference retried after a crash (a heartbeat retry, made once the study runs) takes no searched slot
+    _run(search, objective, None, after, config.timeout_s)
 
 
 def score_later(search: Search, *, progress: Callable[[TrialEvent], None] | None = None,
@@ -270,7 +272,7 @@ def score_later(search: Search, *, progress: Callable[[TrialEvent], None] | None
     return queued
 
 
-def _run(search: Search, objective: Objective, n_trials: int, after: Callable[..., None],
+def _run(search: Search, objective: Objective, n_trials: int | None, after: Callable[..., None],
          timeout_s: float | None) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(search.config.train_threads or os.cpu_count() or 1)
