@@ -43,9 +43,9 @@ from metaformer_lab.core.errors import StudyError
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
-from metaformer_lab.search.evaluators import EvalResult
+from metaformer_lab.search.evaluators import EvalResult, make_evaluator
 from metaformer_lab.search.objective import Failure, Rejected, Screening, evaluate_candidate, record_result
-from metaformer_lab.search.run import Search, TrialEvent, evaluator_for, event, finished, open_storage
+from metaformer_lab.search.run import Search, TrialEvent, event, finished, open_storage
 from metaformer_lab.spec.load import read_spec
 
 RAY_DIR = "ray"
@@ -75,7 +75,7 @@ def run_trial(params: dict[str, Any], *, config: SearchConfig, data: Dataset) ->
         tune.report({**base, "outcome": "rejected", "final": 1})
         return
     graph = lower(read_spec(yaml.safe_load(params["spec"])))
-    evaluator = evaluator_for(config)
+    evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
     device = "cuda" if config.ray.gpus_per_trial > 0 or config.device.startswith("cuda") else "cpu"
     prunable = bool(params.get("prunable"))
 

@@ -48,11 +48,6 @@ class ReferencePlan:
     """Far over the budget, scored after the searched trials (``score_references``)."""
     params: dict[str, dict[str, Any]] = field(default_factory=dict)
 
-    @property
-    def queued(self) -> int:
-        """Trials queued before the searched ones (to add to the number a backend runs)."""
-        return len(self.scored)
-
 
 def nearness(latency_ms: float, budget_ms: float) -> float:
     """How far a latency is from the budget, either way (0 on it): ``|log(latency / budget)|``."""

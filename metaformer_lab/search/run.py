@@ -28,7 +28,7 @@ from optuna.trial import TrialState
 from metaformer_lab.core.errors import Issue, StudyError
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset, load_dataset
-from metaformer_lab.search.evaluators import Evaluator, make_evaluator
+from metaformer_lab.search.evaluators import make_evaluator
 from metaformer_lab.search.latency import LatencyOracle
 from metaformer_lab.search.objective import Failure, Objective, Screening, trial_reason
 from metaformer_lab.search.references import ReferencePlan, plan_references, queue_later
@@ -238,7 +238,7 @@ def optimize(search: Search, *, progress: Callable[[TrialEvent], None] | None = 
     runs = config.trials - finished(search.study)
     if runs <= 0 and not waiting_references(search.study):
         return
-    objective = Objective(search.space, config, search.data, evaluator_for(config), search.oracle, _device(config))
+    objective = _objective(search)
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if progress is not None:
@@ -260,7 +260,7 @@ def score_later(search: Search, *, progress: Callable[[TrialEvent], None] | None
         return 0
     queued = queue_later(search.study, plan)
     config = search.config
-    objective = Objective(search.space, config, search.data, evaluator_for(config), search.oracle, _device(config))
+    objective = _objective(search)
 
     def after(study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         if progress is not None:
@@ -289,9 +289,11 @@ def _device(config: SearchConfig) -> str:
     return "cuda" if config.device.startswith("cuda") else "cpu"
 
 
-def evaluator_for(config: SearchConfig) -> Evaluator:
-    """The config's evaluator (its memory limit is set per candidate: :func:`.objective.evaluate_candidate`)."""
-    return make_evaluator(config.evaluator, **config.evaluator_options)
+def _objective(search: Search) -> Objective:
+    """The in-process objective (its evaluator's memory limit is set per candidate: ``evaluate_candidate``)."""
+    config = search.config
+    evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
+    return Objective(search.space, config, search.data, evaluator, search.oracle, _device(config))
 
 
 def counts(study: optuna.Study) -> dict[str, Any]:
