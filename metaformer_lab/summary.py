@@ -36,14 +36,6 @@ class BuildSummary:
         return asdict(self)
 
 
-def _part_output(graph: ArchGraph, part: str) -> str:
-    if part == "stem":
-        return str(graph.nodes["stem"]["out"])
-    if part == "head":
-        return str(graph.output_type)
-    return str(graph.stage_types[int(part.split(".")[1])])
-
-
 def summarize(graph: ArchGraph, batch_size: int = 1) -> BuildSummary:
     """Build the network, run it once on zeros (counting FLOPs), and read the rest off the graph.
 
@@ -59,7 +51,8 @@ def summarize(graph: ArchGraph, batch_size: int = 1) -> BuildSummary:
         got = tuple(outputs[0].shape)
         raise RuntimeError(f"{graph.spec.name}: the module returns {got}, the graph says {expected}")
     cost = graph_cost(graph, batch_size)
-    parts = [PartSummary(name, _part_output(graph, name), c.params, c.flops, c.activation_bytes)
+    outputs_of = graph.group_types()
+    parts = [PartSummary(name, str(outputs_of[name]), c.params, c.flops, c.activation_bytes)
              for name, c in cost.parts.items()]
     return BuildSummary(
         name=graph.spec.name, params=count_params(net),

@@ -113,8 +113,7 @@ def build_op(registry_or_role: Registry | str, tag: str, config: dict[str, Any],
     opdef = _registry(registry_or_role).get(tag)
     assert isinstance(opdef, OpDef), f"{tag} is a composite op"
     spec = op_spec(registry_or_role, tag, config)
-    opdef.infer(spec, x, *extra)
-    module = opdef.build(spec, x, *extra)
+    module = opdef.make(spec, x, *extra)
     module.eval()
     return module
 

@@ -129,3 +129,30 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([exe, "build", str(EXAMPLES[0]), "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["output_shape"] == [1, 10]
+
+
+def test_ops_lists_every_registered_op() -> None:
+    from metaformer_lab.ops import REGISTRIES
+
+    code, out, err = run("ops", "--json")
+    assert (code, err) == (0, "")
+    listed = {(row["role"], row["tag"]) for row in json.loads(out)}
+    assert listed == {(role, tag) for role, registry in REGISTRIES.items() for tag in registry.tags()}
+
+
+def test_ops_shows_one_op_s_fields() -> None:
+    code, out, _ = run("ops", "gated", "--json")
+    [row] = json.loads(out)
+    assert code == 0 and row["role"] == "token_mixer"
+    fields = {f["name"]: f for f in row["fields"]}
+    assert fields["branches"]["type"] == "list[token_mixer]" and fields["act"]["default"] == "'identity'"
+    code, out, _ = run("ops", "gated")
+    assert code == 0 and "list[token_mixer]" in out and "[value, gate]" in out
+
+
+def test_ops_of_one_role_and_an_unknown_name() -> None:
+    code, out, _ = run("ops", "norm", "--json")
+    assert code == 0 and {row["role"] for row in json.loads(out)} == {"norm"}
+    code, out, err = run("ops", "gatd")
+    assert code == 1 and "Traceback" not in err + out
+    assert err.strip() == "ops: 'gatd' is neither a role nor an op type (did you mean 'gated'?)"

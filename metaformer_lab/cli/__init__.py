@@ -4,7 +4,7 @@ Exit codes: 0 success; 1 invalid input (one ``path: message`` line per problem o
 traceback); 2 usage errors. One module per command group; importing them registers their commands.
 """
 
-from metaformer_lab.cli import latency, search, space, spec, zoo  # noqa: F401  (registers the commands)
+from metaformer_lab.cli import latency, ops, search, space, spec, zoo  # noqa: F401  (registers the commands)
 from metaformer_lab.cli.common import app
 
 

@@ -1,73 +1,54 @@
 """Compilation: typed graph -> ``nn.Module``. Each op node is built by its registry entry from the
-tensor type the graph gives it; the containers in :mod:`.network` assemble them by module path."""
+tensor type the graph gives it; the containers in :mod:`.network` are wired from the graph's plan
+(:mod:`metaformer_lab.graph.plan`), their submodules named by each node's ``part``."""
 
 from __future__ import annotations
 
 from torch import nn
 
-from metaformer_lab.compile.network import Block, BranchPlan, Network, PrefixTokens, Stage
+from metaformer_lab.compile.network import Block, BranchPlan, Network, Stage
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.graph.nodes import build_node
+from metaformer_lab.graph.plan import BlockPlan, StagePlan
 from metaformer_lab.ops.common import init_weights
-from metaformer_lab.spec.arch import StageSpec
-from metaformer_lab.spec.templates import PART_FIELDS, TEMPLATES
 
 
 class _Compiler:
     def __init__(self, graph: ArchGraph) -> None:
         self.g = graph
-        self.spec = graph.spec
-        n = self.spec.num_blocks
-        rate = self.spec.defaults.drop_path_rate
+        n = graph.spec.num_blocks
+        rate = graph.spec.defaults.drop_path_rate
         self.drop_path = [rate * k / max(n - 1, 1) for k in range(n)]
 
-    def has(self, name: str) -> bool:
-        return name in self.g.nodes
-
-    def module(self, name: str) -> nn.Module:
+    def module(self, name: str | None) -> nn.Module:
         return build_node(self.g, name)
 
-    def block(self, i: int, j: int, stage: StageSpec, k: int) -> nn.Module:
-        name = f"stages.{i}.blocks.{j}"
-        spec = stage.block_at(j)
+    def block(self, plan: BlockPlan, k: int) -> Block:
         parts: dict[str, nn.Module] = {}
         branches: list[BranchPlan] = []
-        prefix = 0
-        for branch in TEMPLATES[spec.template]:
-            if getattr(spec, PART_FIELDS[branch.main]) is None:
-                continue
-            # a shortcut op that takes another layout is preceded by its (parameter-free) conversion
-            names = [[q for p in group for q in (f"{p}_layout", p) if self.has(f"{name}.{q}")]
-                     for group in (branch.parts, branch.shortcut)]
-            for p in names[0] + names[1]:
-                parts[p] = self.module(f"{name}.{p}")
-            view = f"{name}.{branch.main}_prefix"  # branches on the prefix tokens only (lower.prefix_view)
-            if self.has(view):
-                prefix = self.g.nodes[view]["out"].prefix
-            branches.append(BranchPlan(names[0], names[1], reads_prefix=branch.reads == "prefix",
-                                       writes_prefix=branch.writes == "prefix", residual=branch.residual))
-        return Block(layout_in=self.module(f"{name}.layout"), parts=parts, branches=branches,
-                     drop_path=self.drop_path[k], prefix=prefix)
+        for branch in plan.branches:
+            for node in branch.parts + branch.shortcut:
+                parts[self.g.nodes[node]["part"]] = self.module(node)
+            names = [[self.g.nodes[node]["part"] for node in group] for group in (branch.parts, branch.shortcut)]
+            branches.append(BranchPlan(*names, reads_prefix=branch.reads_prefix, writes_prefix=branch.writes_prefix,
+                                       residual=branch.residual))
+        return Block(layout_in=self.module(plan.layout), parts=parts, branches=branches, drop_path=self.drop_path[k],
+                     prefix=plan.prefix)
 
-    def stage(self, i: int, stage: StageSpec, first_block: int) -> Stage:
-        name = f"stages.{i}"
-        prefix: nn.Module = nn.Identity()
-        if self.has(f"{name}.prefix"):
-            node = self.g.nodes[f"{name}.prefix"]
-            prefix = PrefixTokens(stage.prefix_tokens, node["out"].channels, had_prefix=node["in_type"].prefix > 0)
-        pos = stage.pos_embed
-        pos_after = -1 if pos is None or pos.after_block is None else pos.after_block
-        blocks = [self.block(i, j, stage, first_block + j) for j in range(stage.depth)]
-        return Stage(down_layout=self.module(f"{name}.down_layout"), down=self.module(f"{name}.down"),
-                     layout=self.module(f"{name}.layout"), prefix=prefix, pos_embed=self.module(f"{name}.pos_embed"),
-                     pos_after=pos_after, blocks=blocks, norm=self.module(f"{name}.norm"))
+    def stage(self, plan: StagePlan, first_block: int) -> Stage:
+        blocks = [self.block(b, first_block + j) for j, b in enumerate(plan.blocks)]
+        return Stage(down_layout=self.module(plan.down_layout), down=self.module(plan.down),
+                     layout=self.module(plan.layout), prefix=self.module(plan.prefix),
+                     pos_embed=self.module(plan.pos_embed), pos_after=plan.pos_after, blocks=blocks,
+                     norm=self.module(plan.norm))
 
     def network(self) -> Network:
+        plan = self.g.plan
         stages, first = [], 0
-        for i, stage in enumerate(self.spec.stages):
-            stages.append(self.stage(i, stage, first))
-            first += stage.depth
-        return Network(name=self.spec.name, stem=self.module("stem"), stages=stages, head=self.module("head"),
+        for stage in plan.stages:
+            stages.append(self.stage(stage, first))
+            first += len(stage.blocks)
+        return Network(name=self.g.spec.name, stem=self.module(plan.stem), stages=stages, head=self.module(plan.head),
                        input_type=self.g.input_type, output_type=self.g.output_type,
                        feature_types=self.g.stage_types)
 

@@ -64,27 +64,6 @@ class Block(nn.Module):
         return x
 
 
-class PrefixTokens(nn.Module):
-    """Learned tokens put in front of the sequence (class token, distillation token)."""
-
-    def __init__(self, count: int, dim: int, had_prefix: bool) -> None:
-        super().__init__()
-        self.tokens = nn.ParameterList([nn.Parameter(torch.zeros(1, 1, dim)) for _ in range(count)])
-        self.had_prefix = had_prefix
-
-    def init_weights(self) -> None:
-        from timm.layers import trunc_normal_
-
-        for token in self.tokens:
-            trunc_normal_(token, std=0.02)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if not self.had_prefix:
-            x = x.flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C)
-        prefix = torch.cat(list(self.tokens), dim=1).expand(x.shape[0], -1, -1)  # (B, P, C)
-        return torch.cat([prefix, x], dim=1)  # (B, P + N, C)
-
-
 class Stage(nn.Module):
     """``down -> layout -> prefix -> [pos] -> blocks (pos after block k) -> norm``."""
 

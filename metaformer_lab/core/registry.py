@@ -7,7 +7,7 @@ side effect), refuse duplicate tags, and answer an unknown tag with close matche
 from __future__ import annotations
 
 import difflib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
@@ -35,25 +35,46 @@ class Case:
     id: str = ""
 
 
+Settings = dict[str, Any]
+"""What an op's shape rule derives from its config and input (a head count, a padding) for its builder."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """One node's op, settled by its shape rule: the builder's only input besides the config.
+
+    ``out_dim`` is what the graph asked for: the output width of stems and downsamplers, the number of
+    classes of heads, None elsewhere. ``settings`` holds what the shape rule derived once (heads from
+    ``head_dim``, ...), so the builder never derives it again.
+    """
+
+    in_type: TensorType
+    out_type: TensorType
+    out_dim: int | None = None
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.settings[key]
+
+
 @dataclass(frozen=True)
 class OpDef(Generic[S]):
-    """One leaf op: config class + shape rule + module builder.
+    """One leaf op: config class + shape rule + module builder, with one call signature for every role:
 
-    The call signatures depend on the registry (role) the op is in:
+    - ``infer(spec, in_type, out_dim) -> out_type`` or ``(out_type, settings)``: the shape rule. ``out_dim``
+      is the output width of stems and downsamplers, the number of classes of heads, None elsewhere.
+      Raises :class:`~metaformer_lab.core.errors.ShapeIssue` for input it cannot take;
+    - ``build(spec, resolved) -> nn.Module``: the module, from the :class:`Resolved` the rule settled.
 
-    - norms, token mixers, channel mixers, position encodings: ``infer(spec, x)``, ``build(spec, x)``;
-    - stems and downsamplers: ``infer(spec, x, dim)``, ``build(spec, x, dim)`` (``dim``: output width);
-    - heads: ``infer(spec, x, num_classes)``, ``build(spec, x, num_classes)``.
-
-    ``infer`` raises :class:`~metaformer_lab.core.errors.ShapeIssue` for input it cannot take.
     ``preserves_type`` says the op's output type always equals its input type (mixers, norms), which
     lets shape inference carry on after the op reports a problem. ``accepts`` lists the layouts a stem
-    or downsampler takes; the graph converts its input to the first of them when needed.
+    or downsampler takes; the graph converts its input to the first of them when needed. ``cases`` are
+    the examples every op is tested on (shape rule = built module, in every layout it takes).
     """
 
     spec: type[S]
-    infer: Callable[..., TensorType]
-    build: Callable[..., nn.Module]
+    infer: Callable[[S, TensorType, int | None], TensorType | tuple[TensorType, Settings]]
+    build: Callable[[S, Resolved], nn.Module]
     cases: tuple[Case, ...] = ()
     preserves_type: bool = False
     accepts: tuple[Layout, ...] = ()
@@ -62,21 +83,35 @@ class OpDef(Generic[S]):
     def tag(self) -> str:
         return tag_of(self.spec)
 
+    @property
+    def description(self) -> str:
+        return description_of(self.spec)
+
+    def resolve(self, spec: S, in_type: TensorType, out_dim: int | None = None) -> Resolved:
+        """The shape rule's answer as a :class:`Resolved` (raises ShapeIssue)."""
+        result = self.infer(spec, in_type, out_dim)
+        out, settings = result if isinstance(result, tuple) else (result, {})
+        return Resolved(in_type, out, out_dim, settings)
+
+    def make(self, spec: S, in_type: TensorType, out_dim: int | None = None) -> nn.Module:
+        """The module for ``in_type`` after the shape rule accepted it (raises ShapeIssue)."""
+        return self.build(spec, self.resolve(spec, in_type, out_dim))
+
 
 @dataclass(frozen=True)
 class CompositeDef(Generic[S]):
     """An op made of child token mixers: the graph branches into ``branches(spec)`` and joins again.
 
     ``split(spec, x)`` gives each branch's input type (raises ShapeIssue), ``join(spec, x, outs)`` the
-    output type from the branches' output types, ``build(spec, x, children)`` the module around the
-    already-built children.
+    output type from the branches' output types, ``build(spec, resolved, children)`` the module around
+    the already-built children.
     """
 
     spec: type[S]
     branches: Callable[[S], Sequence[BaseModel]]
     split: Callable[[S, TensorType], list[TensorType]]
     join: Callable[[S, TensorType, list[TensorType]], TensorType]
-    build: Callable[[S, TensorType, list[nn.Module]], nn.Module]
+    build: Callable[[S, Resolved, list[nn.Module]], nn.Module]
     cases: tuple[Case, ...] = ()
     preserves_type: bool = True
 
@@ -84,8 +119,18 @@ class CompositeDef(Generic[S]):
     def tag(self) -> str:
         return tag_of(self.spec)
 
+    @property
+    def description(self) -> str:
+        return description_of(self.spec)
+
 
 AnyDef = OpDef[Any] | CompositeDef[Any]
+
+
+def description_of(spec_cls: type[BaseModel]) -> str:
+    """The first line of a config class's docstring."""
+    doc = (spec_cls.__doc__ or "").strip()
+    return " ".join(doc.split("\n\n")[0].split())
 
 
 def tag_of(spec_cls: type[BaseModel]) -> str:

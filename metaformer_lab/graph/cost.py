@@ -80,20 +80,14 @@ def node_cost(graph: ArchGraph, name: str, batch: int = 1, dtype_bytes: int = 4)
     if kind == "scale":
         return NodeCost(out.channels, 0, activations)  # type: ignore[union-attr]
     if kind == "prefix":
-        return NodeCost(graph.spec.stages[int(name.split(".")[1])].prefix_tokens * out.channels, 0,  # type: ignore[union-attr]
-                        activations)
-    if kind not in LEAF_KINDS or f"{name}.fork" in graph.nodes:
+        return NodeCost(node["count"] * out.channels, 0, activations)  # type: ignore[union-attr]
+    if kind not in LEAF_KINDS or graph.is_composite(name):
         return NodeCost(0, 0, activations)
     with torch.device("meta"):
         module = build_node(graph, name)
     module.eval()
     flops, _ = count_flops(lambda: module(_meta_input(node["in_type"], batch)))
     return NodeCost(count_params(module), flops, activations)
-
-
-def _part(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "stages" else parts[0]
 
 
 def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
@@ -105,7 +99,7 @@ def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
     parts: dict[str, list[int]] = {}
     for name in graph.nodes:
         cost = node_cost(graph, name, batch, dtype_bytes)
-        acc = parts.setdefault(_part(name), [0, 0, 0])
+        acc = parts.setdefault(graph.nodes[name]["group"], [0, 0, 0])
         acc[0] += cost.params
         acc[1] += cost.flops
         acc[2] += cost.activation_bytes

@@ -14,8 +14,9 @@ import networkx as nx
 from pydantic import BaseModel
 
 from metaformer_lab.core.errors import Issue, ShapeIssue, SpecError
-from metaformer_lab.core.registry import CompositeDef, OpDef
+from metaformer_lab.core.registry import CompositeDef, OpDef, Resolved
 from metaformer_lab.core.types import Layout, TensorType
+from metaformer_lab.graph.plan import BlockPlan, BranchPlan, NetworkPlan, StagePlan
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import layout_change_problem
 from metaformer_lab.spec.arch import ArchSpec, BlockSpec, StageSpec
@@ -23,10 +24,18 @@ from metaformer_lab.spec.templates import PART_FIELDS, PART_ROLES, TEMPLATES, Br
 
 
 class ArchGraph(nx.DiGraph):
-    """A ``networkx.DiGraph`` of typed ops. Node attributes: ``kind``, ``path`` (spec path), ``spec``
-    (op config or None), ``role`` (registry role of leaf ops), ``in_type`` and ``out`` (TensorTypes).
-    Scale nodes also carry ``init``. Edge attribute: ``type``. Graph attributes: ``spec``, ``input``,
-    ``output``, ``stage_ends`` (the last node of each stage)."""
+    """A ``networkx.DiGraph`` of typed ops.
+
+    Node attributes: ``kind``, ``path`` (spec path), ``spec`` (op config or None), ``role`` (registry role
+    of leaf ops), ``in_type`` and ``out`` (TensorTypes), and where the node sits: ``stage`` and ``block``
+    (indices or None), ``part`` (its module name inside its container, None for nodes without a module),
+    ``resolved`` (registry ops: what the op's shape rule settled, the builder's input),
+    ``group`` (``input``, ``stem``, ``stages.i``, ``head``) and ``inside`` (the composite mixer whose
+    branches hold it, or None). Scale nodes also carry ``init``, prefix nodes ``count``, composite mixers
+    ``fork`` and ``branches`` (the fork node and each branch's last node). Edge attribute: ``type``.
+    Graph attributes: ``spec``, ``input``, ``output``, ``plan`` (the :class:`~.plan.NetworkPlan`).
+    Nothing reads structure out of a node's name: it is all in these attributes.
+    """
 
     @property
     def spec(self) -> ArchSpec:
@@ -41,9 +50,22 @@ class ArchGraph(nx.DiGraph):
         return self.graph["output"]
 
     @property
+    def plan(self) -> NetworkPlan:
+        return self.graph["plan"]
+
+    @property
     def stage_types(self) -> list[TensorType]:
         """The output type of each stage."""
-        return [self.nodes[n]["out"] for n in self.graph["stage_ends"]]
+        return [self.nodes[s.end]["out"] for s in self.plan.stages]
+
+    def group_types(self) -> dict[str, TensorType]:
+        """The output type of each cost group (``stem``, ``stages.i``, ``head``)."""
+        ends = [self.plan.stem, *(s.end for s in self.plan.stages), self.plan.head]
+        return {self.nodes[n]["group"]: self.nodes[n]["out"] for n in ends}
+
+    def is_composite(self, name: str) -> bool:
+        """A composite mixer's join node (its branches are nodes of their own)."""
+        return "fork" in self.nodes[name]
 
     def ops(self, kind: str | None = None) -> list[tuple[str, dict[str, Any]]]:
         """Nodes in topological order, optionally of one kind."""
@@ -66,6 +88,10 @@ class _Lowering:
         self.spec = spec
         self.g = ArchGraph(spec=spec)
         self.issues: list[Issue] = []
+        self.last = "input"  # the output node of the block lowered last
+        # where the nodes being added sit (stamped on each node)
+        self.group, self.stage_index, self.block_index = "input", None, None
+        self.inside: str | None = None
 
     # --- primitives -------------------------------------------------------------------------
 
@@ -73,30 +99,35 @@ class _Lowering:
         return self.g.nodes[name]["out"]
 
     def node(self, name: str, kind: str, inputs: list[tuple[str, TensorType | None]], out: TensorType | None,
-             path: str, spec: BaseModel | None = None, role: str | None = None) -> str:
+             path: str, spec: BaseModel | None = None, role: str | None = None, part: str | None = None) -> str:
         in_type = inputs[0][1] if inputs else None
-        self.g.add_node(name, kind=kind, path=path, spec=spec, role=role, in_type=in_type, out=out)
+        self.g.add_node(name, kind=kind, path=path, spec=spec, role=role, in_type=in_type, out=out, part=part,
+                        group=self.group, stage=self.stage_index, block=self.block_index, inside=self.inside)
         for src, t in inputs:
             self.g.add_edge(src, name, type=t)
         return name
 
-    def op(self, name: str, role: str, spec: BaseModel, path: str, src: str, *args: int,
+    def op(self, name: str, part: str, role: str, spec: BaseModel, path: str, src: str, out_dim: int | None = None,
            x: TensorType | None = None) -> str:
-        """A leaf op from registry ``role``; ``args`` is the output width of stems, downsamplers, heads."""
+        """A leaf op from registry ``role``; ``out_dim`` is the output width of stems and downsamplers, the
+        number of classes of heads. The node keeps what the op's shape rule resolved (``resolved``)."""
         x = self.out(src) if x is None else x
         opdef = REGISTRIES[role].of_spec(spec)
         if isinstance(opdef, CompositeDef):
-            return self.composite(name, opdef, spec, path, src, x)
-        out = None
+            return self.composite(name, part, opdef, spec, path, src, x)
+        out, resolved = None, None
         if x is not None:
             try:
-                out = opdef.infer(spec, x, *args)
+                resolved = opdef.resolve(spec, x, out_dim)
+                out = resolved.out_type
             except ShapeIssue as issue:
                 self.issues.append(Issue(_at(path, issue.field), issue.message))
                 out = x if opdef.preserves_type else None
-        return self.node(name, role, [(src, x)], out, path, spec, role)
+        self.node(name, role, [(src, x)], out, path, spec, role, part)
+        self.g.nodes[name]["resolved"] = resolved
+        return name
 
-    def composite(self, name: str, opdef: CompositeDef[Any], spec: BaseModel, path: str, src: str,
+    def composite(self, name: str, part: str, opdef: CompositeDef[Any], spec: BaseModel, path: str, src: str,
                   x: TensorType | None) -> str:
         """A fork node, one subgraph per branch, and the join node that stands for the whole mixer."""
         branch_types: list[TensorType | None] = [None] * len(opdef.branches(spec))
@@ -106,8 +137,10 @@ class _Lowering:
             except ShapeIssue as issue:
                 self.issues.append(Issue(_at(path, issue.field), issue.message))
         fork = self.node(f"{name}.fork", "fork", [(src, x)], x, path, spec)
-        ends = [self.op(f"{name}.branches.{k}", "token_mixer", child, f"{path}.branches[{k}]", fork, x=t)
+        outer, self.inside = self.inside, name
+        ends = [self.op(f"{name}.branches.{k}", str(k), "token_mixer", child, f"{path}.branches[{k}]", fork, x=t)
                 for k, (child, t) in enumerate(zip(opdef.branches(spec), branch_types, strict=True))]
+        self.inside = outer
         outs = [self.out(e) for e in ends]
         out = None
         if x is not None and all(o is not None for o in outs):
@@ -117,27 +150,30 @@ class _Lowering:
                 self.issues.append(Issue(_at(path, issue.field), issue.message))
         if out is None and x is not None and opdef.preserves_type:
             out = x
-        return self.node(name, "token_mixer", [(e, self.out(e)) for e in ends], out, path, spec, "token_mixer")
+        self.node(name, "token_mixer", [(e, self.out(e)) for e in ends], out, path, spec, "token_mixer", part)
+        resolved = Resolved(x, out) if x is not None and out is not None else None
+        self.g.nodes[name].update(fork=fork, branches=ends, resolved=resolved)
+        return name
 
-    def layout(self, name: str, src: str, layout: Layout, path: str) -> str:
+    def layout(self, name: str, part: str, src: str, layout: Layout, path: str) -> str:
         x = self.out(src)
         if x is None or x.layout == layout:
             return src
         problem = layout_change_problem(x, layout)
         if problem:
             self.issues.append(Issue(path, problem))
-            return self.node(name, "layout", [(src, x)], None, path)
-        return self.node(name, "layout", [(src, x)], x.to(layout), path)
+            return self.node(name, "layout", [(src, x)], None, path, part=part)
+        return self.node(name, "layout", [(src, x)], x.to(layout), path, part=part)
 
-    def scale(self, name: str, src: str, init: float | None, path: str) -> str:
+    def scale(self, name: str, part: str, src: str, init: float | None, path: str) -> str:
         if init is None:
             return src
-        self.node(name, "scale", [(src, self.out(src))], self.out(src), path)
+        self.node(name, "scale", [(src, self.out(src))], self.out(src), path, part=part)
         self.g.nodes[name]["init"] = init
         return name
 
     def norm(self, name: str, spec: BaseModel | None, path: str, src: str) -> str:
-        return src if spec is None else self.op(name, "norm", spec, path, src)
+        return src if spec is None else self.op(name, "norm", "norm", spec, path, src)
 
     # --- structure ----------------------------------------------------------------------------
 
@@ -146,45 +182,66 @@ class _Lowering:
         h, w = spec.input.hw
         x = self.node("input", "input", [], TensorType("maps", spec.input.channels, h, w), "input")
         stem_dim = getattr(spec.stem, "dim", None) or spec.stages[0].dim
-        x = self.op("stem", "stem", spec.stem, "stem", x, stem_dim)
-        stage_ends = []
+        self.group = "stem"
+        stem = x = self.op("stem", "stem", "stem", spec.stem, "stem", x, stem_dim)
+        stages = []
         for i, stage in enumerate(spec.stages):
-            x = self.stage(i, stage, x)
-            stage_ends.append(x)
-        x = self.op("head", "head", spec.head, "head", x, spec.num_classes)
+            self.group, self.stage_index = f"stages.{i}", i
+            stages.append(self.stage(i, stage, x))
+            x = stages[-1].end
+        self.group, self.stage_index = "head", None
+        head = self.op("head", "head", "head", spec.head, "head", x, spec.num_classes)
         if self.issues:
             raise SpecError(self.issues)
-        self.g.graph.update(input=self.out("input"), output=self.out(x), stage_ends=stage_ends)
+        self.g.graph.update(input=self.out("input"), output=self.out(head),
+                            plan=NetworkPlan(stem=stem, stages=tuple(stages), head=head))
         return self.g
 
-    def stage(self, i: int, stage: StageSpec, x: str) -> str:
+    def stage(self, i: int, stage: StageSpec, x: str) -> StagePlan:
         name, path = f"stages.{i}", f"stages[{i}]"
+        slots: dict[str, str | None] = dict.fromkeys(("down_layout", "down", "layout", "prefix", "pos_embed", "norm"))
+
+        def added(slot: str, node: str, before: str) -> str:
+            if node != before:
+                slots[slot] = node
+            return node
+
         if stage.downsample is not None:
             accepts = REGISTRIES["downsample"].of_spec(stage.downsample)
             if isinstance(accepts, OpDef) and accepts.accepts:
-                x = self.layout(f"{name}.down_layout", x, accepts.accepts[0], f"{path}.downsample.type")
-            x = self.op(f"{name}.down", "downsample", stage.downsample, f"{path}.downsample", x, stage.dim)
+                x = added("down_layout", self.layout(f"{name}.down_layout", "down_layout", x, accepts.accepts[0],
+                                                     f"{path}.downsample.type"), x)
+            x = added("down", self.op(f"{name}.down", "down", "downsample", stage.downsample, f"{path}.downsample", x,
+                                      stage.dim), x)
         elif (t := self.out(x)) is not None and t.channels != stage.dim and not _first_block_resizes(stage):
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels coming in; "
                                                     "a downsample is needed to change the width"))
-        x = self.layout(f"{name}.layout", x, stage.layout, f"{path}.layout")
+        x = added("layout", self.layout(f"{name}.layout", "layout", x, stage.layout, f"{path}.layout"), x)
         if stage.prefix_tokens:
-            x = self.prefix(name, path, stage, x)
+            x = added("prefix", self.prefix(name, path, stage, x), x)
         pos = stage.pos_embed
         if pos is not None and pos.after_block is None:
-            x = self.op(f"{name}.pos_embed", "pos_embed", pos, f"{path}.pos_embed", x)
+            x = added("pos_embed", self.op(f"{name}.pos_embed", "pos_embed", "pos_embed", pos, f"{path}.pos_embed", x),
+                      x)
         if pos is not None and pos.after_block is not None and pos.after_block >= stage.depth:
             self.issues.append(Issue(f"{path}.pos_embed.after_block",
                                      f"{pos.after_block} is past the last block (depth {stage.depth})"))
+        blocks = []
         for j in range(stage.depth):
-            x = self.block(i, j, stage, x)
+            self.block_index = j
+            blocks.append(self.block(i, j, stage, x))
+            x = self.last
+            self.block_index = None
             if pos is not None and pos.after_block == j:
-                x = self.op(f"{name}.pos_embed", "pos_embed", pos, f"{path}.pos_embed", x)
+                x = added("pos_embed", self.op(f"{name}.pos_embed", "pos_embed", "pos_embed", pos,
+                                               f"{path}.pos_embed", x), x)
         if stage.downsample is None and _first_block_resizes(stage) and (t := self.out(x)) is not None \
                 and t.channels != stage.dim:
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels its blocks "
                                                     "give"))
-        return self.norm(f"{name}.norm", stage.norm, f"{path}.norm", x)
+        x = added("norm", self.norm(f"{name}.norm", stage.norm, f"{path}.norm", x), x)
+        pos_after = -1 if pos is None or pos.after_block is None else pos.after_block
+        return StagePlan(**slots, pos_after=pos_after, blocks=tuple(blocks), end=x)
 
     def prefix(self, name: str, path: str, stage: StageSpec, x: str) -> str:
         t = self.out(x)
@@ -194,31 +251,48 @@ class _Lowering:
                 self.issues.append(Issue(f"{path}.prefix_tokens", "prefix tokens need layout 'tokens'"))
             else:
                 out = t.with_prefix(t.prefix + stage.prefix_tokens)
-        return self.node(f"{name}.prefix", "prefix", [(x, t)], out, f"{path}.prefix_tokens")
+        node = self.node(f"{name}.prefix", "prefix", [(x, t)], out, f"{path}.prefix_tokens", part="prefix")
+        self.g.nodes[node]["count"] = stage.prefix_tokens
+        return node
 
-    def block(self, i: int, j: int, stage: StageSpec, x: str) -> str:
+    def block(self, i: int, j: int, stage: StageSpec, x: str) -> BlockPlan:
+        """The block's nodes and plan; its output node is left in ``self.last``."""
         block = stage.block_at(j)
         name = f"stages.{i}.blocks.{j}"
         path = f"stages[{i}].block" + (f"[{j % len(stage.block)}]" if len(stage.block) > 1 else "")
-        x = self.layout(f"{name}.layout", x, block.layout or stage.layout, f"{path}.layout")
+        start = x
+        x = self.layout(f"{name}.layout", "layout", x, block.layout or stage.layout, f"{path}.layout")
+        layout = x if x != start else None
+        branches, prefix = [], 0
         for branch in TEMPLATES[block.template]:
             if getattr(block, PART_FIELDS[branch.main]) is not None:
-                x = self.branch(name, path, block, branch, x)
-        return x
+                x, plan, view = self.branch(name, path, block, branch, x)
+                branches.append(plan)
+                if view is not None and (t := self.out(view)) is not None:
+                    prefix = t.prefix
+        self.last = x
+        return BlockPlan(layout=layout, branches=tuple(branches), prefix=prefix)
 
-    def branch(self, name: str, path: str, block: BlockSpec, branch: Branch, x: str) -> str:
+    def branch(self, name: str, path: str, block: BlockSpec, branch: Branch,
+               x: str) -> tuple[str, BranchPlan, str | None]:
         """``shortcut(x) + parts(x)``; a shortcut op sizes itself to the branch's output. A branch that reads
-        or writes the prefix tokens only starts from a ``prefix_view`` node (see :meth:`prefix_view`)."""
-        prefix = self.prefix_view(name, path, block, branch, x) if "prefix" in (branch.reads, branch.writes) else x
-        start = prefix if branch.writes == "prefix" else x
-        h = prefix if branch.reads == "prefix" else x
+        or writes the prefix tokens only starts from a ``prefix_view`` node (see :meth:`prefix_view`).
+        Returns the branch's output node, its plan and its prefix view (or None)."""
+        view = self.prefix_view(name, path, block, branch, x) if "prefix" in (branch.reads, branch.writes) else None
+        start = view if branch.writes == "prefix" else x
+        h = view if branch.reads == "prefix" else x
+        parts: list[str] = []
         for part in branch.parts:
-            h = self.part(name, path, block, part, h)
+            h = self.part(name, path, block, part, h, parts)
+        plan = BranchPlan(tuple(parts), (), reads_prefix=branch.reads == "prefix",
+                          writes_prefix=branch.writes == "prefix", residual=branch.residual)
         if not branch.residual:
-            return h
+            return h, plan, view
         s, target = start, self.out(h)
+        shortcut: list[str] = []
         for part in branch.shortcut:
-            s = self.part(name, path, block, part, s, target.channels if target else None)
+            s = self.part(name, path, block, part, s, shortcut, target.channels if target else None)
+        plan = BranchPlan(plan.parts, tuple(shortcut), plan.reads_prefix, plan.writes_prefix, plan.residual)
         kept = self.out(s)
         if kept is not None and target is not None and kept != target:
             if s != start:
@@ -237,7 +311,7 @@ class _Lowering:
         if branch.writes == "prefix":  # the sum replaces x's prefix tokens; x's grid tokens pass through
             inputs.append((x, self.out(x)))
             target = self.out(x) if target is not None else None
-        return self.node(f"{name}.add_{branch.main}", "add", inputs, target, path)
+        return self.node(f"{name}.add_{branch.main}", "add", inputs, target, path), plan, view
 
     def prefix_view(self, name: str, path: str, block: BlockSpec, branch: Branch, x: str) -> str:
         """The prefix tokens of ``x`` alone, ``x[:, :P]`` of shape (B, P, C): a tokens type with an empty grid."""
@@ -252,21 +326,30 @@ class _Lowering:
                                                              "with prefix_tokens"))
         return self.node(f"{name}.{branch.main}_prefix", "prefix_view", [(x, t)], out, path)
 
-    def part(self, name: str, path: str, block: BlockSpec, part: str, src: str, dim: int | None = None) -> str:
+    def part(self, name: str, path: str, block: BlockSpec, part: str, src: str, added: list[str],
+             dim: int | None = None) -> str:
+        """The node(s) of one part (a shortcut op may need a layout conversion first), appended to ``added``."""
         field = PART_FIELDS[part]
         value = getattr(block, field)
         if value is None:
             return src
         role = PART_ROLES.get(field)
         if role is None:  # a layer scale or res scale: its value is the init
-            return self.scale(f"{name}.{part}", src, value, f"{path}.{field}")
-        if role == "downsample":
+            x = self.scale(f"{name}.{part}", part, src, value, f"{path}.{field}")
+        elif role == "downsample":
             opdef = REGISTRIES[role].of_spec(value)
             if isinstance(opdef, OpDef) and opdef.accepts:
-                src = self.layout(f"{name}.{part}_layout", src, opdef.accepts[0], f"{path}.{field}.type")
+                converted = self.layout(f"{name}.{part}_layout", f"{part}_layout", src, opdef.accepts[0],
+                                        f"{path}.{field}.type")
+                if converted != src:
+                    added.append(converted)
+                src = converted
             t = self.out(src)
-            return self.op(f"{name}.{part}", role, value, f"{path}.{field}", src, dim or (t.channels if t else 1))
-        return self.op(f"{name}.{part}", role, value, f"{path}.{field}", src)
+            x = self.op(f"{name}.{part}", part, role, value, f"{path}.{field}", src, dim or (t.channels if t else 1))
+        else:
+            x = self.op(f"{name}.{part}", part, role, value, f"{path}.{field}", src)
+        added.append(x)
+        return x
 
 
 def lower(spec: ArchSpec) -> ArchGraph:

@@ -29,13 +29,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaformer_lab.compile.network import PrefixTokens
 from metaformer_lab.core.errors import Issue
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.latency.interleave import measure_interleaved
-from metaformer_lab.latency.keys import NodeKey, is_composite, node_inputs, walk_keys
+from metaformer_lab.latency.keys import NodeKey, node_inputs, walk_keys
 from metaformer_lab.latency.measure import DTYPES, LatencyError, cpu_name, device_name
 from metaformer_lab.latency.predict import corrected, op_latencies, structure
 from metaformer_lab.latency.profile import FEATURES, OpEntry, Profile, load_profile, relative_errors
@@ -98,10 +97,6 @@ def make_input(t: TensorType, mem: str, batch: int, dtype: torch.dtype, device: 
 
 
 def _module(graph: ArchGraph, name: str) -> nn.Module:
-    node = graph.nodes[name]
-    if node["kind"] == "prefix":
-        stage = graph.spec.stages[int(name.split(".")[1])]
-        return PrefixTokens(stage.prefix_tokens, node["out"].channels, had_prefix=node["in_type"].prefix > 0)
     module = build_node(graph, name)
     module.apply(init_weights)
     return module
@@ -111,8 +106,8 @@ def op_call(graph: ArchGraph, name: str, key: NodeKey, setting: Setting) -> tupl
     """A zero-argument call running node ``name`` as the network does, and a label of what it is."""
     dtype = DTYPES[setting.dtype]
     inputs = [graph.nodes[i]["out"] for i in node_inputs(graph, name)]
-    if is_composite(graph, name):
-        inputs = [graph.nodes[f"{name}.fork"]["in_type"]]
+    if graph.is_composite(name):
+        inputs = [graph.nodes[graph.nodes[name]["fork"]]["in_type"]]
     xs = [make_input(t, m, setting.batch_size, dtype, setting.device) for t, m in zip(inputs, key.in_mem, strict=True)]
     kind = graph.nodes[name]["kind"]
     if kind == "add":

@@ -391,7 +391,7 @@ def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str) -> tu
         return _prefix_records(node, batch, es)
     if kind == "layout":
         return (_elementwise("aten.clone", node["out"].numel(batch), 2, es),)
-    if kind in LEAF_KINDS and f"{name}.fork" in graph.nodes:
+    if kind in LEAF_KINDS and graph.is_composite(name):
         return _join_records(graph, name, batch, es)
     if kind in LEAF_KINDS or kind == "scale":
         with torch.device("meta"):
@@ -404,7 +404,7 @@ def _node_key(graph: ArchGraph, name: str, batch: int, dtype: str) -> tuple[Any,
     node = graph.nodes[name]
     spec = node["spec"]
     config = None if spec is None else (type(spec).__qualname__, spec.model_dump_json())
-    composite = f"{name}.fork" in graph.nodes
+    composite = graph.is_composite(name)
     return (node["kind"], node["role"], config, composite, graph.in_degree(name), node["in_type"], node["out"],
             batch, dtype)
 
@@ -497,11 +497,6 @@ def _graph_of(graph_or_spec: ArchGraph | SpecSource, input_size: int | None) -> 
     return lower(with_input_size(spec, input_size))
 
 
-def _part(name: str) -> str:
-    parts = name.split(".")
-    return ".".join(parts[:2]) if parts[0] == "stages" else parts[0]
-
-
 def _labelled(efficiency: Efficiency, gpu: GpuSpec, dtype: str) -> tuple[bool, str, list[str]]:
     """(calibrated, label, notes): factors fitted on another GPU or dtype do not make an estimate calibrated."""
     if not efficiency.calibrated:
@@ -531,7 +526,8 @@ def _summary(graph: ArchGraph, records: dict[str, tuple[KernelRecord, ...]], gpu
     parts_ms: dict[str, float] = {}
     for name, ms in nodes_ms.items():
         if name != "input":
-            parts_ms[_part(name)] = parts_ms.get(_part(name), 0.0) + ms
+            group = graph.nodes[name]["group"]
+            parts_ms[group] = parts_ms.get(group, 0.0) + ms
     kernels = [k for ks in records.values() for k in ks]
     fallbacks = sorted({note for k in kernels if (note := gpu.peak_tflops(k.op_class, dtype)[1]) is not None})
     calibrated, label, label_notes = _labelled(efficiency, gpu, dtype)

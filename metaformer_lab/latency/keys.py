@@ -63,25 +63,21 @@ def op_name(node: dict[str, Any]) -> str:
 
 def inside_composite(graph: ArchGraph, name: str) -> bool:
     """A branch of a composite mixer runs inside the composite's module (costed with it)."""
-    return ".branches." in name
-
-
-def is_composite(graph: ArchGraph, name: str) -> bool:
-    return f"{name}.fork" in graph.nodes
+    return graph.nodes[name]["inside"] is not None
 
 
 def node_inputs(graph: ArchGraph, name: str) -> list[str]:
     """The nodes whose outputs ``name`` reads, in argument order (a composite reads what its fork reads)."""
-    if is_composite(graph, name):
-        return list(graph.predecessors(f"{name}.fork"))
+    if graph.is_composite(name):
+        return list(graph.predecessors(graph.nodes[name]["fork"]))
     return list(graph.predecessors(name))
 
 
 def make_key(graph: ArchGraph, name: str, in_mems: tuple[str, ...], batch: int) -> NodeKey:
     node = graph.nodes[name]
     in_type: TensorType | None = node["in_type"]
-    if is_composite(graph, name):
-        in_type = graph.nodes[f"{name}.fork"]["in_type"]
+    if graph.is_composite(name):
+        in_type = graph.nodes[node["fork"]]["in_type"]
     init = node.get("init") is not None if node["kind"] == "scale" else None
     args = (node["kind"], node.get("role"), node.get("spec"), init, in_type, node["out"], in_mems, batch)
     try:

@@ -11,6 +11,7 @@ from metaformer_lab.ops import (
     conv_mixers,
     downsamplers,
     focal_modulation,
+    gated,
     gpsa,
     heads,
     identity,
@@ -51,6 +52,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     mbconv.MBCONV,
     composite.PARALLEL,
     composite.SPLIT,
+    gated.GATED,
 ])
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)

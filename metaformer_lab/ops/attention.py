@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import OpSpec, PosInt, Prob, Ratio, require_layout
 
@@ -185,18 +185,19 @@ class Attention(SequenceMixer):
         return self.proj_drop(self.proj(y))
 
 
-def attention_shape(spec: AttentionSpec, x: TensorType) -> TensorType:
+def attention_shape(spec: AttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", "tokens", op="attention")
-    _, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
     if int(spec.attn_ratio * head_dim) < 1:
         raise ShapeIssue("attn_ratio", f"{spec.attn_ratio} times head_dim {head_dim} leaves no value channel")
     if spec.attention_bias and x.prefix:
         raise ShapeIssue("attention_bias", f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
-    return x
+    return x, {"num_heads": num_heads, "head_dim": head_dim}
 
 
-def _build_attention(spec: AttentionSpec, x: TensorType) -> Attention:
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     return Attention(x.channels, num_heads=num_heads, head_dim=head_dim, qkv_bias=spec.qkv_bias,
                      proj_bias=spec.proj_bias, qk_norm=spec.qk_norm, attn_drop=spec.attn_drop,
                      proj_drop=spec.proj_drop, fused=spec.fused, scale_order=spec.scale_order,

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import HeadsSpec, attend, resolve_heads
 from metaformer_lab.ops.common import require_layout
@@ -51,17 +51,18 @@ class ClassAttention(nn.Module):
         return self.proj_drop(self.proj(y))
 
 
-def class_attention_shape(spec: ClassAttentionSpec, x: TensorType) -> TensorType:
+def class_attention_shape(spec: ClassAttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="class_attention")
     if not x.prefix:
         raise ShapeIssue("type", "class_attention needs prefix (class) tokens to attend from; the input has none "
                                  "(add prefix_tokens to the stage)")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
-    return x.with_grid(0, 0)  # the prefix tokens alone: (B, P, C)
-
-
-def _build_class_attention(spec: ClassAttentionSpec, x: TensorType) -> ClassAttention:
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    return x.with_grid(0, 0), {"num_heads": num_heads, "head_dim": head_dim}  # the prefix tokens alone: (B, P, C)
+
+
+def _build_class_attention(spec: ClassAttentionSpec, r: Resolved) -> ClassAttention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     return ClassAttention(x.channels, num_heads=num_heads, head_dim=head_dim, prefix=x.prefix, qkv_bias=spec.qkv_bias,
                           proj_bias=spec.proj_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop,
                           fused=spec.fused)

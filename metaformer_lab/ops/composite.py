@@ -96,7 +96,7 @@ PARALLEL = CompositeDef(
     branches=lambda spec: spec.branches,
     split=_parallel_split,
     join=_join,
-    build=lambda spec, x, children: Parallel(children),
+    build=lambda spec, r, children: Parallel(children),
     cases=(Case({"branches": [{"type": "identity"}, {"type": "pooling"}]}, _MAPS),
            Case({"branches": [{"type": "dwconv", "kernel": 3}, {"type": "random_mixing"}]}, _TOKENS, id="tokens")),
 )
@@ -105,7 +105,8 @@ SPLIT = CompositeDef(
     branches=lambda spec: spec.branches,
     split=_split_split,
     join=_join,
-    build=lambda spec, x, children: Split(split_sizes(spec, x.channels), channel_dim(x.layout), children),
+    build=lambda spec, r, children: Split(split_sizes(spec, r.in_type.channels), channel_dim(r.in_type.layout),
+                                          children),
     cases=(Case({"ratios": [0.625, 0.125, 0.125, 0.125],
                  "branches": [{"type": "identity"}, {"type": "dwconv", "kernel": 3},
                               {"type": "dwconv", "kernel": [1, 11]}, {"type": "dwconv", "kernel": [11, 1]}]},

@@ -53,7 +53,7 @@ def _odd_kernel(kernel: tuple[int, int]) -> None:
         raise ShapeIssue("kernel", f"{kernel[0]}x{kernel[1]} must be odd to keep the size with stride 1")
 
 
-def dwconv_shape(spec: DwConvSpec, x: TensorType) -> TensorType:
+def dwconv_shape(spec: DwConvSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="dwconv")
     require_no_prefix(x, op="dwconv")
     _odd_kernel(pair(spec.kernel))
@@ -63,7 +63,7 @@ def dwconv_shape(spec: DwConvSpec, x: TensorType) -> TensorType:
 DWCONV = OpDef(
     DwConvSpec,
     infer=dwconv_shape,
-    build=lambda spec, x: DepthwiseConv(x.channels, pair(spec.kernel), spec.bias, x.layout == "tokens"),
+    build=lambda spec, r: DepthwiseConv(r.in_type.channels, pair(spec.kernel), spec.bias, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, _MAPS), Case({"kernel": [1, 5], "bias": False}, _TOKENS, id="tokens-1x5")),
 )
@@ -103,7 +103,7 @@ class SeparableConv(nn.Module):
         return self.pw2(self.act2(x))
 
 
-def sepconv_shape(spec: SepConvSpec, x: TensorType) -> TensorType:
+def sepconv_shape(spec: SepConvSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="sepconv")
     require_no_prefix(x, op="sepconv")
     _odd_kernel(pair(spec.kernel))
@@ -113,7 +113,7 @@ def sepconv_shape(spec: SepConvSpec, x: TensorType) -> TensorType:
 SEPCONV = OpDef(
     SepConvSpec,
     infer=sepconv_shape,
-    build=lambda spec, x: SeparableConv(x.channels, spec, x.layout == "tokens"),
+    build=lambda spec, r: SeparableConv(r.in_type.channels, spec, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, _MAPS), Case({"kernel": 3, "act": "gelu", "bias": True}, _TOKENS, id="tokens")),
 )

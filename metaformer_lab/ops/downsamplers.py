@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import KernelInt, OpSpec, require_layout, require_no_prefix
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
@@ -39,8 +39,9 @@ def _conv_down_shape(spec: ConvDownSpec, x: TensorType, dim: int) -> TensorType:
                               {"norm_before": spec.norm_before, "norm_after": spec.norm_after})
 
 
-def _build_conv_down(spec: ConvDownSpec, x: TensorType, dim: int) -> nn.Module:
-    out = _conv_down_shape(spec, x, dim)
+def _build_conv_down(spec: ConvDownSpec, r: Resolved) -> nn.Module:
+    x, dim = r.in_type, r.out_dim
+    out = r.out_type
     conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias)
     return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out))
 
@@ -75,7 +76,8 @@ def _patch_merging_shape(spec: PatchMergingSpec, x: TensorType, dim: int) -> Ten
     return x.with_channels(dim).with_grid(x.height // 2, x.width // 2)
 
 
-def _build_patch_merging(spec: PatchMergingSpec, x: TensorType, dim: int) -> nn.Module:
+def _build_patch_merging(spec: PatchMergingSpec, r: Resolved) -> nn.Module:
+    x, dim = r.in_type, r.out_dim
     return PatchMerging(x.channels, dim, build_norm(spec.norm, x.with_channels(4 * x.channels)), spec.bias)
 
 
@@ -110,8 +112,9 @@ def _pool_down_shape(spec: PoolDownSpec, x: TensorType, dim: int) -> TensorType:
     return out
 
 
-def _build_pool_down(spec: PoolDownSpec, x: TensorType, dim: int) -> nn.Module:
-    out = _pool_down_shape(spec, x, dim)
+def _build_pool_down(spec: PoolDownSpec, r: Resolved) -> nn.Module:
+    x, dim = r.in_type, r.out_dim
+    out = r.out_type
     pad = default_padding(spec.kernel, spec.stride)
     pool_cls = nn.AvgPool2d if spec.mode == "avg" else nn.MaxPool2d
     pool = pool_cls(spec.kernel, spec.stride, padding=pad)

@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     MAX_KERNEL,
@@ -122,7 +122,7 @@ class FocalModulation(nn.Module):
         return self.proj_drop(self.proj(x))
 
 
-def focal_modulation_shape(spec: FocalModulationSpec, x: TensorType) -> TensorType:
+def focal_modulation_shape(spec: FocalModulationSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="focal_modulation")
     require_no_prefix(x, op="focal_modulation")
     if _kernels(spec)[-1] > MAX_KERNEL:
@@ -131,7 +131,8 @@ def focal_modulation_shape(spec: FocalModulationSpec, x: TensorType) -> TensorTy
     return x
 
 
-def _build_focal_modulation(spec: FocalModulationSpec, x: TensorType) -> nn.Module:
+def _build_focal_modulation(spec: FocalModulationSpec, r: Resolved) -> nn.Module:
+    x = r.in_type
     return FocalModulation(x.channels, kernels=_kernels(spec), bias=spec.bias, act=spec.act,
                            normalize_modulator=spec.normalize_modulator, post_norm=build_norm(spec.post_norm, x),
                            proj_drop=spec.proj_drop, channels_last=x.layout == "tokens")

@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import HeadsSpec, SequenceMixer, resolve_heads
 from metaformer_lab.ops.common import require_layout, require_no_prefix
@@ -91,15 +91,16 @@ class GatedPositionalSelfAttention(SequenceMixer):
         return self.proj_drop(self.proj(y))
 
 
-def gpsa_shape(spec: GpsaSpec, x: TensorType) -> TensorType:
+def gpsa_shape(spec: GpsaSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", "tokens", op="gpsa")
     require_no_prefix(x, op="gpsa")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
-    return x
-
-
-def _build_gpsa(spec: GpsaSpec, x: TensorType) -> GatedPositionalSelfAttention:
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    return x, {"num_heads": num_heads, "head_dim": head_dim}
+
+
+def _build_gpsa(spec: GpsaSpec, r: Resolved) -> GatedPositionalSelfAttention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     return GatedPositionalSelfAttention(x.channels, num_heads=num_heads, head_dim=head_dim, grid=x.grid,
                                         qkv_bias=spec.qkv_bias, proj_bias=spec.proj_bias, attn_drop=spec.attn_drop,
                                         proj_drop=spec.proj_drop, locality_strength=spec.locality_strength,

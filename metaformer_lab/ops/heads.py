@@ -12,7 +12,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, NonNegInt, OpSpec, PosInt, Prob, Ratio, make_act, require_layout
 from metaformer_lab.ops.norms import BatchNormSpec, LayerNormSpec, NormSpec, build_norm, check_norm
@@ -82,7 +82,8 @@ def _pool_norm_linear_shape(spec: PoolNormLinearSpec, x: TensorType, num_classes
     return pooled.with_channels(num_classes or pooled.channels)
 
 
-def _build_pool_norm_linear(spec: PoolNormLinearSpec, x: TensorType, num_classes: int) -> nn.Module:
+def _build_pool_norm_linear(spec: PoolNormLinearSpec, r: Resolved) -> nn.Module:
+    x, num_classes = r.in_type, r.out_dim
     pooled = _pooled_shape(x, spec.norm)
     fc = nn.Linear(x.channels, num_classes, bias=spec.bias) if num_classes else nn.Identity()
     fc_dist = nn.Linear(x.channels, num_classes, bias=spec.bias) if num_classes and spec.distilled else None
@@ -124,7 +125,8 @@ def _class_token_shape(spec: ClassTokenSpec, x: TensorType, num_classes: int) ->
     return out.with_channels(num_classes or x.channels)
 
 
-def _build_class_token(spec: ClassTokenSpec, x: TensorType, num_classes: int) -> nn.Module:
+def _build_class_token(spec: ClassTokenSpec, r: Resolved) -> nn.Module:
+    x, num_classes = r.in_type, r.out_dim
     def fc() -> nn.Module:
         return nn.Linear(x.channels, num_classes, bias=spec.bias) if num_classes else nn.Identity()
 
@@ -163,7 +165,8 @@ def _mlp_head_shape(spec: MlpHeadSpec, x: TensorType, num_classes: int) -> Tenso
     return pooled.with_channels(num_classes or pooled.channels)
 
 
-def _build_mlp_head(spec: MlpHeadSpec, x: TensorType, num_classes: int) -> nn.Module:
+def _build_mlp_head(spec: MlpHeadSpec, r: Resolved) -> nn.Module:
+    x, num_classes = r.in_type, r.out_dim
     pooled = _mlp_head_shape(spec, x, 0)
     norm = build_norm(spec.norm, pooled)
     if not num_classes:
@@ -249,7 +252,8 @@ def _conv_mlp_head_shape(spec: ConvMlpHeadSpec, x: TensorType, num_classes: int)
     return out.with_channels(num_classes or out.channels)
 
 
-def _build_conv_mlp_head(spec: ConvMlpHeadSpec, x: TensorType, num_classes: int) -> nn.Module:
+def _build_conv_mlp_head(spec: ConvMlpHeadSpec, r: Resolved) -> nn.Module:
+    x, num_classes = r.in_type, r.out_dim
     mapped, *vectors = _conv_mlp_head_types(spec, x)
     conv: nn.Module = nn.Identity()
     if spec.conv_dim is not None:

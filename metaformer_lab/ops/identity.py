@@ -19,8 +19,8 @@ class IdentitySpec(OpSpec):
 
 IDENTITY = OpDef(
     IdentitySpec,
-    infer=lambda spec, x: x,
-    build=lambda spec, x: nn.Identity(),
+    infer=lambda spec, x, out_dim: x,
+    build=lambda spec, r: nn.Identity(),
     preserves_type=True,
     cases=(Case({}, TensorType("maps", 8, 4, 4), id="maps"), Case({}, TensorType("tokens", 8, 4, 4, 1), id="tokens")),
 )

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, SequenceMixer, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import Eps, OpSpec, PosInt, Prob, require_layout
@@ -66,14 +66,16 @@ class LinearAttention(SequenceMixer):
         return self.proj_drop(self.proj(y))
 
 
-def linear_attention_shape(spec: LinearAttentionSpec, x: TensorType) -> TensorType:
+def linear_attention_shape(spec: LinearAttentionSpec, x: TensorType,
+                           out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", "tokens", op="linear_attention")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
-    return x
-
-
-def _build_linear_attention(spec: LinearAttentionSpec, x: TensorType) -> LinearAttention:
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    return x, {"num_heads": num_heads, "head_dim": head_dim}
+
+
+def _build_linear_attention(spec: LinearAttentionSpec, r: Resolved) -> LinearAttention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     return LinearAttention(x.channels, num_heads=num_heads, head_dim=head_dim, feature_map=spec.feature_map,
                            qkv_bias=spec.qkv_bias, eps=spec.eps, proj_drop=spec.proj_drop, maps=x.layout == "maps")
 

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
@@ -97,7 +97,7 @@ def _strided(spec: MbConvSpec, size: int) -> int:
     return conv_out(size, spec.kernel, spec.stride, dw_padding(spec.kernel, spec.stride))
 
 
-def mbconv_shape(spec: MbConvSpec, x: TensorType) -> TensorType:
+def mbconv_shape(spec: MbConvSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", op="mbconv")
     if not spec.expand and spec.ratio != 1.0:
         raise ShapeIssue("ratio", f"{spec.ratio} must be 1 without the expansion conv (expand: false)")
@@ -138,8 +138,9 @@ class MbConv(nn.Module):
         return self.project_norm(self.project_conv(x))  # (B, C_out, H', W')
 
 
-def _build_mbconv(spec: MbConvSpec, x: TensorType) -> MbConv:
-    out = mbconv_shape(spec, x)
+def _build_mbconv(spec: MbConvSpec, r: Resolved) -> MbConv:
+    x = r.in_type
+    out = r.out_type
     width = hidden_width(spec, x)
     hidden = out.with_channels(width)
     pooled = spec.stride_mode == "pool" and spec.stride > 1

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
@@ -30,7 +30,7 @@ _PREFIXED = TensorType("tokens", 8, 4, 5, prefix=2)
 _VECTOR = TensorType("vector", 8)
 
 
-def _channelwise(spec: OpSpec, x: TensorType) -> TensorType:
+def _channelwise(spec: OpSpec, x: TensorType, out_dim: int | None) -> TensorType:
     return x
 
 
@@ -62,13 +62,14 @@ class MlpWithNorms(nn.Module):
         return self.drop(self.out_norm(self.fc2(x)))
 
 
-def _mlp_shape(spec: MlpSpec, x: TensorType) -> TensorType:
+def _mlp_shape(spec: MlpSpec, x: TensorType, out_dim: int | None) -> TensorType:
     check_norm(spec.hidden_norm, x.with_channels(int(spec.ratio * x.channels)), "hidden_norm")
     check_norm(spec.out_norm, x, "out_norm")
     return x
 
 
-def _build_mlp(spec: MlpSpec, x: TensorType) -> nn.Module:
+def _build_mlp(spec: MlpSpec, r: Resolved) -> nn.Module:
+    x = r.in_type
     hidden = int(spec.ratio * x.channels)
     if spec.hidden_norm is None and spec.out_norm is None:
         from timm.layers import Mlp
@@ -128,13 +129,14 @@ class ConvFfn(nn.Module):
         return self.drop(self.fc2(x))
 
 
-def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType) -> TensorType:
+def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="conv_ffn")
     require_grid(x, op="conv_ffn")
     return x
 
 
-CONV_FFN = OpDef(ConvFfnSpec, _conv_ffn_shape, lambda spec, x: ConvFfn(x.channels, spec, x), preserves_type=True,
+CONV_FFN = OpDef(ConvFfnSpec, _conv_ffn_shape, lambda spec, r: ConvFfn(r.in_type.channels, spec, r.in_type),
+                 preserves_type=True,
                  cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
                         Case({}, _PREFIXED, id="prefixed")))
 
@@ -152,8 +154,9 @@ class GluSpec(OpSpec):
     drop: Prob = 0.0
 
 
-def _build_glu(spec: GluSpec, x: TensorType) -> nn.Module:
+def _build_glu(spec: GluSpec, r: Resolved) -> nn.Module:
     # timm's GluMlp splits fc1's output in two halves, so fc1 is twice the gated width.
+    x = r.in_type
     from timm.layers import GluMlp
     return GluMlp(x.channels, 2 * int(spec.ratio * x.channels), act_layer=act_layer(spec.act), bias=spec.bias,
                   drop=spec.drop, use_conv=x.layout == "maps")

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import Eps, OddKernel, OpSpec, PosInt, require_layout
@@ -87,15 +87,17 @@ class MultiScaleLinearAttention(nn.Module):
         return self.norm(self.proj(y))
 
 
-def multiscale_linear_attention_shape(spec: MultiScaleLinearAttentionSpec, x: TensorType) -> TensorType:
+def multiscale_linear_attention_shape(spec: MultiScaleLinearAttentionSpec, x: TensorType,
+                                      out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", op="multiscale_linear_attention")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
-    check_norm(spec.norm, x, "norm")
-    return x
-
-
-def _build(spec: MultiScaleLinearAttentionSpec, x: TensorType) -> MultiScaleLinearAttention:
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    check_norm(spec.norm, x, "norm")
+    return x, {"num_heads": num_heads, "head_dim": head_dim}
+
+
+def _build(spec: MultiScaleLinearAttentionSpec, r: Resolved) -> MultiScaleLinearAttention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     return MultiScaleLinearAttention(dim=x.channels, num_heads=num_heads, head_dim=head_dim, scales=list(spec.scales),
                                      feature_map=spec.feature_map, qkv_bias=spec.qkv_bias, proj_bias=spec.proj_bias,
                                      norm=build_norm(spec.norm, x), eps=spec.eps)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, Literal, Union
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Eps, OpSpec, PosInt, Prob
 
@@ -20,7 +20,7 @@ _PREFIXED = TensorType("tokens", 16, 5, 6, prefix=1)
 _VECTOR = TensorType("vector", 16)
 
 
-def _same(spec: OpSpec, x: TensorType) -> TensorType:
+def _same(spec: OpSpec, x: TensorType, out_dim: int | None) -> TensorType:
     return x
 
 
@@ -33,7 +33,8 @@ class LayerNormSpec(OpSpec):
     bias: bool = Field(True, description="learnable per-channel bias (needs affine)")
 
 
-def _build_layernorm(spec: LayerNormSpec, x: TensorType) -> nn.Module:
+def _build_layernorm(spec: LayerNormSpec, r: Resolved) -> nn.Module:
+    x = r.in_type
     bias = spec.bias and spec.affine
     if x.layout == "maps":
         from timm.layers import LayerNorm2d
@@ -60,7 +61,8 @@ class ChannelsLastBatchNorm(nn.BatchNorm2d):
         return super().forward(x.movedim(-1, 1)).movedim(1, -1)
 
 
-def _build_batchnorm(spec: BatchNormSpec, x: TensorType) -> nn.Module:
+def _build_batchnorm(spec: BatchNormSpec, r: Resolved) -> nn.Module:
+    x = r.in_type
     cls = {"maps": nn.BatchNorm2d, "vector": nn.BatchNorm1d}.get(x.layout, ChannelsLastBatchNorm)
     return cls(x.channels, eps=spec.eps, momentum=spec.momentum, affine=spec.affine)
 
@@ -90,13 +92,14 @@ class GroupNorm(nn.GroupNorm):
         return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
 
 
-def _infer_groupnorm(spec: GroupNormSpec, x: TensorType) -> TensorType:
+def _infer_groupnorm(spec: GroupNormSpec, x: TensorType, out_dim: int | None) -> TensorType:
     if x.channels % spec.groups:
         raise ShapeIssue("groups", f"{spec.groups} does not divide {x.channels} channels")
     return x
 
 
-def _build_groupnorm(spec: GroupNormSpec, x: TensorType) -> nn.Module:
+def _build_groupnorm(spec: GroupNormSpec, r: Resolved) -> nn.Module:
+    x = r.in_type
     return GroupNorm(spec.groups, x.channels, spec.eps, spec.affine, spec.bias, channels_last=x.layout == "tokens")
 
 
@@ -108,7 +111,8 @@ class RmsNormSpec(OpSpec):
     affine: bool = True
 
 
-def _build_rmsnorm(spec: RmsNormSpec, x: TensorType) -> nn.Module:
+def _build_rmsnorm(spec: RmsNormSpec, r: Resolved) -> nn.Module:
+    x = r.in_type
     from timm.layers import RmsNorm, RmsNorm2d
     cls = RmsNorm2d if x.layout == "maps" else RmsNorm
     return cls(x.channels, eps=spec.eps, affine=spec.affine)
@@ -144,15 +148,12 @@ BATCHNORM = OpDef(BatchNormSpec, _same, _build_batchnorm, cases=_ANY, preserves_
 GROUPNORM = OpDef(GroupNormSpec, _infer_groupnorm, _build_groupnorm, preserves_type=True,
                   cases=(*_ANY, Case({"groups": 4, "bias": False}, _MAPS, id="g4-nobias")))
 RMSNORM = OpDef(RmsNormSpec, _same, _build_rmsnorm, cases=_ANY, preserves_type=True)
-AFFINE = OpDef(AffineSpec, _same, lambda spec, x: Affine(x.channels, x.layout == "maps"), cases=_ANY,
+AFFINE = OpDef(AffineSpec, _same, lambda spec, r: Affine(r.in_type.channels, r.in_type.layout == "maps"), cases=_ANY,
                preserves_type=True)
 
 NORM_DEFS = (LAYERNORM, BATCHNORM, GROUPNORM, RMSNORM, AFFINE)
 
-NormSpec = Annotated[
-    LayerNormSpec | BatchNormSpec | GroupNormSpec | RmsNormSpec | AffineSpec,
-    Field(discriminator="type"),
-]
+NormSpec = Annotated[Union[tuple(d.spec for d in NORM_DEFS)], Field(discriminator="type")]  # noqa: UP007
 """Every norm, as a tagged union (ops that contain a norm, such as stems, take one of these)."""
 
 _BY_TAG = {d.tag: d for d in NORM_DEFS}
@@ -162,14 +163,14 @@ def build_norm(spec: OpSpec | None, x: TensorType) -> nn.Module:
     """The norm module for ``spec`` on input ``x`` (``nn.Identity`` for no norm)."""
     if spec is None:
         return nn.Identity()
-    return _BY_TAG[spec.type].build(spec, x)  # type: ignore[attr-defined]
+    return _BY_TAG[spec.type].make(spec, x)  # type: ignore[attr-defined]
 
 
 def infer_norm(spec: OpSpec | None, x: TensorType) -> TensorType:
     """Shape rule of ``spec`` on ``x``; raises ShapeIssue with a field relative to the norm."""
     if spec is None:
         return x
-    return _BY_TAG[spec.type].infer(spec, x)  # type: ignore[attr-defined]
+    return _BY_TAG[spec.type].resolve(spec, x).out_type  # type: ignore[attr-defined]
 
 
 def check_norm(spec: OpSpec | None, x: TensorType, field: str) -> None:

@@ -19,7 +19,7 @@ class PoolingSpec(OpSpec):
     pool_size: OddKernel = Field(3, description="window; stride 1, same padding keeps H and W")
 
 
-def pooling_shape(spec: PoolingSpec, x: TensorType) -> TensorType:
+def pooling_shape(spec: PoolingSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", op="pooling")
     return x
 
@@ -36,7 +36,7 @@ class PoolMinusInput(nn.Module):
 POOLING = OpDef(
     PoolingSpec,
     infer=pooling_shape,
-    build=lambda spec, x: PoolMinusInput(spec.pool_size),
+    build=lambda spec, r: PoolMinusInput(spec.pool_size),
     preserves_type=True,
     cases=(Case({}, TensorType("maps", 8, 5, 6)), Case({"pool_size": 5}, TensorType("maps", 8, 7, 7), id="k5")),
 )

@@ -70,23 +70,44 @@ class PositionGenerator(nn.Module):
         return join_prefix(prefix, grid)
 
 
-def _learned_shape(spec: LearnedPosSpec, x: TensorType) -> TensorType:
+def _learned_shape(spec: LearnedPosSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="learned position embedding")
     return x
 
 
-def _peg_shape(spec: PegSpec, x: TensorType) -> TensorType:
+def _peg_shape(spec: PegSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="peg")
     require_grid(x, op="peg")
     return x
 
 
-LEARNED_POS = OpDef(LearnedPosSpec, _learned_shape, lambda spec, x: LearnedPosition(x, spec.init_std),
+LEARNED_POS = OpDef(LearnedPosSpec, _learned_shape, lambda spec, r: LearnedPosition(r.in_type, spec.init_std),
                     preserves_type=True,
                     cases=(Case({}, TensorType("tokens", 8, 3, 4, prefix=1)), Case({}, TensorType("tokens", 8, 3, 4),
                                                                                    id="grid"),
                            Case({}, TensorType("maps", 8, 3, 4), id="maps")))
-PEG = OpDef(PegSpec, _peg_shape, lambda spec, x: PositionGenerator(x, spec.kernel), preserves_type=True,
+PEG = OpDef(PegSpec, _peg_shape, lambda spec, r: PositionGenerator(r.in_type, spec.kernel), preserves_type=True,
             cases=(Case({}, TensorType("tokens", 8, 3, 4)), Case({"kernel": 5}, TensorType("tokens", 8, 3, 4, prefix=1),
                                                                   id="prefixed"),
                    Case({}, TensorType("maps", 8, 3, 4), id="maps")))
+
+
+class PrefixTokens(nn.Module):
+    """Learned tokens put in front of the sequence (class token, distillation token)."""
+
+    def __init__(self, count: int, dim: int, had_prefix: bool) -> None:
+        super().__init__()
+        self.tokens = nn.ParameterList([nn.Parameter(torch.zeros(1, 1, dim)) for _ in range(count)])
+        self.had_prefix = had_prefix
+
+    def init_weights(self) -> None:
+        from timm.layers import trunc_normal_
+
+        for token in self.tokens:
+            trunc_normal_(token, std=0.02)
+
+    def forward(self, x: Tensor) -> Tensor:
+        if not self.had_prefix:
+            x = x.flatten(1, 2)  # (B, H, W, C) -> (B, H*W, C)
+        prefix = torch.cat(list(self.tokens), dim=1).expand(x.shape[0], -1, -1)  # (B, P, C)
+        return torch.cat([prefix, x], dim=1)  # (B, P + N, C)

@@ -39,7 +39,7 @@ class RandomMixing(nn.Module):
         return x.reshape(B, C, H, W)
 
 
-def random_mixing_shape(spec: RandomMixingSpec, x: TensorType) -> TensorType:
+def random_mixing_shape(spec: RandomMixingSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="random_mixing")
     require_no_prefix(x, op="random_mixing")
     return x
@@ -48,7 +48,7 @@ def random_mixing_shape(spec: RandomMixingSpec, x: TensorType) -> TensorType:
 RANDOM_MIXING = OpDef(
     RandomMixingSpec,
     infer=random_mixing_shape,
-    build=lambda spec, x: RandomMixing(x.height * x.width, x.layout == "tokens"),
+    build=lambda spec, r: RandomMixing(r.in_type.height * r.in_type.width, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, TensorType("maps", 8, 4, 5)), Case({}, TensorType("tokens", 8, 4, 5), id="tokens")),
 )

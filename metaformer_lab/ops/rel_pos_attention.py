@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import KernelInt, OpSpec, PosInt, Prob, require_layout
@@ -49,13 +49,14 @@ def _attn_width(spec: RelPosAttentionSpec, x: TensorType) -> int:
     return (spec.out_dim or x.channels) if spec.expand_first else x.channels
 
 
-def rel_pos_attention_shape(spec: RelPosAttentionSpec, x: TensorType) -> TensorType:
+def rel_pos_attention_shape(spec: RelPosAttentionSpec, x: TensorType,
+                            out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", op="rel_pos_attention")
-    resolve_heads(spec.num_heads, spec.head_dim, _attn_width(spec, x))
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, _attn_width(spec, x))
     h, w = x.height // spec.stride, x.width // spec.stride
     if h < 1 or w < 1:
         raise ShapeIssue("stride", f"{spec.stride} is larger than the {x.height}x{x.width} input")
-    return x.with_channels(spec.out_dim or x.channels).with_grid(h, w)
+    return x.with_channels(spec.out_dim or x.channels).with_grid(h, w), {"num_heads": num_heads, "head_dim": head_dim}
 
 
 class RelPosAttention2d(nn.Module):
@@ -106,9 +107,10 @@ class RelPosAttention2d(nn.Module):
         return self.proj_drop(self.proj(y))
 
 
-def _build_rel_pos_attention(spec: RelPosAttentionSpec, x: TensorType) -> RelPosAttention2d:
-    out = rel_pos_attention_shape(spec, x)
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, _attn_width(spec, x))
+def _build_rel_pos_attention(spec: RelPosAttentionSpec, r: Resolved) -> RelPosAttention2d:
+    x = r.in_type
+    out = r.out_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     pool: nn.Module = nn.Identity()
     if spec.stride > 1:
         pool_cls = nn.AvgPool2d if spec.pool == "avg" else nn.MaxPool2d

@@ -9,7 +9,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
@@ -84,20 +84,21 @@ class SrAttention(nn.Module):
         return self.proj_drop(self.proj(y))
 
 
-def sr_attention_shape(spec: SrAttentionSpec, x: TensorType) -> TensorType:
+def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="sr_attention")
     require_no_prefix(x, op="sr_attention")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
     if spec.reduction == "conv" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
         raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
     small = reduced(spec, x)
     if small is not None:
         check_norm(spec.norm, small, "norm")
-    return x
+    return x, {"num_heads": num_heads, "head_dim": head_dim}
 
 
-def _build_sr_attention(spec: SrAttentionSpec, x: TensorType) -> SrAttention:
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     small = reduced(spec, x)
     norm = build_norm(spec.norm, small) if small is not None else nn.Identity()
     return SrAttention(x.channels, num_heads=num_heads, head_dim=head_dim, sr_ratio=spec.sr_ratio,

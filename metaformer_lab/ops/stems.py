@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, KernelInt, OpSpec, PosInt, make_act, require_layout
 from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
@@ -70,9 +70,10 @@ def _patchify_shape(spec: PatchifySpec, x: TensorType, dim: int) -> TensorType:
     return strided_conv_shape(x, dim, spec.patch, spec.patch, 0, {"norm_after": spec.norm_after})
 
 
-def _build_patchify(spec: PatchifySpec, x: TensorType, dim: int) -> nn.Module:
+def _build_patchify(spec: PatchifySpec, r: Resolved) -> nn.Module:
+    x, dim = r.in_type, r.out_dim
     conv = nn.Conv2d(x.channels, dim, spec.patch, stride=spec.patch, bias=spec.bias)
-    out = _patchify_shape(spec, x, dim)
+    out = r.out_type
     return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, out))
 
 
@@ -93,10 +94,11 @@ def _conv_stem_shape(spec: ConvStemSpec, x: TensorType, dim: int) -> TensorType:
     return strided_conv_shape(x, dim, spec.kernel, spec.stride, padding, {"norm_after": spec.norm_after})
 
 
-def _build_conv_stem(spec: ConvStemSpec, x: TensorType, dim: int) -> nn.Module:
+def _build_conv_stem(spec: ConvStemSpec, r: Resolved) -> nn.Module:
+    x, dim = r.in_type, r.out_dim
     padding = default_padding(spec.kernel, spec.stride) if spec.padding is None else spec.padding
     conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=padding, bias=spec.bias)
-    return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, _conv_stem_shape(spec, x, dim)))
+    return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, r.out_type))
 
 
 class ConvStackSpec(OpSpec):
@@ -145,7 +147,8 @@ def _conv_stack_types(spec: ConvStackSpec, x: TensorType, dim: int) -> list[Tens
     return types
 
 
-def _build_conv_stack(spec: ConvStackSpec, x: TensorType, dim: int) -> nn.Module:
+def _build_conv_stack(spec: ConvStackSpec, r: Resolved) -> nn.Module:
+    x, dim = r.in_type, r.out_dim
     layers = []
     types = _conv_stack_types(spec, x, dim)
     for i, (stride, out) in enumerate(zip(spec.strides, types, strict=True)):

@@ -8,7 +8,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import HeadsSpec, SequenceMixer, resolve_heads
 from metaformer_lab.ops.common import require_layout
@@ -52,14 +52,16 @@ class TalkingHeadsAttention(SequenceMixer):
         return self.proj_drop(self.proj(y))
 
 
-def talking_heads_shape(spec: TalkingHeadsAttentionSpec, x: TensorType) -> TensorType:
+def talking_heads_shape(spec: TalkingHeadsAttentionSpec, x: TensorType,
+                        out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", "tokens", op="talking_heads_attention")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
-    return x
-
-
-def _build_talking_heads(spec: TalkingHeadsAttentionSpec, x: TensorType) -> TalkingHeadsAttention:
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    return x, {"num_heads": num_heads, "head_dim": head_dim}
+
+
+def _build_talking_heads(spec: TalkingHeadsAttentionSpec, r: Resolved) -> TalkingHeadsAttention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     return TalkingHeadsAttention(x.channels, num_heads=num_heads, head_dim=head_dim, qkv_bias=spec.qkv_bias,
                                  proj_bias=spec.proj_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop,
                                  maps=x.layout == "maps")

@@ -16,7 +16,7 @@ _MAPS = TensorType("maps", 8, 4, 5)
 
 
 def _fixed_tokens_shape(op: str):
-    def shape(spec: OpSpec, x: TensorType) -> TensorType:
+    def shape(spec: OpSpec, x: TensorType, out_dim: int | None) -> TensorType:
         require_layout(x, "maps", "tokens", op=op)
         require_no_prefix(x, op=op)
         return x
@@ -85,15 +85,15 @@ class TokenLinear(TokenMixing):
 TOKEN_MLP = OpDef(
     TokenMlpSpec,
     infer=_fixed_tokens_shape("token_mlp"),
-    build=lambda spec, x: TokenMlp(x.height * x.width, int(spec.ratio * x.channels), spec.act, spec.bias,
-                                   x.layout == "tokens"),
+    build=lambda spec, r: TokenMlp(r.in_type.height * r.in_type.width, int(spec.ratio * r.in_type.channels),
+                                   spec.act, spec.bias, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, _TOKENS), Case({"ratio": 2.0, "act": "silu"}, _MAPS, id="maps")),
 )
 TOKEN_LINEAR = OpDef(
     TokenLinearSpec,
     infer=_fixed_tokens_shape("token_linear"),
-    build=lambda spec, x: TokenLinear(x.height * x.width, spec.bias, x.layout == "tokens"),
+    build=lambda spec, r: TokenLinear(r.in_type.height * r.in_type.width, spec.bias, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, _TOKENS), Case({"bias": False}, _MAPS, id="maps")),
 )

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
@@ -133,17 +133,19 @@ class WindowAttention(nn.Module):
         return y
 
 
-def window_attention_shape(spec: WindowAttentionSpec, x: TensorType) -> TensorType:
+def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
+                           out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="window_attention")
     require_no_prefix(x, op="window_attention")
-    resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
     if x.height % spec.window or x.width % spec.window:
         raise ShapeIssue("window", f"{spec.window} does not divide the {x.height}x{x.width} feature map")
-    return x
+    return x, {"num_heads": num_heads, "head_dim": head_dim}
 
 
-def _build_window_attention(spec: WindowAttentionSpec, x: TensorType) -> WindowAttention:
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAttention:
+    x = r.in_type
+    num_heads, head_dim = r["num_heads"], r["head_dim"]
     return WindowAttention(x.channels, grid=x.grid, window=spec.window, shift=spec.shift, num_heads=num_heads,
                            head_dim=head_dim, rel_pos_bias=spec.rel_pos_bias, qkv_bias=spec.qkv_bias,
                            attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)

@@ -6,67 +6,34 @@ spec is lowered to the typed graph, where each problem keeps its spec path.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from metaformer_lab.ops.attention import AttentionSpec
-from metaformer_lab.ops.class_attention import ClassAttentionSpec
+from metaformer_lab.core.registry import CompositeDef, Registry
+from metaformer_lab.ops import CHANNEL_MIXERS, DOWNSAMPLERS, HEADS, POSITIONS, STEMS, TOKEN_MIXERS
 from metaformer_lab.ops.common import MAX_SIZE, NonNegInt, PosInt, Prob
-from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
-from metaformer_lab.ops.conv_mixers import DwConvSpec, SepConvSpec
-from metaformer_lab.ops.downsamplers import ConvDownSpec, PatchMergingSpec, PoolDownSpec
-from metaformer_lab.ops.focal_modulation import FocalModulationSpec
-from metaformer_lab.ops.gpsa import GpsaSpec
-from metaformer_lab.ops.heads import ClassTokenSpec, ConvMlpHeadSpec, MlpHeadSpec, PoolNormLinearSpec
-from metaformer_lab.ops.identity import IdentitySpec
-from metaformer_lab.ops.linear_attention import LinearAttentionSpec
-from metaformer_lab.ops.mbconv import MbConvSpec
-from metaformer_lab.ops.mlp import ConvFfnSpec, GluSpec, MlpSpec
-from metaformer_lab.ops.multiscale_linear_attention import MultiScaleLinearAttentionSpec
+from metaformer_lab.ops.heads import PoolNormLinearSpec
+from metaformer_lab.ops.mlp import MlpSpec
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec
-from metaformer_lab.ops.pooling import PoolingSpec
-from metaformer_lab.ops.position import LearnedPosSpec, PegSpec
-from metaformer_lab.ops.random_mixing import RandomMixingSpec
-from metaformer_lab.ops.rel_pos_attention import RelPosAttentionSpec
-from metaformer_lab.ops.sr_attention import SrAttentionSpec
-from metaformer_lab.ops.stems import ConvStackSpec, ConvStemSpec, PatchifySpec
-from metaformer_lab.ops.talking_heads import TalkingHeadsAttentionSpec
-from metaformer_lab.ops.token_mlp import TokenLinearSpec, TokenMlpSpec
-from metaformer_lab.ops.window_attention import WindowAttentionSpec
 
-# Each union is written out in full; tests/spec/test_unions.py checks it equals its registry.
-TokenMixerSpec = Annotated[
-    IdentitySpec
-    | RandomMixingSpec
-    | PoolingSpec
-    | DwConvSpec
-    | SepConvSpec
-    | TokenMlpSpec
-    | TokenLinearSpec
-    | AttentionSpec
-    | WindowAttentionSpec
-    | SrAttentionSpec
-    | LinearAttentionSpec
-    | TalkingHeadsAttentionSpec
-    | ClassAttentionSpec
-    | GpsaSpec
-    | RelPosAttentionSpec
-    | MultiScaleLinearAttentionSpec
-    | FocalModulationSpec
-    | MbConvSpec
-    | ParallelSpec
-    | SplitSpec,
-    Field(discriminator="type"),
-]
-ChannelMixerSpec = Annotated[MlpSpec | ConvFfnSpec | GluSpec | MbConvSpec, Field(discriminator="type")]
-StemSpec = Annotated[PatchifySpec | ConvStemSpec | ConvStackSpec, Field(discriminator="type")]
-DownsampleSpec = Annotated[ConvDownSpec | PatchMergingSpec | PoolDownSpec, Field(discriminator="type")]
-HeadSpec = Annotated[PoolNormLinearSpec | ClassTokenSpec | MlpHeadSpec | ConvMlpHeadSpec, Field(discriminator="type")]
-PosEmbedSpec = Annotated[LearnedPosSpec | PegSpec, Field(discriminator="type")]
 
-for _composite in (ParallelSpec, SplitSpec):
-    _composite.model_rebuild(_types_namespace={"TokenMixerSpec": TokenMixerSpec})
+def tagged_union(registry: Registry) -> Any:
+    """The config classes of a registry as one pydantic union, told apart by ``type``: the registry is the
+    single list of a role's ops, so a new op is its file plus one line in :mod:`metaformer_lab.ops`."""
+    return Annotated[Union[tuple(registry.specs())], Field(discriminator="type")]  # noqa: UP007
+
+
+TokenMixerSpec = tagged_union(TOKEN_MIXERS)
+ChannelMixerSpec = tagged_union(CHANNEL_MIXERS)
+StemSpec = tagged_union(STEMS)
+DownsampleSpec = tagged_union(DOWNSAMPLERS)
+HeadSpec = tagged_union(HEADS)
+PosEmbedSpec = tagged_union(POSITIONS)
+
+for _composite in TOKEN_MIXERS:  # composite mixers hold token mixers: resolve their forward reference
+    if isinstance(_composite, CompositeDef):
+        _composite.spec.model_rebuild(_types_namespace={"TokenMixerSpec": TokenMixerSpec})
 
 MAX_DEPTH = 256
 StageLayout = Literal["maps", "tokens"]

@@ -28,12 +28,37 @@ def test_every_edge_carries_a_tensor_type(path: Path) -> None:
 
 def test_composite_mixers_branch_and_join() -> None:
     graph = ml.to_graph(Path(__file__).parents[2] / "examples" / "tiny_inception_hilo.yaml")
-    mixer = "stages.0.blocks.0.token_mixer"
-    branches = list(graph.successors(f"{mixer}.fork"))
+    [mixer] = [n for n in graph.plan.stages[0].blocks[0].branches[0].parts if graph.nodes[n]["part"] == "token_mixer"]
+    assert graph.is_composite(mixer)
+    fork, branches = graph.nodes[mixer]["fork"], graph.nodes[mixer]["branches"]
+    assert list(graph.successors(fork)) == branches
     assert len(branches) == 4 and set(graph.predecessors(mixer)) == set(branches)
-    widths = [graph.edges[f"{mixer}.fork", b]["type"].channels for b in branches]
+    assert all(graph.nodes[b]["inside"] == mixer for b in branches)
+    assert not graph.nodes[mixer]["inside"] and not graph.nodes[fork]["inside"]
+    widths = [graph.edges[fork, b]["type"].channels for b in branches]
     assert sum(widths) == graph.nodes[mixer]["out"].channels and widths[1:] == [4, 4, 4]
-    assert graph.nodes[f"{mixer}.branches.2"]["path"] == "stages[0].block.token_mixer.branches[2]"
+    assert graph.nodes[branches[2]]["path"] == "stages[0].block.token_mixer.branches[2]"
+
+
+def test_nodes_say_where_they_sit() -> None:
+    """Stage, block, part and cost group are node attributes; the plan lists every node with a module."""
+    graph = ml.to_graph(Path(__file__).parents[2] / "examples" / "tiny_caformer.yaml")
+    plan = graph.plan
+    assert graph.nodes[plan.stem]["group"] == "stem" and graph.nodes[plan.head]["group"] == "head"
+    for i, stage in enumerate(plan.stages):
+        assert graph.nodes[stage.end]["stage"] == i and graph.nodes[stage.end]["group"] == f"stages.{i}"
+        for j, block in enumerate(stage.blocks):
+            for branch in block.branches:
+                for node in branch.parts + branch.shortcut:
+                    assert (graph.nodes[node]["stage"], graph.nodes[node]["block"]) == (i, j)
+                    assert graph.nodes[node]["part"]
+    with_modules = {n for n, d in graph.nodes(data=True) if d["part"] and not d["inside"]}
+    planned = {plan.stem, plan.head} | {
+        n for s in plan.stages
+        for n in (s.down_layout, s.down, s.layout, s.prefix, s.pos_embed, s.norm, *(
+            m for b in s.blocks for m in (b.layout, *(p for br in b.branches for p in br.parts + br.shortcut))))
+        if n is not None}
+    assert with_modules == planned
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])

@@ -225,7 +225,7 @@ def test_shape_rules_name_the_field(tag: str, config: dict[str, Any], x_type: Te
                                     message: str) -> None:
     opdef = TOKEN_MIXERS.get(tag)
     with pytest.raises(ShapeIssue) as err:
-        opdef.infer(opdef.spec.model_validate({"type": tag, **config}), x_type)
+        opdef.resolve(opdef.spec.model_validate({"type": tag, **config}), x_type)
     assert err.value.field == field
     assert message in err.value.message
 
@@ -233,7 +233,7 @@ def test_shape_rules_name_the_field(tag: str, config: dict[str, Any], x_type: Te
 def test_pool_reduction_ignores_sr_ratio() -> None:
     x_type = TensorType("tokens", 64, 6, 6)
     opdef = TOKEN_MIXERS.get("sr_attention")
-    assert opdef.infer(opdef.spec.model_validate({"reduction": "pool", "sr_ratio": 4}), x_type) == x_type
+    assert opdef.resolve(opdef.spec.model_validate({"reduction": "pool", "sr_ratio": 4}), x_type).out_type == x_type
 
 
 # --- training -----------------------------------------------------------------------------------

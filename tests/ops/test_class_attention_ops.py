@@ -55,7 +55,7 @@ def test_talking_heads_on_maps_equals_tokens() -> None:
 
 def test_talking_heads_shape_rule_checks_heads() -> None:
     with pytest.raises(ShapeIssue) as err:
-        TOKEN_MIXERS.get("talking_heads_attention").infer(_spec("talking_heads_attention", {"num_heads": 5}),
+        TOKEN_MIXERS.get("talking_heads_attention").resolve(_spec("talking_heads_attention", {"num_heads": 5}),
                                                           TensorType("tokens", 16, 2, 2))
     assert err.value.field == "num_heads"
 
@@ -77,14 +77,14 @@ def test_class_attention_matches_timm(fused: bool) -> None:
 
 def test_class_attention_gives_the_prefix_tokens_alone() -> None:
     x_type = TensorType("tokens", 16, 3, 3, prefix=2)
-    out = TOKEN_MIXERS.get("class_attention").infer(_spec("class_attention", {"head_dim": 8}), x_type)
+    out = TOKEN_MIXERS.get("class_attention").resolve(_spec("class_attention", {"head_dim": 8}), x_type).out_type
     assert out == TensorType("tokens", 16, 0, 0, prefix=2)
     assert out.shape(B) == (B, 2, 16)
 
 
 def test_class_attention_needs_prefix_tokens() -> None:
     with pytest.raises(ShapeIssue, match="needs prefix"):
-        TOKEN_MIXERS.get("class_attention").infer(_spec("class_attention", {}), TensorType("tokens", 32, 2, 2))
+        TOKEN_MIXERS.get("class_attention").resolve(_spec("class_attention", {}), TensorType("tokens", 32, 2, 2))
 
 
 # --- gated positional self-attention --------------------------------------------------------------
@@ -128,7 +128,7 @@ def test_gpsa_local_init_matches_timm(heads: int, strength: float) -> None:
 
 def test_gpsa_works_on_the_grid_only() -> None:
     with pytest.raises(ShapeIssue, match="prefix"):
-        TOKEN_MIXERS.get("gpsa").infer(_spec("gpsa", {}), TensorType("tokens", 32, 2, 2, prefix=1))
+        TOKEN_MIXERS.get("gpsa").resolve(_spec("gpsa", {}), TensorType("tokens", 32, 2, 2, prefix=1))
 
 
 def test_gpsa_on_maps_equals_tokens() -> None:

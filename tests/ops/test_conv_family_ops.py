@@ -73,9 +73,9 @@ def test_focal_modulation_rules() -> None:
         opdef.spec.model_validate({"type": "focal_modulation", "focal_factor": 3})
     spec = opdef.spec.model_validate({"type": "focal_modulation", "focal_level": 8, "focal_window": 61})
     with pytest.raises(ShapeIssue, match="exceeds"):
-        opdef.infer(spec, TensorType("maps", 8, 4, 4))
+        opdef.resolve(spec, TensorType("maps", 8, 4, 4))
     with pytest.raises(ShapeIssue, match="prefix"):
-        opdef.infer(opdef.spec(), TensorType("tokens", 8, 4, 4, prefix=1))
+        opdef.resolve(opdef.spec(), TensorType("tokens", 8, 4, 4, prefix=1))
 
 
 # --- attention with a learned LeViT-style bias ------------------------------------------------------
@@ -121,7 +121,7 @@ def test_bias_attention_refuses_prefix_tokens() -> None:
     opdef = TOKEN_MIXERS.get("attention")
     spec = opdef.spec.model_validate({"type": "attention", **LEVIT_CONFIG})
     with pytest.raises(ShapeIssue, match="prefix"):
-        opdef.infer(spec, TensorType("tokens", 48, 3, 3, prefix=1))
+        opdef.resolve(spec, TensorType("tokens", 48, 3, 3, prefix=1))
 
 
 # --- MLP with hidden and output norms -------------------------------------------------------------
@@ -146,7 +146,7 @@ def test_mlp_hidden_norm_is_checked_at_the_hidden_width() -> None:
     spec = opdef.spec.model_validate({"type": "mlp", "ratio": 1.5, "hidden_norm": {"type": "groupnorm", "groups": 16},
                                       "out_norm": {"type": "groupnorm", "groups": 16}})
     with pytest.raises(ShapeIssue) as info:
-        opdef.infer(spec, TensorType("maps", 16, 4, 4))  # out_norm fits 16 channels, hidden_norm not 24
+        opdef.resolve(spec, TensorType("maps", 16, 4, 4))  # out_norm fits 16 channels, hidden_norm not 24
     assert info.value.field == "hidden_norm.groups"
 
 

@@ -44,7 +44,7 @@ def test_conv_ffn_matches_timm_pvt_v2_mlp(extra_relu: bool) -> None:
     x_type = TensorType("tokens", 16, 6, 8)
     ref = MlpWithDepthwiseConv(16, hidden_features=64, extra_relu=extra_relu)
     spec = CHANNEL_MIXERS.get("conv_ffn").spec(ratio=4.0, hidden_act="relu" if extra_relu else "identity")
-    ours = port(ref, CHANNEL_MIXERS.get("conv_ffn").build(spec, x_type), [(r"dwconv\.", "dw.")])
+    ours = port(ref, CHANNEL_MIXERS.get("conv_ffn").make(spec, x_type), [(r"dwconv\.", "dw.")])
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         assert max_diff(_tokens(ours(x)), ref(_tokens(x), list(x_type.grid))) <= TOL
@@ -57,7 +57,7 @@ def test_peg_matches_twins_pos_conv(layout: str) -> None:
     x_type = TensorType(layout, 16, 6, 8)
     ref = PosConv(16, 16)
     opdef = POSITIONS.get("peg")
-    ours = port(ref, opdef.build(opdef.spec(kernel=3), x_type), [(r"proj\.0\.", "proj.")])
+    ours = port(ref, opdef.make(opdef.spec(kernel=3), x_type), [(r"proj\.0\.", "proj.")])
     x = torch.randn(x_type.shape(B))
     grid = x if layout == "tokens" else x.permute(0, 2, 3, 1)  # (B, H, W, C)
     with torch.no_grad():
@@ -68,7 +68,7 @@ def test_peg_matches_twins_pos_conv(layout: str) -> None:
 def test_peg_leaves_prefix_tokens_alone() -> None:
     x_type = TensorType("tokens", 8, 3, 4, prefix=1)
     opdef = POSITIONS.get("peg")
-    ours = perturbed(opdef.build(opdef.spec(), x_type))
+    ours = perturbed(opdef.make(opdef.spec(), x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         assert torch.equal(ours(x)[:, :1], x[:, :1])
@@ -80,9 +80,9 @@ def test_patch_merging_matches_timm_swin() -> None:
     x_type = TensorType("tokens", 16, 6, 8)
     opdef = DOWNSAMPLERS.get("patch_merging")
     spec = opdef.spec.model_validate({"norm": {"type": "layernorm", "eps": 1e-5}})
-    assert opdef.infer(spec, x_type, 32) == TensorType("tokens", 32, 3, 4)
+    assert opdef.resolve(spec, x_type, 32).out_type == TensorType("tokens", 32, 3, 4)
     ref = TimmPatchMerging(16, 32)
-    ours = port(ref, opdef.build(spec, x_type, 32))
+    ours = port(ref, opdef.make(spec, x_type, 32))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         assert max_diff(ours(x), ref(x)) <= TOL
@@ -94,7 +94,7 @@ _LN5 = {"type": "layernorm", "eps": 1e-5}
 def _downsample(config: dict[str, Any], x_type: TensorType, dim: int) -> nn.Module:
     opdef = DOWNSAMPLERS.get(config["type"])
     spec = opdef.spec.model_validate(config)
-    return opdef.build(spec, x_type, dim)
+    return opdef.make(spec, x_type, dim)
 
 
 def test_conv_downsample_matches_pvt_v2_overlap_patch_embed() -> None:
@@ -115,7 +115,7 @@ def test_patchify_and_conv_match_twins_patch_embed(patch: int, role: str) -> Non
     x_type = TensorType("maps", channels, 16, 16)
     if role == "stem":
         opdef = STEMS.get("patchify")
-        ours = opdef.build(opdef.spec.model_validate({"patch": patch, "norm_after": _LN5}), x_type, 32)
+        ours = opdef.make(opdef.spec.model_validate({"patch": patch, "norm_after": _LN5}), x_type, 32)
     else:
         config = {"type": "conv", "kernel": patch, "stride": patch, "padding": 0, "norm_after": _LN5}
         ours = _downsample(config, x_type, 32)

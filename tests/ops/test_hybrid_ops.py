@@ -30,7 +30,7 @@ B = 2
 def _op(registry: Registry, tag: str, config: dict[str, Any], x: TensorType,
         *extra: int) -> tuple[nn.Module, TensorType]:
     """The op (shared ``build_op``) and the type its shape rule gives, which these tests check the output against."""
-    out_type = registry.get(tag).infer(op_spec(registry, tag, config), x, *extra)
+    out_type = registry.get(tag).resolve(op_spec(registry, tag, config), x, *extra).out_type
     return build_op(registry, tag, config, x, *extra), out_type
 
 
@@ -141,7 +141,7 @@ def test_mbconv_is_also_a_channel_mixer() -> None:
 ])
 def test_mbconv_shape_rule_rejects(config: dict[str, Any], field: str) -> None:
     with pytest.raises(ShapeIssue) as err:
-        TOKEN_MIXERS.get("mbconv").infer(op_spec(TOKEN_MIXERS, "mbconv", config), TensorType("maps", 8, 6, 6))
+        TOKEN_MIXERS.get("mbconv").resolve(op_spec(TOKEN_MIXERS, "mbconv", config), TensorType("maps", 8, 6, 6))
     assert err.value.field == field
 
 

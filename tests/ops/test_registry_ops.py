@@ -10,7 +10,7 @@ import torch
 from helpers import all_cases, case_id
 from torch import nn
 
-from metaformer_lab.core.registry import Case, CompositeDef
+from metaformer_lab.core.registry import Case, CompositeDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops import REGISTRIES, TOKEN_MIXERS
 from metaformer_lab.spec.arch import TokenMixerSpec
@@ -34,11 +34,12 @@ def _build(role: str, opdef: Any, spec: Any, case: Case) -> tuple[nn.Module, Ten
         children, outs = [], []
         for child, t in zip(opdef.branches(spec), branch_types, strict=True):
             child_def = TOKEN_MIXERS.of_spec(child)
-            children.append(child_def.build(child, t))
-            outs.append(child_def.infer(child, t))
-        return opdef.build(spec, x, children), opdef.join(spec, x, outs)
-    extra = () if case.out_dim is None else (case.out_dim,)
-    return opdef.build(spec, x, *extra), opdef.infer(spec, x, *extra)
+            children.append(child_def.make(child, t))
+            outs.append(child_def.resolve(child, t).out_type)
+        out = opdef.join(spec, x, outs)
+        return opdef.build(spec, Resolved(x, out), children), out
+    resolved = opdef.resolve(spec, x, case.out_dim)
+    return opdef.build(spec, resolved), resolved.out_type
 
 
 @pytest.mark.parametrize("item", CASES, ids=[case_id(c) for c in CASES])
