@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import Literal, overload
+
+from torch import nn
 
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.network import Network
+from metaformer_lab.compile.protocol import feature_backbone
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
@@ -43,7 +47,25 @@ def to_graph(spec: SpecSource, *, input_size: int | None = None,
     return lower(with_input_size(read_spec(spec, block_dirs=block_dirs), input_size))
 
 
-def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None) -> Network:
-    """The PyTorch module of a spec (or of its typed graph), initialised as timm does."""
+@overload
+def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, features_only: Literal[False] = False,
+          out_indices: int | Sequence[int] | None = None) -> Network: ...
+
+
+@overload
+def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, features_only: Literal[True],
+          out_indices: int | Sequence[int] | None = None) -> nn.Module: ...
+
+
+def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, features_only: bool = False,
+          out_indices: int | Sequence[int] | None = None) -> nn.Module:
+    """The PyTorch module of a spec (or of its typed graph), initialised as timm does.
+
+    ``features_only``: a feature backbone instead (timm's ``FeatureGetterNet`` around the network, pruned to
+    what it needs), returning NCHW maps at ``out_indices`` (positions in ``feature_info``: the last n if an
+    int; default every stage, or the last 3 blocks of an isotropic network); its ``feature_info`` gives each
+    one's channels and reduction.
+    """
     graph = spec if isinstance(spec, ArchGraph) else to_graph(spec, input_size=input_size)
-    return compile_graph(graph)
+    net = compile_graph(graph)
+    return feature_backbone(net, out_indices) if features_only else net

@@ -11,6 +11,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor, nn
 
+from metaformer_lab.compile.protocol import TimmProtocol
 from metaformer_lab.core.types import TensorType
 
 
@@ -46,6 +47,12 @@ class Block(nn.Module):
         from timm.layers import DropPath
 
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    @property
+    def updates_prefix_only(self) -> bool:
+        """Whether every branch writes the prefix tokens only (CaiT's class attention): the grid tokens pass
+        through unchanged, so the block yields no new feature map."""
+        return bool(self.branches) and all(b.writes_prefix and b.residual for b in self.branches)
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layout_in(x)
@@ -85,13 +92,40 @@ class Stage(nn.Module):
                 x = self.pos_embed(x)
         return self.norm(x)
 
+    # The same computation in steps, for feature taps and gradient checkpointing (``forward`` stays one call).
+    def forward_pre(self, x: Tensor) -> Tensor:
+        """Everything before the first block: downsampler, layout, prefix tokens, a position embedding at the start."""
+        x = self.prefix(self.layout(self.down(self.down_layout(x))))
+        return self.pos_embed(x) if self.pos_after < 0 else x
 
-class Network(nn.Module):
-    """A compiled architecture: ``head(stages(stem(x)))``.
+    def forward_block(self, j: int, x: Tensor, *, checkpointed: bool = False) -> Tensor:
+        """Block ``j`` (recomputed in the backward pass when ``checkpointed``), then a position embedding placed
+        after it."""
+        block = self.blocks[j]
+        if checkpointed:
+            from torch.utils.checkpoint import checkpoint
+
+            x = checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
+        return self.pos_embed(x) if j == self.pos_after else x
+
+    def forward_body(self, x: Tensor, *, checkpointed: bool = False) -> Tensor:
+        """``forward`` without the stage's closing norm."""
+        x = self.forward_pre(x)
+        for j in range(len(self.blocks)):
+            x = self.forward_block(j, x, checkpointed=checkpointed)
+        return x
+
+
+class Network(TimmProtocol):
+    """A compiled architecture: ``head(stages(stem(x)))``, with timm's model protocol
+    (:class:`~metaformer_lab.compile.protocol.TimmProtocol`: ``forward_intermediates``, ``feature_info``,
+    ``reset_classifier``, ``no_weight_decay``, ``group_matcher``, ``pretrained_cfg``, ...).
 
     Attributes:
         input_type: the input it was compiled for (token ops that need the grid are sized for it).
-        output_type: the type of its output.
+        output_type: the type of its output (kept up to date by ``reset_classifier`` and pruning).
         feature_types: the output type of each stage.
     """
 
@@ -103,11 +137,18 @@ class Network(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.head = head
         self.input_type, self.output_type, self.feature_types = input_type, output_type, feature_types
+        self.init_protocol()
 
     def forward_features(self, x: Tensor) -> Tensor:
+        if self.grad_checkpointing and self.training:
+            return self.forward_checkpointed(x)
         return self.stages(self.stem(x))
 
-    def forward_head(self, x: Tensor) -> Tensor:
+    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
+        """The head on ``forward_features``' output; ``pre_logits``: the pooled, normed features its classifier
+        reads (timm's convention)."""
+        if pre_logits:
+            return self.head_pre_logits(x)
         return self.head(x)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -161,6 +161,10 @@ class Attention(SequenceMixer):
             self.register_parameter("attention_biases", None)
             self.attention_bias_idxs = None
 
+    def no_weight_decay(self) -> set[str]:
+        """Local parameter names kept out of weight decay (timm's EfficientFormer: ``attention_biases``)."""
+        return set() if self.attention_biases is None else {"attention_biases"}
+
     def split_qkv(self, qkv: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(B, N, 2*heads*d + heads*dv) -> q, k (B, heads, N, d) and v (B, heads, N, dv)."""
         H, d, dv = self.num_heads, self.head_dim, self.value_dim

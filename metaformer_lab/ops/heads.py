@@ -5,7 +5,7 @@ With ``num_classes: 0`` a head stops before its classifier and returns the poole
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, cast
 
 import torch
 from pydantic import Field
@@ -26,7 +26,8 @@ Pool = Literal["avg", "max"]
 
 
 class GlobalPool(nn.Module):
-    """Pools every layout to (B, C); prefix tokens are left out of the pool (as timm's ViT does)."""
+    """Pools every layout to (B, C); prefix tokens are left out of the pool (as timm's ViT does).
+    ``mode`` may be changed later (``Head.reset``'s ``global_pool``)."""
 
     def __init__(self, mode: Pool, x: TensorType) -> None:
         super().__init__()
@@ -42,6 +43,62 @@ class GlobalPool(nn.Module):
         else:
             dims = (1, 2)  # (B, H, W, C)
         return x.mean(dims) if self.mode == "avg" else x.amax(dims)
+
+
+class Head(nn.Module):
+    """What every head offers timm's model protocol (``Network.forward_head``, ``reset_classifier``): the features
+    its classifier reads (``pre_logits``), the classifier itself, and resetting it for another class count."""
+
+    @property
+    def classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        """The final classifier (a tuple where there are several, as timm's ``get_classifier``)."""
+        raise NotImplementedError
+
+    @property
+    def num_classes(self) -> int:
+        fcs = self.classifier if isinstance(self.classifier, tuple) else (self.classifier,)
+        return fcs[0].out_features if isinstance(fcs[0], nn.Linear) else 0
+
+    def pre_logits(self, x: Tensor) -> Tensor:
+        """The pooled (normed) features the classifier reads: timm's ``forward_head(x, pre_logits=True)``."""
+        raise NotImplementedError
+
+    def hidden_size(self, in_features: int) -> int:
+        """The width of ``pre_logits`` for an input of ``in_features`` channels (timm's ``head_hidden_size``)."""
+        return in_features
+
+    def reset(self, num_classes: int, global_pool: str | None = None, *, in_features: int,
+              device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        """A fresh classifier for ``num_classes`` (0: none, the head returns ``pre_logits``), initialised as
+        timm does; ``global_pool`` ('avg' or 'max') changes the pooling, None keeps it."""
+        raise NotImplementedError
+
+    @staticmethod
+    def _set_pool(pool: GlobalPool, global_pool: str | None) -> None:
+        if global_pool is None:
+            return
+        if global_pool not in ("avg", "max"):
+            raise ValueError(f"global_pool must be 'avg' or 'max' for this head, not {global_pool!r}")
+        pool.mode = global_pool  # type: ignore[assignment]
+
+    def _linear(self, in_features: int, out_features: int, bias: bool, device: torch.device | None,
+                dtype: torch.dtype | None) -> nn.Module:
+        """A Linear layer (Identity for 0 outputs) in timm's init (truncated normal .02, zero bias), in this
+        head's train/eval mode."""
+        if not out_features:
+            return nn.Identity()
+        from timm.layers import trunc_normal_
+
+        fc = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        trunc_normal_(fc.weight, std=0.02)
+        if fc.bias is not None:
+            nn.init.zeros_(fc.bias)
+        return fc.train(self.training)
+
+    @staticmethod
+    def _has_bias(fc: nn.Module) -> bool:
+        """Whether a classifier has a bias (an Identity stands for the spec's default, True)."""
+        return not isinstance(fc, nn.Linear) or fc.bias is not None
 
 
 def _pooled_shape(x: TensorType, norm: OpSpec | None) -> TensorType:
@@ -63,12 +120,35 @@ class PoolNormLinearSpec(OpSpec):
                                                "(EfficientFormer's head + head_dist)")
 
 
-class PoolNormLinear(nn.Module):
+class PoolNormLinear(Head):
     def __init__(self, pool: GlobalPool, norm: nn.Module, drop: float, fc: nn.Module,
                  fc_dist: nn.Module | None = None) -> None:
         super().__init__()
         self.pool, self.norm, self.drop, self.fc = pool, norm, nn.Dropout(drop), fc
         self.fc_dist = fc_dist
+        self.distilled, self.fc_bias = fc_dist is not None, self._has_bias(fc)
+
+    @classmethod
+    def plain(cls, x: TensorType, num_classes: int, pool: str = "avg", *, device: torch.device | None = None,
+              dtype: torch.dtype | None = None) -> PoolNormLinear:
+        """Pooling and a Linear classifier, no norm (timm's head after ``reset_classifier(..., reset_other=True)``)."""
+        head = cls(GlobalPool("avg", x), nn.Identity(), 0.0, nn.Identity())
+        head.reset(num_classes, pool, in_features=x.channels, device=device, dtype=dtype)
+        return head
+
+    @property
+    def classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        return self.fc if self.fc_dist is None else (self.fc, self.fc_dist)
+
+    def pre_logits(self, x: Tensor) -> Tensor:
+        return self.drop(self.norm(self.pool(x)))
+
+    def reset(self, num_classes: int, global_pool: str | None = None, *, in_features: int,
+              device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        self._set_pool(self.pool, global_pool)
+        self.fc = self._linear(in_features, num_classes, self.fc_bias, device, dtype)
+        distilled = self.distilled and num_classes > 0
+        self.fc_dist = self._linear(in_features, num_classes, self.fc_bias, device, dtype) if distilled else None
 
     def forward(self, x: Tensor) -> Tensor:  # any layout -> (B, num_classes)
         x = self.drop(self.norm(self.pool(x)))
@@ -102,12 +182,29 @@ class ClassTokenSpec(OpSpec):
     bias: bool = True
 
 
-class ClassTokenHead(nn.Module):
+class ClassTokenHead(Head):
     def __init__(self, tokens: list[int], norm: nn.Module, drop: float, fcs: list[nn.Module]) -> None:
         super().__init__()
         self.tokens = tokens
         self.norm, self.drop = norm, nn.Dropout(drop)
         self.fc = nn.ModuleList(fcs)
+        self.fc_bias = self._has_bias(fcs[0])
+
+    @property
+    def classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        return self.fc[0] if len(self.fc) == 1 else tuple(self.fc)
+
+    def pre_logits(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, C); several tokens: their mean, as timm's DeiT
+        feats = [self.drop(self.norm(x[:, t])) for t in self.tokens]
+        return feats[0] if len(feats) == 1 else sum(feats[1:], feats[0]) / len(feats)
+
+    def reset(self, num_classes: int, global_pool: str | None = None, *, in_features: int,
+              device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        if global_pool not in (None, "token"):
+            raise ValueError(f"a class_token head reads its prefix tokens: global_pool must be 'token' or None, "
+                             f"not {global_pool!r}")
+        self.fc = nn.ModuleList([self._linear(in_features, num_classes, self.fc_bias, device, dtype)
+                                 for _ in self.tokens])
 
     def forward(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, num_classes)
         outs = [fc(self.drop(self.norm(x[:, t]))) for t, fc in zip(self.tokens, self.fc, strict=True)]
@@ -147,12 +244,44 @@ class MlpHeadSpec(OpSpec):
     bias: bool = True
 
 
-class MlpHead(nn.Module):
+class MlpHead(Head):
+    """With no classes (``reset(0)``) its MLP becomes identities and the head returns ``pre_logits``; a later
+    reset builds the MLP again (fresh weights, as timm's MetaFormer does)."""
+
     def __init__(self, pool: GlobalPool, norm: nn.Module, fc1: nn.Module, act: nn.Module, hidden_norm: nn.Module,
                  drop: float, fc2: nn.Module) -> None:
         super().__init__()
         self.pool, self.norm = pool, norm
         self.fc1, self.act, self.hidden_norm, self.drop, self.fc2 = fc1, act, hidden_norm, nn.Dropout(drop), fc2
+        # what a reset rebuilds the MLP from: hidden width, bias, activation, hidden norm (not submodules)
+        self._mlp = (fc1.out_features, fc1.bias is not None, act, hidden_norm) if isinstance(fc1, nn.Linear) else None
+
+    @property
+    def classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        return self.fc2
+
+    def pre_logits(self, x: Tensor) -> Tensor:  # timm's MetaFormer: pooled and normed, before the MLP
+        return self.norm(self.pool(x))
+
+    def reset(self, num_classes: int, global_pool: str | None = None, *, in_features: int,
+              device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        import copy
+
+        self._set_pool(self.pool, global_pool)
+        if not num_classes or self._mlp is None:
+            self.fc1, self.act, self.hidden_norm, self.fc2 = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
+            if num_classes:  # nothing to rebuild the MLP from: a Linear classifier
+                self.fc2 = self._linear(in_features, num_classes, True, device, dtype)
+            return
+        hidden, bias, act, hidden_norm = self._mlp
+        norm = copy.deepcopy(hidden_norm).to(device=device, dtype=dtype).train(self.training)
+        for m in norm.modules():
+            reset_parameters = getattr(m, "reset_parameters", None)
+            if callable(reset_parameters):
+                reset_parameters()
+        self.fc1 = self._linear(in_features, hidden, bias, device, dtype)
+        self.act, self.hidden_norm = copy.deepcopy(act).train(self.training), norm
+        self.fc2 = self._linear(hidden, num_classes, bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # any layout -> (B, num_classes)
         x = self.norm(self.pool(x))
@@ -222,12 +351,30 @@ class LinearNormAct(nn.Module):
         return self.act(self.norm(self.fc(x)))
 
 
-class ConvMlpHead(nn.Module):
+class ConvMlpHead(Head):
     def __init__(self, conv: nn.Module, pool: GlobalPool, hidden: list[nn.Module], drop: float, fc: nn.Module) -> None:
         super().__init__()
         self.conv, self.pool = conv, pool
         self.hidden = nn.Sequential(*hidden)
         self.drop, self.fc = nn.Dropout(drop), fc
+        self.fc_bias = self._has_bias(fc)
+
+    @property
+    def classifier(self) -> nn.Module | tuple[nn.Module, ...]:
+        return self.fc
+
+    def pre_logits(self, x: Tensor) -> Tensor:  # after the hidden layers (timm's EfficientViT head)
+        return self.drop(self.hidden(self.pool(self.conv(x))))
+
+    def hidden_size(self, in_features: int) -> int:
+        if len(self.hidden):
+            return cast(LinearNormAct, self.hidden[-1]).fc.out_features
+        return int(self.conv.conv.out_channels) if isinstance(self.conv, ConvNormAct) else in_features
+
+    def reset(self, num_classes: int, global_pool: str | None = None, *, in_features: int,
+              device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
+        self._set_pool(self.pool, global_pool)
+        self.fc = self._linear(self.hidden_size(in_features), num_classes, self.fc_bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or tokens -> (B, num_classes)
         x = self.hidden(self.pool(self.conv(x)))  # (B, hidden[-1])

@@ -38,6 +38,10 @@ class LearnedPosition(nn.Module):
         self.weight = nn.Parameter(torch.zeros(shape))
         self.init_std = init_std
 
+    def no_weight_decay(self) -> set[str]:
+        """Local parameter names kept out of weight decay (timm's ``pos_embed``)."""
+        return {"weight"}
+
     def init_weights(self) -> None:
         from timm.layers import trunc_normal_
         trunc_normal_(self.weight, std=self.init_std)
@@ -61,6 +65,10 @@ class PositionGenerator(nn.Module):
         super().__init__()
         self.proj = nn.Conv2d(x.channels, x.channels, kernel, padding=kernel // 2, groups=x.channels)
         self.maps, self.prefix, self.grid = x.layout == "maps", x.prefix, x.grid
+
+    def no_weight_decay(self) -> set[str]:
+        """Local parameter names kept out of weight decay (all of them, as timm's Twins does for ``pos_block``)."""
+        return {name for name, _ in self.named_parameters()}
 
     def forward(self, x: Tensor) -> Tensor:
         if self.maps:
@@ -99,6 +107,10 @@ class PrefixTokens(nn.Module):
         super().__init__()
         self.tokens = nn.ParameterList([nn.Parameter(torch.zeros(1, 1, dim)) for _ in range(count)])
         self.had_prefix = had_prefix
+
+    def no_weight_decay(self) -> set[str]:
+        """Local parameter names kept out of weight decay (timm's ``cls_token``, ``dist_token``)."""
+        return {f"tokens.{i}" for i in range(len(self.tokens))}
 
     def init_weights(self) -> None:
         from timm.layers import trunc_normal_

@@ -87,6 +87,10 @@ class RelPosAttention2d(nn.Module):
             index = None
         self.register_buffer("relative_position_index", index, persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """Local parameter names kept out of weight decay (timm's ``relative_position_bias_table``)."""
+        return set() if self.relative_position_bias_table is None else {"relative_position_bias_table"}
+
     def _bias(self) -> Tensor | None:  # (1, heads, N, N)
         if self.relative_position_bias_table is None:
             return None

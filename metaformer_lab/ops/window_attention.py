@@ -106,6 +106,10 @@ class WindowAttention(nn.Module):
         self.register_buffer("relative_position_index", index, persistent=False)
         self.register_buffer("attn_mask", shift_mask(grid, window, self.shift), persistent=False)
 
+    def no_weight_decay(self) -> set[str]:
+        """Local parameter names kept out of weight decay (timm's ``relative_position_bias_table``)."""
+        return set() if self.relative_position_bias_table is None else {"relative_position_bias_table"}
+
     def _bias(self, batch: int) -> Tensor | None:  # broadcastable to (B*nW, heads, w*w, w*w)
         bias = None
         if self.relative_position_bias_table is not None:

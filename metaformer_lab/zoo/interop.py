@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal, overload
 
 import torch
 from torch import Tensor, nn
 
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.network import Network
+from metaformer_lab.compile.protocol import feature_backbone
 from metaformer_lab.core.errors import Issue, SpecError
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.spec.arch import ArchSpec
@@ -118,9 +120,26 @@ def _load_timm_checkpoint(zoo: ZooModel, pretrained: bool, checkpoint_path: str 
         raise SpecError.single(zoo.name, f"could not fetch timm's weights: {err}") from err
 
 
+@overload
 def create_model(name_or_spec: SpecSource, *, pretrained: bool = False,
-                 checkpoint_path: str | os.PathLike[str] | None = None, num_classes: int | None = None) -> Network:
+                 checkpoint_path: str | os.PathLike[str] | None = None, num_classes: int | None = None,
+                 features_only: Literal[False] = False, out_indices: int | Sequence[int] | None = None) -> Network: ...
+
+
+@overload
+def create_model(name_or_spec: SpecSource, *, pretrained: bool = False,
+                 checkpoint_path: str | os.PathLike[str] | None = None, num_classes: int | None = None,
+                 features_only: Literal[True], out_indices: int | Sequence[int] | None = None) -> nn.Module: ...
+
+
+def create_model(name_or_spec: SpecSource, *, pretrained: bool = False,
+                 checkpoint_path: str | os.PathLike[str] | None = None, num_classes: int | None = None,
+                 features_only: bool = False, out_indices: int | Sequence[int] | None = None) -> nn.Module:
     """Our module for a zoo name (or any spec), optionally with timm's weights.
+
+    A zoo model takes timm's conventions for it: its pretrained config (mean, std, crop, interpolation; our
+    module paths), its feature taps (``feature_info``, ``forward_intermediates``) and its parameter grouping
+    (``group_matcher``), see ``adopt_timm_conventions``.
 
     Args:
         name_or_spec: zoo name, YAML path, mapping or ArchSpec.
@@ -128,10 +147,18 @@ def create_model(name_or_spec: SpecSource, *, pretrained: bool = False,
         checkpoint_path: load a local timm checkpoint of this zoo model instead.
         num_classes: reset the classifier to this many classes (0: return pooled features); the
             rest of the checkpoint still loads.
+        features_only: return a feature backbone (timm's ``FeatureGetterNet``) giving the maps at
+            ``out_indices`` (positions in ``feature_info``; default: timm's, see ``feature_backbone``).
     """
+    net = _create_network(name_or_spec, pretrained, checkpoint_path, num_classes)
+    return feature_backbone(net, out_indices) if features_only else net
+
+
+def _create_network(name_or_spec: SpecSource, pretrained: bool, checkpoint_path: str | os.PathLike[str] | None,
+                    num_classes: int | None) -> Network:
     spec = read_spec(name_or_spec)
     if not pretrained and checkpoint_path is None:
-        return compile_graph(lower(_with_classes(spec, num_classes)))
+        return adopt_timm_conventions(compile_graph(lower(_with_classes(spec, num_classes))), spec)
     if spec.name not in catalog():
         raise SpecError.single(spec.name, "weights load into zoo models only; this spec's name is not one")
     zoo = get(spec.name)
@@ -143,7 +170,63 @@ def create_model(name_or_spec: SpecSource, *, pretrained: bool = False,
         net.load_state_dict(ours, strict=True)
     else:
         _load_except_classifier(net, ours)
+    return adopt_timm_conventions(net, spec)
+
+
+Groups = tuple[dict[str, int], dict[str, int]]
+
+
+def adopt_timm_conventions(net: Network, spec: ArchSpec) -> Network:
+    """For a zoo model's spec (its class count aside): timm's pretrained config for it, timm's feature taps and
+    timm's parameter grouping (layer-wise lr decay) on ``net``; any other spec keeps the defaults."""
+    if spec.name not in catalog() or _spec(spec.name, spec.num_classes) != spec:
+        return net
+    modules, cfg, groups = _timm_conventions(spec.name)
+    net.set_feature_modules(modules)
+    if groups is not None:
+        net.set_group_layers(*groups)
+    ours = {k: net.pretrained_cfg[k] for k in ("url", "hf_hub_id", "architecture", "input_size", "num_classes",
+                                                  "first_conv", "classifier")}
+    net.pretrained_cfg = {**net.pretrained_cfg, **cfg, **ours}
     return net
+
+
+@functools.cache
+def _timm_conventions(name: str) -> tuple[tuple[str, ...], dict[str, Any], Groups | None]:
+    """For zoo model ``name``: our modules for timm's feature taps (matched from the end by channels and
+    reduction), timm's pretrained config from its local registry (nothing downloads), and timm's parameter
+    grouping (fine, coarse: layer id per our parameter name) where its class has a ``group_matcher``."""
+    zoo = get(name)
+    with torch.device("meta"):
+        reference = zoo.reference()
+        net = compile_graph(lower(_spec(name)), init=False)
+    candidates = [(c["num_chs"], c["reduction"], c["module"]) for c in net.feature_candidates()]
+    modules: list[str] = []
+    for info in reversed(getattr(reference, "feature_info", None) or []):  # from the end: a tie takes the later
+        wanted = (info["num_chs"], info["reduction"])
+        found = next((k for k in reversed(range(len(candidates))) if candidates[k][:2] == wanted), None)
+        if found is None:  # no counterpart: keep our own taps
+            modules = []
+            break
+        modules.insert(0, candidates[found][2])
+        candidates = candidates[:found]
+    cfg: dict[str, Any] = {}
+    if zoo.in_timm_registry:
+        from timm.models import get_pretrained_cfg
+
+        timm_cfg = get_pretrained_cfg(zoo.timm_name)
+        if timm_cfg is not None:
+            cfg = {k: v for k, v in timm_cfg.to_dict().items() if k not in ("hf_hub_id", "tag", "custom_load")}
+    groups: Groups | None = None
+    matcher = getattr(reference, "group_matcher", None)
+    if callable(matcher):
+        from timm.models._manipulate import group_parameters
+
+        table = invert(zoo.key_map, list(reference.state_dict()))
+        fine, coarse = (group_parameters(reference, matcher(coarse=c), reverse=True) for c in (False, True))
+        groups = ({ours: fine[k] for ours, k in table.items() if k in fine},
+                  {ours: coarse[k] for ours, k in table.items() if k in coarse})
+    return tuple(modules or (f["module"] for f in net.feature_info)), cfg, groups
 
 
 def _with_classes(spec: ArchSpec, num_classes: int | None) -> ArchSpec:
@@ -170,4 +253,4 @@ def from_timm(timm_model: nn.Module) -> Network:
     sd = convert_state_dict(name, timm_model.state_dict(), num_classes=classes)
     net = compile_graph(lower(_spec(name, classes)))
     net.load_state_dict(sd, strict=True)
-    return net.train(timm_model.training)
+    return adopt_timm_conventions(net, _spec(name, classes)).train(timm_model.training)
