@@ -84,6 +84,7 @@ class SearchConfig(BaseModel):
                                                                     "ray: trials spread over a Ray cluster")
     ray: RayConfig = Field(default_factory=RayConfig)
     _dtype_defaulted: bool = PrivateAttr(False)
+    _budget_ms: float | None = PrivateAttr(None)
 
     @property
     def dtype_note(self) -> str:
@@ -97,7 +98,10 @@ class SearchConfig(BaseModel):
 
     @property
     def budget_ms(self) -> float:
-        return parse_duration_ms(self.budget, path="budget")
+        """The budget in milliseconds, parsed once (by :func:`check`, where a bad unit is reported)."""
+        if self._budget_ms is None:
+            self._budget_ms = parse_duration_ms(self.budget, path="budget")
+        return self._budget_ms
 
     @property
     def max_memory_bytes(self) -> int | None:

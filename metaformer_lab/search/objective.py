@@ -52,7 +52,7 @@ class Rejected(optuna.TrialPruned):
 
 @dataclass
 class Screening:
-    """The steps before evaluation: decode -> latency -> record size -> reject over budget. Both backends run
+    """The steps before evaluation: decode -> latency -> reject over budget -> record size. Both backends run
     them where the sampler lives (the Optuna process, Ray's driver); ``trial`` only needs Optuna's trial API."""
 
     space: SearchSpace
@@ -72,14 +72,16 @@ class Screening:
         trial.set_user_attr("budget_ms", self.budget_ms)
         point = self.decode(trial)
         latency = self.latency(trial, point)
-        self.record_size(trial, point)
+        trial.set_user_attr("spec_name", point.spec.name)
+        trial.set_user_attr("spec", dump_spec(point.spec))
         if latency.ms > self.budget_ms:
             detail = f"{latency.ms:.3f} ms > budget {self.budget_ms:g} ms"
-            if not is_reference(trial):
+            if not is_reference(trial):  # rejected before the per-node costs, which the decision does not need
                 self.reject(trial, "over_budget", detail)
             # a hand-designed reference is scored anyway, to show where it sits; it stays infeasible
             trial.set_user_attr("reason", "over_budget")
             trial.set_user_attr("detail", detail + " (a reference: scored, never chosen)")
+        self.record_size(trial, point)
         return point, latency
 
     def decode(self, trial: optuna.Trial) -> Point:
@@ -101,8 +103,6 @@ class Screening:
 
     def record_size(self, trial: optuna.Trial, point: Point) -> None:
         cost = graph_cost(point.graph)
-        trial.set_user_attr("spec_name", point.spec.name)
-        trial.set_user_attr("spec", dump_spec(point.spec))
         trial.set_user_attr("params", cost.params)
         trial.set_user_attr("flops", cost.flops)
 

@@ -1,4 +1,4 @@
-"""The fixed-point protocol (DESIGN.md section 6), run against the installed timm.
+"""The fixed-point protocol (docs/architecture.md, "Compilation"), run against the installed timm.
 
 A zoo model is a fixed point when (a) its parameter count equals timm's, (b) timm's state_dict,
 with every parameter and floating buffer perturbed by N(0, 0.02) noise (so identity-like inits hide

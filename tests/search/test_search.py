@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
 from metaformer_lab.core.errors import StudyError
+from metaformer_lab.search import config as config_module
 from metaformer_lab.search import objective as objective_module
 from metaformer_lab.search.config import load_study_file, make_config
 from metaformer_lab.search.objective import feasible
@@ -129,9 +130,21 @@ def test_over_budget_candidates_are_rejected_before_evaluation(tmp_path: Path, m
     real = objective_module.evaluate_candidate
     monkeypatch.setattr(objective_module, "evaluate_candidate",
                         lambda graph, *a, **k: evaluated.append(graph.spec.name) or real(graph, *a, **k))
+    costed: list[str] = []
+    real_cost = objective_module.graph_cost
+    monkeypatch.setattr(objective_module, "graph_cost", lambda graph, *a, **k: costed.append(graph.spec.name)
+                        or real_cost(graph, *a, **k))
+    parsed: list[str] = []
+    real_parse = config_module.parse_duration_ms
+    monkeypatch.setattr(config_module, "parse_duration_ms", lambda text, **k: parsed.append(text)
+                        or real_parse(text, **k))
     search, report = run_search(quick(tmp_path, budget="1us", trials=8))
     trials = search.study.get_trials()
     assert evaluated == [] and finished(search.study) == 8
+    assert parsed == ["1us"]  # the budget is parsed once, when the config is checked
+    searched = [t for t in trials if not t.user_attrs.get("reference") and t.user_attrs["reason"] == "over_budget"]
+    assert searched and all("params" not in t.user_attrs and t.user_attrs["spec_name"] for t in searched)
+    assert len(costed) == len(trials) - len(searched) - sum(t.user_attrs["reason"] == "invalid" for t in trials)
     for t in trials:
         assert t.user_attrs["reason"] in ("over_budget", "invalid")
         assert any(v > 0 for v in t.constraints.values())
