@@ -37,7 +37,7 @@ class _Compiler:
 
     def stage(self, plan: StagePlan, first_block: int) -> Stage:
         blocks = [self.block(b, first_block + j) for j, b in enumerate(plan.blocks)]
-        return Stage(down_layout=self.module(plan.down_layout), down=self.module(plan.down),
+        return Stage(downsample_layout=self.module(plan.downsample_layout), downsample=self.module(plan.downsample),
                      layout=self.module(plan.layout), prefix=self.module(plan.prefix),
                      pos_embed=self.module(plan.pos_embed), pos_after=plan.pos_after, blocks=blocks,
                      norm=self.module(plan.norm))

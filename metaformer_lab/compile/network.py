@@ -72,18 +72,19 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    """``down -> layout -> prefix -> [pos] -> blocks (pos after block k) -> norm``."""
+    """``downsample -> layout -> prefix -> [pos] -> blocks (pos after block k) -> norm``."""
 
-    def __init__(self, *, down_layout: nn.Module, down: nn.Module, layout: nn.Module, prefix: nn.Module,
+    def __init__(self, *, downsample_layout: nn.Module, downsample: nn.Module, layout: nn.Module, prefix: nn.Module,
                  pos_embed: nn.Module, pos_after: int, blocks: list[nn.Module], norm: nn.Module) -> None:
         super().__init__()
-        self.down_layout, self.down, self.layout, self.prefix = down_layout, down, layout, prefix
+        self.downsample_layout, self.downsample = downsample_layout, downsample
+        self.layout, self.prefix = layout, prefix
         self.pos_embed, self.pos_after = pos_embed, pos_after
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.prefix(self.layout(self.down(self.down_layout(x))))
+        x = self.prefix(self.layout(self.downsample(self.downsample_layout(x))))
         if self.pos_after < 0:
             x = self.pos_embed(x)
         for j, block in enumerate(self.blocks):
@@ -95,7 +96,7 @@ class Stage(nn.Module):
     # The same computation in steps, for feature taps and gradient checkpointing (``forward`` stays one call).
     def forward_pre(self, x: Tensor) -> Tensor:
         """Everything before the first block: downsampler, layout, prefix tokens, a position embedding at the start."""
-        x = self.prefix(self.layout(self.down(self.down_layout(x))))
+        x = self.prefix(self.layout(self.downsample(self.downsample_layout(x))))
         return self.pos_embed(x) if self.pos_after < 0 else x
 
     def forward_block(self, j: int, x: Tensor, *, checkpointed: bool = False) -> Tensor:

@@ -199,7 +199,8 @@ class _Lowering:
 
     def stage(self, i: int, stage: StageSpec, x: str) -> StagePlan:
         name, path = f"stages.{i}", f"stages[{i}]"
-        slots: dict[str, str | None] = dict.fromkeys(("down_layout", "down", "layout", "prefix", "pos_embed", "norm"))
+        slots: dict[str, str | None] = dict.fromkeys(
+            ("downsample_layout", "downsample", "layout", "prefix", "pos_embed", "norm"))
 
         def added(slot: str, node: str, before: str) -> str:
             if node != before:
@@ -209,10 +210,10 @@ class _Lowering:
         if stage.downsample is not None:
             accepts = REGISTRIES["downsample"].of_spec(stage.downsample)
             if isinstance(accepts, OpDef) and accepts.accepts:
-                x = added("down_layout", self.layout(f"{name}.down_layout", "down_layout", x, accepts.accepts[0],
-                                                     f"{path}.downsample.type"), x)
-            x = added("down", self.op(f"{name}.down", "down", "downsample", stage.downsample, f"{path}.downsample", x,
-                                      stage.dim), x)
+                x = added("downsample_layout", self.layout(f"{name}.downsample_layout", "downsample_layout", x,
+                                                           accepts.accepts[0], f"{path}.downsample.type"), x)
+            x = added("downsample", self.op(f"{name}.downsample", "downsample", "downsample", stage.downsample,
+                                            f"{path}.downsample", x, stage.dim), x)
         elif (t := self.out(x)) is not None and t.channels != stage.dim and not _first_block_resizes(stage):
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels coming in; "
                                                     "a downsample is needed to change the width"))

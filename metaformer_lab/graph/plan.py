@@ -36,11 +36,11 @@ class BlockPlan:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One stage: ``down_layout -> down -> layout -> prefix -> [pos_embed] -> blocks -> norm``; each slot is
+    """One stage: ``downsample_layout -> downsample -> layout -> prefix -> [pos_embed] -> blocks -> norm``; each slot is
     a node or None (absent). ``pos_after``: the block the position encoding follows (-1: before the first)."""
 
-    down_layout: str | None
-    down: str | None
+    downsample_layout: str | None
+    downsample: str | None
     layout: str | None
     prefix: str | None
     pos_embed: str | None

@@ -87,20 +87,20 @@ class SeparableConv(nn.Module):
         mid = int(spec.ratio * dim)
         kernel = pair(spec.kernel)
         # 1x1 convs on maps, Linear on channels-last tokens: the same weights up to a reshape.
-        self.pw1 = nn.Linear(dim, mid, bias=spec.bias) if channels_last else nn.Conv2d(dim, mid, 1, bias=spec.bias)
-        self.act = make_act(spec.act)
-        self.dw = nn.Conv2d(mid, mid, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=mid, bias=spec.bias)
+        self.pwconv1 = nn.Linear(dim, mid, bias=spec.bias) if channels_last else nn.Conv2d(dim, mid, 1, bias=spec.bias)
+        self.act1 = make_act(spec.act)
+        self.dwconv = nn.Conv2d(mid, mid, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=mid, bias=spec.bias)
         self.act2 = make_act(spec.act2)
-        self.pw2 = nn.Linear(mid, dim, bias=spec.bias) if channels_last else nn.Conv2d(mid, dim, 1, bias=spec.bias)
+        self.pwconv2 = nn.Linear(mid, dim, bias=spec.bias) if channels_last else nn.Conv2d(mid, dim, 1, bias=spec.bias)
         self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.act(self.pw1(x))
+        x = self.act1(self.pwconv1(x))
         if self.channels_last:
-            x = self.dw(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, mid)
+            x = self.dwconv(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)  # (B, H, W, mid)
         else:
-            x = self.dw(x)  # (B, mid, H, W)
-        return self.pw2(self.act2(x))
+            x = self.dwconv(x)  # (B, mid, H, W)
+        return self.pwconv2(self.act2(x))
 
 
 def sepconv_shape(spec: SepConvSpec, x: TensorType, out_dim: int | None) -> TensorType:

@@ -49,17 +49,18 @@ class MlpSpec(OpSpec):
 
 
 class MlpWithNorms(nn.Module):
-    """fc1 -> hidden_norm -> act -> drop -> fc2 -> out_norm -> drop (timm ``efficientformer.ConvMlpWithNorm``)."""
+    """fc1 -> norm1 -> act -> drop -> fc2 -> norm2 -> drop, named as timm ``efficientformer.ConvMlpWithNorm`` (the
+    spec's ``hidden_norm`` and ``out_norm``)."""
 
     def __init__(self, fc1: nn.Module, hidden_norm: nn.Module, act: nn.Module, drop: float, fc2: nn.Module,
                  out_norm: nn.Module) -> None:
         super().__init__()
-        self.fc1, self.hidden_norm, self.act, self.drop = fc1, hidden_norm, act, nn.Dropout(drop)
-        self.fc2, self.out_norm = fc2, out_norm
+        self.fc1, self.norm1, self.act, self.drop = fc1, hidden_norm, act, nn.Dropout(drop)
+        self.fc2, self.norm2 = fc2, out_norm
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or (B, ..., C) -> same
-        x = self.drop(self.act(self.hidden_norm(self.fc1(x))))
-        return self.drop(self.out_norm(self.fc2(x)))
+        x = self.drop(self.act(self.norm1(self.fc1(x))))
+        return self.drop(self.norm2(self.fc2(x)))
 
 
 def _mlp_shape(spec: MlpSpec, x: TensorType, out_dim: int | None) -> TensorType:
@@ -112,7 +113,7 @@ class ConvFfn(nn.Module):
         self.prefix, self.grid = x.prefix, x.grid
         self.fc1 = nn.Conv2d(dim, hidden, 1, bias=spec.bias) if self.maps else nn.Linear(dim, hidden, bias=spec.bias)
         self.hidden_act = make_act(spec.hidden_act)
-        self.dw = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=hidden, bias=True)
+        self.dwconv = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=hidden, bias=True)
         self.act = make_act(spec.act)
         self.drop = nn.Dropout(spec.drop)
         self.fc2 = nn.Conv2d(hidden, dim, 1, bias=spec.bias) if self.maps else nn.Linear(hidden, dim, bias=spec.bias)
@@ -120,10 +121,10 @@ class ConvFfn(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.hidden_act(self.fc1(x))
         if self.maps:
-            x = self.dw(x)  # (B, hidden, H, W)
+            x = self.dwconv(x)  # (B, hidden, H, W)
         else:
             prefix, grid = split_prefix(x, self.prefix, self.grid)  # grid: (B, H, W, hidden)
-            grid = self.dw(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            grid = self.dwconv(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             x = join_prefix(prefix, grid)
         x = self.drop(self.act(x))
         return self.drop(self.fc2(x))

@@ -26,16 +26,22 @@ def default_padding(kernel: int, stride: int) -> int:
 
 
 class ConvEmbed(nn.Module):
-    """``post(conv(pre(x)))`` on maps: the shape of most stems and strided downsamplers."""
+    """``post(conv(pre(x)))`` on maps: the shape of most stems and strided downsamplers.
+
+    Named as timm names them: a single norm is ``norm`` whether it comes before the conv (MetaFormer's
+    ``Downsampling``) or after it (its ``Stem``, PVTv2's patch embedding); with both, the first is ``pre_norm``.
+    """
 
     def __init__(self, pre: nn.Module, conv: nn.Conv2d, post: nn.Module) -> None:
         super().__init__()
-        self.pre = pre
+        self.norm_first = isinstance(post, nn.Identity) and not isinstance(pre, nn.Identity)
+        self.pre_norm = nn.Identity() if self.norm_first else pre
         self.conv = conv
-        self.post = post
+        self.norm = pre if self.norm_first else post
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
-        return self.post(self.conv(self.pre(x)))
+        x = self.pre_norm(x)
+        return self.conv(self.norm(x)) if self.norm_first else self.norm(self.conv(x))
 
 
 def strided_conv_shape(x: TensorType, dim: int, kernel: int, stride: int, padding: int,

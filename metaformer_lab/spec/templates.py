@@ -35,40 +35,41 @@ class Branch:
 TEMPLATES: dict[str, tuple[Branch, ...]] = {
     # x = rs1*shortcut(x) + ls1*TokenMixer(norm1(x));  x = rs2*x + ls2*ChannelMixer(norm2(x))
     "metaformer": (
-        Branch("token_mixer", ("norm1", "token_mixer", "ls1"), ("shortcut", "rs1")),
-        Branch("channel_mixer", ("norm2", "channel_mixer", "ls2"), ("rs2",)),
+        Branch("token_mixer", ("norm1", "token_mixer", "layer_scale1"), ("shortcut", "res_scale1")),
+        Branch("mlp", ("norm2", "mlp", "layer_scale2"), ("res_scale2",)),
     ),
     # x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))   (ConvNeXt, InceptionNeXt)
     "convnext": (
-        Branch("token_mixer", ("token_mixer", "norm", "channel_mixer", "ls"), ("shortcut",)),
+        Branch("token_mixer", ("token_mixer", "norm", "mlp", "layer_scale"), ("shortcut",)),
     ),
     # x_cls = rs1*x_cls + ls1*TokenMixer(norm1(x));  x_cls = rs2*x_cls + ls2*ChannelMixer(norm2(x_cls))
     # only the prefix (class) tokens x_cls = x[:, :P] are updated (CaiT's class-attention block)
     "class_attention": (
-        Branch("token_mixer", ("norm1", "token_mixer", "ls1"), ("rs1",), writes="prefix"),
-        Branch("channel_mixer", ("norm2", "channel_mixer", "ls2"), ("rs2",), reads="prefix", writes="prefix"),
+        Branch("token_mixer", ("norm1", "token_mixer", "layer_scale1"), ("res_scale1",), writes="prefix"),
+        Branch("mlp", ("norm2", "mlp", "layer_scale2"), ("res_scale2",), reads="prefix", writes="prefix"),
     ),
     # x = rs1*shortcut(x) + ls1*norm1(TokenMixer(x));  x = rs2*x + ls2*norm2(ChannelMixer(x))
     # (residual post-norm: FocalNet's use_post_norm, Swin V2)
     "postnorm": (
-        Branch("token_mixer", ("token_mixer", "norm1", "ls1"), ("shortcut", "rs1")),
-        Branch("channel_mixer", ("channel_mixer", "norm2", "ls2"), ("rs2",)),
+        Branch("token_mixer", ("token_mixer", "norm1", "layer_scale1"), ("shortcut", "res_scale1")),
+        Branch("mlp", ("mlp", "norm2", "layer_scale2"), ("res_scale2",)),
     ),
     # x = ls*TokenMixer(norm(x)), no residual: a layer that changes the tensor type on its own
     # (EfficientViT's strided MBConv opening a stage)
     "plain": (
-        Branch("token_mixer", ("norm", "token_mixer", "ls"), residual=False),
+        Branch("token_mixer", ("norm", "token_mixer", "layer_scale"), residual=False),
     ),
 }
 
 PART_FIELDS = {
     "norm1": "norm", "norm2": "norm", "norm": "norm",
-    "token_mixer": "token_mixer", "channel_mixer": "channel_mixer",
-    "ls1": "layer_scale", "ls2": "layer_scale", "ls": "layer_scale",
-    "rs1": "res_scale", "rs2": "res_scale",
+    "token_mixer": "token_mixer", "mlp": "channel_mixer",
+    "layer_scale1": "layer_scale", "layer_scale2": "layer_scale", "layer_scale": "layer_scale",
+    "res_scale1": "res_scale", "res_scale2": "res_scale",
     "shortcut": "shortcut",
 }
-"""Part name (also the module name inside the block) -> the block field that configures it."""
+"""Part name (also the module name inside the block, as timm names it: ``mlp``, ``layer_scale1``) -> the block
+field that configures it."""
 
 PART_ROLES = {"norm": "norm", "token_mixer": "token_mixer", "channel_mixer": "channel_mixer",
               "shortcut": "downsample"}

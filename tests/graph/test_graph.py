@@ -55,7 +55,7 @@ def test_nodes_say_where_they_sit() -> None:
     with_modules = {n for n, d in graph.nodes(data=True) if d["part"] and not d["inside"]}
     planned = {plan.stem, plan.head} | {
         n for s in plan.stages
-        for n in (s.down_layout, s.down, s.layout, s.prefix, s.pos_embed, s.norm, *(
+        for n in (s.downsample_layout, s.downsample, s.layout, s.prefix, s.pos_embed, s.norm, *(
             m for b in s.blocks for m in (b.layout, *(p for br in b.branches for p in br.parts + br.shortcut))))
         if n is not None}
     assert with_modules == planned
