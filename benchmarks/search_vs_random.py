@@ -33,9 +33,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from metaformer_lab.search.config import load_study_file
-from metaformer_lab.search.objective import trial_reason
-from metaformer_lab.search.report import front, scored
 from metaformer_lab.search.run import optimize, prepare
+from metaformer_lab.search.study import front, outcome, scored
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_STUDY = ROOT / "studies" / "tiny_digits_2ms.yaml"
@@ -67,12 +66,12 @@ def one_run(study_file: Path, sampler: str, seed: int, trials: int | None, folde
     best_found = max(found, key=lambda t: t.user_attrs["score"], default=None)
     by_reason: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        by_reason[trial_reason(t)] = by_reason.get(trial_reason(t), 0) + 1
+        by_reason[outcome(t).value] = by_reason.get(outcome(t).value, 0) + 1
     refs = {}
     for name, ref in references.items():
         scored_ref = "score" in ref.user_attrs and "latency_ms" in ref.user_attrs  # over budget, yet scored
         refs[name] = {"score": ref.user_attrs.get("score"), "latency_ms": ref.user_attrs.get("latency_ms"),
-                      "outcome": trial_reason(ref),
+                      "outcome": outcome(ref).value,
                       "dominated_by_found": scored_ref and any(dominates(t, ref) for t in pareto)}
     return {"sampler": sampler, "seed": seed, "trials": len(study.trials), "seconds": round(seconds, 1),
             "by_reason": by_reason,

@@ -87,3 +87,19 @@ def test_only_the_cli_prints_or_exits(path: Path) -> None:
     assert not [f for f in calls if isinstance(f, ast.Name) and f.id in ("print", "exit", "quit")]
     assert not [f for f in calls if isinstance(f, ast.Attribute) and f.attr == "exit"
                 and isinstance(f.value, ast.Name) and f.value.id == "sys"]
+
+
+def test_no_import_circle_between_modules() -> None:
+    """No module imports another that imports it back, counting imports inside functions (a circle hidden in a
+    function still ties both modules to each other's insides)."""
+    import networkx as nx
+
+    modules = {_module_name(path): path for path in FILES}
+    graph = nx.DiGraph()
+    for name, path in modules.items():
+        for imported in _runtime_imports(ast.parse(path.read_text())):
+            target = next((m for m in (imported, imported.rsplit(".", 1)[0]) if m in modules), None)
+            if target is not None and target != name and target != "metaformer_lab":
+                graph.add_edge(name, target)
+    circles = sorted(sorted(c) for c in nx.simple_cycles(graph))
+    assert not circles, f"import circles: {circles}"

@@ -39,6 +39,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import Issue, StudyError
 from metaformer_lab.search.datasets import Dataset, DatasetError
 from metaformer_lab.search.memory import MemoryEstimate, estimate_step, format_bytes
+from metaformer_lab.search.study import Outcome
 
 Report = Callable[[int, float], None]
 """``report(epoch, value)``: called by an evaluator as it goes; may raise (``optuna.TrialPruned``) to stop it."""
@@ -62,13 +63,13 @@ class EvaluationFailed(Exception):
     """A candidate could not be scored. Not an input error: the search records :attr:`reason` for the trial
     and goes on with the next one."""
 
-    reason: ClassVar[str] = "evaluation_failed"
+    reason: ClassVar[Outcome] = Outcome.EVALUATION_FAILED
 
 
 class NonFiniteLoss(EvaluationFailed):
     """The loss became NaN or infinite (a diverging or broken candidate)."""
 
-    reason: ClassVar[str] = "nan_loss"
+    reason: ClassVar[Outcome] = Outcome.NAN_LOSS
 
     def __init__(self, where: str, value: float) -> None:
         super().__init__(f"the loss is {value} at {where}")
@@ -78,7 +79,7 @@ class NonFiniteLoss(EvaluationFailed):
 class ProxyUndefined(EvaluationFailed):
     """A zero-cost proxy has no value for this candidate (SynFlow overflows float64, no weight gets a gradient)."""
 
-    reason: ClassVar[str] = "proxy_undefined"
+    reason: ClassVar[Outcome] = Outcome.PROXY_UNDEFINED
 
 
 class MemoryLimitExceeded(EvaluationFailed):
@@ -90,7 +91,7 @@ class MemoryLimitExceeded(EvaluationFailed):
         limit: ``max_memory``, in bytes.
     """
 
-    reason: ClassVar[str] = "out_of_memory"
+    reason: ClassVar[Outcome] = Outcome.OUT_OF_MEMORY
 
     def __init__(self, what: str, estimate: MemoryEstimate, limit: int) -> None:
         super().__init__(f"{what} needs {estimate.describe()} > limit {format_bytes(limit)} (--max-memory)")

@@ -39,6 +39,7 @@ from metaformer_lab.search.datasets import Dataset
 from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator, MemoryLimitExceeded
 from metaformer_lab.search.latency import Latency, LatencyOracle
 from metaformer_lab.search.memory import format_bytes, held_bytes, release, step_limit
+from metaformer_lab.search.study import Outcome
 from metaformer_lab.space import InvalidPoint, SearchSpace, decode_point
 from metaformer_lab.space.decode import Point
 from metaformer_lab.spec.load import dump_spec
@@ -77,9 +78,9 @@ class Screening:
         if latency.ms > self.budget_ms:
             detail = f"{latency.ms:.3f} ms > budget {self.budget_ms:g} ms"
             if not is_reference(trial):  # rejected before the per-node costs, which the decision does not need
-                self.reject(trial, "over_budget", detail)
+                self.reject(trial, Outcome.OVER_BUDGET, detail)
             # a hand-designed reference is scored anyway, to show where it sits; it stays infeasible
-            trial.set_user_attr("reason", "over_budget")
+            trial.set_user_attr("reason", Outcome.OVER_BUDGET.value)
             trial.set_user_attr("detail", detail + " (a reference: scored, never chosen)")
         self.record_size(trial, point)
         return point, latency
@@ -90,7 +91,7 @@ class Screening:
         except InvalidPoint as err:
             trial.set_constraint("valid", INVALID_PENALTY)
             trial.set_constraint("latency", 0.0)
-            self.reject(trial, "invalid", str(err.issues[0]))
+            self.reject(trial, Outcome.INVALID, str(err.issues[0]))
         raise AssertionError("unreachable")  # reject() raises
 
     def latency(self, trial: optuna.Trial, point: Point) -> Latency:
@@ -107,8 +108,8 @@ class Screening:
         trial.set_user_attr("flops", cost.flops)
 
     @staticmethod
-    def reject(trial: optuna.Trial, reason: str, detail: str) -> None:
-        trial.set_user_attr("reason", reason)
+    def reject(trial: optuna.Trial, reason: Outcome, detail: str) -> None:
+        trial.set_user_attr("reason", reason.value)
         trial.set_user_attr("detail", detail)
         raise Rejected(f"{reason}: {detail}")
 
@@ -116,7 +117,7 @@ class Screening:
         """Whether the trial's epochs go to the pruner: single-objective studies only (Optuna reports
         intermediate values for those alone), and not a reference scored over budget, so that within-budget
         candidates are judged against their own kind."""
-        return not self.multi and trial.user_attrs.get("reason") != "over_budget"
+        return not self.multi and trial.user_attrs.get("reason") != Outcome.OVER_BUDGET
 
 
 def is_reference(trial: optuna.Trial) -> bool:
@@ -126,7 +127,7 @@ def is_reference(trial: optuna.Trial) -> bool:
 class Failure(Exception):
     """An evaluation that ended without a score, with the ``reason`` and ``detail`` a trial records."""
 
-    def __init__(self, reason: str, detail: str) -> None:
+    def __init__(self, reason: Outcome, detail: str) -> None:
         super().__init__(f"{reason}: {detail}")
         self.reason, self.detail = reason, detail
 
@@ -157,7 +158,7 @@ def evaluate_candidate(graph: ArchGraph, evaluator: Evaluator, data: Dataset, *,
     except EvaluationFailed as err:
         raise Failure(err.reason, str(err)) from err
     except torch.OutOfMemoryError as err:
-        raise Failure("out_of_memory", str(err).splitlines()[0] if str(err) else "out of memory") from err
+        raise Failure(Outcome.OUT_OF_MEMORY, str(err).splitlines()[0] if str(err) else "out of memory") from err
     finally:
         del net
         release(device)  # the next candidate starts from the same footprint, whatever this one's peak
@@ -191,7 +192,7 @@ class Objective:
             result = evaluate_candidate(point.graph, self.evaluator, self.data, seed=self.config.seed,
                                         device=self.device, report=report, max_memory=self.config.max_memory_bytes)
         except Failure as err:
-            trial.set_user_attr("reason", err.reason)
+            trial.set_user_attr("reason", err.reason.value)
             trial.set_user_attr("detail", err.detail)
             raise
         record_result(trial, result)
@@ -202,30 +203,11 @@ class Objective:
         def report(epoch: int, value: float) -> None:
             trial.report(value, epoch)
             if trial.should_prune():
-                trial.set_user_attr("reason", "pruned")
+                trial.set_user_attr("reason", Outcome.PRUNED.value)
                 trial.set_user_attr("detail", f"stopped by the pruner after epoch {epoch} at {value:.4f}")
                 raise optuna.TrialPruned(f"pruned after epoch {epoch}")
 
         return report
-
-
-def trial_reason(trial: optuna.trial.FrozenTrial) -> str:
-    """Why a trial ended as it did (``complete`` for a scored one, ``running`` while it runs)."""
-    state = trial.state
-    if state == optuna.trial.TrialState.COMPLETE:
-        return "complete" if feasible(trial) else str(trial.user_attrs.get("reason", "infeasible"))
-    if state == optuna.trial.TrialState.RUNNING:
-        return "running"
-    if state == optuna.trial.TrialState.WAITING:
-        return "waiting"
-    reason = trial.user_attrs.get("reason")
-    if reason:
-        return str(reason)
-    return "interrupted" if state == optuna.trial.TrialState.FAIL else state.name.lower()
-
-
-def feasible(trial: optuna.trial.FrozenTrial) -> bool:
-    return all(v <= 0 for v in trial.constraints.values())
 
 
 def attrs(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from typing import Any
 
 import optuna
 
-from metaformer_lab.search.objective import feasible
+from metaformer_lab.search.study import Outcome, feasible, front, scored
 
 
 def pareto_plot(study: optuna.Study, path: Path, report: dict[str, Any]) -> Path:
@@ -19,11 +19,9 @@ def pareto_plot(study: optuna.Study, path: Path, report: dict[str, Any]) -> Path
     import matplotlib.pyplot as plt
     from matplotlib.ticker import FuncFormatter
 
-    from metaformer_lab.search.report import front, scored
-
     budget = report.get("budget_ms")
     trials = [t for t in study.get_trials(deepcopy=False) if "score" in t.user_attrs and "latency_ms" in t.user_attrs]
-    over = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reason") == "over_budget"
+    over = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("reason") == Outcome.OVER_BUDGET
             and "score" not in t.user_attrs and not t.user_attrs.get("reference")]
     fig, ax = plt.subplots(figsize=(7.5, 5), dpi=120)
     ok = [t for t in trials if feasible(t) and not t.user_attrs.get("reference")]

@@ -45,7 +45,8 @@ from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
 from metaformer_lab.search.evaluators import EvalResult, make_evaluator
 from metaformer_lab.search.objective import Failure, Rejected, Screening, evaluate_candidate, record_result
-from metaformer_lab.search.run import Search, TrialEvent, event, finished, open_storage
+from metaformer_lab.search.references import plan_for
+from metaformer_lab.search.study import Outcome, Search, TrialEvent, event, finished, open_storage, waiting_references
 from metaformer_lab.spec.load import read_spec
 
 RAY_DIR = "ray"
@@ -72,7 +73,7 @@ def run_trial(params: dict[str, Any], *, config: SearchConfig, data: Dataset) ->
     base = {"score": math.nan, "latency_ms": float(params["latency_ms"]), PRUNER_METRIC: math.nan, _EPOCH: 0,
             "started": time.time(), "host": socket.gethostname(), "worker_pid": os.getpid()}
     if params.get("reject"):
-        tune.report({**base, "outcome": "rejected", "final": 1})
+        tune.report({**base, "outcome": Outcome.REJECTED.value, "final": 1})
         return
     graph = lower(read_spec(yaml.safe_load(params["spec"])))
     evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
@@ -86,7 +87,7 @@ def run_trial(params: dict[str, Any], *, config: SearchConfig, data: Dataset) ->
         result = evaluate_candidate(graph, evaluator, data, seed=config.seed, device=device,
                                     report=report if not _multi(config) else None, max_memory=config.max_memory_bytes)
     except Failure as err:
-        tune.report({**base, "outcome": err.reason, "detail": err.detail, "final": 1, "finished": time.time()})
+        tune.report({**base, "outcome": err.reason.value, "detail": err.detail, "final": 1, "finished": time.time()})
         return
     tune.report({**base, "score": result.score, "metrics": json.dumps(result.metrics), "history": len(result.history),
                  "eval_seconds": result.seconds, "final": 1, _EPOCH: len(result.history), "finished": time.time()})
@@ -110,7 +111,7 @@ class Screen:
         try:
             _, latency = self.screening(trial)
         except Rejected:
-            return {"reject": trial.user_attrs.get("reason", "rejected"),
+            return {"reject": trial.user_attrs.get("reason", Outcome.REJECTED.value),
                     "latency_ms": float(trial.user_attrs.get("latency_ms", math.nan))}
         return {"reject": None, "spec": trial.user_attrs["spec"], "latency_ms": latency.ms,
                 "prunable": self.screening.prunable(trial)}
@@ -215,20 +216,20 @@ def _searcher_class() -> type:
                 trial.set_user_attr("worker_finished", float(result["finished"]))
             if error:
                 runs = self._config.ray.max_failures + 1
-                trial.set_user_attr("reason", "worker_failed")
+                trial.set_user_attr("reason", Outcome.WORKER_FAILED.value)
                 trial.set_user_attr("detail", f"the trial's worker failed {runs} time(s) (killed, or an error; "
                                               "see Ray's logs)")
                 return TrialState.FAIL, None
             outcome = result.get("outcome")
-            if outcome == "rejected":  # the screening recorded why
+            if outcome == Outcome.REJECTED:  # the screening recorded why
                 return TrialState.PRUNED, None
             if outcome:
-                trial.set_user_attr("reason", str(outcome))
+                trial.set_user_attr("reason", Outcome(outcome).value)
                 trial.set_user_attr("detail", str(result.get("detail", "")))
                 return TrialState.FAIL, None
             if not result.get("final"):
                 epoch, value = result.get(_EPOCH), result.get("score")
-                trial.set_user_attr("reason", "pruned")
+                trial.set_user_attr("reason", Outcome.PRUNED.value)
                 trial.set_user_attr("detail", f"stopped by ASHA after epoch {epoch} at {value:.4f}"
                                     if isinstance(value, float) and not math.isnan(value) else "stopped by ASHA")
                 return TrialState.PRUNED, None
@@ -297,8 +298,6 @@ def optimize_ray(search: Search, *, progress: Callable[[TrialEvent], None] | Non
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from metaformer_lab.search.run import references, waiting_references
-
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "2")  # experiment state saved often: resume loses little
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the study is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
@@ -324,7 +323,7 @@ def optimize_ray(search: Search, *, progress: Callable[[TrialEvent], None] | Non
         # a new Ray experiment for the trials still to run (a fresh study, or one resumed for more trials)
         experiment = experiments / (config.name if experiment is None else
                                     f"{config.name}-{time.strftime('%Y%m%d-%H%M%S')}")
-        references(search)
+        plan_for(search)
         remaining = max(config.trials - finished(search.study), 0) + waiting_references(search.study)
         if remaining <= 0:
             return False

@@ -20,12 +20,15 @@ import contextlib
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from metaformer_lab.search.objective import Rejected, Screening
+
+if TYPE_CHECKING:
+    from metaformer_lab.search.study import Search
 
 NEAR_BUDGET = 1.25
 """References at most this many budgets slow are scored during the search; slower ones are placed."""
@@ -139,3 +142,11 @@ def reference_counts(study: optuna.Study) -> dict[str, Any]:
             "why": f"references within {NEAR_BUDGET:g}x the budget are scored before the searched trials, nearest "
                    f"the budget first; those further over are placed from their latency alone (--score-references "
                    f"scores them after the searched trials); references never count towards --trials"}
+
+
+def plan_for(search: Search) -> ReferencePlan:
+    """Screen a prepared search's references and queue or place them; the plan is kept on the search."""
+    plan = plan_references(search.study, Screening(search.space, search.config, search.oracle),
+                           score_later=search.config.score_references)
+    search.references = plan
+    return plan

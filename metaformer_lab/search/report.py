@@ -10,41 +10,22 @@ from __future__ import annotations
 import csv
 import json
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import optuna
 import yaml
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import FrozenTrial
 
 from metaformer_lab.core.errors import StudyError
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.search.latency import LatencyOracle
-from metaformer_lab.search.objective import feasible, trial_reason
 from metaformer_lab.search.references import reference_counts
-from metaformer_lab.search.run import RUN_FILE, counts, open_storage
+from metaformer_lab.search.study import RUN_FILE, counts, feasible, front, open_storage, outcome, scored
 from metaformer_lab.spec.load import read_spec
 
 FINALISTS = "finalists"
-
-
-def scored(study: optuna.Study) -> list[FrozenTrial]:
-    """Complete, feasible trials with a score and a latency."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if feasible(t) and "score" in t.user_attrs and "latency_ms" in t.user_attrs]
-
-
-def front(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
-    """The trials no other trial beats on both score (higher) and latency (lower), by latency."""
-    out = []
-    for t in trials:
-        s, lat = t.user_attrs["score"], t.user_attrs["latency_ms"]
-        dominated = any(u.user_attrs["score"] >= s and u.user_attrs["latency_ms"] <= lat and
-                        (u.user_attrs["score"] > s or u.user_attrs["latency_ms"] < lat) for u in trials)
-        if not dominated:
-            out.append(t)
-    return sorted(out, key=lambda t: t.user_attrs["latency_ms"])
 
 
 def ranked(study: optuna.Study) -> list[FrozenTrial]:
@@ -118,7 +99,7 @@ def best_trial(study: optuna.Study) -> tuple[FrozenTrial | None, list[dict[str, 
 def _row(t: FrozenTrial, finalists: dict[str, Any]) -> dict[str, Any]:
     a = t.user_attrs
     m = finalists.get(str(t.number), {})
-    return {"number": t.number, "state": t.state.name.lower(), "reason": trial_reason(t),
+    return {"number": t.number, "state": t.state.name.lower(), "reason": outcome(t).value,
             "reference": a.get("reference", ""), "score": a.get("score", ""), "latency_ms": a.get("latency_ms", ""),
             "latency_source": a.get("latency_source", ""), "measured_ms": m.get("measured_ms", ""),
             "params": a.get("params", ""), "flops": a.get("flops", ""), "feasible": feasible(t),
@@ -161,7 +142,7 @@ def summary(study: optuna.Study, storage: str) -> dict[str, Any]:
     for t in study.get_trials(deepcopy=False):
         name = t.user_attrs.get("reference")
         if name:
-            refs[name] = {"trial": t.number, "reason": trial_reason(t), "score": t.user_attrs.get("score"),
+            refs[name] = {"trial": t.number, "reason": outcome(t).value, "score": t.user_attrs.get("score"),
                           "latency_ms": t.user_attrs.get("latency_ms"),
                           "feasible": feasible(t) if t.constraints else None,
                           "evaluated": "score" in t.user_attrs}  # the latest trial of the reference wins

@@ -21,10 +21,10 @@ from metaformer_lab.core.errors import StudyError
 from metaformer_lab.search import config as config_module
 from metaformer_lab.search import objective as objective_module
 from metaformer_lab.search.config import load_study_file, make_config
-from metaformer_lab.search.objective import feasible
 from metaformer_lab.search.references import NEAR_BUDGET, nearness
 from metaformer_lab.search.report import FINALISTS, best_trial, load_run, ranked
-from metaformer_lab.search.run import finished, optimize, prepare, run_search
+from metaformer_lab.search.run import optimize, prepare, run_search
+from metaformer_lab.search.study import Outcome, feasible, finished
 from metaformer_lab.space import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -410,3 +410,15 @@ def test_a_candidate_over_the_memory_limit_is_an_out_of_memory_trial_and_the_sea
     assert detail.startswith("grad_norm needs est. ") and "at batch 1" in detail
     assert "left of --max-memory 1.00 GB (the process holds 1.00 GB)" in detail
     assert finished(search.study) == 5 and report["trials"]["by_reason"]["out_of_memory"] == len(failed)
+
+
+def test_every_recorded_reason_is_an_outcome(tmp_path: Path) -> None:
+    """Reasons are Outcome values, stored as plain strings (so studies stay readable by any version)."""
+    from metaformer_lab.search.evaluators import EvaluationFailed
+
+    search, report = run_search(quick(tmp_path, budget="1ms", trials=6))
+    reasons = [t.user_attrs["reason"] for t in search.study.get_trials() if "reason" in t.user_attrs]
+    assert reasons and all(type(r) is str and Outcome(r).value == r for r in reasons)
+    assert set(report["trials"]["by_reason"]) <= {o.value for o in Outcome}
+    failures = [EvaluationFailed, *EvaluationFailed.__subclasses__()]
+    assert all(isinstance(cls.reason, Outcome) for cls in failures)

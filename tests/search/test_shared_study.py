@@ -26,7 +26,7 @@ from helpers import cli_command, study_trials, wait_for
 from optuna.storages import RetryFailedTrialCallback
 from optuna.trial import TrialState
 
-from metaformer_lab.search.run import finished
+from metaformer_lab.search.study import finished
 
 pytestmark = pytest.mark.slow
 
@@ -118,7 +118,7 @@ def test_processes_opening_one_empty_database_at_once_all_get_the_storage(postgr
     from concurrent.futures import ThreadPoolExecutor
     from threading import Barrier
 
-    from metaformer_lab.search.run import open_storage
+    from metaformer_lab.search.study import open_storage
 
     barrier = Barrier(6)
 
