@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from metaformer_lab.core.errors import MetaformerLabError
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.latency.gpu import UNCALIBRATED, KernelCache, estimate_gpu, gpu_spec
 from metaformer_lab.latency.host import CHECK_NETWORKS, HOST_SEED, HostCheck, check_host
+from metaformer_lab.latency.lease import host_lease
 from metaformer_lab.latency.measure import LatencyError, LatencyResult, cpu_name, measure
 from metaformer_lab.latency.predict import predict
 from metaformer_lab.latency.profile import Profile, match_profile, resolve_profile
@@ -23,6 +25,10 @@ from metaformer_lab.space import SearchSpace, load_space, sample
 from metaformer_lab.spec.load import dump_spec
 
 Source = Literal["predicted", "measured", "estimated"]
+
+LEASE_WAIT_S = 120.0
+"""How long a measurement waits for sibling trials to stop computing before it goes ahead, flagged."""
+SHARED_HOST = "other trials computed on this host while it was timed"
 
 
 @dataclass(frozen=True)
@@ -76,7 +82,6 @@ class LatencyOracle:
         self.cache = KernelCache()
         self.unmatched: tuple[str, ...] = ()  # why no shipped profile fits, when `auto` found none
         self.host: HostCheck | None = None
-        self.shared = False  # set when other trials run on this machine while candidates are measured (Ray)
         self.memo: dict[str, Latency] = {}
         if self.gpu is None and config.profile is not None:
             if config.profile == "auto":
@@ -127,13 +132,20 @@ class LatencyOracle:
         if self.profile is not None:
             return Latency(predict(graph, self.profile).ms, "predicted", f"predicted from {self.profile.name}")
         result = self.measure(graph)
-        if self.shared:  # kept, but flagged: the finalists are measured again with the machine to themselves
+        if SHARED_HOST in result.noise_reasons:  # kept, but flagged: the finalists are measured again alone
             return Latency(result.median_ms, "measured", "measured while other trials ran (not trusted)", True)
         return Latency(result.median_ms, "measured", "measured", result.noisy)
 
     def measure(self, graph: ArchGraph, *, min_time_s: float = 0.5) -> LatencyResult:
-        return measure(graph, device=self.config.device, batch_size=self.config.batch_size, dtype=self.config.dtype,
-                       threads=self.config.threads, min_time_s=min_time_s)
+        """Time ``graph`` with the host to itself: it waits (up to ``LEASE_WAIT_S``) until no sibling trial
+        computes (:mod:`metaformer_lab.latency.lease`); one that did not get the host is noisy, for
+        :data:`SHARED_HOST`."""
+        with host_lease("measure", timeout_s=LEASE_WAIT_S) as lease:
+            result = measure(graph, device=self.config.device, batch_size=self.config.batch_size,
+                             dtype=self.config.dtype, threads=self.config.threads, min_time_s=min_time_s)
+        if lease.held:
+            return result
+        return dataclasses.replace(result, noisy=True, noise_reasons=(*result.noise_reasons, SHARED_HOST))
 
     @property
     def can_measure(self) -> bool:

@@ -34,6 +34,7 @@ import torch
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.graph.cost import graph_cost
 from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.latency.lease import host_lease
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
 from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator, MemoryLimitExceeded
@@ -146,7 +147,8 @@ def evaluate_candidate(graph: ArchGraph, evaluator: Evaluator, data: Dataset, *,
     limit = step_limit(max_memory, device)
     limited = dataclasses.replace(evaluator, max_memory=limit)  # type: ignore[type-var]
     try:
-        return limited.evaluate(net, data, report=report, seed=seed, device=device)
+        with host_lease("compute"):  # a latency measurement on this host waits until no trial computes
+            return limited.evaluate(net, data, report=report, seed=seed, device=device)
     except MemoryLimitExceeded as err:
         if max_memory is None:
             left = f"the {format_bytes(limit)} allowed (a share of the memory free now; --max-memory sets it)"

@@ -302,8 +302,7 @@ def optimize_ray(search: Search, *, progress: Callable[[TrialEvent], None] | Non
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # the study is the record
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     config = search.config
-    started_here = start_ray(config)
-    search.oracle.shared = search.oracle.source == "measured"
+    started_here = start_ray(config)  # measurements take turns with the workers' training (latency.lease)
     try:
         experiments = search.run_dir.resolve() / RAY_DIR
         experiment = _latest_experiment(experiments, config.name)
@@ -342,7 +341,6 @@ def optimize_ray(search: Search, *, progress: Callable[[TrialEvent], None] | Non
                                       failure_config=tune.FailureConfig(max_failures=config.ray.max_failures)))
         return _fit(tuner, searcher)
     finally:
-        search.oracle.shared = False
         if started_here:
             ray.shutdown()
 
