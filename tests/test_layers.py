@@ -1,4 +1,4 @@
-"""Imports point one way only (DESIGN.md section 2), and only the CLI prints, exits or uses typer/rich."""
+"""Imports point one way only (docs/architecture.md, "Layers"), and only the CLI prints, exits or uses typer/rich."""
 
 from __future__ import annotations
 

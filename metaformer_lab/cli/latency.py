@@ -29,7 +29,8 @@ latency_app = typer.Typer(
          "GPU); `latency calibrate | evaluate | profiles` build, check and list profiles.")
 app.add_typer(latency_app, name="latency")
 
-Device = Annotated[str, typer.Option(help="cpu, cuda, or a GPU name for an uncalibrated estimate (h100, t4, ...).")]
+Device = Annotated[str, typer.Option(help="cpu, cuda, or a GPU name for an estimate without that GPU (rtx5090, h100, "
+                                          "t4, ...), from its fitted profile or its datasheet.")]
 Threads = Annotated[int, typer.Option(min=1, help="CPU threads (1 is the default setting: immune to a busy "
                                                   "neighbour on a shared machine).")]
 BatchSize = Annotated[int, typer.Option("--batch-size", min=1, help="Batch size.")]
@@ -87,13 +88,17 @@ def latency_of(
         if gpu is None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
             from metaformer_lab.latency import gpu_spec
 
-            gpu_spec(device)  # raises the "did you mean" error
+            gpu = gpu_spec(device).name  # raises the "did you mean" error
         out: dict[str, Any] = {"spec": arch.name, "settings": {
             "device": device, "batch_size": batch_size, "input_size": list(size), "dtype": dtype,
             "threads": threads if device == "cpu" else None, "channels_last": channels_last},
             "measured_ms": None, "predicted_ms": None, "estimated_ms": None}
         if gpu is not None:
-            est = estimate_gpu(graph, gpu, batch_size=batch_size, dtype=dtype)
+            from metaformer_lab.latency.gpu_calibrate import gpu_efficiency, resolve_gpu_profile
+
+            factors = resolve_gpu_profile(profile).efficiency if profile not in (None, "auto") else \
+                gpu_efficiency(gpu, dtype)
+            est = estimate_gpu(graph, gpu, batch_size=batch_size, dtype=dtype, efficiency=factors)
             out.update(estimated_ms=est.total_ms, estimate=est.to_json(), label=est.label)
         else:
             chosen = None
@@ -149,18 +154,36 @@ def _print_latency(out: dict[str, Any]) -> None:
             console.print(f"  {out['host_line']}")
     if out.get("estimate"):
         e = out["estimate"]
-        console.print(f"  estimated  {e['total_ms']:.4f} ms on {e['gpu']} ([yellow]{out['label']}[/yellow])")
+        mode = f"AMP {e['dtype']} (autocast)" if e.get("amp") else e["dtype"]
+        console.print(f"  estimated  {e['total_ms']:.4f} ms on {e['gpu']}, {mode} ([yellow]{out['label']}"
+                      f"[/yellow])")
+        if e.get("extrapolates"):
+            console.print(f"  [red]extrapolates[/red]: {e['extrapolates']}")
 
 
 
 @latency_app.command("calibrate")
 def calibrate(
-    space: Annotated[str, typer.Option(help="The space whose ops the profile covers (a file or a shipped name).")],
-    out: Annotated[Path, typer.Option(help="The profile file to write (JSON).")],
-    device: Annotated[str, typer.Option(help="cpu or cuda.")] = "cpu",
+    space: Annotated[str | None, typer.Option(help="The space whose ops the profile covers (a file or a shipped "
+                                                   "name); not with --from-table.")] = None,
+    out: Annotated[Path | None, typer.Option(help="The profile file to write (JSON); with --from-table the "
+                                                  "default is gpu-GPU-DTYPE.json here.")] = None,
+    device: Annotated[str, typer.Option(help="cpu or cuda; with --from-table the GPU the table was measured on "
+                                             "(rtx3090, rtx5090, rtx-pro-6000, h100, ...).")] = "cpu",
     threads: Threads = 1,
     batch_size: BatchSize = 1,
-    dtype: Dtype = "float32",
+    dtype: Annotated[str | None, typer.Option(help="float32, float16 or bfloat16 (default: float32; float16 with "
+                                                   "--from-table, timm's AMP tables).")] = None,
+    from_table: Annotated[Path | None, typer.Option("--from-table", help="Fit a GPU's efficiency factors on a "
+                                                    "benchmark table in timm's format instead of measuring here.")]
+    = None,
+    source: Annotated[str | None, typer.Option(help="With --from-table: where the table comes from (default: the "
+                                                    "line of a README.md beside it that names it).")] = None,
+    date: Annotated[str | None, typer.Option(help="With --from-table: when the table was measured.")] = None,
+    prior_weight: Annotated[float | None, typer.Option("--prior-weight", min=0.0, help="With --from-table: pull of "
+                                                       "each factor towards its default, per log unit (default "
+                                                       "0.05; factors the table does not determine stay put).")]
+    = None,
     name: Annotated[str | None, typer.Option(help="Profile name (default: the file's stem).")] = None,
     ops_archs: Annotated[int, typer.Option(min=1, help="Sampled architectures whose ops are timed.")] = 1000,
     fit_archs: Annotated[int, typer.Option(min=8, help="Whole networks measured for the correction.")] = 60,
@@ -171,8 +194,22 @@ def calibrate(
     """Build a latency profile: every op of sampled architectures timed in isolation, then a whole-model
     correction fitted on measured networks. Saved as it goes; `--resume` continues a killed run.
 
-    Example: metaformer-lab latency calibrate --space tiny --threads 1 --out cpu-tiny-1t.json
+    With --from-table FILE --device GPU: fit that GPU's per-class efficiency factors and launch overhead on
+    a published benchmark table (timm's format), no GPU needed; rows the zoo cannot express are listed and
+    skipped.
+
+    Examples: metaformer-lab latency calibrate --space tiny --threads 1 --out cpu-tiny-1t.json;
+    metaformer-lab latency calibrate --from-table benchmark-infer-amp-nchw-pt291-cu130-5090.csv --device rtx5090
     """
+    if from_table is not None:
+        _calibrate_from_table(from_table, device, dtype or "float16", out, name, source, date, prior_weight)
+        return
+    if space is None:
+        raise typer.BadParameter("give --space (the space to calibrate) or --from-table FILE",
+                                 param_hint="--space")
+    if out is None:
+        raise typer.BadParameter("give --out (the profile file to write)", param_hint="--out")
+    dtype = dtype or "float32"
     import torch
 
     from metaformer_lab.latency.calibrate import Setting, calibrate_space
@@ -205,6 +242,57 @@ def calibrate(
     console.print(f"wrote {out}: {len(profile.ops)} ops, correction fitted on {profile.fit['archs']} networks "
                   f"(in-sample MAPE {profile.fit['mape']:.1%}); check it with `metaformer-lab latency evaluate "
                   f"--profile {out} --space {space} --seed {seed + 100}`")
+
+
+def _calibrate_from_table(table: Path, device: str, dtype: str, out: Path | None, name: str | None,
+                          source: str | None, date: str | None, prior_weight: float | None) -> None:
+    from metaformer_lab.latency.gpu import gpu_spec
+    from metaformer_lab.latency.gpu_calibrate import calibrate_from_table
+
+    output_file(out)
+    try:
+        if device in ("cpu", "cuda") or device.startswith("cuda:"):
+            _fail("--device", f"with --from-table, name the GPU the table was measured on (rtx5090, h100, ...), "
+                              f"not '{device}'")
+        gpu = gpu_spec(device).name
+        target = out or Path(f"gpu-{gpu}-{dtype}.json")
+        bar = progress_bar()
+        tasks: list[Any] = []
+
+        def progress(done: int, total: int) -> None:  # the bar starts once the table has been read and mapped
+            if not tasks:
+                bar.start()
+                tasks.append(bar.add_task("kernel records (meta device)", total=total))
+            bar.update(tasks[0], completed=done)
+
+        try:
+            fitted = calibrate_from_table(table, gpu, dtype=dtype, name=name or (out.stem if out else None),
+                                          source=source, date=date, progress=progress, prior_weight=prior_weight)
+        finally:
+            bar.stop()
+    except MetaformerLabError as err:
+        exit_with(err)
+    profile = fitted.profile
+    profile.save(target)
+    skipped = profile.skipped
+    console.print(f"{table}: {len(fitted.points)} rows used, {skipped['count']} skipped "
+                  f"({len(skipped['no_zoo_model'])} models not in the zoo; listed in the profile)")
+    for s in skipped["not_expressible"]:
+        console.print(f"  skipped line {s['line']}: {s['reason']}")
+    e = profile.efficiency
+    shares, spread = profile.fit["governed_share"], profile.fit["spread_at_1pct_noise"]
+    console.print("  factor (share of the fitted time, ± how well the table determines it at 1 % noise per row):")
+    for kind, factors in (("compute", e.compute), ("memory", e.memory)):
+        fitted = [f"{c} {v:.2f} ({shares[f'{kind}.{c}']:.0%}, ±{spread[f'{kind}.{c}']:.0%})"
+                  for c, v in sorted(factors.items()) if f"{kind}.{c}" in shares]
+        console.print(f"    {kind} efficiency: " + ", ".join(fitted))
+    console.print(f"    launch overhead: {e.launch_us:.2f} us per kernel ({shares['launch']:.0%}, "
+                  f"±{spread['launch']:.0%})")
+    for key, what in (("in_sample", "in-sample"), ("leave_one_family_out", "leave-one-family-out")):
+        m = profile.fit[key]
+        console.print(f"  {what:21s} MAPE {m['mape']:.2%}  Spearman {m.get('spearman', float('nan')):.3f}  "
+                      f"median ratio {m['median_ratio']:.3f}  (n={m['n']})")
+    console.print(f"wrote {target}: {profile.efficiency.label}")
 
 
 @latency_app.command("evaluate")
@@ -279,11 +367,14 @@ def evaluate(
 @latency_app.command("profiles")
 def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
     """List the shipped latency profiles with their provenance and measured accuracy."""
+    from metaformer_lab.latency.gpu_calibrate import shipped_gpu_profiles
     from metaformer_lab.latency.profile import shipped_profiles
 
     found = shipped_profiles()
+    gpu_found = shipped_gpu_profiles()
     if as_json:
-        typer.echo(json.dumps([p.summary() for p in found], indent=1))
+        typer.echo(json.dumps([{"kind": "cpu", **p.summary()} for p in found] + [p.summary() for p in gpu_found],
+                              indent=1))
         return
     table = Table("profile", "setting", "device", "torch", "created", "ops", "within ±10 %", "MAPE", "Spearman")
     for p in found:
@@ -294,3 +385,22 @@ def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
                       f"{acc['within_10']:.1%} (n={acc['n']})" if acc else "not evaluated",
                       f"{acc['mape']:.2%}" if acc else "", f"{acc['spearman']:.3f}" if acc else "")
     console.print(table)
+    if gpu_found:
+        console.print(_gpu_profiles_table(gpu_found))
+
+
+def _gpu_profiles_table(found: Any) -> Table:
+    def err(m: dict[str, Any] | None) -> str:
+        if not m:
+            return ""
+        return f"{m['mape']:.1%} / {m.get('spearman', float('nan')):.3f} / {m['median_ratio']:.2f}"
+
+    table = Table("GPU profile", "GPU", "fitted on", "rows", "batch", "in-sample", "leave-one-family-out",
+                  "leave-one-GPU-out", title="GPU profiles (MAPE / Spearman / median estimate:measured)")
+    for p in found:
+        s = p.summary()
+        logo = s["leave_one_gpu_out"]
+        table.add_row(p.name, p.gpu or "any (datasheet)", ", ".join(s["fitted_on"]), str(s["rows"]),
+                      "-".join(map(str, s["batch_range"])) if s["batch_range"] else "", err(s["in_sample"]),
+                      err(s["leave_one_family_out"]), err(logo))
+    return table

@@ -42,8 +42,11 @@ class _StopAfterTrial:
 def search(
     space: Annotated[str | None, Opt(help="Search space: a file or a shipped name (tiny, metaformer).")] = None,
     budget: Annotated[str | None, Opt(help="Latency budget with a unit: 2ms, 500us, 0.1s.")] = None,
-    device: Annotated[str | None, Opt(help="cpu, cuda, or a GPU name for an uncalibrated estimate (h100, t4, ...).")]
-    = None,
+    budget_margin: Annotated[str | None, Opt(help="auto or a percentage (10%): an estimated or predicted latency "
+                                                  "counts as within budget only with this margin; auto: the latency "
+                                                  "source's measured error.")] = None,
+    device: Annotated[str | None, Opt(help="cpu, cuda, or a GPU name for an estimate from its datasheet (h100, t4, "
+                                           "...).")] = None,
     threads: Annotated[int | None, Opt(help="CPU threads for latency (default 1).")] = None,
     profile: Annotated[str | None, Opt(help="Latency profile (file or shipped name), 'auto', or 'none' to "
                                             "measure every candidate.")] = None,
@@ -108,7 +111,7 @@ def search(
     ray = {k: v for k, v in {"address": address, "workers": workers, "cpus_per_trial": cpus_per_trial,
                              "gpus_per_trial": gpus_per_trial}.items() if v is not None}
     try:
-        config = _config(study, space=space, budget=budget, device=device, threads=threads,
+        config = _config(study, space=space, budget=budget, budget_margin=budget_margin, device=device, threads=threads,
                          profile=None if profile is None else (None if profile == "none" else profile),
                          batch_size=batch_size, dtype=dtype, dataset=dataset, evaluator=evaluator,
                          evaluator_options=options or None, trials=trials, timeout_s=timeout, objectives=objectives,
@@ -120,6 +123,9 @@ def search(
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar tells each trial's outcome
         prepared = prepare(config, resume=resume)  # every input checked before anything runs
         console.print(f"{config.name}: budget {config.budget_ms:g} ms, {config.dtype_note}, batch {config.batch_size}")
+        margin = prepared.oracle.margin()
+        if config.budget_margin is not None:
+            console.print(f"budget margin {margin.fraction:.1%}: {margin.why}")
         for note in prepared.notes:
             console.print(note)
         if config.backend == "ray":
@@ -153,7 +159,10 @@ def _advance(bar: Progress, task: Any, event: Any) -> None:
 
 
 def _print_report(report: dict[str, Any], run_dir: Path) -> None:
-    console.print(f"[bold]{report['study']}[/]: budget {report['budget_ms']:g} ms, latency {report['latency']}")
+    margin = (report.get("budget_margin") or {}).get("fraction") or 0.0
+    with_margin = f" with a {margin:.1%} margin" if margin else ""
+    console.print(f"[bold]{report['study']}[/]: budget {report['budget_ms']:g} ms{with_margin}, latency "
+                  f"{report['latency']}")
     table = Table(title="trials by outcome", title_justify="left")
     table.add_column("outcome")
     table.add_column("trials", justify="right")

@@ -1,6 +1,7 @@
 """Latency: trustworthy measurement (:mod:`.measure`), profiles and the predictor (:mod:`.profile`,
 :mod:`.predict`, built by :mod:`.calibrate`, checked by :mod:`.evaluate`, fitted to the host by
-:mod:`.host`), and uncalibrated GPU estimates (:mod:`.gpu`)."""
+:mod:`.host`), and GPU estimates without a GPU (:mod:`.gpu`), calibrated on published benchmark tables
+(:mod:`.gpu_calibrate`)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,13 @@ from metaformer_lab.latency.gpu import (
     fit_efficiency,
     gpu_spec,
 )
+from metaformer_lab.latency.gpu_calibrate import (
+    GpuProfile,
+    calibrate_from_table,
+    gpu_efficiency,
+    load_gpu_profile,
+    shipped_gpu_profiles,
+)
 from metaformer_lab.latency.host import HostCheck, check_host
 from metaformer_lab.latency.measure import (
     LatencyError,
@@ -30,8 +38,9 @@ from metaformer_lab.latency.predict import Prediction, predict
 from metaformer_lab.latency.profile import Profile, find_profile, load_profile, resolve_profile, shipped_profiles
 
 __all__ = [
-    "GPUS", "UNCALIBRATED", "Accuracy", "Efficiency", "GpuEstimate", "GpuSpec", "HostCheck", "LatencyError",
-    "LatencyResult", "Prediction", "Profile", "Provenance", "Setting", "calibrate_space", "check_host", "cpu_name",
-    "estimate_gpu", "evaluate", "find_profile", "fit_efficiency", "gpu_spec", "load_profile", "measure",
-    "parse_duration_ms", "predict", "provenance", "resolve_profile", "shipped_profiles",
+    "GPUS", "UNCALIBRATED", "Accuracy", "Efficiency", "GpuEstimate", "GpuProfile", "GpuSpec", "HostCheck",
+    "LatencyError", "LatencyResult", "Prediction", "Profile", "Provenance", "Setting", "calibrate_from_table",
+    "calibrate_space", "check_host", "cpu_name", "estimate_gpu", "evaluate", "find_profile", "fit_efficiency",
+    "gpu_efficiency", "gpu_spec", "load_gpu_profile", "load_profile", "measure", "parse_duration_ms", "predict",
+    "provenance", "resolve_profile", "shipped_gpu_profiles", "shipped_profiles",
 ]

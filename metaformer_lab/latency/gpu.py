@@ -1,6 +1,10 @@
 """GPU latency estimates without a GPU: a per-kernel roofline from the typed graph against a named
-GPU's datasheet (DESIGN.md section 7). Until :func:`fit_efficiency` has fitted the efficiency
-factors on a real GPU, every number here is an **uncalibrated estimate**, and says so.
+GPU's datasheet (docs/architecture.md, "Latency"). With the default efficiency factors every number here is an
+**uncalibrated estimate**, and says so; factors fitted on a GPU (:func:`fit_efficiency` on measured
+kernels, or :mod:`.gpu_calibrate` on published whole-network measurements such as timm's benchmark
+tables) make it a calibrated estimate for that GPU, or, pooled over several GPUs, an estimate "from
+datasheet, factors fitted on ..." for any other. An estimate names its factors' origin in ``label``
+and says when it extrapolates beyond the batch sizes they were fitted on.
 
 Kernels. Each graph node's module is built on the ``meta`` device and run on a meta tensor of the
 node's input type under a dispatch mode that records every aten kernel it launches: its FLOPs
@@ -15,11 +19,18 @@ only), a ``layout`` change one copy (the permute is a view, but the next op make
 config, input and output type, batch, dtype), so repeated blocks cost nothing.
 
 Time per kernel: ``max(flops / (peak * eff_compute[class]), bytes / (bandwidth * eff_memory[class]))
-+ launch``. matmul, conv and attention run on tensor cores in float16/bfloat16; in float32,
-matmul and attention use the float32 rate and conv the TF32 rate (PyTorch's defaults:
++ launch`` (or, with ``Efficiency.sharpness`` p, the smooth ``(compute^p + memory^p)^(1/p)`` in place of
+the max, as the factors fitted on timm's tables use). matmul, conv and attention run on tensor cores in
+float16/bfloat16; in float32, matmul and attention use the float32 rate and conv the TF32 rate (PyTorch's defaults:
 ``torch.backends.cuda.matmul.allow_tf32 = False``, ``torch.backends.cudnn.allow_tf32 = True``).
-Every other class is memory-bound (no FLOPs are counted for it). The model is additive: it does
-not overlap the host's kernel launches with the GPU's work.
+Grouped and depthwise convs (``dwconv``) run on CUDA cores at the float32 rate. Every other class is
+memory-bound (no FLOPs are counted for it). The model is additive: it does not overlap the host's
+kernel launches with the GPU's work.
+
+Autocast (``amp``, :func:`graph_records`): the network runs as under ``torch.autocast`` (float32 weights
+and input; matmuls, convs and attention in the low precision after a cast of each float32 operand,
+weights included; norms, softmax and sums in float32; other ops at their inputs' promoted dtype), and
+each tensor is counted at its own element size. That is how timm's benchmark tables were measured.
 """
 
 from __future__ import annotations
@@ -47,11 +58,13 @@ from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
 
 UNCALIBRATED = "uncalibrated estimate"
-"""The label of every estimate made with efficiency factors that were not fitted on the target GPU."""
+"""The label of every estimate made with efficiency factors that were not fitted on any GPU."""
+CALIBRATED = "calibrated estimate"
+"""The default label of an estimate made with factors fitted on the target GPU."""
 
-OpClass = Literal["matmul", "conv", "attention", "norm", "softmax", "reduction", "elementwise", "copy"]
-OP_CLASSES: tuple[OpClass, ...] = ("matmul", "conv", "attention", "norm", "softmax", "reduction", "elementwise",
-                                   "copy")
+OpClass = Literal["matmul", "conv", "dwconv", "attention", "norm", "softmax", "reduction", "elementwise", "copy"]
+OP_CLASSES: tuple[OpClass, ...] = ("matmul", "conv", "dwconv", "attention", "norm", "softmax", "reduction",
+                                   "elementwise", "copy")
 TENSOR_CORE_CLASSES: frozenset[str] = frozenset({"matmul", "conv", "attention"})
 
 DEFAULT_LAUNCH_US = 6.0
@@ -135,11 +148,32 @@ GPUS: Mapping[str, GpuSpec] = MappingProxyType({g.name: g for g in (
     GpuSpec("rtx4090", "NVIDIA GeForce RTX 4090", 82.6, 165.2, 165.2, 82.6, 1008.0, 24.0,
             source="NVIDIA Ada Lovelace GPU architecture whitepaper (appendix): FP32 82.6 TF, FP16/BF16 tensor with "
                    "FP32 accumulate 165.2 TF and TF32 82.6 TF (dense), 1008 GB/s GDDR6X"),
+    GpuSpec("rtx3090", "NVIDIA GeForce RTX 3090", 35.6, 71.0, 71.0, 35.6, 936.0, 24.0,
+            source="NVIDIA Ampere GA102 GPU architecture whitepaper (appendix): FP32 35.6 TF, FP16/BF16 tensor with "
+                   "FP32 accumulate 71 TF and TF32 35.6 TF (dense), 936 GB/s GDDR6X"),
+    GpuSpec("rtx5090", "NVIDIA GeForce RTX 5090", 104.8, 209.5, 209.5, 104.8, 1792.0, 32.0,
+            source="NVIDIA RTX Blackwell GPU architecture whitepaper (appendix): FP32 104.8 TF, FP16/BF16 tensor with "
+                   "FP32 accumulate 209.5 TF and TF32 104.8 TF (dense), 1792 GB/s GDDR7"),
+    GpuSpec("rtx-pro-6000", "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition", 110.0, 440.0, 440.0, 110.0,
+            1792.0, 96.0,
+            source="NVIDIA RTX PRO 6000 Blackwell Max-Q datasheet (300 W): FP32 about 110 TF; 3511 AI TOPS (FP4, "
+                   "sparse) give about 440 TF dense FP16/BF16 tensor with FP32 accumulate (full rate on professional "
+                   "cards) and 110 TF TF32; 1792 GB/s GDDR7 ECC, 96 GB"),
 )})
 """Known GPUs by short name."""
 
 _ALIASES = {"a100sxm": "a100", "a100sxm4": "a100", "a10080gb": "a100", "h100sxm": "h100", "h100sxm5": "h100",
-            "h200sxm": "h200", "4090": "rtx4090", "geforcertx4090": "rtx4090"}
+            "h200sxm": "h200", "4090": "rtx4090", "geforcertx4090": "rtx4090", "3090": "rtx3090",
+            "geforcertx3090": "rtx3090", "5090": "rtx5090", "geforcertx5090": "rtx5090", "rtxpro6000": "rtx-pro-6000",
+            "rtxpro6000maxq": "rtx-pro-6000", "pro6000": "rtx-pro-6000", "pro6000maxq": "rtx-pro-6000",
+            "rtxpro6000blackwellmaxq": "rtx-pro-6000", "rtxpro6000blackwellmaxqworkstationedition": "rtx-pro-6000"}
+
+
+def _gpu_key(text: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", str(text).lower()).removeprefix("nvidia")
+
+
+_BY_KEY = {_gpu_key(name): name for name in GPUS}
 
 
 def gpu_spec(gpu: str | GpuSpec) -> GpuSpec:
@@ -150,8 +184,8 @@ def gpu_spec(gpu: str | GpuSpec) -> GpuSpec:
     """
     if isinstance(gpu, GpuSpec):
         return gpu
-    key = re.sub(r"[^a-z0-9]", "", str(gpu).lower()).removeprefix("nvidia")
-    key = _ALIASES.get(key, key)
+    key = _gpu_key(gpu)
+    key = _ALIASES.get(key, _BY_KEY.get(key, key))
     if key in GPUS:
         return GPUS[key]
     close = difflib.get_close_matches(key, [*GPUS, *_ALIASES], n=1, cutoff=0.5)
@@ -165,10 +199,11 @@ DEFAULT_COMPUTE_EFFICIENCY: Mapping[str, float] = MappingProxyType({
     "matmul": 0.70,  # cuBLAS reaches 70-80 % of dense tensor peak on large GEMMs
     "conv": 0.55,  # implicit-GEMM convs, often with few channels, do worse
     "attention": 0.45,  # FlashAttention-2 forward: 35-50 % of peak on A100/H100
+    "dwconv": 0.25,  # grouped and depthwise convs: CUDA cores (float32 rate), few FLOPs per byte
     **{c: 1.0 for c in ("norm", "softmax", "reduction", "elementwise", "copy")},  # no FLOPs counted
 })
 DEFAULT_MEMORY_EFFICIENCY: Mapping[str, float] = MappingProxyType({
-    "matmul": 0.80, "conv": 0.70, "attention": 0.70,
+    "matmul": 0.80, "conv": 0.70, "dwconv": 0.60, "attention": 0.70,
     "norm": 0.60, "softmax": 0.60, "reduction": 0.60,  # two passes and warp reductions
     "elementwise": 0.80,  # streaming kernels reach 80-90 % of the bandwidth on large tensors
     "copy": 0.70,  # strided gathers, concatenations
@@ -187,6 +222,14 @@ class Efficiency:
         gpu: the GPU it was fitted on (None: any).
         dtype: the dtype it was fitted at.
         source: how the factors were obtained.
+        fitted_on: the GPUs whose measurements the factors were fitted on; with ``gpu`` None, factors
+            pooled over several GPUs and applied to any GPU's datasheet (never ``calibrated`` for it).
+        label: what an estimate made with these factors is called (None: the default labels).
+        batch_range: the smallest and largest batch size the fit saw (None: not known).
+        amp: the factors were fitted on autocast (mixed-precision) measurements; estimates made with them
+            model autocast too unless told otherwise (:func:`estimate_gpu`).
+        sharpness: a kernel's time is ``(compute^p + memory^p)^(1/p)`` with ``p`` this (a smooth roofline:
+            compute and memory traffic overlap only partly); None: ``max(compute, memory)``.
     """
 
     compute: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_COMPUTE_EFFICIENCY))
@@ -196,6 +239,11 @@ class Efficiency:
     gpu: str | None = None
     dtype: str | None = None
     source: str = "uncalibrated defaults (gpu.py)"
+    fitted_on: tuple[str, ...] = ()
+    label: str | None = None
+    batch_range: tuple[int, int] | None = None
+    amp: bool = False
+    sharpness: float | None = None
 
     def __post_init__(self) -> None:
         issues = [Issue(f"efficiency.{kind}.{c}", f"{v} must be a finite number > 0")
@@ -203,6 +251,8 @@ class Efficiency:
                   for c, v in table.items() if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0)]
         if self.launch_us is not None and not (math.isfinite(self.launch_us) and self.launch_us >= 0):
             issues.append(Issue("efficiency.launch_us", f"{self.launch_us} must be a finite number >= 0"))
+        if self.sharpness is not None and not (math.isfinite(self.sharpness) and self.sharpness >= 1):
+            issues.append(Issue("efficiency.sharpness", f"{self.sharpness} must be a finite number >= 1"))
         if issues:
             raise LatencyError(issues)
 
@@ -214,7 +264,28 @@ class Efficiency:
 
     def to_json(self) -> dict[str, Any]:
         return {"compute": dict(self.compute), "memory": dict(self.memory), "launch_us": self.launch_us,
-                "calibrated": self.calibrated, "gpu": self.gpu, "dtype": self.dtype, "source": self.source}
+                "calibrated": self.calibrated, "gpu": self.gpu, "dtype": self.dtype, "source": self.source,
+                "fitted_on": list(self.fitted_on), "label": self.label,
+                "batch_range": list(self.batch_range) if self.batch_range else None, "amp": self.amp,
+                "sharpness": self.sharpness}
+
+    @classmethod
+    def from_json(cls, raw: Mapping[str, Any]) -> Efficiency:
+        """The inverse of :meth:`to_json`; raises LatencyError (via the checks) on bad factors."""
+        batch_range = raw.get("batch_range")
+        return cls(compute={str(k): float(v) for k, v in raw["compute"].items()},
+                   memory={str(k): float(v) for k, v in raw["memory"].items()},
+                   launch_us=None if raw.get("launch_us") is None else float(raw["launch_us"]),
+                   calibrated=bool(raw.get("calibrated", False)), gpu=raw.get("gpu"), dtype=raw.get("dtype"),
+                   source=str(raw.get("source", "")), fitted_on=tuple(raw.get("fitted_on") or ()),
+                   label=raw.get("label"), amp=bool(raw.get("amp", False)),
+                   sharpness=None if raw.get("sharpness") is None else float(raw["sharpness"]),
+                   batch_range=(int(batch_range[0]), int(batch_range[1])) if batch_range else None)
+
+    @property
+    def pooled(self) -> bool:
+        """Factors fitted across several GPUs, applied to any GPU's datasheet."""
+        return self.gpu is None and bool(self.fitted_on)
 
 
 # --- kernel records ----------------------------------------------------------------------------
@@ -264,25 +335,52 @@ def op_class(op_name: str) -> OpClass:
     return _CLASS_OF.get(op_name, "elementwise")
 
 
-def _tensor_bytes(t: Tensor, element_size: int) -> int:
+def _tensor_bytes(t: Tensor, element_size: int | None) -> int:
     """Bytes of the distinct elements ``t`` covers (a broadcast input is read once), floating-point tensors
-    at ``element_size``."""
+    at ``element_size`` (None: their own)."""
     extent = 1 + sum((n - 1) * abs(s) for n, s in zip(t.shape, t.stride(), strict=True) if n > 0)
     elements = min(t.numel(), extent) if t.numel() else 0
-    return elements * (element_size if t.is_floating_point() else t.element_size())
+    return elements * (element_size if element_size is not None and t.is_floating_point() else t.element_size())
 
 
-def _bytes(values: Any, element_size: int) -> int:
+def _bytes(values: Any, element_size: int | None) -> int:
     return sum(_tensor_bytes(t, element_size) for t in tree_flatten(values)[0] if isinstance(t, Tensor))
+
+
+# CUDA autocast's op lists (aten/src/ATen/autocast_mode.cpp): run in the lower precision, run in float32
+# (``fp32`` and ``fp32_set_opt_dtype``); every other op runs at its inputs' promoted dtype.
+_AMP_LOWER = frozenset({
+    "conv1d", "conv2d", "conv3d", "_convolution", "convolution", "conv_tbc", "conv_transpose1d", "conv_transpose2d",
+    "conv_transpose3d", "prelu", "addmm", "addmv", "addr", "matmul", "einsum", "mm", "mv", "linear", "addbmm",
+    "baddbmm", "bmm", "chain_matmul", "linalg_multi_dot", "linalg_vecdot", "scaled_dot_product_attention",
+    "_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+    "_scaled_dot_product_cudnn_attention"})
+_AMP_FP32 = frozenset({
+    "acos", "asin", "cosh", "erfinv", "exp", "expm1", "log", "log10", "log2", "log1p", "reciprocal", "rsqrt", "sinh",
+    "tan", "pow", "softplus", "layer_norm", "native_layer_norm", "group_norm", "frobenius_norm", "nuclear_norm",
+    "cosine_similarity", "dist", "pdist", "cdist", "renorm", "logsumexp", "upsample_nearest1d",
+    "upsample_nearest2d", "upsample_nearest3d", "upsample_linear1d", "upsample_bilinear2d", "upsample_trilinear3d",
+    "upsample_bicubic2d", "prod", "softmax", "log_softmax", "cumprod", "cumsum", "linalg_vector_norm",
+    "linalg_matrix_norm", "sum"})
+
+
+def _groups(name: str, args: Any, kwargs: Any) -> int:
+    """The ``groups`` argument of an aten convolution (1 when absent)."""
+    if name in ("convolution", "_convolution", "convolution_overrideable", "cudnn_convolution"):
+        position = {"convolution": 8, "_convolution": 8, "convolution_overrideable": 8, "cudnn_convolution": 6}[name]
+        value = kwargs.get("groups", args[position] if len(args) > position else 1)
+        return int(value)
+    return 1
 
 
 class _KernelRecorder(TorchDispatchMode):
     """Records one :class:`KernelRecord` per aten op that launches a kernel; decomposes composite ops
     first (as FlopCounterMode does), except the fused attention kept whole (:data:`_WHOLE`)."""
 
-    def __init__(self, element_size: int) -> None:
+    def __init__(self, element_size: int, amp: torch.dtype | None = None) -> None:
         super().__init__()
-        self.element_size = element_size
+        self.element_size: int | None = None if amp is not None else element_size
+        self.amp = amp
         self.records: list[KernelRecord] = []
         self.formulas = FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS).flop_registry
 
@@ -292,6 +390,8 @@ class _KernelRecorder(TorchDispatchMode):
         if packet is None:  # a higher-order operator: run it, record nothing
             return func(*args, **kwargs)
         name = packet.__name__
+        if self.amp is not None and (name in _AMP_LOWER or name in _AMP_FP32):
+            args, kwargs = self._autocast((args, kwargs), self.amp if name in _AMP_LOWER else torch.float32)
         if name not in _WHOLE:
             with self:
                 decomposed = func.decompose(*args, **kwargs)
@@ -300,9 +400,27 @@ class _KernelRecorder(TorchDispatchMode):
         out = func(*args, **kwargs)
         if not func.is_view and name not in _NO_KERNEL and any(isinstance(t, Tensor) for t in tree_flatten(out)[0]):
             moved = _bytes((args, kwargs), self.element_size) + _bytes(out, self.element_size)
-            self.records.append(KernelRecord(f"aten.{name}", op_class(name), self._flops(packet, args, kwargs, out),
-                                             moved))
+            kind = op_class(name)
+            if kind == "conv" and _groups(name, args, kwargs) > 1:
+                kind = "dwconv"  # grouped and depthwise convs do not run on tensor cores
+            self.records.append(KernelRecord(f"aten.{name}", kind, self._flops(packet, args, kwargs, out), moved))
         return out
+
+    def _autocast(self, values: Any, dtype: torch.dtype) -> Any:
+        """``values`` with every floating-point tensor of another dtype cast to ``dtype``, as autocast does:
+        one copy kernel per cast (weights included: autocast's cache ends with each forward)."""
+        leaves, spec = tree_flatten(values)
+        out = []
+        for t in leaves:
+            if isinstance(t, Tensor) and t.is_floating_point() and t.dtype != dtype:
+                cast = t.to(dtype)
+                self.records.append(KernelRecord("aten._to_copy", "copy", 0, _tensor_bytes(t, None)
+                                                 + _tensor_bytes(cast, None)))
+                t = cast
+            out.append(t)
+        from torch.utils._pytree import tree_unflatten
+
+        return tree_unflatten(out, spec)
 
     def _flops(self, packet: Any, args: Any, kwargs: Any, out: Any) -> int:
         if packet.__name__ == "scaled_dot_product_attention":
@@ -318,13 +436,23 @@ def module_records(module: nn.Module, input_shape: Sequence[int], *, dtype: str 
 
     The module runs in float32; floating-point tensors are counted at ``dtype``'s element size.
     """
+    return _module_run(module, input_shape, dtype=dtype, amp=False, in_size=4)[0]
+
+
+def _module_run(module: nn.Module, input_shape: Sequence[int], *, dtype: str, amp: bool,
+                in_size: int) -> tuple[tuple[KernelRecord, ...], int]:
+    """(kernels, element size of the output). With ``amp`` the module runs as under CUDA autocast at
+    ``dtype``: float32 weights, an input of ``in_size`` bytes per element, every tensor counted at its own
+    element size; without, everything is counted at ``dtype``'s."""
     device = next((p.device for p in module.parameters()), torch.device("meta"))
-    x = torch.empty(tuple(input_shape), device=device)
-    recorder = _KernelRecorder(DTYPES[_checked_dtype(dtype)].itemsize)
+    low = DTYPES[_checked_dtype(dtype)]
+    x = torch.empty(tuple(input_shape), device=device, dtype=torch.float32 if not amp or in_size == 4 else low)
+    recorder = _KernelRecorder(low.itemsize, amp=low if amp else None)
     module.eval()
     with torch.inference_mode(), recorder:  # composite ops (SDPA) reach the recorder whole
-        module(x)
-    return tuple(recorder.records)
+        out = module(x)
+    first = next((t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()), None)
+    return tuple(recorder.records), (first.element_size() if amp and first is not None else low.itemsize)
 
 
 def _checked_dtype(dtype: str) -> str:
@@ -341,6 +469,7 @@ class KernelCache:
     """Kernel records by node key (see the module docstring); share one across estimates of many specs."""
 
     records: dict[tuple[Any, ...], tuple[KernelRecord, ...]] = field(default_factory=dict)
+    out_sizes: dict[tuple[Any, ...], int] = field(default_factory=dict)
     hits: int = 0
     misses: int = 0
 
@@ -350,20 +479,25 @@ def _elementwise(op: str, elements: int, tensors: int, element_size: int) -> Ker
     return KernelRecord(op, op_class(op.removeprefix("aten.")), 0, elements * tensors * element_size)
 
 
-def _add_records(node: dict[str, Any], batch: int, es: int) -> tuple[KernelRecord, ...]:
-    """A residual add reads both summands and writes the sum; when it writes the prefix tokens only,
-    a concatenation then rebuilds the whole sequence."""
+def _add_records(node: dict[str, Any], batch: int, sizes: Sequence[int]) -> tuple[tuple[KernelRecord, ...], int]:
+    """A residual add reads both summands and writes the sum (at the wider of their element sizes); when it
+    writes the prefix tokens only, a concatenation then rebuilds the whole sequence."""
     summand, out = node["in_type"].numel(batch), node["out"].numel(batch)
-    add = _elementwise("aten.add", summand, 3, es)
-    return (add,) if out == summand else (add, _elementwise("aten.cat", out, 2, es))
+    pair = [*sizes, *sizes][:2]
+    es = max(pair)
+    add = KernelRecord("aten.add", "elementwise", 0, summand * (sum(pair) + es))
+    return ((add,) if out == summand else (add, _elementwise("aten.cat", out, 2, es))), es
 
 
-def _prefix_records(node: dict[str, Any], batch: int, es: int) -> tuple[KernelRecord, ...]:
-    """PrefixTokens: the learned tokens concatenated, then put in front of the sequence."""
+def _prefix_records(node: dict[str, Any], batch: int, es: int, param_es: int) -> tuple[tuple[KernelRecord, ...], int]:
+    """PrefixTokens: the learned tokens (``param_es`` bytes each) concatenated, then put in front of the sequence
+    (at the wider element size)."""
     x, out = node["in_type"], node["out"]
     tokens = (out.prefix - x.prefix) * out.channels
-    return (_elementwise("aten.cat", tokens, 2, es),
-            KernelRecord("aten.cat", "copy", 0, (x.numel(batch) + tokens * batch + out.numel(batch)) * es))
+    wide = max(es, param_es)
+    return (_elementwise("aten.cat", tokens, 2, param_es),
+            KernelRecord("aten.cat", "copy", 0, x.numel(batch) * es + tokens * batch * param_es
+                         + out.numel(batch) * wide)), wide
 
 
 def _join_records(graph: ArchGraph, name: str, batch: int, es: int) -> tuple[KernelRecord, ...]:
@@ -379,48 +513,76 @@ def _join_records(graph: ArchGraph, name: str, batch: int, es: int) -> tuple[Ker
     return (_elementwise("aten.add", out, branches + 1, es),)
 
 
-def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str) -> tuple[KernelRecord, ...] | None:
-    """The node's kernels; None for a node kind this estimator does not know."""
-    node, es = graph.nodes[name], DTYPES[dtype].itemsize
+def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str, amp: bool = False,
+                      sizes: Sequence[int] = ()) -> tuple[tuple[KernelRecord, ...] | None, int]:
+    """(the node's kernels, or None for a node kind this estimator does not know; its output's element size).
+    ``sizes``: the element sizes of its inputs (under ``amp``: 4 or the low precision's; else ``dtype``'s)."""
+    node, low = graph.nodes[name], DTYPES[dtype].itemsize
+    es = max(sizes) if amp and sizes else (4 if amp else low)
     kind = node["kind"]
     if kind in ("input", "fork", "prefix_view"):
-        return ()
+        return (), es
     if kind == "add":
-        return _add_records(node, batch, es)
+        return _add_records(node, batch, list(sizes) if amp and sizes else [es, es])
     if kind == "prefix":
-        return _prefix_records(node, batch, es)
+        return _prefix_records(node, batch, es, 4 if amp else low)
     if kind == "layout":
-        return (_elementwise("aten.clone", node["out"].numel(batch), 2, es),)
+        return (_elementwise("aten.clone", node["out"].numel(batch), 2, es),), es
     if kind in LEAF_KINDS and graph.is_composite(name):
-        return _join_records(graph, name, batch, es)
+        return _join_records(graph, name, batch, es), es
     if kind in LEAF_KINDS or kind == "scale":
         with torch.device("meta"):
             module = build_node(graph, name)
-        return module_records(module, node["in_type"].shape(batch), dtype=dtype)
-    return None
+        return _module_run(module, node["in_type"].shape(batch), dtype=dtype, amp=amp, in_size=es)
+    return None, es
 
 
-def _node_key(graph: ArchGraph, name: str, batch: int, dtype: str) -> tuple[Any, ...]:
+def _node_key(graph: ArchGraph, name: str, batch: int, dtype: str, amp: bool = False,
+              sizes: Sequence[int] = ()) -> tuple[Any, ...]:
     node = graph.nodes[name]
     spec = node["spec"]
     config = None if spec is None else (type(spec).__qualname__, spec.model_dump_json())
     composite = graph.is_composite(name)
     return (node["kind"], node["role"], config, composite, graph.in_degree(name), node["in_type"], node["out"],
-            batch, dtype)
+            batch, dtype, *((amp, tuple(sizes)) if amp else ()))
+
+
+def _cached_records(graph: ArchGraph, name: str, batch: int, dtype: str, cache: KernelCache | None, amp: bool,
+                    sizes: Sequence[int]) -> tuple[tuple[KernelRecord, ...] | None, int]:
+    key = _node_key(graph, name, batch, dtype, amp, sizes)
+    if cache is not None and key in cache.records:
+        cache.hits += 1
+        return cache.records[key], cache.out_sizes.get(key, DTYPES[dtype].itemsize)
+    records, out_size = _computed_records(graph, name, batch, dtype, amp, sizes)
+    if cache is not None and records is not None:
+        cache.misses += 1
+        cache.records[key] = records
+        cache.out_sizes[key] = out_size
+    return records, out_size
 
 
 def node_records(graph: ArchGraph, name: str, *, batch_size: int = 1, dtype: str = "float16",
                  cache: KernelCache | None = None) -> tuple[KernelRecord, ...] | None:
-    """The kernels node ``name`` launches at ``batch_size`` (None: a node kind not known here)."""
-    key = _node_key(graph, name, batch_size, dtype)
-    if cache is not None and key in cache.records:
-        cache.hits += 1
-        return cache.records[key]
-    records = _computed_records(graph, name, batch_size, dtype)
-    if cache is not None and records is not None:
-        cache.misses += 1
-        cache.records[key] = records
-    return records
+    """The kernels node ``name`` launches at ``batch_size`` (None: a node kind not known here), every
+    tensor at ``dtype`` (see :func:`graph_records` for autocast)."""
+    return _cached_records(graph, name, batch_size, dtype, cache, False, ())[0]
+
+
+def graph_records(graph: ArchGraph, *, batch_size: int = 1, dtype: str = "float16", amp: bool = False,
+                  cache: KernelCache | None = None) -> dict[str, tuple[KernelRecord, ...] | None]:
+    """Every node's kernels (None: a node kind not known here). With ``amp`` the network runs as under CUDA
+    autocast at ``dtype`` (timm's benchmark tables, ``torch.autocast``): float32 weights and input, matmuls,
+    convs and attention at ``dtype`` after a cast of each float32 operand, norms, softmax and sums in float32,
+    every other op at its inputs' promoted dtype (a float32 layer scale or position embedding makes the
+    residual stream float32). The element size flowing along each edge is tracked in topological order."""
+    import networkx as nx
+
+    out_size: dict[str, int] = {}
+    records: dict[str, tuple[KernelRecord, ...] | None] = {}
+    for name in nx.topological_sort(graph):
+        sizes = tuple(out_size[p] for p in graph.predecessors(name)) if amp else ()
+        records[name], out_size[name] = _cached_records(graph, name, batch_size, dtype, cache, amp, sizes)
+    return {name: records[name] for name in graph.nodes}
 
 
 # --- the estimate ------------------------------------------------------------------------------
@@ -432,13 +594,22 @@ def kernel_ms(record: KernelRecord, gpu: GpuSpec, dtype: str, efficiency: Effici
     compute_s = record.flops / (peak * 1e12 * efficiency.compute_of(record.op_class)) if record.flops else 0.0
     memory_s = record.bytes_moved / (gpu.bandwidth_gbs * 1e9 * efficiency.memory_of(record.op_class))
     launch_us = gpu.launch_us if efficiency.launch_us is None else efficiency.launch_us
-    return (max(compute_s, memory_s) + launch_us * 1e-6) * 1e3
+    return (roofline_s(compute_s, memory_s, efficiency.sharpness) + launch_us * 1e-6) * 1e3
+
+
+def roofline_s(compute_s: float, memory_s: float, sharpness: float | None) -> float:
+    """A kernel's time from its compute and memory times: their max, or with ``sharpness`` p the smooth
+    ``(compute^p + memory^p)^(1/p)`` (partial overlap; p = 1 adds them, p -> infinity is the max)."""
+    top = max(compute_s, memory_s)
+    if sharpness is None or top <= 0:
+        return top
+    return top * ((compute_s / top) ** sharpness + (memory_s / top) ** sharpness) ** (1 / sharpness)
 
 
 @dataclass(frozen=True)
 class GpuEstimate:
-    """An estimated GPU latency, labelled: ``calibrated`` is False and ``label`` is
-    ``"uncalibrated estimate"`` unless the efficiency factors were fitted on this GPU.
+    """An estimated GPU latency, labelled: ``calibrated`` is False unless the efficiency factors were fitted on
+    this GPU, and ``label`` says where the factors came from.
 
     Attributes:
         total_ms: the estimated forward latency.
@@ -451,10 +622,14 @@ class GpuEstimate:
         bytes_moved: bytes read and written by all kernels.
         gpu: the GPU's short name; ``gpu_name`` its product name.
         dtype: the dtype estimated at.
+        amp: estimated as run under autocast at ``dtype`` (float32 weights; see :func:`graph_records`).
+        extrapolates: why the estimate lies outside what its factors were fitted on (a batch size outside
+            the fitted batch range), also appended to ``label``; None when inside or when nothing was fitted.
         batch_size: B.
         input_shape: the input's shape, batch included.
         calibrated: the efficiency was fitted on this GPU.
-        label: ``"uncalibrated estimate"`` or ``"calibrated estimate"``.
+        label: ``"uncalibrated estimate"``, ``"calibrated estimate"`` (or the fitted profile's own label, which
+            names its calibration), or ``"estimated from datasheet, factors fitted on ..."`` for pooled factors.
         notes: fallbacks and nodes left out.
         efficiency: the factors used.
         records: each node's kernels.
@@ -478,10 +653,13 @@ class GpuEstimate:
     notes: tuple[str, ...]
     efficiency: Efficiency
     records: dict[str, tuple[KernelRecord, ...]] = field(default_factory=dict, repr=False)
+    amp: bool = False
+    extrapolates: str | None = None
 
     def to_json(self, *, nodes: bool = False) -> dict[str, Any]:
         """A JSON-serialisable dict, label first; ``nodes`` adds the per-node breakdown."""
-        keys = ("label", "calibrated", "total_ms", "gpu", "gpu_name", "dtype", "batch_size", "launch_ms", "kernels",
+        keys = ("label", "calibrated", "extrapolates", "total_ms", "gpu", "gpu_name", "dtype", "amp", "batch_size",
+                "launch_ms", "kernels",
                 "flops", "bytes_moved", "parts_ms", "classes_ms")
         out: dict[str, Any] = {k: getattr(self, k) for k in keys}
         out.update(input_shape=list(self.input_shape), notes=list(self.notes), efficiency=self.efficiency.to_json())
@@ -497,14 +675,24 @@ def _graph_of(graph_or_spec: ArchGraph | SpecSource, input_size: int | None) -> 
     return lower(with_input_size(spec, input_size))
 
 
-def _labelled(efficiency: Efficiency, gpu: GpuSpec, dtype: str) -> tuple[bool, str, list[str]]:
-    """(calibrated, label, notes): factors fitted on another GPU or dtype do not make an estimate calibrated."""
+def estimate_label(efficiency: Efficiency, gpu: GpuSpec, dtype: str) -> tuple[bool, str, list[str]]:
+    """(calibrated, label, notes): factors fitted on another GPU or dtype do not make an estimate calibrated;
+    factors pooled over several GPUs make it an estimate from the datasheet that names them."""
+    if efficiency.pooled:
+        if efficiency.dtype not in (None, dtype):
+            return False, UNCALIBRATED, [f"factors fitted at {efficiency.dtype}, applied at {dtype}"]
+        return False, efficiency.label or pooled_label(efficiency.fitted_on), []
     if not efficiency.calibrated:
         return False, UNCALIBRATED, []
     if efficiency.gpu not in (None, gpu.name) or efficiency.dtype not in (None, dtype):
         return False, UNCALIBRATED, [f"efficiency fitted on {efficiency.gpu} {efficiency.dtype}, applied to "
                                      f"{gpu.name} {dtype}"]
-    return True, "calibrated estimate", []
+    return True, efficiency.label or CALIBRATED, []
+
+
+def pooled_label(gpus: Sequence[str]) -> str:
+    """The label of an estimate from a datasheet with factors fitted on ``gpus``."""
+    return f"estimated from datasheet, factors fitted on {', '.join(gpus)}"
 
 
 def _node_times(records: Mapping[str, tuple[KernelRecord, ...]], gpu: GpuSpec, dtype: str,
@@ -521,7 +709,7 @@ def _node_times(records: Mapping[str, tuple[KernelRecord, ...]], gpu: GpuSpec, d
 
 
 def _summary(graph: ArchGraph, records: dict[str, tuple[KernelRecord, ...]], gpu: GpuSpec, dtype: str,
-             batch_size: int, efficiency: Efficiency, notes: list[str]) -> GpuEstimate:
+             batch_size: int, efficiency: Efficiency, notes: list[str], amp: bool = False) -> GpuEstimate:
     nodes_ms, classes_ms = _node_times(records, gpu, dtype, efficiency)
     parts_ms: dict[str, float] = {}
     for name, ms in nodes_ms.items():
@@ -530,19 +718,28 @@ def _summary(graph: ArchGraph, records: dict[str, tuple[KernelRecord, ...]], gpu
             parts_ms[group] = parts_ms.get(group, 0.0) + ms
     kernels = [k for ks in records.values() for k in ks]
     fallbacks = sorted({note for k in kernels if (note := gpu.peak_tflops(k.op_class, dtype)[1]) is not None})
-    calibrated, label, label_notes = _labelled(efficiency, gpu, dtype)
+    calibrated, label, label_notes = estimate_label(efficiency, gpu, dtype)
+    extrapolates = None
+    if label != UNCALIBRATED and efficiency.batch_range is not None:
+        lo, hi = efficiency.batch_range
+        if not lo <= batch_size <= hi:
+            extrapolates = (f"batch {batch_size} is outside the fitted batch range {lo}-{hi}" +
+                            (" (a small batch is launch-bound: host overhead the tables barely see)"
+                             if batch_size < lo else ""))
+            label = f"{label}; extrapolated to batch {batch_size}"
     launch_us = gpu.launch_us if efficiency.launch_us is None else efficiency.launch_us
     return GpuEstimate(
         total_ms=sum(nodes_ms.values()), nodes_ms=nodes_ms, parts_ms=parts_ms, classes_ms=classes_ms,
         launch_ms=len(kernels) * launch_us * 1e-3, kernels=len(kernels), flops=sum(k.flops for k in kernels),
         bytes_moved=sum(k.bytes_moved for k in kernels), gpu=gpu.name, gpu_name=gpu.full_name, dtype=dtype,
         batch_size=batch_size, input_shape=graph.input_type.shape(batch_size), calibrated=calibrated, label=label,
-        notes=tuple([*fallbacks, *notes, *label_notes]), efficiency=efficiency, records=records)
+        notes=tuple([*fallbacks, *notes, *label_notes]), efficiency=efficiency, records=records, amp=amp,
+        extrapolates=extrapolates)
 
 
 def estimate_gpu(graph_or_spec: ArchGraph | SpecSource, gpu: str | GpuSpec, *, batch_size: int = 1,
                  dtype: str = "float16", efficiency: Efficiency | None = None, input_size: int | None = None,
-                 cache: KernelCache | None = None) -> GpuEstimate:
+                 cache: KernelCache | None = None, amp: bool | None = None) -> GpuEstimate:
     """Estimate the eager forward latency of a graph or spec on ``gpu`` without one (module docstring).
 
     Args:
@@ -553,6 +750,8 @@ def estimate_gpu(graph_or_spec: ArchGraph | SpecSource, gpu: str | GpuSpec, *, b
         efficiency: per-class factors; None: the uncalibrated defaults.
         input_size: square input size overriding the spec's.
         cache: kernel records shared between calls.
+        amp: estimate the network as run under autocast at ``dtype`` (:func:`graph_records`); None: as the
+            efficiency factors were fitted (``efficiency.amp``), never for float32.
 
     Raises:
         LatencyError: unknown GPU or dtype, batch size below 1.
@@ -564,15 +763,16 @@ def estimate_gpu(graph_or_spec: ArchGraph | SpecSource, gpu: str | GpuSpec, *, b
         raise LatencyError.single("batch_size", f"{batch_size} must be an integer >= 1")
     graph = _graph_of(graph_or_spec, input_size)
     cache = KernelCache() if cache is None else cache
+    efficiency = efficiency or Efficiency()
+    autocast = (efficiency.amp if amp is None else amp) and dtype != "float32"
     records: dict[str, tuple[KernelRecord, ...]] = {}
     unknown: set[str] = set()
-    for name in graph.nodes:
-        node = node_records(graph, name, batch_size=batch_size, dtype=dtype, cache=cache)
+    for name, node in graph_records(graph, batch_size=batch_size, dtype=dtype, amp=autocast, cache=cache).items():
         if node is None:
             unknown.add(graph.nodes[name]["kind"])
         records[name] = node or ()
     notes = [f"nodes of kind '{k}' are not costed" for k in sorted(unknown)]
-    return _summary(graph, records, spec_gpu, dtype, batch_size, efficiency or Efficiency(), notes)
+    return _summary(graph, records, spec_gpu, dtype, batch_size, efficiency, notes, autocast)
 
 
 # --- calibration -------------------------------------------------------------------------------
@@ -693,5 +893,6 @@ def fit_efficiency(records: Sequence[KernelRecord], measured_ms: Sequence[float]
                                                            f"{spec_gpu.name} ({dtype})")
 
 
-__all__ = ["GPUS", "UNCALIBRATED", "Efficiency", "GpuEstimate", "GpuSpec", "KernelCache", "KernelRecord",
-           "estimate_gpu", "fit_efficiency", "gpu_spec", "kernel_ms", "module_records", "node_records"]
+__all__ = ["CALIBRATED", "GPUS", "UNCALIBRATED", "Efficiency", "GpuEstimate", "GpuSpec", "KernelCache", "KernelRecord",
+           "estimate_gpu", "fit_efficiency", "gpu_spec", "graph_records", "kernel_ms", "module_records", "node_records",
+           "pooled_label", "roofline_s"]

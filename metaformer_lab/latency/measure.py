@@ -1,4 +1,4 @@
-"""Latency measurement (DESIGN.md section 7, a contract): median with p10/p90, spread and run count,
+"""Latency measurement (docs/architecture.md, "Latency"; a contract): median with p10/p90, spread and run count,
 after warm-up, in ``torch.inference_mode()``, with the provenance of every number.
 
 A measurement is one or more *attempts*. An attempt warms the model up until its run time stops
@@ -126,7 +126,7 @@ def device_name(device: str) -> str:
 
 @dataclass(frozen=True)
 class Provenance:
-    """What a latency number was measured on and with (DESIGN.md section 7).
+    """What a latency number was measured on and with (docs/architecture.md, "Latency").
 
     Attributes:
         device: ``"cpu"`` or ``"cuda"``.
@@ -301,7 +301,7 @@ def contention(load: NeighbourLoad, cores_needed: int,
 
 @dataclass(frozen=True)
 class LatencyResult:
-    """A measured latency with its spread and provenance (DESIGN.md section 7, a contract).
+    """A measured latency with its spread and provenance (docs/architecture.md, "Latency"; a contract).
 
     Attributes:
         median_ms: the latency (median of the kept attempt's samples).

@@ -119,11 +119,7 @@ class Profile:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write atomically (a killed calibration leaves the previous file intact)."""
-        target = Path(path)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_json(), indent=1) + "\n")
-        tmp.replace(target)
-        self.path = target
+        self.path = write_document(path, self.to_json())
 
     def summary(self) -> dict[str, Any]:
         """Provenance and accuracy without the op table (for listings)."""
@@ -138,19 +134,36 @@ def _entry(raw: Mapping[str, Any]) -> OpEntry:
                    numel_out=int(raw["numel_out"]), mem=str(raw["mem"]), passes=int(raw.get("passes", 1)))
 
 
-def load_profile(path: str | os.PathLike[str]) -> Profile:
-    """Read a profile file; raises LatencyError for a file that is not one."""
+def write_document(path: str | os.PathLike[str], document: Mapping[str, Any]) -> Path:
+    """Write ``document`` as JSON atomically: a killed writer leaves the previous file intact."""
+    target = Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    tmp.write_text(json.dumps(document, indent=1) + "\n")
+    tmp.replace(target)
+    return target
+
+
+def read_document(path: str | os.PathLike[str], fmt: str, version: int, what: str) -> dict[str, Any]:
+    """The JSON object in ``path`` whose ``format`` is ``fmt`` at ``version``; raises LatencyError (one
+    ``path: message`` line) for a missing, unreadable, foreign or outdated file."""
     where = os.fspath(path)
     try:
         raw = json.loads(Path(path).read_text())
     except FileNotFoundError:
-        raise LatencyError.single(where, "no such profile file") from None
+        raise LatencyError.single(where, f"no such {what} file") from None
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise LatencyError.single(where, f"is not a readable JSON profile ({err})") from None
-    if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-        raise LatencyError.single(where, f"is not a {FORMAT} (no 'format: {FORMAT}')")
-    if raw.get("version") != VERSION:
-        raise LatencyError.single(where, f"profile version {raw.get('version')} is not {VERSION}; calibrate again")
+        raise LatencyError.single(where, f"is not a readable JSON {what} ({err})") from None
+    if not isinstance(raw, dict) or raw.get("format") != fmt:
+        raise LatencyError.single(where, f"is not a {fmt} (no 'format: {fmt}')")
+    if raw.get("version") != version:
+        raise LatencyError.single(where, f"{what} version {raw.get('version')} is not {version}; calibrate again")
+    return raw
+
+
+def load_profile(path: str | os.PathLike[str]) -> Profile:
+    """Read a profile file; raises LatencyError for a file that is not one."""
+    where = os.fspath(path)
+    raw = read_document(path, FORMAT, VERSION, "profile")
     try:
         ops = {k: _entry(v) for k, v in raw.get("ops", {}).items()}
         coef = raw.get("correction", {}).get("coef")

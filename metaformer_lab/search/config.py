@@ -49,7 +49,11 @@ class SearchConfig(BaseModel):
     evaluator_options: dict[str, Any] = Field(
         default_factory=dict, description="e.g. {epochs: 5} for train, {proxy: grad_norm} for zero-cost")
     budget: str = Field("2ms", description="latency budget with a unit: us, ms or s")
-    device: str = Field("cpu", description="cpu, cuda, or a GPU name for the uncalibrated estimate (h100, t4, ...)")
+    budget_margin: str | None = Field(
+        None, description="auto, or a percentage (10%): a candidate whose latency is estimated or predicted counts "
+                          "as within budget only when latency x (1 + margin) is; auto: the latency source's measured "
+                          "error on networks it was not fitted on")
+    device: str = Field("cpu", description="cpu, cuda, or a GPU name for an estimate (h100, t4, ...)")
     threads: Annotated[int, Field(ge=1, le=256)] = 1
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 1
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
@@ -104,6 +108,20 @@ class SearchConfig(BaseModel):
         return self._budget_ms
 
     @property
+    def margin_fraction(self) -> float | None:
+        """A fixed ``budget_margin`` as a fraction (0.1 for 10%); None when unset or ``auto``."""
+        if self.budget_margin is None or self.budget_margin == "auto":
+            return None
+        text = self.budget_margin.strip().removesuffix("%").strip()
+        try:
+            value = float(text)
+        except ValueError:
+            raise ValueError(f"'{self.budget_margin}' is neither auto nor a percentage such as 10%") from None
+        if not 0 <= value < 100:
+            raise ValueError(f"'{self.budget_margin}' is not a percentage from 0 to below 100")
+        return value / 100
+
+    @property
     def max_memory_bytes(self) -> int | None:
         """``max_memory`` in bytes (None: a share of what is free when an evaluation starts)."""
         from metaformer_lab.search.memory import parse_bytes
@@ -128,7 +146,8 @@ class SearchConfig(BaseModel):
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed study must share with the one it continues."""
-        return {"space": self.space, "budget_ms": self.budget_ms, "device": self.device, "threads": self.threads,
+        return {"space": self.space, "budget_ms": self.budget_ms, "budget_margin": self.budget_margin,
+                "device": self.device, "threads": self.threads,
                 "batch_size": self.batch_size, "dtype": self.dtype, "objectives": self.objectives,
                 "evaluator": self.evaluator, "dataset": self.dataset}
 
@@ -146,6 +165,10 @@ def check(config: SearchConfig) -> SearchConfig:
         except LatencyError as err:
             message = err.issues[0].message.replace("; known: ", "; one of cpu, cuda, ")
             issues.append(Issue("--device", message))
+    try:
+        _ = config.margin_fraction
+    except ValueError as err:
+        issues.append(Issue("--budget-margin", str(err)))
     if config.max_memory is not None:
         try:
             if config.max_memory_bytes <= 0:  # type: ignore[operator]

@@ -2,8 +2,10 @@
 
 - a CPU (or CUDA) profile that matches the target setting: **predicted** from the graph, no module built;
 - no matching profile, the device here: **measured** (every candidate is built and timed);
-- a GPU that is not here (``h100``, ``t4``, ...): an **uncalibrated estimate** from its datasheet, and every
-  output says so. Finalists cannot be re-measured then.
+- a GPU that is not here (``h100``, ``t4``, ...): an **estimate** from its datasheet with the efficiency
+  factors fitted on published measurements (that GPU's own, else pooled over the calibrated GPUs; see
+  :mod:`metaformer_lab.latency.gpu_calibrate`), labelled by where they come from (``uncalibrated estimate``
+  where nothing was fitted for the dtype). Finalists cannot be re-measured then.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ from typing import Any, Literal
 
 from metaformer_lab.core.errors import MetaformerLabError
 from metaformer_lab.graph.lower import ArchGraph
-from metaformer_lab.latency.gpu import UNCALIBRATED, KernelCache, estimate_gpu, gpu_spec
+from metaformer_lab.latency.gpu import Efficiency, KernelCache, estimate_gpu, estimate_label, gpu_spec
+from metaformer_lab.latency.gpu_calibrate import gpu_efficiency, gpu_profile_for
 from metaformer_lab.latency.host import CHECK_NETWORKS, HOST_SEED, HostCheck, check_host
 from metaformer_lab.latency.lease import host_lease
 from metaformer_lab.latency.measure import LatencyError, LatencyResult, cpu_name, measure
@@ -29,6 +32,17 @@ Source = Literal["predicted", "measured", "estimated"]
 LEASE_WAIT_S = 120.0
 """How long a measurement waits for sibling trials to stop computing before it goes ahead, flagged."""
 SHARED_HOST = "other trials computed on this host while it was timed"
+
+
+@dataclass(frozen=True)
+class Margin:
+    """The safety margin on the budget (a fraction of the latency) and why it is what it is."""
+
+    fraction: float
+    why: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"fraction": self.fraction, "why": self.why}
 
 
 @dataclass(frozen=True)
@@ -78,6 +92,8 @@ class LatencyOracle:
     def __init__(self, config: SearchConfig, input_size: tuple[int, int]) -> None:
         self.config = config
         self.gpu = gpu_spec(config.gpu_name) if config.gpu_name else None
+        # a GPU's own fitted factors, else factors pooled over the calibrated GPUs (latency.gpu_calibrate)
+        self.efficiency = gpu_efficiency(self.gpu, str(config.dtype)) if self.gpu is not None else Efficiency()
         self.profile: Profile | None = None
         self.cache = KernelCache()
         self.unmatched: tuple[str, ...] = ()  # why no shipped profile fits, when `auto` found none
@@ -105,9 +121,35 @@ class LatencyOracle:
             return "estimated"
         return "predicted" if self.profile is not None else "measured"
 
+    def margin(self) -> Margin:
+        """The budget margin the config asks for (``budget_margin``): none for measured latencies; ``auto``: the
+        source's measured error on networks (or GPUs) its factors were not fitted on."""
+        setting = self.config.budget_margin
+        if setting is None:
+            return Margin(0.0, "none (--budget-margin not given)")
+        if self.source == "measured":
+            return Margin(0.0, "none: every candidate's latency is measured")
+        if setting != "auto":
+            return Margin(self.config.margin_fraction or 0.0, f"--budget-margin {setting}")
+        if self.gpu is not None:
+            profile = gpu_profile_for(self.gpu, str(self.config.dtype))
+            error = None if profile is None else profile.held_out_error()
+            if error is None:
+                return Margin(0.0, "none: an uncalibrated estimate has no measured error to derive it from; "
+                                   "give --budget-margin PCT")
+            return Margin(error[0], f"auto: the {error[1]}")
+        assert self.profile is not None
+        mape = self.profile.accuracy.get("mape")
+        if mape is None:
+            return Margin(0.0, f"none: profile '{self.profile.name}' records no measured error "
+                               "(latency evaluate --record)")
+        return Margin(float(mape), f"auto: the error of profile '{self.profile.name}' on networks it was not "
+                                   "calibrated on (latency evaluate)")
+
     def describe(self) -> str:
         if self.gpu is not None:
-            return f"{UNCALIBRATED} for {self.gpu.full_name} ({self.config.dtype}, batch {self.config.batch_size})"
+            label = estimate_label(self.efficiency, self.gpu, str(self.config.dtype))[1]
+            return f"{label} for {self.gpu.full_name} ({self.config.dtype}, batch {self.config.batch_size})"
         if self.profile is not None:
             host = ""
             if self.host is not None:
@@ -127,7 +169,7 @@ class LatencyOracle:
     def _latency(self, graph: ArchGraph) -> Latency:
         if self.gpu is not None:
             est = estimate_gpu(graph, self.gpu, batch_size=self.config.batch_size, dtype=self.config.dtype,
-                               cache=self.cache)
+                               efficiency=self.efficiency, cache=self.cache)
             return Latency(est.total_ms, "estimated", f"{est.label} ({self.gpu.name})")
         if self.profile is not None:
             return Latency(predict(graph, self.profile).ms, "predicted", f"predicted from {self.profile.name}")

@@ -22,6 +22,7 @@ Ray's driver), :func:`evaluate_candidate` where the trial runs (the same process
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import socket
 from collections.abc import Callable
@@ -65,6 +66,11 @@ class Screening:
     def budget_ms(self) -> float:
         return self.config.budget_ms
 
+    @functools.cached_property
+    def margin(self) -> float:
+        """The budget margin (a fraction): a candidate is within budget when latency x (1 + margin) is."""
+        return self.oracle.margin().fraction
+
     @property
     def multi(self) -> bool:
         return self.config.objectives == "score,latency"
@@ -76,8 +82,9 @@ class Screening:
         latency = self.latency(trial, point)
         trial.set_user_attr("spec_name", point.spec.name)
         trial.set_user_attr("spec", dump_spec(point.spec))
-        if latency.ms > self.budget_ms:
-            detail = f"{latency.ms:.3f} ms > budget {self.budget_ms:g} ms"
+        if latency.ms * (1 + self.margin) > self.budget_ms:
+            margin = f" + {self.margin:.1%} margin" if self.margin else ""
+            detail = f"{latency.ms:.3f} ms{margin} > budget {self.budget_ms:g} ms"
             if not is_reference(trial):  # rejected before the per-node costs, which the decision does not need
                 self.reject(trial, Outcome.OVER_BUDGET, detail)
             # a hand-designed reference is scored anyway, to show where it sits; it stays infeasible
@@ -100,7 +107,7 @@ class Screening:
         for key, value in latency.attrs().items():
             trial.set_user_attr(key, value)
         trial.set_constraint("valid", 0.0)
-        trial.set_constraint("latency", latency.ms - self.budget_ms)
+        trial.set_constraint("latency", latency.ms * (1 + self.margin) - self.budget_ms)
         return latency
 
     def record_size(self, trial: optuna.Trial, point: Point) -> None:

@@ -149,6 +149,7 @@ def summary(study: optuna.Study, storage: str) -> dict[str, Any]:
     out: dict[str, Any] = {
         "study": study.study_name, "storage": storage,
         "budget_ms": study.user_attrs.get("identity", {}).get("budget_ms"),
+        "budget_margin": study.user_attrs.get("budget_margin"),
         "device": config.get("device"), "latency": study.user_attrs.get("latency_description"),
         "space": config.get("space"), "dataset": config.get("dataset"), "evaluator": config.get("evaluator"),
         "objectives": config.get("objectives"), "dtype": config.get("dtype"),

@@ -75,6 +75,7 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
     if oracle.host is not None:
         study.set_user_attr("host_check", oracle.host.to_json())
     study.set_user_attr("dtype_note", config.dtype_note)
+    study.set_user_attr("budget_margin", oracle.margin().to_json())
     (run_dir / RUN_FILE).write_text(json.dumps({"storage": url, "study_name": config.name,
                                                 "config": config.model_dump()}, indent=2) + "\n")
     return search
