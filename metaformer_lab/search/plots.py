@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -74,12 +75,16 @@ def pareto_plot(study: optuna.Study, path: Path, report: dict[str, Any]) -> Path
         ax.scatter([], [], marker="X", s=34, color="tab:purple", label="finalists measured over budget")
     if budget:
         ax.axvline(budget, color="black", ls="--", lw=1, label=f"budget {budget:g} ms")
+        margin = (report.get("budget_margin") or {}).get("fraction") or 0.0
+        if margin:  # what an estimate must stay under: latency x (1 + margin) <= budget
+            ax.axvline(budget / (1 + margin), color="black", ls=":", lw=1,
+                       label=f"budget less a {margin:.1%} margin ({budget / (1 + margin):.3g} ms)")
     source = report.get("latency") or ""
     ax.set_xscale("log")
     plain = FuncFormatter(lambda v, _: f"{v:g}")
     ax.xaxis.set_major_formatter(plain)
     ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[0] in "1235" else ""))
-    ax.set_xlabel(f"latency (ms): {source}")
+    ax.set_xlabel("\n".join(textwrap.wrap(f"latency (ms): {source}", 80, break_on_hyphens=False)))
     ax.set_ylabel("score (validation accuracy)" if report.get("evaluator") == "train" else "score")
     best = report.get("best")
     complete = report["trials"]["by_state"].get("complete", 0)
