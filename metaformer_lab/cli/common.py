@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, NoReturn
 
@@ -25,14 +27,59 @@ console = Console(width=None if sys.stdout.isatty() else 160)  # piped output ke
 progress_console = Console(stderr=True)  # progress bars never mix with what a command prints (--json)
 
 SpecArg = Annotated[str, typer.Argument(metavar="SPEC", help="A YAML file or a zoo model name.")]
-BlockDirs = Annotated[list[Path], typer.Option("--block-dir", help="Extra folder of named block YAMLs.")]
+def fail(path: str, message: str) -> NoReturn:
+    """One ``path: message`` line on stderr, exit 1 (bad input, never a traceback)."""
+    exit_with(MetaformerLabError.single(path, message))
 
 
-def output_file(path: Path | None) -> Path | None:
-    """An output path whose folder exists (a usage error otherwise, before any work is done)."""
-    if path is not None and not path.parent.is_dir():
-        raise typer.BadParameter(f"folder {path.parent} does not exist")
+def input_folders(param: typer.CallbackParam, folders: list[Path] | None) -> list[Path] | None:
+    """Folders given as input (``--block-dir``) must exist: one line and exit 1 otherwise."""
+    for folder in folders or []:
+        if not folder.is_dir():
+            fail(_option(param), f"{folder} is not a folder" if folder.exists() else f"{folder} does not exist")
+    return folders
+
+
+BlockDirs = Annotated[list[Path], typer.Option("--block-dir", metavar="DIR", help="Extra folder of named block YAMLs.",
+                                               callback=input_folders)]
+
+
+def check_output_file(option: str, path: Path) -> Path:
+    """A file path to write: not a folder, in a folder that exists and can be written (one ``option: message``
+    line and exit 1 otherwise, before any work is done)."""
+    if path.is_dir():
+        fail(option, f"{path} is a folder; give the name of a file to write")
+    if not path.parent.is_dir():
+        fail(option, f"folder {path.parent} does not exist")
+    existed = path.exists()
+    try:  # the file system decides (permissions, read-only mounts, root): open it for appending, touching nothing
+        with open(path, "a"):
+            pass
+    except OSError as err:
+        fail(option, f"cannot write {path}: {err.strerror or err}")
+    if not existed:
+        path.unlink(missing_ok=True)
     return path
+
+
+def output_file(param: typer.CallbackParam, path: Path | None) -> Path | None:
+    """Typer callback of a file option: :func:`check_output_file`."""
+    return None if path is None else check_output_file(_option(param), path)
+
+
+def _option(param: typer.CallbackParam) -> str:
+    return max(param.opts, key=len) if param.opts else str(param.name)
+
+
+@contextmanager
+def writing(option: str) -> Iterator[None]:
+    """Turn an OSError while writing an output into one ``option: message`` line (a full disk, a file system
+    that refuses the file) instead of a traceback."""
+    try:
+        yield
+    except OSError as err:
+        where = f" {err.filename}" if err.filename else ""
+        fail(option, f"cannot write{where}: {err.strerror or err}")
 
 
 def progress_bar() -> Progress:

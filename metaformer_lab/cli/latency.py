@@ -10,7 +10,7 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from metaformer_lab.cli.common import BlockDirs, app, console, exit_with, output_file, progress_bar
+from metaformer_lab.cli.common import BlockDirs, app, check_output_file, console, exit_with, progress_bar, writing
 from metaformer_lab.core.errors import Issue, MetaformerLabError
 
 
@@ -215,7 +215,7 @@ def calibrate(
     from metaformer_lab.latency.calibrate import Setting, calibrate_space
     from metaformer_lab.space import load_space, sample
 
-    output_file(out)
+    check_output_file("--out", out)
     if device not in ("cpu", "cuda"):
         _fail("--device", f"calibrate measures the device here: cpu or cuda, not '{device}'")
     if device == "cuda" and not torch.cuda.is_available():
@@ -249,7 +249,7 @@ def _calibrate_from_table(table: Path, device: str, dtype: str, out: Path | None
     from metaformer_lab.latency.gpu import gpu_spec
     from metaformer_lab.latency.gpu_calibrate import calibrate_from_table
 
-    output_file(out)
+    check_output_file("--out", out)
     try:
         if device in ("cpu", "cuda") or device.startswith("cuda:"):
             _fail("--device", f"with --from-table, name the GPU the table was measured on (rtx5090, h100, ...), "
@@ -273,7 +273,8 @@ def _calibrate_from_table(table: Path, device: str, dtype: str, out: Path | None
     except MetaformerLabError as err:
         exit_with(err)
     profile = fitted.profile
-    profile.save(target)
+    with writing("--out"):
+        profile.save(target)
     skipped = profile.skipped
     console.print(f"{table}: {len(fitted.points)} rows used, {skipped['count']} skipped "
                   f"({len(skipped['no_zoo_model'])} models not in the zoo; listed in the profile)")

@@ -13,7 +13,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from metaformer_lab.cli.common import BlockDirs, SpecArg, app, console, exit_with, human, output_file
+from metaformer_lab.cli.common import BlockDirs, SpecArg, app, console, exit_with, human, output_file, writing
 from metaformer_lab.core.errors import MetaformerLabError
 
 
@@ -41,7 +41,8 @@ def schema(
     if out is None:
         typer.echo(text)
     else:
-        out.write_text(text + "\n")
+        with writing("--out"):
+            out.write_text(text + "\n")
 
 
 @app.command()
@@ -97,7 +98,8 @@ def graph(
         arch_graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
     except MetaformerLabError as err:
         exit_with(err)
-    write_graph(arch_graph, out)
+    with writing("--out"):
+        write_graph(arch_graph, out)
     typer.echo(f"{out}: {arch_graph.number_of_nodes()} ops, {arch_graph.number_of_edges()} typed edges")
 
 
@@ -121,7 +123,8 @@ def export(
         raise typer.BadParameter(f"'{fmt}' is not one of onnx, pt2", param_hint="--format")
     try:
         graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
-        with console.status(f"exporting {graph.spec.name} to {fmt.lower()} and checking it", spinner="dots"):
+        with console.status(f"exporting {graph.spec.name} to {fmt.lower()} and checking it", spinner="dots"), \
+                writing("--out"):
             result = run_export(graph, fmt.lower(), out, dynamic_batch=not static_batch, atol=atol)  # type: ignore[arg-type]
     except MetaformerLabError as err:
         exit_with(err)

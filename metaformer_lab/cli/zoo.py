@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from metaformer_lab.cli.common import app, console, exit_with, output_file, progress_console
+from metaformer_lab.cli.common import app, console, exit_with, output_file, progress_console, writing
 from metaformer_lab.core.errors import MetaformerLabError
 
 zoo_app = typer.Typer(help="Known models: timm architectures reproduced exactly (fixed points).",
@@ -108,7 +108,8 @@ def zoo_check(
                 failures.append((name, err))
             progress.advance(task)
     if record is not None:
-        write_record(results, failures, record)
+        with writing("--record"):
+            write_record(results, failures, record)
     if as_json:
         typer.echo(json.dumps([r.to_json() for r in results] +
                               [{"name": n, "passed": False, "error": str(e)} for n, e in failures]))

@@ -66,7 +66,10 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
     run_dir = config.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise StudyError.single("--out", f"{run_dir} exists and is not a folder")
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise StudyError.single("--out", f"cannot create the run folder {run_dir}: {err.strerror or err}") from None
     url = storage_url(config, run_dir)
     storage = open_storage(url, config.heartbeat_s)
     study = open_study(config, storage, resume=resume)
