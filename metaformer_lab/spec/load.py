@@ -14,6 +14,7 @@ from typing import Any
 from pydantic import BaseModel, ValidationError
 
 from metaformer_lab.core.errors import Issue, SpecError
+from metaformer_lab.core.names import closest
 from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec
 from metaformer_lab.spec.issues import issues_from, show
 from metaformer_lab.spec.yaml_io import dump_yaml, load_yaml_file
@@ -39,6 +40,10 @@ def zoo_names() -> list[str]:
     return sorted(p.stem for p in zoo_dir().glob("*.yaml"))
 
 
+def example_names() -> list[str]:
+    return sorted(p.stem for p in data_dir("examples").glob("*.yaml"))
+
+
 def block_names(dirs: Sequence[Path] = ()) -> list[str]:
     names = {p.stem for d in [*dirs, data_dir("blocks")] for p in d.glob("*.yaml")}
     return sorted(names)
@@ -56,9 +61,12 @@ def _read_source(source: str | os.PathLike[str]) -> tuple[Any, list[Path]]:
         return load_yaml_file(path), [path.parent / "blocks", path.parent]
     if _NAME.match(text) and (zoo_dir() / f"{text}.yaml").is_file():
         return load_yaml_file(zoo_dir() / f"{text}.yaml"), []
-    close = difflib.get_close_matches(text, zoo_names(), n=1)
-    hint = f" (did you mean '{close[0]}'?)" if close else ""
-    raise SpecError.single(text, f"no such file, and no zoo model of that name{hint}")
+    example = data_dir("examples") / f"{text}.yaml"
+    if _NAME.match(text) and example.is_file():  # a shipped example, by name (after the zoo)
+        return load_yaml_file(example), [example.parent / "blocks", example.parent]
+    close = closest(text, [*zoo_names(), *example_names()])
+    hint = f" (did you mean '{close}'?)" if close else ""
+    raise SpecError.single(text, f"no such file, and no zoo model or shipped example of that name{hint}")
 
 
 def merge(base: Any, override: Any) -> Any:
