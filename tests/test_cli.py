@@ -156,3 +156,14 @@ def test_ops_of_one_role_and_an_unknown_name() -> None:
     code, out, err = run("ops", "gatd")
     assert code == 1 and "Traceback" not in err + out
     assert err.strip() == "ops: 'gatd' is neither a role nor an op type (did you mean 'gated'?)"
+
+
+def test_version_names_the_libraries_results_depend_on() -> None:
+    from importlib.metadata import version
+
+    import metaformer_lab
+
+    code, out, _ = run("--version")
+    assert code == 0
+    assert out.strip().startswith(f"metaformer-lab {metaformer_lab.__version__} (torch {version('torch')}, "
+                                  f"timm {version('timm')}, optuna {version('optuna')}, python ")

@@ -95,8 +95,18 @@ def exit_with(err: MetaformerLabError) -> NoReturn:
 
 
 def _version(value: bool) -> None:
+    """The version, and those of the libraries results depend on (read from their metadata: nothing imported)."""
     if value:
-        typer.echo(f"metaformer-lab {__version__}")
+        from importlib.metadata import PackageNotFoundError, version
+
+        def of(package: str) -> str:
+            try:
+                return version(package)
+            except PackageNotFoundError:
+                return "not installed"
+
+        typer.echo(f"metaformer-lab {__version__} (torch {of('torch')}, timm {of('timm')}, optuna {of('optuna')}, "
+                   f"python {sys.version.split()[0]})")
         raise typer.Exit()
 
 
