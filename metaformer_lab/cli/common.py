@@ -6,7 +6,7 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -42,6 +42,35 @@ def input_folders(param: typer.CallbackParam, folders: list[Path] | None) -> lis
 
 BlockDirs = Annotated[list[Path], typer.Option("--block-dir", metavar="DIR", help="Extra folder of named block YAMLs.",
                                                callback=input_folders)]
+
+
+BUILD_SHARE = 0.5
+"""Default share of the memory available now that building and running one network may take."""
+
+MaxMemory = Annotated[str | None, typer.Option(
+    "--max-memory", metavar="SIZE", envvar="MFL_MAX_MEMORY",
+    help="Refuse a spec whose parameters and activations need more than this (e.g. 8GB); default: half of the "
+         "memory available now.")]
+
+
+def refuse_oversized(graph: Any, batch_size: int, max_memory: str | None, device: str = "cpu") -> None:
+    """Before any tensor exists: one ``path: message`` line naming the part that dominates, and exit 1, for a
+    network whose estimated memory (:func:`metaformer_lab.graph.cost.memory_need`) exceeds the limit."""
+    from metaformer_lab.graph.cost import memory_need
+    from metaformer_lab.search.memory import available_bytes, format_bytes, parse_bytes
+
+    try:
+        limit = parse_bytes(max_memory) if max_memory else int(BUILD_SHARE * available_bytes(device))
+    except ValueError as err:
+        fail("--max-memory", str(err))
+    need = memory_need(graph, batch_size)
+    if need.total_bytes > limit:
+        why = (f"--max-memory {max_memory}" if max_memory else
+               "half of the memory available now; --max-memory or MFL_MAX_MEMORY sets it")
+        part, part_bytes = need.dominant
+        fail(part, f"the network needs about {format_bytes(need.total_bytes)} to build and run "
+                   f"({format_bytes(need.params_bytes)} of parameters), more than the {format_bytes(limit)} allowed "
+                   f"({why}); {part} alone needs {format_bytes(part_bytes)}")
 
 
 def check_output_file(option: str, path: Path) -> Path:

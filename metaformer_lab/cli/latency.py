@@ -10,7 +10,17 @@ import typer
 from rich.table import Table
 from typer.core import TyperGroup
 
-from metaformer_lab.cli.common import BlockDirs, app, check_output_file, console, exit_with, progress_bar, writing
+from metaformer_lab.cli.common import (
+    BlockDirs,
+    MaxMemory,
+    app,
+    check_output_file,
+    console,
+    exit_with,
+    progress_bar,
+    refuse_oversized,
+    writing,
+)
 from metaformer_lab.core.errors import Issue, MetaformerLabError
 
 
@@ -68,6 +78,7 @@ def latency_of(
     host_check: HostCheckOpt = True,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     block_dir: BlockDirs = [],  # noqa: B006  (typer reads the default)
+    max_memory: MaxMemory = None,
 ) -> None:
     """Measure a spec's forward latency, predict it from a profile, or estimate it for a named GPU.
 
@@ -121,6 +132,7 @@ def latency_of(
             elif no_measure:
                 _fail("--no-measure", "nothing to report: give --profile (or auto), or a GPU name as --device")
             if not no_measure:
+                refuse_oversized(graph, batch_size, max_memory, "cuda" if device.startswith("cuda") else "cpu")
                 r = measure(graph, device=device, batch_size=batch_size, dtype=dtype, threads=threads,
                             channels_last=channels_last)
                 out.update(measured_ms=r.median_ms, measurement=r.to_json())

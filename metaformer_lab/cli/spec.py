@@ -13,7 +13,18 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from metaformer_lab.cli.common import BlockDirs, SpecArg, app, console, exit_with, human, output_file, writing
+from metaformer_lab.cli.common import (
+    BlockDirs,
+    MaxMemory,
+    SpecArg,
+    app,
+    console,
+    exit_with,
+    human,
+    output_file,
+    refuse_oversized,
+    writing,
+)
 from metaformer_lab.core.errors import MetaformerLabError
 
 
@@ -21,7 +32,6 @@ from metaformer_lab.core.errors import MetaformerLabError
 def validate(spec: SpecArg, block_dir: BlockDirs = []) -> None:  # noqa: B006 - typer reads the default
     """Check a spec: exit 0 when valid, else 1 with one `path: message` line per problem."""
     from metaformer_lab.api import load_spec
-
     try:
         arch = load_spec(spec, block_dirs=block_dir)
     except MetaformerLabError as err:
@@ -53,8 +63,13 @@ def build(
     batch_size: Annotated[int, typer.Option(min=1, max=1024, help="Batch size of the test forward.")] = 1,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     block_dir: BlockDirs = [],  # noqa: B006
+    max_memory: MaxMemory = None,
 ) -> None:
-    """Build the PyTorch module: params, FLOPs, activation memory, output shape, per-stage table."""
+    """Build the PyTorch module: params, FLOPs, activation memory, output shape, per-stage table.
+
+    A spec too large for the machine is refused before any tensor exists (--max-memory).
+    Example: metaformer-lab build caformer_s18 --input-size 224 --batch-size 8
+    """
     from metaformer_lab.api import to_graph
     from metaformer_lab.summary import summarize
 
@@ -62,6 +77,7 @@ def build(
         graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
     except MetaformerLabError as err:
         exit_with(err)
+    refuse_oversized(graph, batch_size, max_memory)
     with console.status(f"building {graph.spec.name} and running one forward pass", spinner="dots"):
         summary = summarize(graph, batch_size)
     if as_json:
@@ -114,6 +130,7 @@ def export(
     atol: Annotated[float, typer.Option(min=0.0, help="Largest |exported - eager| accepted.")] = 1e-4,
     as_json: Annotated[bool, typer.Option("--json")] = False,
     block_dir: BlockDirs = [],  # noqa: B006
+    max_memory: MaxMemory = None,
 ) -> None:
     """Export to ONNX or .pt2; succeeds only when the exported outputs match eager ones."""
     from metaformer_lab.api import to_graph
@@ -123,6 +140,7 @@ def export(
         raise typer.BadParameter(f"'{fmt}' is not one of onnx, pt2", param_hint="--format")
     try:
         graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
+        refuse_oversized(graph, 1, max_memory)
         with console.status(f"exporting {graph.spec.name} to {fmt.lower()} and checking it", spinner="dots"), \
                 writing("--out"):
             result = run_export(graph, fmt.lower(), out, dynamic_batch=not static_batch, atol=atol)  # type: ignore[arg-type]

@@ -66,6 +66,60 @@ class Cost:
     parts: dict[str, NodeCost] = field(default_factory=dict)
 
 
+@dataclass(frozen=True)
+class MemoryNeed:
+    """What building a network and running it once without gradients needs: its parameters, plus a few of its
+    largest activations live at once. ``by_part``: parameter and activation bytes per spec part
+    (``stem``, ``stages[i]``, ``head``), to name the one that dominates."""
+
+    params_bytes: int
+    peak_activation_bytes: int
+    by_part: dict[str, int]
+    """Each part's parameters plus its own largest activations live at once (the total's terms, per part)."""
+
+    LIVE_ACTIVATIONS = 4
+    """Activations alive at once in an inference forward (input, output, a residual, a temporary)."""
+
+    @property
+    def total_bytes(self) -> int:
+        return self.params_bytes + self.LIVE_ACTIVATIONS * self.peak_activation_bytes
+
+    @property
+    def dominant(self) -> tuple[str, int]:
+        """The spec path of the part that needs the most, and what it needs."""
+        part = max(self.by_part, key=lambda p: self.by_part[p])
+        return part, self.by_part[part]
+
+
+def memory_need(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> MemoryNeed:
+    """:class:`MemoryNeed` from the graph, before any tensor exists: each distinct op is built once on the
+    ``meta`` device to count its parameters (a network repeats the same few blocks), activations come from
+    the edge types. Seconds even for a network too large for the machine."""
+    params_of: dict[tuple[Any, ...], int] = {}
+    params = peak = 0
+    part_params: dict[str, int] = {}
+    part_peak: dict[str, int] = {}
+    for name, node in graph.nodes(data=True):
+        out: TensorType | None = node["out"]
+        acts = out.numel(batch) * dtype_bytes if out is not None else 0
+        count = 0
+        if node["kind"] in LEAF_KINDS and not graph.is_composite(name) or node["kind"] in ("scale", "prefix"):
+            spec = node.get("spec")
+            key = (node["kind"], None if spec is None else spec.model_dump_json(), node["in_type"], out,
+                   node.get("count"))
+            if key not in params_of:
+                with torch.device("meta"):
+                    params_of[key] = count_params(build_node(graph, name))
+            count = params_of[key]
+        params += count * dtype_bytes
+        peak = max(peak, acts)
+        part = node["group"] if node["stage"] is None else f"stages[{node['stage']}]"
+        part_params[part] = part_params.get(part, 0) + count * dtype_bytes
+        part_peak[part] = max(part_peak.get(part, 0), acts)
+    by_part = {p: part_params[p] + MemoryNeed.LIVE_ACTIVATIONS * part_peak[p] for p in part_params if p != "input"}
+    return MemoryNeed(params, peak, by_part)
+
+
 def _meta_input(x: TensorType, batch: int) -> Tensor:
     return torch.empty(x.shape(batch), device="meta")
 
