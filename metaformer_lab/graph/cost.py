@@ -144,6 +144,27 @@ def node_cost(graph: ArchGraph, name: str, batch: int = 1, dtype_bytes: int = 4)
     return NodeCost(count_params(module), flops, activations)
 
 
+_NODE_COSTS: dict[tuple[Any, ...], NodeCost] = {}
+_NODE_COSTS_MAX = 1 << 16
+
+
+def _cached_node_cost(graph: ArchGraph, name: str, batch: int, dtype_bytes: int) -> NodeCost:
+    """:func:`node_cost`, once per distinct op: a node's cost is a function of its kind, config, input and
+    output types and wiring (a network repeats the same few blocks; a search the same few thousand ops)."""
+    node = graph.nodes[name]
+    spec = node.get("spec")
+    key = (node["kind"], None if spec is None else (type(spec).__qualname__, spec.model_dump_json()),
+           node["in_type"], node["out"], node.get("init") is not None, node.get("count"), graph.is_composite(name)
+           if node["kind"] in LEAF_KINDS else None, batch, dtype_bytes)
+    cost = _NODE_COSTS.get(key)
+    if cost is None:
+        cost = node_cost(graph, name, batch, dtype_bytes)
+        if len(_NODE_COSTS) >= _NODE_COSTS_MAX:
+            _NODE_COSTS.clear()
+        _NODE_COSTS[key] = cost
+    return cost
+
+
 def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
     """Params, FLOPs and activation bytes of the whole graph, without building the network.
 
@@ -152,7 +173,7 @@ def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
     """
     parts: dict[str, list[int]] = {}
     for name in graph.nodes:
-        cost = node_cost(graph, name, batch, dtype_bytes)
+        cost = _cached_node_cost(graph, name, batch, dtype_bytes)
         acc = parts.setdefault(graph.nodes[name]["group"], [0, 0, 0])
         acc[0] += cost.params
         acc[1] += cost.flops

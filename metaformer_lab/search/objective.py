@@ -33,7 +33,7 @@ import optuna
 import torch
 
 from metaformer_lab.compile.compiler import compile_graph
-from metaformer_lab.graph.cost import graph_cost
+from metaformer_lab.graph.cost import graph_cost, memory_need
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.latency.lease import host_lease
 from metaformer_lab.search.config import SearchConfig
@@ -76,13 +76,22 @@ class Screening:
         return self.config.objectives == "score,latency"
 
     def __call__(self, trial: optuna.Trial) -> tuple[Point, Latency]:
-        """The candidate and its latency; raises :class:`Rejected` (reason recorded) for one not to evaluate."""
+        """The candidate and its latency; raises :class:`Rejected` (reason recorded) for one not to evaluate.
+
+        Each path sets the trial's two constraints once: ``valid`` (0, or a penalty for a point that cannot
+        be evaluated) and ``latency`` (latency x (1 + margin) - budget)."""
         trial.set_user_attr("budget_ms", self.budget_ms)
         point = self.decode(trial)
+        measured = self.oracle.source == "measured"
+        if measured:  # timing builds the candidate: make sure it fits first
+            self.check_memory(trial, point, latency_ms=None)
         latency = self.latency(trial, point)
         trial.set_user_attr("spec_name", point.spec.name)
         trial.set_user_attr("spec", dump_spec(point.spec))
-        if latency.ms * (1 + self.margin) > self.budget_ms:
+        over = latency.ms * (1 + self.margin) - self.budget_ms
+        if over > 0:
+            trial.set_constraint("valid", 0.0)
+            trial.set_constraint("latency", over)
             margin = f" + {self.margin:.1%} margin" if self.margin else ""
             detail = f"{latency.ms:.3f} ms{margin} > budget {self.budget_ms:g} ms"
             if not is_reference(trial):  # rejected before the per-node costs, which the decision does not need
@@ -90,8 +99,29 @@ class Screening:
             # a hand-designed reference is scored anyway, to show where it sits; it stays infeasible
             trial.set_user_attr("reason", Outcome.OVER_BUDGET.value)
             trial.set_user_attr("detail", detail + " (a reference: scored, never chosen)")
+        else:
+            if not measured:
+                self.check_memory(trial, point, latency_ms=latency.ms)
+            trial.set_constraint("valid", 0.0)
+            trial.set_constraint("latency", over)
         self.record_size(trial, point)
         return point, latency
+
+    def check_memory(self, trial: optuna.Trial, point: Point, *, latency_ms: float | None) -> None:
+        """Reject, before it is built, a candidate whose weights alone exceed what a trial may allocate
+        (``max_memory``, or the default share of what is free): building it would exhaust the machine.
+        Activations are the evaluator's concern (it fits its batch under the same limit)."""
+        device = "cuda" if self.config.device.startswith("cuda") else "cpu"
+        limit = step_limit(self.config.max_memory_bytes, device)
+        need = memory_need(point.graph, self.config.batch_size)
+        if need.params_bytes > limit:
+            part, _ = need.dominant
+            trial.set_constraint("valid", INVALID_PENALTY)  # infeasible, as an invalid point is
+            trial.set_constraint("latency", 0.0 if latency_ms is None else
+                                 latency_ms * (1 + self.margin) - self.budget_ms)
+            self.reject(trial, Outcome.OUT_OF_MEMORY,
+                        f"{part}: its weights alone need {format_bytes(need.params_bytes)}, more than the "
+                        f"{format_bytes(limit)} a trial may allocate (--max-memory)")
 
     def decode(self, trial: optuna.Trial) -> Point:
         try:
@@ -106,8 +136,6 @@ class Screening:
         latency = self.oracle(point.graph)
         for key, value in latency.attrs().items():
             trial.set_user_attr(key, value)
-        trial.set_constraint("valid", 0.0)
-        trial.set_constraint("latency", latency.ms * (1 + self.margin) - self.budget_ms)
         return latency
 
     def record_size(self, trial: optuna.Trial, point: Point) -> None:

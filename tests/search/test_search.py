@@ -388,8 +388,9 @@ def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
 
 def test_a_candidate_over_the_memory_limit_is_an_out_of_memory_trial_and_the_search_goes_on(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """With less memory left than one image's step needs, every evaluation is refused with its estimate, before
-    the candidate is run (its forward never sees a real tensor), and the search reaches its trial count."""
+    """With less memory left than one image's step needs, every candidate is refused before it runs (its forward
+    never sees a real tensor): at screening when its weights alone do not fit (pruned, never built), else by
+    the evaluator with its step estimate (failed); the search reaches its trial count."""
     from metaformer_lab.search import memory
 
     for module in (memory, objective_module):  # the process holds 1 GB of a 1.001 GB cap
@@ -407,10 +408,14 @@ def test_a_candidate_over_the_memory_limit_is_an_out_of_memory_trial_and_the_sea
     search, report = run_search(quick(tmp_path, trials=5, max_memory="1.001GB", evaluator_options={}))
     assert ran == []
     failed = [t for t in search.study.get_trials() if t.user_attrs.get("reason") == "out_of_memory"]
-    assert failed and all(t.state == optuna.trial.TrialState.FAIL for t in failed)
-    detail = failed[0].user_attrs["detail"]
-    assert detail.startswith("grad_norm needs est. ") and "at batch 1" in detail
-    assert "left of --max-memory 1.00 GB (the process holds 1.00 GB)" in detail
+    assert failed
+    for t in failed:
+        detail = t.user_attrs["detail"]
+        if t.state == optuna.trial.TrialState.FAIL:  # refused by the evaluator, with its step estimate
+            assert detail.startswith("grad_norm needs est. ") and "at batch 1" in detail
+            assert "left of --max-memory 1.00 GB (the process holds 1.00 GB)" in detail
+        else:  # refused at screening: the weights alone exceed the ~1 MB left
+            assert t.state == optuna.trial.TrialState.PRUNED and "weights alone need" in detail
     assert finished(search.study) == 5 and report["trials"]["by_reason"]["out_of_memory"] == len(failed)
 
 
@@ -452,3 +457,25 @@ def test_a_bad_budget_margin_is_one_line(tmp_path: Path, margin: str) -> None:
     assert result.exit_code == 1 and "Traceback" not in result.output
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("--budget-margin: ") and margin in line
+
+
+@pytest.mark.parametrize("device", ["t4", "cpu"], ids=["estimated", "measured"])
+def test_a_candidate_whose_weights_do_not_fit_is_rejected_before_it_is_built(tmp_path: Path, device: str,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """The search records it as out_of_memory, naming the part, and goes on; nothing is built or timed."""
+    built: list[str] = []
+    real = objective_module.evaluate_candidate
+    monkeypatch.setattr(objective_module, "evaluate_candidate",
+                        lambda graph, *a, **k: built.append(graph.spec.name) or real(graph, *a, **k))
+    over = {"profile": None} if device == "cpu" else {}
+    config = quick(tmp_path, device=device, trials=3, max_memory="1KB", budget="1s")
+    search, report = run_search(config.model_copy(update=over))
+    trials = search.study.get_trials()
+    assert built == [] and finished(search.study) == 3
+    for t in trials:
+        assert t.user_attrs["reason"] in ("out_of_memory", "invalid"), t.user_attrs
+        if t.user_attrs["reason"] == "out_of_memory":
+            assert "weights alone need" in t.user_attrs["detail"] and t.user_attrs["detail"].startswith(
+                ("stem", "stages[", "head"))
+            assert any(v > 0 for v in t.constraints.values())
+    assert report["trials"]["by_reason"].get("out_of_memory", 0) >= 3
