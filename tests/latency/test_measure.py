@@ -1,6 +1,6 @@
 """Latency measurement: result structure and provenance, inputs accepted, durations, the noisy-neighbour guard.
 
-Tests check structure and flags, never timing values (STYLE.md section 7): the machine is shared.
+Tests check structure and flags, never timing values: the machine is shared.
 """
 
 from __future__ import annotations

@@ -25,7 +25,7 @@ def _issue_lines(err: DatasetError) -> list[str]:
 
 
 def _assert_well_formed(err: DatasetError) -> None:
-    """STYLE.md's form: one line per issue, lower case, no prefix, no Python reprs."""
+    """The error form: one line per issue, lower case, no prefix, no Python reprs."""
     assert isinstance(err, MetaformerLabError)
     for issue in err.issues:
         assert issue.path and "\n" not in issue.message
