@@ -11,7 +11,7 @@ import metaformer_lab
 
 PACKAGE = Path(__file__).resolve().parents[1] / "metaformer_lab"
 LAYERS = ["core", "ops", "spec", "graph", "compile", "zoo", "latency", "space", "search", "summary", "export", "api",
-          "cli"]
+          "timm_models", "cli"]
 FILES = sorted(PACKAGE.rglob("*.py"))
 ROOT_OWN = {"__version__"}  # defined in the root itself, not re-exported from a layer
 
