@@ -27,6 +27,8 @@ console = Console(width=None if sys.stdout.isatty() else 160)  # piped output ke
 progress_console = Console(stderr=True)  # progress bars never mix with what a command prints (--json)
 
 SpecArg = Annotated[str, typer.Argument(metavar="SPEC", help="A YAML file or a zoo model name.")]
+
+
 def fail(path: str, message: str) -> NoReturn:
     """One ``path: message`` line on stderr, exit 1 (bad input, never a traceback)."""
     exit_with(MetaformerLabError.single(path, message))
@@ -42,7 +44,6 @@ def input_folders(param: typer.CallbackParam, folders: list[Path] | None) -> lis
 
 BlockDirs = Annotated[list[Path], typer.Option("--block-dir", metavar="DIR", help="Extra folder of named block YAMLs.",
                                                callback=input_folders)]
-
 
 BUILD_SHARE = 0.5
 """Default share of the memory available now that building and running one network may take."""
