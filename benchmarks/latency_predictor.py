@@ -33,11 +33,10 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from metaformer_lab.latency.evaluate import accuracy, evaluate, scatter_plot
-from metaformer_lab.latency.host import HOST_SEED
-from metaformer_lab.latency.measure import cpu_name
+from metaformer_lab.latency.host import HOST_SEED, fit_to_host
 from metaformer_lab.latency.predict import predict
 from metaformer_lab.latency.profile import Profile, resolve_profile, shipped_profiles
-from metaformer_lab.search.latency import fit_to_host
+from metaformer_lab.latency.target import cpu_name
 from metaformer_lab.space import load_space, sample
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -94,7 +93,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = parser.parse_args()
     profiles = [resolve_profile(p) for p in args.profile] if args.profile else \
-        [p for p in shipped_profiles() if p.device == "cpu"]
+        [p for p in shipped_profiles() if p.target.kind == "cpu"]
     console = Console()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     results = []

@@ -23,7 +23,7 @@ def _seed() -> None:
 def host_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The host reports each CPU model in turn (the one the shipped profiles were made on, then another),
     whatever CPU runs the test; the value is the model reported."""
-    from metaformer_lab.latency.measure import CPU_NAME_ENV
+    from metaformer_lab.latency.target import CPU_NAME_ENV
 
     monkeypatch.setenv(CPU_NAME_ENV, request.param)
     return request.param

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
@@ -21,7 +22,10 @@ from metaformer_lab.cli.common import (
     refuse_oversized,
     writing,
 )
-from metaformer_lab.core.errors import Issue, MetaformerLabError
+from metaformer_lab.core.errors import Issue, LatencyError, MetaformerLabError
+
+if TYPE_CHECKING:
+    from metaformer_lab.latency.target import LatencyTarget
 
 
 class _SpecByDefault(TyperGroup):
@@ -54,13 +58,6 @@ def _fail(path: str, message: str) -> None:
     exit_with(MetaformerLabError([Issue(path, message)]))
 
 
-def _settings_text(settings: dict[str, Any]) -> str:
-    size = settings.get("input_size")
-    where = f"{settings.get('threads')} thread(s)" if settings.get("device") == "cpu" else settings.get("device_name")
-    grid = f"{size[0]}x{size[1]}, " if size else ""
-    return f"{grid}batch {settings.get('batch_size')}, {settings.get('dtype')}, {settings.get('device')} ({where})"
-
-
 @latency_app.command("spec", hidden=True)
 def latency_of(
     spec: Annotated[str, typer.Argument(metavar="SPEC", help="A YAML file or a zoo model name.")],
@@ -86,69 +83,52 @@ def latency_of(
     metaformer-lab latency vit_small_patch16_224 --device h100 --no-measure --dtype float16
     """
     from metaformer_lab.api import load_spec
-    from metaformer_lab.latency import GPUS, estimate_gpu, measure
-    from metaformer_lab.latency.measure import cpu_name
-    from metaformer_lab.latency.predict import as_graph, predict
-    from metaformer_lab.latency.profile import match_profile, resolve_profile
+    from metaformer_lab.latency.predict import as_graph
+    from metaformer_lab.latency.source import LatencySource
+    from metaformer_lab.latency.target import LatencyTarget
 
     try:
         arch = load_spec(spec, block_dirs=block_dir)
         graph = as_graph(arch, input_size)
-        size = (graph.input_type.height, graph.input_type.width)
-        gpu = device.lower() if device.lower() in GPUS else None
-        if gpu is None and device not in ("cpu", "cuda") and not device.startswith("cuda:"):
-            from metaformer_lab.latency import gpu_spec
+        target = LatencyTarget(device=device.lower(), dtype=dtype,
+                               batch_size=batch_size, threads=threads, channels_last=channels_last).at(graph)
+        if target.kind == "gpu":
+            from metaformer_lab.latency.gpu import gpu_spec
 
-            gpu = gpu_spec(device).name  # raises the "did you mean" error
-        out: dict[str, Any] = {"spec": arch.name, "settings": {
-            "device": device, "batch_size": batch_size, "input_size": list(size), "dtype": dtype,
-            "threads": threads if device == "cpu" else None, "channels_last": channels_last},
-            "measured_ms": None, "predicted_ms": None, "estimated_ms": None}
-        if gpu is not None:
-            from metaformer_lab.latency.gpu_calibrate import gpu_efficiency, resolve_gpu_profile
-
-            factors = resolve_gpu_profile(profile).efficiency if profile not in (None, "auto") else \
-                gpu_efficiency(gpu, dtype)
-            est = estimate_gpu(graph, gpu, batch_size=batch_size, dtype=dtype, efficiency=factors)
-            out.update(estimated_ms=est.total_ms, estimate=est.to_json(), label=est.label)
+            target = dataclasses.replace(target, device=gpu_spec(target.device).name)  # raises "did you mean"
+        # --no-measure measures nothing, the host check included
+        source = LatencySource(target, profile=profile, host_check=host_check and not no_measure)
+        out: dict[str, Any] = {"spec": arch.name, "settings": source.target.to_json(), "measured_ms": None,
+                               "predicted_ms": None, "estimated_ms": None}
+        if source.kind == "estimated":
+            est = source.estimated(graph)
+            out.update(estimated_ms=est.ms, estimate=est.record.to_json(), label=est.record.label)
         else:
-            chosen = None
-            adapt = host_check and not no_measure  # --no-measure measures nothing, the host check included
-            if profile == "auto":  # one made on another CPU model only through the host check
-                chosen, _ = match_profile({"device": "cpu" if device == "cpu" else "cuda",
-                                           "device_name": cpu_name() if device == "cpu" else None, "dtype": dtype,
-                                           "batch_size": batch_size, "threads": threads if device == "cpu" else None,
-                                           "input_size": size, "channels_last": channels_last}, adapt=adapt)
-            elif profile is not None:
-                chosen = resolve_profile(profile)
-            if chosen is not None:
-                if adapt and chosen.device == "cpu":
-                    from metaformer_lab.search.latency import fit_to_host
-
-                    chosen, check, line = fit_to_host(chosen)
-                    out.update(host_check=check.to_json() if check is not None else None, host_line=line)
-                p = predict(graph, chosen)
-                out.update(predicted_ms=p.ms, prediction=p.to_json())
+            if profile == "auto" and source.profile is None:
+                raise LatencyError(source.unmatched)
+            if source.profile is not None:
+                host_line = source.fit_host()
+                if host_line is not None:
+                    out.update(host_check=source.host.to_json() if source.host is not None else None,
+                               host_line=host_line)
+                p = source.predicted(graph)
+                out.update(predicted_ms=p.ms, prediction=p.record.to_json())
             elif no_measure:
                 _fail("--no-measure", "nothing to report: give --profile (or auto), or a GPU name as --device")
             if not no_measure:
-                refuse_oversized(graph, batch_size, max_memory, "cuda" if device.startswith("cuda") else "cpu")
-                r = measure(graph, device=device, batch_size=batch_size, dtype=dtype, threads=threads,
-                            channels_last=channels_last)
+                refuse_oversized(graph, batch_size, max_memory, "cuda" if target.kind == "cuda" else "cpu")
+                r = source.measure(graph, min_time_s=1.0)
                 out.update(measured_ms=r.median_ms, measurement=r.to_json())
     except MetaformerLabError as err:
         exit_with(err)
     if as_json:
         typer.echo(json.dumps(out, indent=1))
         return
-    _print_latency(out)
+    _print_latency(out, source.target)
 
 
-def _print_latency(out: dict[str, Any]) -> None:
-    s = out["settings"]
-    where = f"{s['threads']} thread(s)" if s["device"] == "cpu" else s["device"]
-    console.print(f"[bold]{out['spec']}[/bold] at {s['input_size'][0]}x{s['input_size'][1]}, batch "
-                  f"{s['batch_size']}, {s['dtype']}, {where}")
+def _print_latency(out: dict[str, Any], target: LatencyTarget) -> None:
+    console.print(f"[bold]{out['spec']}[/bold] at {target.describe()}")
     if out.get("measurement"):
         m = out["measurement"]
         flag = f"  [red]noisy: {'; '.join(m['noise_reasons'])}[/red]" if m["noisy"] else ""
@@ -224,7 +204,8 @@ def calibrate(
     dtype = dtype or "float32"
     import torch
 
-    from metaformer_lab.latency.calibrate import Setting, calibrate_space
+    from metaformer_lab.latency.calibrate import calibrate_space
+    from metaformer_lab.latency.target import LatencyTarget
     from metaformer_lab.space import load_space, sample
 
     check_output_file("--out", out)
@@ -235,8 +216,7 @@ def calibrate(
     try:
         sp = load_space(space)
         size = sp.template.parts["input"]["size"]
-        setting = Setting(device=device, dtype=dtype, batch_size=batch_size, threads=threads,
-                          input_size=(size, size) if isinstance(size, int) else tuple(size))
+        target = LatencyTarget(device=device, dtype=dtype, batch_size=batch_size, threads=threads, input_size=size)
         with progress_bar() as bar:
             tasks: dict[str, Any] = {}
 
@@ -247,7 +227,7 @@ def calibrate(
 
             op_graphs = [p.graph for p in sample(sp, ops_archs, seed=seed).points]
             fit_graphs = [p.graph for p in sample(sp, fit_archs, seed=seed + 1).points]
-            profile = calibrate_space(sp.name, op_graphs, fit_graphs, setting, out, name=name or out.stem,
+            profile = calibrate_space(sp.name, op_graphs, fit_graphs, target, out, name=name or out.stem,
                                       seeds=(seed, seed + 1), passes=passes, resume=resume, progress=progress)
     except MetaformerLabError as err:
         exit_with(err)
@@ -338,14 +318,14 @@ def evaluate(
                             f"evaluate on others (not {', '.join(map(str, used['seeds']))})")
         size = sp.template.parts["input"]["size"]
         want = (size, size) if isinstance(size, int) else tuple(size)
-        if prof.input_size is not None and prof.input_size != want:
+        have = prof.target.input_size
+        if have is not None and have != want:
             _fail("--space", f"space '{sp.name}' is {want[0]}x{want[1]}; profile '{prof.name}' was measured at "
-                             f"{prof.input_size[0]}x{prof.input_size[1]}")
+                             f"{have[0]}x{have[1]}")
         graphs = [p.graph for p in sample(sp, n, seed=seed).points]
         host_line = None
-        if host_check and prof.device == "cpu":
-            from metaformer_lab.latency.host import HOST_SEED
-            from metaformer_lab.search.latency import fit_to_host
+        if host_check and prof.target.kind == "cpu":
+            from metaformer_lab.latency.host import HOST_SEED, fit_to_host
 
             if seed == HOST_SEED:
                 _fail("--seed", f"seed {seed} draws the host check's networks; evaluate on others")
@@ -369,7 +349,7 @@ def evaluate(
         return
     if host_line:
         console.print(host_line)
-    console.print(f"profile '{prof.name}' ({_settings_text(prof.settings)}) on {n} '{sp.name}' networks, seed {seed}:")
+    console.print(f"profile '{prof.name}' ({prof.target.describe()}) on {n} '{sp.name}' networks, seed {seed}:")
     console.print(f"  within ±5 %: {report.within_5:.1%}   within ±10 %: {report.within_10:.1%}   "
                   f"MAPE: {report.mape:.2%}   Spearman: {report.spearman:.3f}   max error: {report.max_abs_error:.1%}")
     if report.noisy:
@@ -393,7 +373,7 @@ def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")
     for p in found:
         acc = p.accuracy or {}
         s = p.settings
-        table.add_row(p.name, _settings_text(s), str(s.get("device_name", "")), str(s.get("torch", "")),
+        table.add_row(p.name, p.target.describe(), str(s.get("device_name", "")), str(s.get("torch", "")),
                       str(s.get("created", ""))[:10], str(len(p.ops)),
                       f"{acc['within_10']:.1%} (n={acc['n']})" if acc else "not evaluated",
                       f"{acc['mape']:.2%}" if acc else "", f"{acc['spearman']:.3f}" if acc else "")

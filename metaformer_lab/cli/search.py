@@ -101,6 +101,7 @@ def search(
     """
     import optuna
 
+    from metaformer_lab.search.latency import margin as latency_margin
     from metaformer_lab.search.run import execute, prepare
 
     options: dict[str, Any] = {}
@@ -123,7 +124,7 @@ def search(
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar tells each trial's outcome
         prepared = prepare(config, resume=resume)  # every input checked before anything runs
         console.print(f"{config.name}: budget {config.budget_ms:g} ms, {config.dtype_note}, batch {config.batch_size}")
-        margin = prepared.oracle.margin()
+        margin = latency_margin(config, prepared.source)
         if config.budget_margin is not None:
             console.print(f"budget margin {margin.fraction:.1%}: {margin.why}")
         for note in prepared.notes:

@@ -41,6 +41,10 @@ class SpaceError(MetaformerLabError):
     """A search-space file (or a point of it) is invalid."""
 
 
+class LatencyError(MetaformerLabError):
+    """Invalid latency input: a duration, a device, a dtype, a GPU name, measurement settings, a profile."""
+
+
 class StudyError(MetaformerLabError):
     """A search's settings, study or run folder are invalid (bad budget, study to resume, storage, ...)."""
 

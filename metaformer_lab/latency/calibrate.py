@@ -21,7 +21,7 @@ import random
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -29,37 +29,25 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaformer_lab.core.errors import Issue
+from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.latency.interleave import measure_interleaved
 from metaformer_lab.latency.keys import NodeKey, node_inputs, walk_keys
-from metaformer_lab.latency.measure import DTYPES, LatencyError, cpu_name, device_name
+from metaformer_lab.latency.measure import DTYPES
 from metaformer_lab.latency.predict import corrected, op_latencies, structure
 from metaformer_lab.latency.profile import FEATURES, OpEntry, Profile, load_profile, relative_errors
+from metaformer_lab.latency.target import LatencyTarget
 from metaformer_lab.ops.common import init_weights
 
 Progress = Callable[[str, int, int], None]
 """``progress(phase, done, total)``: phase is ``ops`` or ``models``."""
 
 
-@dataclass(frozen=True)
-class Setting:
-    """What a profile is valid for."""
-
-    device: str = "cpu"
-    dtype: str = "float32"
-    batch_size: int = 1
-    threads: int = 1
-    input_size: tuple[int, int] = (224, 224)
-    channels_last: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {"device": self.device, "device_name": device_name(self.device) if self.device != "cpu" else cpu_name(),
-                "dtype": self.dtype, "batch_size": self.batch_size, "threads": self.threads,
-                "input_size": list(self.input_size), "channels_last": self.channels_last,
-                "torch": torch.__version__}
+def profile_settings(target: LatencyTarget) -> dict[str, Any]:
+    """What a profile file records about what it is for: the target on this host, and the torch version."""
+    return {**target.here().to_json(), "torch": torch.__version__}
 
 
 # --- timing one op -------------------------------------------------------------------------------
@@ -102,28 +90,28 @@ def _module(graph: ArchGraph, name: str) -> nn.Module:
     return module
 
 
-def op_call(graph: ArchGraph, name: str, key: NodeKey, setting: Setting) -> tuple[Callable[[], Tensor], str]:
+def op_call(graph: ArchGraph, name: str, key: NodeKey, target: LatencyTarget) -> tuple[Callable[[], Tensor], str]:
     """A zero-argument call running node ``name`` as the network does, and a label of what it is."""
-    dtype = DTYPES[setting.dtype]
+    dtype = DTYPES[target.dtype]
     inputs = [graph.nodes[i]["out"] for i in node_inputs(graph, name)]
     if graph.is_composite(name):
         inputs = [graph.nodes[graph.nodes[name]["fork"]]["in_type"]]
-    xs = [make_input(t, m, setting.batch_size, dtype, setting.device) for t, m in zip(inputs, key.in_mem, strict=True)]
+    xs = [make_input(t, m, target.batch_size, dtype, target.device) for t, m in zip(inputs, key.in_mem, strict=True)]
     kind = graph.nodes[name]["kind"]
     if kind == "add":
         if len(xs) == 3:  # the prefix tokens get the sum; the grid tokens pass through (Block.forward)
             prefix = xs[0].shape[1]
             return (lambda: torch.cat([xs[0] + xs[1], xs[2][:, prefix:]], dim=1)), "add"
         return (lambda: xs[0] + xs[1]), "add"
-    module = _module(graph, name).to(device=setting.device, dtype=dtype).eval()
-    if setting.channels_last and xs[0].dim() == 4:
+    module = _module(graph, name).to(device=target.device, dtype=dtype).eval()
+    if target.channels_last and xs[0].dim() == 4:
         module = module.to(memory_format=torch.channels_last)
     return (lambda: module(xs[0])), kind
 
 
-def measure_op(graph: ArchGraph, name: str, key: NodeKey, setting: Setting) -> OpEntry:
-    call, _ = op_call(graph, name, key, setting)
-    sync = torch.cuda.synchronize if setting.device.startswith("cuda") else (lambda: None)
+def measure_op(graph: ArchGraph, name: str, key: NodeKey, target: LatencyTarget) -> OpEntry:
+    call, _ = op_call(graph, name, key, target)
+    sync = torch.cuda.synchronize if target.device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         out = call()
         median, p10, p90 = time_call(call, sync=sync)
@@ -136,13 +124,13 @@ def measure_op(graph: ArchGraph, name: str, key: NodeKey, setting: Setting) -> O
 # --- the whole calibration ------------------------------------------------------------------------
 
 
-def _threads(setting: Setting) -> Callable[[], None]:
+def _threads(target: LatencyTarget) -> Callable[[], None]:
     previous = torch.get_num_threads()
-    torch.set_num_threads(setting.threads)
+    torch.set_num_threads(target.threads or previous)
     return lambda: torch.set_num_threads(previous)
 
 
-def calibrate_ops(profile: Profile, graphs: Sequence[ArchGraph], setting: Setting, *, passes: int = 3,
+def calibrate_ops(profile: Profile, graphs: Sequence[ArchGraph], target: LatencyTarget, *, passes: int = 3,
                   out: Path | None = None, progress: Progress | None = None, save_every: int = 100,
                   seed: int = 0) -> int:
     """Time every op of ``graphs`` in ``passes`` passes and keep each op's fastest median: a shared machine
@@ -151,7 +139,7 @@ def calibrate_ops(profile: Profile, graphs: Sequence[ArchGraph], setting: Settin
     new random order each. Ops the profile has from as many passes are skipped. Returns the timings taken."""
     found: dict[str, tuple[ArchGraph, str, NodeKey]] = {}
     timed = 0
-    restore = _threads(setting)
+    restore = _threads(target)
 
     def tick() -> None:
         nonlocal timed
@@ -164,11 +152,11 @@ def calibrate_ops(profile: Profile, graphs: Sequence[ArchGraph], setting: Settin
             def out_mem(name: str, key: NodeKey, graph: ArchGraph = graph) -> str:
                 found.setdefault(key.key, (graph, name, key))
                 if key.key not in profile.ops:
-                    profile.ops[key.key] = measure_op(graph, name, key, setting)
+                    profile.ops[key.key] = measure_op(graph, name, key, target)
                     tick()
                 return profile.ops[key.key].out_mem
 
-            for _ in walk_keys(graph, setting.batch_size, out_mem):
+            for _ in walk_keys(graph, target.batch_size, out_mem):
                 pass
             if progress is not None:
                 progress("ops", i + 1, len(graphs))
@@ -179,7 +167,7 @@ def calibrate_ops(profile: Profile, graphs: Sequence[ArchGraph], setting: Settin
             for j, (hashed, (graph, name, key)) in enumerate(todo):
                 old = profile.ops[hashed]
                 if old.passes < p:
-                    new = measure_op(graph, name, key, setting)
+                    new = measure_op(graph, name, key, target)
                     profile.ops[hashed] = replace(old, ms=min(old.ms, new.ms), p10=min(old.p10, new.p10),
                                              p90=min(old.p90, new.p90), passes=old.passes + 1)
                     tick()
@@ -196,7 +184,7 @@ def _forget_groups(profile: Profile) -> None:
         profile.__dict__.pop(attr, None)
 
 
-def measure_models(profile: Profile, graphs: Sequence[ArchGraph], setting: Setting, *, group: int = 8,
+def measure_models(profile: Profile, graphs: Sequence[ArchGraph], target: LatencyTarget, *, group: int = 8,
                    out: Path | None = None, progress: Progress | None = None, time_per_model_s: float = 2.0) -> None:
     """Measure whole networks for the correction, interleaved in groups (:func:`measure_interleaved`);
     each one's p10, median and spread accumulate in ``profile.fit['models']``."""
@@ -204,9 +192,7 @@ def measure_models(profile: Profile, graphs: Sequence[ArchGraph], setting: Setti
     todo = [g for g in graphs if "measured_ms" not in models.get(g.spec.name, {})]
     for k in range(0, len(todo), group):
         chunk = todo[k:k + group]
-        results = measure_interleaved(chunk, batch_size=setting.batch_size, dtype=setting.dtype,
-                                      threads=setting.threads, channels_last=setting.channels_last,
-                                      time_per_item_s=time_per_model_s)
+        results = measure_interleaved(chunk, target, time_per_item_s=time_per_model_s)
         for graph, r in zip(chunk, results, strict=True):
             models[graph.spec.name] = {"measured_ms": r.p10_ms, "median_ms": r.median_ms, "cv": r.cv,
                                        "noisy": r.noisy}
@@ -240,39 +226,41 @@ def fit_correction(profile: Profile) -> None:
                        mape=sum(abs(e) for e in errors) / len(errors))
 
 
-def start_profile(name: str, setting: Setting, out: Path | None, *, resume: bool, description: str = "") -> Profile:
+def start_profile(name: str, target: LatencyTarget, out: Path | None, *, resume: bool,
+                  description: str = "") -> Profile:
     """A new profile, or the one in ``out`` when resuming with the same settings."""
-    fresh = Profile(name=name, settings={**setting.to_json(), "created": datetime.now(timezone.utc).isoformat()},
+    created = datetime.now(timezone.utc).isoformat()
+    fresh = Profile(name=name, settings={**profile_settings(target), "created": created},
                     description=description)
     if not (resume and out is not None and out.exists()):
         return fresh
     old = load_profile(out)
-    same = {k: old.settings.get(k) for k in fresh.settings if k != "created"} == \
-        {k: v for k, v in fresh.settings.items() if k != "created"}
-    if not same:
-        differ = [k for k in fresh.settings if k != "created" and old.settings.get(k) != fresh.settings[k]]
+    differ = old.target.mismatches(fresh.target)
+    if old.settings.get("torch") != fresh.settings["torch"]:
+        differ.append(f"torch {old.settings.get('torch')} (want {fresh.settings['torch']})")
+    if differ:
         raise LatencyError([Issue("--resume", f"{out} was calibrated with other settings: {', '.join(differ)}")])
     return old
 
 
 
 
-def calibrate_space(space: str, op_graphs: list[ArchGraph], fit_graphs: list[ArchGraph], setting: Setting,
+def calibrate_space(space: str, op_graphs: list[ArchGraph], fit_graphs: list[ArchGraph], target: LatencyTarget,
                     out: Path, *, name: str, seeds: tuple[int, int], passes: int = 3, resume: bool = False,
                     progress: Progress | None = None) -> Profile:
     """The whole calibration of a profile for the networks of ``space``: every op of ``op_graphs + fit_graphs``
     timed in ``passes`` passes, the ``fit_graphs`` networks measured, the correction fitted. ``seeds`` are the
     seeds the two lists were drawn with; they are recorded, and ``latency evaluate`` refuses them. The profile
     is saved to ``out`` as it grows (resumable) and when done."""
-    profile = start_profile(name, setting, out, resume=resume,
-                            description=f"{space} space, {setting.threads} thread(s), {setting.dtype}, "
-                                        f"batch {setting.batch_size}")
+    profile = start_profile(name, target, out, resume=resume,
+                            description=f"{space} space, {target.threads} thread(s), {target.dtype}, "
+                                        f"batch {target.batch_size}")
     profile.fit["calibration"] = {"space": space, "seeds": list(seeds), "ops_archs": len(op_graphs),
                                   "fit_archs": len(fit_graphs), "passes": passes}
-    calibrate_ops(profile, op_graphs + fit_graphs, setting, passes=passes, out=out, progress=progress,
+    calibrate_ops(profile, op_graphs + fit_graphs, target, passes=passes, out=out, progress=progress,
                   seed=seeds[0])
     profile.save(out)
-    measure_models(profile, fit_graphs, setting, out=out, progress=progress)
+    measure_models(profile, fit_graphs, target, out=out, progress=progress)
     fit_correction(profile)
     profile.save(out)
     return profile

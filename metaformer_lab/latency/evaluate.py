@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from metaformer_lab.core.errors import LatencyError
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.latency.interleave import measure_interleaved
-from metaformer_lab.latency.measure import LatencyError
 from metaformer_lab.latency.predict import predict
 from metaformer_lab.latency.profile import Profile
 
@@ -73,15 +73,12 @@ def evaluate(profile: Profile, graphs: Sequence[ArchGraph], *, group: int = 8, t
              progress: Callable[[int, int], None] | None = None, context: dict[str, Any] | None = None) -> Accuracy:
     """Measure every network at the profile's setting, interleaved in groups (:func:`measure_interleaved`),
     and compare its p10 (the profile's statistic) with the prediction."""
-    if profile.device != "cpu":
-        raise LatencyError.single("--profile", f"evaluating a {profile.device} profile needs that device")
+    if profile.target.kind != "cpu":
+        raise LatencyError.single("--profile", f"evaluating a {profile.target.device} profile needs that device")
     pairs = []
     for k in range(0, len(graphs), group):
         chunk = graphs[k:k + group]
-        results = measure_interleaved(chunk, batch_size=profile.batch_size, dtype=profile.dtype,
-                                      threads=profile.threads or 1,
-                                      channels_last=bool(profile.settings.get("channels_last")),
-                                      time_per_item_s=time_per_model_s)
+        results = measure_interleaved(chunk, profile.target, time_per_item_s=time_per_model_s)
         for graph, r in zip(chunk, results, strict=True):
             predicted = predict(graph, profile)
             pairs.append(Pair(graph.spec.name, r.p10_ms, predicted.ms, r.noisy, predicted.coverage, r.median_ms))

@@ -49,11 +49,11 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from metaformer_lab.core.errors import Issue
+from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.graph.cost import SDPA_FORMULAS
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
-from metaformer_lab.latency.measure import DTYPES, LatencyError
+from metaformer_lab.latency.measure import DTYPES
 from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
 

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from metaformer_lab.core.errors import MetaformerLabError
+from metaformer_lab.core.errors import LatencyError, MetaformerLabError
 from metaformer_lab.latency.gpu import (
     DEFAULT_COMPUTE_EFFICIENCY,
     DEFAULT_MEMORY_EFFICIENCY,
@@ -49,7 +49,6 @@ from metaformer_lab.latency.gpu import (
     pooled_label,
     roofline_s,
 )
-from metaformer_lab.latency.measure import LatencyError
 from metaformer_lab.latency.profile import read_document, write_document
 
 TABLE_COLUMNS = ("model", "infer_img_size", "infer_step_time", "infer_batch_size")

@@ -19,11 +19,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from metaformer_lab.core.errors import LatencyError, MetaformerLabError
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.latency.interleave import measure_interleaved
-from metaformer_lab.latency.measure import LatencyError, cpu_name
 from metaformer_lab.latency.predict import predict
 from metaformer_lab.latency.profile import Profile
+from metaformer_lab.latency.target import cpu_name
+from metaformer_lab.space import SearchSpace, load_space, sample
 
 HOST_SEED = 9_000
 """The seed of the check networks sampled from a space (no calibration or evaluation uses it)."""
@@ -93,20 +95,37 @@ def check_host(profile: Profile, graphs: Sequence[ArchGraph], *, time_per_model_
     Raises:
         LatencyError: not a CPU profile, or no graph given.
     """
-    if profile.device != "cpu":
+    if profile.target.kind != "cpu":
         raise LatencyError.single("--profile", f"a host check measures on the CPU; '{profile.name}' is a "
-                                               f"{profile.device} profile")
+                                               f"{profile.target.device} profile")
     if not graphs:
         raise LatencyError.single("--profile", "a host check needs at least one network")
     start = time.perf_counter()
     raw = replace(profile, host_scale=1.0)
-    results = measure_interleaved(graphs, batch_size=profile.batch_size, dtype=profile.dtype,
-                                  threads=profile.threads or 1,
-                                  channels_last=bool(profile.settings.get("channels_last")),
-                                  time_per_item_s=time_per_model_s)
+    results = measure_interleaved(graphs, profile.target, time_per_item_s=time_per_model_s)
     predicted = [predict(g, raw).ms for g in graphs]
     ratios = sorted(r.p10_ms / p for p, r in zip(predicted, results, strict=True) if p > 0)
     if not ratios:
         raise LatencyError.single("--profile", f"profile '{profile.name}' predicts no time for the check networks")
     return HostCheck(profile.name, statistics.median(ratios), ratios, time.perf_counter() - start, cpu_name(),
-                     str(profile.settings.get("device_name") or ""))
+                     profile.target.device_name or "")
+
+
+def fit_to_host(profile: Profile, space: SearchSpace | None = None, *,
+                n: int = CHECK_NETWORKS) -> tuple[Profile, HostCheck | None, str]:
+    """``profile`` rescaled to this host from ``n`` networks of ``space`` (default: the space the profile was
+    calibrated on), with the check and a line saying what was done. A profile that is not for the CPU, or
+    whose space cannot be loaded, comes back as it was."""
+    if profile.target.kind != "cpu":
+        return profile, None, f"no host check: '{profile.name}' is a {profile.target.device} profile"
+    if space is None:
+        name = profile.fit.get("calibration", {}).get("space")
+        try:
+            space = load_space(str(name)) if name else None
+        except MetaformerLabError:
+            space = None
+        if space is None:
+            return profile, None, f"no host check: the space profile '{profile.name}' was calibrated on is not here"
+    graphs = [p.graph for p in sample(space, n, seed=HOST_SEED).points]
+    check = check_host(profile, graphs)
+    return check.apply(profile), check, check.describe()

@@ -18,66 +18,65 @@ from typing import Any
 import torch
 from torch import nn
 
+from metaformer_lab.core.errors import LatencyError
 from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.latency.load import contention, cpu_snapshot, neighbour_load
 from metaformer_lab.latency.measure import (
     LatencyResult,
-    _cpu_timer,
-    _module_and_shape,
-    _plan,
-    _prepare,
-    _warm_up,
-    contention,
-    cpu_snapshot,
-    neighbour_load,
+    TimingPlan,
+    cpu_timer,
+    module_and_shape,
+    prepare,
     provenance,
-    summarize,
+    timing_plan,
+    warm_up,
 )
+from metaformer_lab.latency.stats import summarize
+from metaformer_lab.latency.target import LatencyTarget
 from metaformer_lab.spec.load import SpecSource
 
 
-def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], *, batch_size: int = 1,
-                        dtype: str = "float32", threads: int = 1, channels_last: bool = False,
+def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], target: LatencyTarget, *,
                         time_per_item_s: float = 2.0, burst_s: float = 0.02, min_runs: int = 30,
                         max_time_per_item_s: float = 20.0, max_cv: float = 0.5,
                         progress: Callable[[int, int], None] | None = None) -> list[LatencyResult]:
-    """CPU latency of every item, measured in turns (see the module docstring).
+    """CPU latency of every item at ``target`` (a CPU target; each item at its own input size unless the
+    target sets one), measured in turns (see the module docstring).
 
     Each item runs bursts of ``burst_s`` (at least one forward) in round-robin order until it has
     ``min_runs`` runs and ``time_per_item_s`` seconds of them, or ``max_time_per_item_s``. A result is
     ``noisy`` when other processes took the cores it needed during the window, or when its spread is
     beyond ``max_cv`` (a cv of 0.2-0.3 is ordinary here; the p10 copes with it).
     """
-    plan = _plan(device="cpu", dtype=dtype, channels_last=channels_last, compile=False,
-                 ints={"batch_size": batch_size, "threads": threads, "min_runs": min_runs, "max_runs": 1_000_000,
-                       "retries": 0},
-                 floats={"min_time_s": time_per_item_s, "max_time_s": max_time_per_item_s, "max_warmup_s": 2.0,
-                         "max_cv": max_cv, "contention_tolerance": 0.3})
+    if target.kind != "cpu":
+        raise LatencyError.single("device", f"interleaved measurement is for the CPU, not {target.device}")
+    plan = timing_plan(target, min_runs=min_runs, max_runs=1_000_000, min_time_s=time_per_item_s,
+                       max_time_s=max_time_per_item_s, max_warmup_s=2.0, max_cv=max_cv, retries=0)
     previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
+    torch.set_num_threads(plan.threads)
     try:
         with torch.inference_mode():
-            runs, shapes = _runners(items, plan, batch_size)
+            runs, shapes = _runners(items, plan)
             samples, load = _rounds(runs, plan, time_per_item_s, burst_s, min_runs, max_time_per_item_s, progress)
     finally:
         torch.set_num_threads(previous)
-    contended = contention(load, threads, 0.3) if load is not None else None
-    return [_result(s, shape, plan, load, contended, threads) for s, shape in zip(samples, shapes, strict=True)]
+    contended = contention(load, plan.threads, plan.tolerance) if load is not None else None
+    return [_result(s, shape, plan, load, contended) for s, shape in zip(samples, shapes, strict=True)]
 
 
-def _runners(items: Sequence[Any], plan: Any,
-             batch_size: int) -> tuple[list[Callable[[], float]], list[tuple[int, ...]]]:
+def _runners(items: Sequence[Any], plan: TimingPlan) -> tuple[list[Callable[[], float]], list[tuple[int, ...]]]:
     runs, shapes = [], []
     for item in items:
-        module, shape = _module_and_shape(item, batch_size, None, 3)
-        fn, x = _prepare(module, shape, plan, owned=not isinstance(item, nn.Module))
-        run = _cpu_timer(fn, x)
-        _warm_up(run, plan.max_warmup_s)
+        module, shape = module_and_shape(item, plan.target)
+        fn, x = prepare(module, shape, plan, owned=not isinstance(item, nn.Module))
+        run = cpu_timer(fn, x)
+        warm_up(run, plan.max_warmup_s)
         runs.append(run)
         shapes.append(shape)
     return runs, shapes
 
 
-def _rounds(runs: Sequence[Callable[[], float]], plan: Any, want_s: float, burst_s: float, min_runs: int,
+def _rounds(runs: Sequence[Callable[[], float]], plan: TimingPlan, want_s: float, burst_s: float, min_runs: int,
             max_s: float, progress: Callable[[int, int], None] | None) -> tuple[list[list[float]], Any]:
     samples: list[list[float]] = [[] for _ in runs]
     spent = [0.0] * len(runs)
@@ -100,8 +99,8 @@ def _rounds(runs: Sequence[Callable[[], float]], plan: Any, want_s: float, burst
     return samples, load
 
 
-def _result(samples: list[float], shape: tuple[int, ...], plan: Any, load: Any, contended: str | None,
-            threads: int) -> LatencyResult:
+def _result(samples: list[float], shape: tuple[int, ...], plan: TimingPlan, load: Any,
+            contended: str | None) -> LatencyResult:
     stats = summarize(samples)
     reasons = [r for r in (contended,) if r]
     if stats.cv > plan.max_cv:
@@ -110,6 +109,5 @@ def _result(samples: list[float], shape: tuple[int, ...], plan: Any, load: Any, 
                          cv=stats.cv, runs=stats.runs, attempts=1, warmup_runs=0, noisy=bool(reasons),
                          noise_reasons=tuple(reasons), neighbour_load=load.load if load else None,
                          neighbour_cores=load.cores if load else None,
-                         provenance=provenance(device="cpu", dtype=plan.dtype, batch_size=shape[0], input_shape=shape,
-                                               channels_last=plan.channels_last, compile=None, threads=threads),
+                         provenance=provenance(plan.target, shape),
                          samples_ms=tuple(samples))

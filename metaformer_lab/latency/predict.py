@@ -17,9 +17,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from metaformer_lab.core.errors import LatencyError
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.latency.keys import NodeKey, default_out_mem, walk_keys
-from metaformer_lab.latency.measure import LatencyError
 from metaformer_lab.latency.profile import FEATURES, OpEntry, Profile
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
@@ -120,7 +120,7 @@ def op_latencies(graph: ArchGraph, profile: Profile) -> tuple[dict[str, float], 
         estimated.append(name)
         return default_out_mem(name, key)
 
-    for _ in walk_keys(graph, profile.batch_size, out_mem):
+    for _ in walk_keys(graph, profile.target.batch_size, out_mem):
         pass
     return nodes, estimated
 
@@ -141,7 +141,7 @@ def as_graph(spec_or_graph: ArchGraph | SpecSource, input_size: int | tuple[int,
 
 def check_input(graph: ArchGraph, profile: Profile) -> None:
     """A profile measures one input size; a spec at another size is refused, not silently rescaled."""
-    have = profile.input_size
+    have = profile.target.input_size
     got = (graph.input_type.height, graph.input_type.width)
     if have is not None and have != got:
         raise LatencyError.single("input.size", f"the spec's input is {got[0]}x{got[1]}, but profile '{profile.name}' "

@@ -1,9 +1,11 @@
 """Latency profiles: named, versioned JSON files of per-op latencies measured on one device, plus the
 whole-model correction fitted on measured networks and the profile's measured accuracy.
 
-A profile is valid for one setting: device (and its name), dtype, batch size, threads, input size and
-memory format. Shipped profiles live in ``metaformer_lab/latency/profiles/``; ``find_profile`` picks
-the one that matches a setting or says which come close.
+A profile is valid for one :class:`~metaformer_lab.latency.target.LatencyTarget` (device and its model,
+dtype, batch size, threads, input size, memory format, compile mode, deploy form), stored as the file's
+``settings`` with the torch version and date. Shipped profiles live in ``metaformer_lab/latency/profiles/``;
+:func:`find_profile` picks the one whose target matches or says which come close; :func:`match_profile`
+also takes one made on another CPU model, for the caller to fit to this host (:mod:`.host`).
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import math
 import os
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-from metaformer_lab.core.errors import Issue
-from metaformer_lab.latency.measure import LatencyError
+from metaformer_lab.core.errors import Issue, LatencyError
+from metaformer_lab.latency.target import LatencyTarget
 
 FORMAT = "metaformer-lab latency profile"
 VERSION = 1
@@ -53,8 +55,8 @@ class OpEntry:
 
 @dataclass
 class Profile:
-    """A loaded profile. ``settings`` holds device, device_name, dtype, batch_size, threads, input_size,
-    channels_last, torch version and date; ``accuracy`` the last ``latency evaluate`` report."""
+    """A loaded profile. ``settings`` holds its target's fields (:attr:`target`), the torch version and the
+    date; ``accuracy`` the last ``latency evaluate`` report."""
 
     name: str
     settings: dict[str, Any]
@@ -68,27 +70,10 @@ class Profile:
     """Factor fitted to the host in use (:mod:`.host`); not saved: it belongs to the host, not the profile."""
     host_check: dict[str, Any] | None = None
 
-    @property
-    def device(self) -> str:
-        return str(self.settings.get("device", "cpu"))
-
-    @property
-    def batch_size(self) -> int:
-        return int(self.settings.get("batch_size", 1))
-
-    @property
-    def threads(self) -> int | None:
-        value = self.settings.get("threads")
-        return None if value is None else int(value)
-
-    @property
-    def dtype(self) -> str:
-        return str(self.settings.get("dtype", "float32"))
-
-    @property
-    def input_size(self) -> tuple[int, int] | None:
-        value = self.settings.get("input_size")
-        return None if value is None else (int(value[0]), int(value[1]))
+    @cached_property
+    def target(self) -> LatencyTarget:
+        """What the profile is valid for (its ``settings`` less the torch version and date)."""
+        return LatencyTarget.from_json(self.settings)
 
     @cached_property
     def by_config(self) -> dict[str, list[OpEntry]]:
@@ -194,56 +179,38 @@ def resolve_profile(name_or_path: str | os.PathLike[str]) -> Profile:
     raise LatencyError.single(text, f"no such profile file, and no shipped profile of that name{hint}")
 
 
-MATCH_KEYS = ("device", "device_name", "dtype", "batch_size", "threads", "input_size", "channels_last")
-
-
-def mismatches(profile: Profile, want: Mapping[str, Any]) -> list[str]:
-    """The settings in which ``profile`` differs from ``want`` (keys of ``want`` that are None are free)."""
-    out = []
-    for key in MATCH_KEYS:
-        value = want.get(key)
-        if value is None:
-            continue
-        have = profile.settings.get(key)
-        if key == "input_size":
-            have = tuple(have) if have is not None else None
-            value = tuple(value) if not isinstance(value, int) else (value, value)
-        if have != value:
-            out.append(f"{key} {have} (want {value})")
-    return out
-
-
-def find_profile(want: Mapping[str, Any], profiles: Sequence[Profile] | None = None) -> Profile:
-    """The shipped profile matching every given setting; raises LatencyError listing the near matches."""
+def find_profile(want: LatencyTarget, profiles: Sequence[Profile] | None = None) -> Profile:
+    """The shipped profile whose target matches ``want`` (:meth:`LatencyTarget.mismatches`); raises LatencyError
+    listing the near matches."""
     candidates = list(profiles) if profiles is not None else shipped_profiles()
-    scored = sorted(((mismatches(p, want), p) for p in candidates), key=lambda mp: len(mp[0]))
+    scored = sorted(((p.target.mismatches(want), p) for p in candidates), key=lambda mp: len(mp[0]))
     if scored and not scored[0][0]:
         return scored[0][1]
-    wanted = ", ".join(f"{k} {v}" for k, v in want.items() if v is not None)
-    issues = [Issue("--profile", f"no shipped profile matches {wanted}")]
+    issues = [Issue("--profile", f"no shipped profile matches {want.describe()}"
+                                 + (f" on {want.device_name}" if want.device_name and want.kind == "cpu" else ""))]
     issues += [Issue("--profile", f"near match '{p.name}': differs in {', '.join(m)}") for m, p in scored[:3]]
     raise LatencyError(issues)
 
 
-def match_profile(want: Mapping[str, Any], *, adapt: bool,
+def match_profile(want: LatencyTarget, *, adapt: bool,
                   profiles: Sequence[Profile] | None = None) -> tuple[Profile, bool]:
     """The shipped profile for ``want``, and whether it was made on another CPU model.
 
-    A profile that matches every setting but ``device_name`` (made on another CPU model, on a CPU
-    ``want``) is returned only when ``adapt`` says the caller fits it to this host (the host check of
-    :mod:`.host`); its raw numbers are another machine's. Raises LatencyError (from :func:`find_profile`,
-    listing the near matches) when none fits.
+    A profile that matches every field but ``device_name`` (made on another CPU model, for a CPU target)
+    is returned only when ``adapt`` says the caller fits it to this host (the host check of :mod:`.host`);
+    its raw numbers are another machine's. Raises LatencyError (from :func:`find_profile`, listing the
+    near matches) when none fits.
     """
     try:
         return find_profile(want, profiles), False
     except LatencyError:
-        if not (adapt and want.get("device") == "cpu" and want.get("device_name") is not None):
+        if not (adapt and want.kind == "cpu" and want.device_name is not None):
             raise
     try:
-        return find_profile({**want, "device_name": None}, profiles), True
+        return find_profile(replace(want, device_name=None), profiles), True
     except LatencyError:
         pass
-    return find_profile(want, profiles), False  # raises, with the near matches of the full setting
+    return find_profile(want, profiles), False  # raises, with the near matches of the full target
 
 
 def relative_errors(predicted: Sequence[float], measured: Sequence[float]) -> list[float]:

@@ -12,9 +12,9 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
-from metaformer_lab.core.errors import Issue, StudyError
+from metaformer_lab.core.errors import Issue, LatencyError, StudyError
 from metaformer_lab.latency.gpu import gpu_spec
-from metaformer_lab.latency.measure import LatencyError, parse_duration_ms
+from metaformer_lab.latency.target import LatencyTarget, parse_duration_ms
 from metaformer_lab.spec.issues import issues_from, show
 from metaformer_lab.spec.yaml_io import load_yaml_file
 
@@ -143,6 +143,11 @@ class SearchConfig(BaseModel):
     @property
     def run_dir(self) -> Path:
         return Path(self.out) if self.out else Path("runs") / self.name
+
+    def latency_target(self, input_size: tuple[int, int]) -> LatencyTarget:
+        """What every candidate's latency is for (at the space's input size)."""
+        return LatencyTarget(device=self.device, dtype=str(self.dtype or default_dtype(self)),
+                             batch_size=self.batch_size, threads=self.threads, input_size=input_size)
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed study must share with the one it continues."""

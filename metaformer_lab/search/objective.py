@@ -36,10 +36,11 @@ from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.graph.cost import graph_cost, memory_need
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.latency.lease import host_lease
+from metaformer_lab.latency.source import Latency, LatencySource
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
 from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator, MemoryLimitExceeded
-from metaformer_lab.search.latency import Latency, LatencyOracle
+from metaformer_lab.search.latency import margin
 from metaformer_lab.search.memory import format_bytes, held_bytes, release, step_limit
 from metaformer_lab.search.study import Outcome
 from metaformer_lab.space import InvalidPoint, SearchSpace, decode_point
@@ -60,7 +61,7 @@ class Screening:
 
     space: SearchSpace
     config: SearchConfig
-    oracle: LatencyOracle
+    source: LatencySource
 
     @property
     def budget_ms(self) -> float:
@@ -69,7 +70,7 @@ class Screening:
     @functools.cached_property
     def margin(self) -> float:
         """The budget margin (a fraction): a candidate is within budget when latency x (1 + margin) is."""
-        return self.oracle.margin().fraction
+        return margin(self.config, self.source).fraction
 
     @property
     def multi(self) -> bool:
@@ -82,7 +83,7 @@ class Screening:
         be evaluated) and ``latency`` (latency x (1 + margin) - budget)."""
         trial.set_user_attr("budget_ms", self.budget_ms)
         point = self.decode(trial)
-        measured = self.oracle.source == "measured"
+        measured = self.source.kind == "measured"
         if measured:  # timing builds the candidate: make sure it fits first
             self.check_memory(trial, point, latency_ms=None)
         latency = self.latency(trial, point)
@@ -133,7 +134,7 @@ class Screening:
         raise AssertionError("unreachable")  # reject() raises
 
     def latency(self, trial: optuna.Trial, point: Point) -> Latency:
-        latency = self.oracle(point.graph)
+        latency = self.source.latency(point.graph)
         for key, value in latency.attrs().items():
             trial.set_user_attr(key, value)
         return latency
@@ -215,11 +216,11 @@ class Objective:
     config: SearchConfig
     data: Dataset
     evaluator: Evaluator
-    oracle: LatencyOracle
+    source: LatencySource
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        self.screen = Screening(self.space, self.config, self.oracle)
+        self.screen = Screening(self.space, self.config, self.source)
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, float]:
         trial.set_user_attr("worker", {"host": socket.gethostname(), "pid": os.getpid()})  # which process ran it

@@ -1,12 +1,12 @@
 """The Ray Tune backend: the same search, its trials spread over a Ray cluster.
 
-Same by construction: Ray Tune's ``Tuner`` runs with an :class:`OptunaSearch` searcher bound to the
-search's own Optuna study (same storage, same sampler), whose define-by-run space is the shared
-:class:`~metaformer_lab.search.objective.Screening` (decode -> latency -> size -> budget). Screening runs
-in the driver, next to the sampler, so the budget is a hard constraint (``trial.set_constraint``) before any
-worker sees the candidate; the worker runs :func:`~metaformer_lab.search.objective.evaluate_candidate`
-and reports back; the driver records the outcome in the study. Workers never touch the storage, so a
-SQLite run folder serves a whole cluster.
+Same by construction: Ray Tune's ``Tuner`` runs with a small searcher (``StudySearcher``, on Ray's public
+``Searcher`` interface) around the search's own Optuna study (same storage, same sampler). It asks the
+study for a candidate and screens it in the driver with the shared
+:class:`~metaformer_lab.search.objective.Screening` (decode -> latency -> memory -> budget): a candidate
+rejected there is recorded at once and never reaches a worker. An accepted one goes to a worker, which
+runs :func:`~metaformer_lab.search.objective.evaluate_candidate` and reports back; the driver records the
+outcome in the study. Workers never touch the storage, so a SQLite run folder serves a whole cluster.
 
 - Pruning: Ray's ASHA scheduler on the ``train`` evaluator's per-epoch accuracy (single objective), with
   reduction factor 2 (a trial below the median of its rung stops, as with the Optuna backend's median
@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import optuna
 import torch
@@ -61,7 +61,7 @@ _EPOCH = "epoch"
 # --- in the worker -------------------------------------------------------------------------------
 
 def run_trial(params: dict[str, Any], *, config: SearchConfig, data: Dataset) -> None:
-    """Ray Tune's trainable: evaluate the candidate the driver screened, reporting every epoch.
+    """Ray Tune's trainable: evaluate a candidate the driver screened and accepted, reporting every epoch.
 
     Every result carries the searcher's metrics (``score``, and ``latency_ms`` for two objectives) and
     ASHA's, NaN where there is no value; the last one has ``final: 1``. An evaluation failure is an outcome
@@ -72,9 +72,6 @@ def run_trial(params: dict[str, Any], *, config: SearchConfig, data: Dataset) ->
     torch.set_num_threads(config.train_threads or threads)
     base = {"score": math.nan, "latency_ms": float(params["latency_ms"]), PRUNER_METRIC: math.nan, _EPOCH: 0,
             "started": time.time(), "host": socket.gethostname(), "worker_pid": os.getpid()}
-    if params.get("reject"):
-        tune.report({**base, "outcome": Outcome.REJECTED.value, "final": 1})
-        return
     graph = lower(read_spec(yaml.safe_load(params["spec"])))
     evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
     device = "cuda" if config.ray.gpus_per_trial > 0 or config.device.startswith("cuda") else "cpu"
@@ -99,88 +96,107 @@ def _multi(config: SearchConfig) -> bool:
 
 # --- in the driver -------------------------------------------------------------------------------
 
-class Screen:
-    """The define-by-run space ``OptunaSearch`` calls: the shared screening, and the constants the trial needs.
-
-    (The trial passed in is Ray's wrapper around an ``optuna.Trial``: every Optuna call goes through.)"""
-
-    def __init__(self, screening: Screening) -> None:
-        self.screening = screening
-
-    def __call__(self, trial: optuna.Trial) -> dict[str, Any]:
-        try:
-            _, latency = self.screening(trial)
-        except Rejected:
-            return {"reject": trial.user_attrs.get("reason", Outcome.REJECTED.value),
-                    "latency_ms": float(trial.user_attrs.get("latency_ms", math.nan))}
-        return {"reject": None, "spec": trial.user_attrs["spec"], "latency_ms": latency.ms,
-                "prunable": self.screening.prunable(trial)}
-
-
 def _searcher_class() -> type:
-    """:class:`OptunaSearch` bound to a search's study (a function: Ray is imported only when used)."""
-    from ray.tune.search.optuna import OptunaSearch
+    """:class:`StudySearcher`, defined on first use (a function: Ray is imported only when used)."""
+    from ray.tune.search import Searcher
 
-    class StudySearch(OptunaSearch):  # type: ignore[misc]
-        """Ray's Optuna searcher on the search's own study, recording each outcome the way the Optuna backend does.
+    class StudySearcher(Searcher):  # type: ignore[misc]
+        """Ray Tune's searcher on the search's own Optuna study, through Ray's public ``Searcher`` interface.
 
-        Its state (for Ray's experiment checkpoints and ``Tuner.restore``) is the study's URL and name, the
-        sampler, and which Ray trial is which Optuna trial; the study itself is reopened from storage."""
+        ``suggest`` asks the study for a trial and screens it here, in the driver (:class:`Screening`: decode,
+        latency, memory, budget); a rejected candidate is told to the study at once and the next one asked,
+        so no worker ever sees it. Accepted candidates go to a worker as ``{spec, latency_ms, prunable}``;
+        their results come back to :meth:`on_trial_result` (the pruner's epochs) and
+        :meth:`on_trial_complete` (the outcome, recorded the way the Optuna backend does). Its state, for Ray's
+        experiment checkpoints and ``Tuner.restore``, is the study's URL and name, which Ray trial is which
+        Optuna trial, and how many searched trials are still to ask; the study itself is reopened from storage.
+        """
 
         def __init__(self, search: Search) -> None:
             config = search.config
             multi = _multi(config)
+            super().__init__(metric=["score", "latency_ms"] if multi else "score",
+                             mode=["max", "min"] if multi else "max")
             self._url, self._name, self._heartbeat = search.storage_url, config.name, config.heartbeat_s
             self._config = config
+            self.screening = Screening(search.space, config, search.source)
+            self.study = search.study
             self.progress: Callable[[TrialEvent], None] | None = None
             self.deadline = None if config.timeout_s is None else time.time() + config.timeout_s
-            super().__init__(space=Screen(Screening(search.space, config, search.oracle)),
-                             metric=["score", "latency_ms"] if multi else "score",
-                             mode=["max", "min"] if multi else "max", sampler=search.study.sampler,
-                             study_name=config.name, storage=open_storage(self._url, self._heartbeat))
+            self.to_ask = max(config.trials - finished(search.study), 0)  # searched trials still to ask for
+            self.trials: dict[str, optuna.Trial] = {}  # Ray trial id -> Optuna trial
+            self.completed: set[str] = set()
 
-        # -- pickling: what Ray saves and restores ----------------------------------------------
+        # -- pickling: what Ray saves and restores ------------------------------------------------
         def __getstate__(self) -> dict[str, Any]:
             state = self.__dict__.copy()
-            state["_ot_trials"] = {tid: t._trial_id for tid, t in self._ot_trials.items()}
-            state["_ot_study"] = None
-            state["_storage"] = None
-            state["progress"] = None
+            state["trials"] = {tid: t._trial_id for tid, t in self.trials.items()}
+            for name in ("study", "screening", "progress"):
+                state[name] = None
             return state
 
         def __setstate__(self, state: dict[str, Any]) -> None:
-            ids = state.pop("_ot_trials")
+            ids = state.pop("trials")
             self.__dict__.update(state)
-            self._storage = open_storage(self._url, self._heartbeat)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study = optuna.load_study(study_name=self._name, storage=self._storage, sampler=self._sampler)
-            self._ot_study = study  # type: ignore[assignment]
-            self._ot_trials = {tid: optuna.Trial(study, i) for tid, i in ids.items()}
+            study = optuna.load_study(study_name=self._name, storage=open_storage(self._url, self._heartbeat))
+            self.study = study
+            self.trials = {tid: optuna.Trial(study, i) for tid, i in ids.items()}
 
         def save(self, checkpoint_path: str) -> None:
             with open(checkpoint_path, "wb") as f:
                 pickle.dump(self.__getstate__(), f)
 
         def restore(self, checkpoint_path: str) -> None:
-            progress, config = self.progress, self._config  # this run's, not the saved run's
             with open(checkpoint_path, "rb") as f:
-                self.__setstate__(pickle.load(f))
-            self.progress, self._config = progress, config
+                state = pickle.load(f)
+            keep = {k: getattr(self, k) for k in ("progress", "_config", "screening", "deadline")}  # this run's
+            self.__setstate__(state)
+            self.__dict__.update(keep)
+
+        def resume(self, search: Search, progress: Callable[[TrialEvent], None] | None) -> None:
+            """Bind a searcher Ray restored to this run (its config, screening, progress and deadline)."""
+            config = search.config
+            self._config, self.progress = config, progress
+            self.screening = Screening(search.space, config, search.source)
+            self.deadline = None if config.timeout_s is None else time.time() + config.timeout_s
 
         @property
-        def study(self) -> optuna.Study:
-            return cast(optuna.Study, self._ot_study)
+        def unfinished(self) -> set[str]:
+            """Ray trials given out whose end this searcher has not heard (a Ctrl-C leaves some)."""
+            return set(self.trials) - self.completed
 
-        def suggest(self, trial_id: str) -> dict[str, Any] | None:
-            if self.deadline is not None and time.time() > self.deadline:
-                return self.FINISHED  # type: ignore[return-value]  # --timeout: no new trials; running ones finish
-            return super().suggest(trial_id)  # type: ignore[no-any-return]
+        # -- asking ---------------------------------------------------------------------------------
+        def suggest(self, trial_id: str) -> dict[str, Any] | str | None:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                # the driver records outcomes itself; the storage's heartbeat belongs to Study.optimize
+                warnings.filterwarnings("ignore", message="Heartbeat of storage")
+                while True:
+                    if self.deadline is not None and time.time() > self.deadline:
+                        return Searcher.FINISHED  # --timeout: no new trials; running ones finish
+                    if self.to_ask <= 0 and waiting_references(self.study) == 0:
+                        return Searcher.FINISHED
+                    trial = self.study.ask()
+                    if not trial.user_attrs.get("reference"):
+                        self.to_ask -= 1
+                    try:
+                        _, latency = self.screening(trial)
+                    except Rejected:  # told here: the candidate never reaches a worker
+                        self._tell(trial, None, TrialState.PRUNED)
+                        continue
+                    self.trials[trial_id] = trial
+                    return {"spec": trial.user_attrs["spec"], "latency_ms": latency.ms,
+                            "prunable": self.screening.prunable(trial)}
+
+        def _tell(self, trial: optuna.Trial, values: Any, state: TrialState) -> None:
+            frozen = self.study.tell(trial, values, state=state)
+            if self.progress is not None:
+                self.progress(event(self.study, frozen, self._config.trials))
 
         # -- results ----------------------------------------------------------------------------
         def on_trial_result(self, trial_id: str, result: dict[str, Any]) -> None:
-            trial = self._ot_trials.get(trial_id)
-            if trial is None or trial_id in self._completed_trials:
+            trial = self.trials.get(trial_id)
+            if trial is None or trial_id in self.completed:
                 return
             if "worker_pid" in result:
                 worker = {"host": result.get("host"), "pid": int(result["worker_pid"])}
@@ -195,18 +211,16 @@ def _searcher_class() -> type:
 
         def on_trial_complete(self, trial_id: str, result: dict[str, Any] | None = None,
                               error: bool = False) -> None:
-            if trial_id in self._completed_trials or trial_id not in self._ot_trials:
+            if trial_id in self.completed or trial_id not in self.trials:
                 return
-            self._completed_trials.add(trial_id)
-            trial = self._ot_trials[trial_id]
+            self.completed.add(trial_id)
+            trial = self.trials[trial_id]
             if self.study._storage.get_trial(trial._trial_id).state.is_finished():
                 return  # told before the experiment state that Ray restored was saved
             state, values = self._outcome(trial, result or {}, error)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                frozen = self.study.tell(trial, values, state=state)
-            if self.progress is not None:
-                self.progress(event(self.study, frozen, self._config.trials))
+                self._tell(trial, values, state)
 
         def _outcome(self, trial: optuna.Trial, result: dict[str, Any],
                      error: bool) -> tuple[TrialState, Any]:
@@ -221,8 +235,6 @@ def _searcher_class() -> type:
                                               "see Ray's logs)")
                 return TrialState.FAIL, None
             outcome = result.get("outcome")
-            if outcome == Outcome.REJECTED:  # the screening recorded why
-                return TrialState.PRUNED, None
             if outcome:
                 trial.set_user_attr("reason", Outcome(outcome).value)
                 trial.set_user_attr("detail", str(result.get("detail", "")))
@@ -239,7 +251,7 @@ def _searcher_class() -> type:
             score = float(result["score"])
             return TrialState.COMPLETE, ([score, float(result["latency_ms"])] if _multi(self._config) else score)
 
-    return StudySearch
+    return StudySearcher
 
 
 def check_address(address: str | None) -> None:
@@ -314,8 +326,7 @@ def optimize_ray(search: Search, *, progress: Callable[[TrialEvent], None] | Non
                                        restart_errored=False)
             searcher = _restored_searcher(tuner)
             if searcher is not None:
-                searcher.progress, searcher._config = progress, config
-                searcher.deadline = None if config.timeout_s is None else time.time() + config.timeout_s
+                searcher.resume(search, progress)
             interrupted = _fit(tuner, searcher)
             if interrupted or finished(search.study) >= config.trials:
                 return interrupted
@@ -360,13 +371,13 @@ def _fit(tuner: Any, searcher: Any) -> bool:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Ray's deprecation and define-by-run timing notes
         tuner.fit()
-    return searcher is not None and bool(set(searcher._ot_trials) - searcher._completed_trials)
+    return searcher is not None and bool(searcher.unfinished)
 
 
 def _restored_searcher(tuner: Any) -> Any:
     """The study searcher inside a restored tuner (Ray wraps it in a concurrency limiter)."""
     alg = tuner._local_tuner._tune_config.search_alg
-    while alg is not None and not hasattr(alg, "_ot_study"):
+    while alg is not None and not hasattr(alg, "unfinished"):
         alg = getattr(alg, "searcher", None)
     return alg
 

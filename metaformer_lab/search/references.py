@@ -146,7 +146,7 @@ def reference_counts(study: optuna.Study) -> dict[str, Any]:
 
 def plan_for(search: Search) -> ReferencePlan:
     """Screen a prepared search's references and queue or place them; the plan is kept on the search."""
-    plan = plan_references(search.study, Screening(search.space, search.config, search.oracle),
+    plan = plan_references(search.study, Screening(search.space, search.config, search.source),
                            score_later=search.config.score_references)
     search.references = plan
     return plan

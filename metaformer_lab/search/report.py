@@ -20,7 +20,7 @@ from optuna.trial import FrozenTrial
 
 from metaformer_lab.core.errors import StudyError
 from metaformer_lab.graph.lower import ArchGraph, lower
-from metaformer_lab.search.latency import LatencyOracle
+from metaformer_lab.latency.source import LatencySource
 from metaformer_lab.search.references import reference_counts
 from metaformer_lab.search.study import RUN_FILE, counts, feasible, front, open_storage, outcome, scored
 from metaformer_lab.spec.load import read_spec
@@ -37,7 +37,7 @@ def graph_of(trial: FrozenTrial) -> ArchGraph:
     return lower(read_spec(yaml.safe_load(trial.user_attrs["spec"])))
 
 
-def remeasure_finalists(study: optuna.Study, oracle: LatencyOracle, budget_ms: float, count: int, *,
+def remeasure_finalists(study: optuna.Study, source: LatencySource, budget_ms: float, count: int, *,
                         passes: int = 3, progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Measure the best ``count`` trials (and, for two objectives, the Pareto front) on the target device;
     each latency is the fastest of ``passes`` medians. When all of them break the budget, the next best are
@@ -48,10 +48,10 @@ def remeasure_finalists(study: optuna.Study, oracle: LatencyOracle, budget_ms: f
     if len(study.directions) > 1:
         chosen += [t for t in front(scored(study)) if t not in chosen]
     results: dict[str, Any] = dict(study.user_attrs.get(FINALISTS, {}))
-    if not oracle.can_measure:
+    if not source.can_measure:
         for t in chosen:
             results[str(t.number)] = {"measured_ms": None, "within_budget": None,
-                                      "note": f"not measured: {oracle.describe()}"}
+                                      "note": f"not measured: {source.describe()}"}
         study.set_user_attr(FINALISTS, results)
         return results
     spare = [t for t in order[count:3 * count] if t not in chosen]
@@ -60,7 +60,7 @@ def remeasure_finalists(study: optuna.Study, oracle: LatencyOracle, budget_ms: f
         t = chosen.pop(0)
         k += 1
         if str(t.number) not in results:
-            results[str(t.number)] = _measure(oracle, graph_of(t), budget_ms, passes)
+            results[str(t.number)] = _measure(source, graph_of(t), budget_ms, passes)
             study.set_user_attr(FINALISTS, results)  # kept as it goes: an interrupted run loses none
         if progress is not None:
             progress(k, k + len(chosen))
@@ -69,8 +69,8 @@ def remeasure_finalists(study: optuna.Study, oracle: LatencyOracle, budget_ms: f
     return results
 
 
-def _measure(oracle: LatencyOracle, graph: ArchGraph, budget_ms: float, passes: int) -> dict[str, Any]:
-    runs = [oracle.measure(graph) for _ in range(passes)]
+def _measure(source: LatencySource, graph: ArchGraph, budget_ms: float, passes: int) -> dict[str, Any]:
+    runs = [source.measure(graph) for _ in range(passes)]
     fastest = min(runs, key=lambda r: r.median_ms)
     return {"measured_ms": fastest.median_ms, "p10_ms": fastest.p10_ms, "p90_ms": fastest.p90_ms, "cv": fastest.cv,
             "noisy": all(r.noisy for r in runs), "within_budget": fastest.median_ms <= budget_ms,

@@ -26,7 +26,7 @@ from metaformer_lab.core.errors import StudyError
 from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import load_dataset
 from metaformer_lab.search.evaluators import make_evaluator
-from metaformer_lab.search.latency import LatencyOracle
+from metaformer_lab.search.latency import latency_source, margin
 from metaformer_lab.search.objective import Failure, Objective
 from metaformer_lab.search.references import plan_for, queue_later
 from metaformer_lab.search.study import (
@@ -62,7 +62,7 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
         from metaformer_lab.search.ray_backend import check_address
 
         check_address(config.ray.address)
-    oracle = LatencyOracle(config, size)
+    source = latency_source(config, size)
     run_dir = config.run_dir
     if run_dir.exists() and not run_dir.is_dir():
         raise StudyError.single("--out", f"{run_dir} exists and is not a folder")
@@ -73,12 +73,12 @@ def prepare(config: SearchConfig, *, resume: bool = False) -> Search:
     url = storage_url(config, run_dir)
     storage = open_storage(url, config.heartbeat_s)
     study = open_study(config, storage, resume=resume)
-    host_line = oracle.fit_host(space)  # after every check: bad input costs no measuring
-    search = Search(config, space, data, oracle, study, run_dir, url, notes=[host_line] if host_line else [])
-    if oracle.host is not None:
-        study.set_user_attr("host_check", oracle.host.to_json())
+    host_line = source.fit_host(space)  # after every check: bad input costs no measuring
+    search = Search(config, space, data, source, study, run_dir, url, notes=[host_line] if host_line else [])
+    if source.host is not None:
+        study.set_user_attr("host_check", source.host.to_json())
     study.set_user_attr("dtype_note", config.dtype_note)
-    study.set_user_attr("budget_margin", oracle.margin().to_json())
+    study.set_user_attr("budget_margin", margin(config, source).to_json())
     (run_dir / RUN_FILE).write_text(json.dumps({"storage": url, "study_name": config.name,
                                                 "config": config.model_dump()}, indent=2) + "\n")
     return search
@@ -148,7 +148,7 @@ def _objective(search: Search) -> Objective:
     """The in-process objective (its evaluator's memory limit is set per candidate: ``evaluate_candidate``)."""
     config = search.config
     evaluator = make_evaluator(config.evaluator, **config.evaluator_options)
-    return Objective(search.space, config, search.data, evaluator, search.oracle, _device(config))
+    return Objective(search.space, config, search.data, evaluator, search.source, _device(config))
 
 
 def run_search(config: SearchConfig, *, resume: bool = False, progress: Callable[[TrialEvent], None] | None = None,
@@ -169,7 +169,7 @@ def execute(search: Search, *, progress: Callable[[TrialEvent], None] | None = N
     from metaformer_lab.search.report import remeasure_finalists, write_run
 
     config = search.config
-    search.study.set_user_attr("latency_description", search.oracle.describe())
+    search.study.set_user_attr("latency_description", search.source.describe())
     interrupted = False
     try:
         if config.backend == "ray":
@@ -183,7 +183,7 @@ def execute(search: Search, *, progress: Callable[[TrialEvent], None] | None = N
     except KeyboardInterrupt:
         interrupted = True
     if not interrupted:
-        remeasure_finalists(search.study, search.oracle, config.budget_ms, config.finalists,
+        remeasure_finalists(search.study, search.source, config.budget_ms, config.finalists,
                             progress=finalist_progress)
     report = write_run(search.study, search.run_dir, search.storage_url)
     report["interrupted"] = interrupted

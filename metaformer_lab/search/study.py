@@ -22,8 +22,8 @@ from metaformer_lab.core.errors import Issue, StudyError
 from metaformer_lab.search.config import SearchConfig
 
 if TYPE_CHECKING:
+    from metaformer_lab.latency.source import LatencySource
     from metaformer_lab.search.datasets import Dataset
-    from metaformer_lab.search.latency import LatencyOracle
     from metaformer_lab.search.references import ReferencePlan
     from metaformer_lab.space import SearchSpace
 
@@ -71,12 +71,12 @@ class TrialEvent:
 
 @dataclass
 class Search:
-    """A prepared search: config, space, data, latency oracle, study and run folder."""
+    """A prepared search: config, space, data, latency source, study and run folder."""
 
     config: SearchConfig
     space: SearchSpace
     data: Dataset
-    oracle: LatencyOracle
+    source: LatencySource
     study: optuna.Study
     run_dir: Path
     storage_url: str

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from metaformer_lab.core.errors import MetaformerLabError
+from metaformer_lab.core.errors import LatencyError, MetaformerLabError
 from metaformer_lab.graph.cost import graph_cost
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.latency.gpu import (
@@ -26,7 +26,6 @@ from metaformer_lab.latency.gpu import (
     kernel_ms,
     module_records,
 )
-from metaformer_lab.latency.measure import LatencyError
 from metaformer_lab.spec.load import read_spec
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
+from metaformer_lab.core.errors import LatencyError
 from metaformer_lab.latency.gpu import GPUS, UNCALIBRATED, Efficiency, estimate_gpu, gpu_spec
 from metaformer_lab.latency.gpu_calibrate import (
     GPU_PROFILES_DIR,
@@ -29,7 +30,6 @@ from metaformer_lab.latency.gpu_calibrate import (
     shipped_gpu_profiles,
     table_source,
 )
-from metaformer_lab.latency.measure import LatencyError
 
 runner = CliRunner()
 HEADER = "model,infer_img_size,infer_samples_per_sec,infer_step_time,infer_batch_size,param_count,infer_gmacs," \

@@ -8,10 +8,9 @@ import pytest
 from helpers import OTHER_CPU, PROFILE_CPU
 
 from metaformer_lab.latency import LatencyError
-from metaformer_lab.latency.host import HOST_SEED, HostCheck, check_host
+from metaformer_lab.latency.host import HOST_SEED, HostCheck, check_host, fit_to_host
 from metaformer_lab.latency.predict import predict
-from metaformer_lab.latency.profile import MATCH_KEYS, match_profile, resolve_profile
-from metaformer_lab.search.latency import fit_to_host
+from metaformer_lab.latency.profile import match_profile, resolve_profile
 from metaformer_lab.space import load_space, sample
 
 
@@ -66,15 +65,15 @@ def test_a_profile_of_another_cpu_model_matches_only_through_the_host_check() ->
     """Both outcomes of matching, each labelled: the CPU model the profile was made on, and another."""
     profile = resolve_profile("cpu-tiny-1t")
     assert profile.settings["device_name"] == PROFILE_CPU
-    want = {**{k: profile.settings.get(k) for k in MATCH_KEYS}, "device_name": PROFILE_CPU}
+    want = replace(profile.target, device_name=PROFILE_CPU)
     for adapt in (True, False):
         assert match_profile(want, adapt=adapt, profiles=[profile]) == (profile, False)  # same model: as it is
-    other = {**want, "device_name": OTHER_CPU}
+    other = replace(want, device_name=OTHER_CPU)
     assert match_profile(other, adapt=True, profiles=[profile]) == (profile, True)  # another: to be rescaled
     with pytest.raises(LatencyError, match=f"differs in device_name {PROFILE_CPU}"):
         match_profile(other, adapt=False, profiles=[profile])
     with pytest.raises(LatencyError, match=r"threads 1 \(want 2\)"):  # only the CPU model is forgiven
-        match_profile({**other, "threads": 2}, adapt=True, profiles=[profile])
+        match_profile(replace(other, threads=2), adapt=True, profiles=[profile])
 
 
 def test_the_check_says_when_the_profile_was_made_on_another_cpu(graphs: list, host_cpu: str) -> None:

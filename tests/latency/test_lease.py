@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 import metaformer_lab as ml
+from metaformer_lab.latency import source as latency_source
 from metaformer_lab.latency.lease import LEASE_ENV, host_lease
-from metaformer_lab.search import latency as search_latency
-from metaformer_lab.search.config import make_config
-from metaformer_lab.search.latency import SHARED_HOST, LatencyOracle
+from metaformer_lab.latency.source import SHARED_HOST, LatencySource
+from metaformer_lab.latency.target import LatencyTarget
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "tiny_caformer.yaml"
 
@@ -64,17 +64,16 @@ def test_computations_share_the_host_and_a_measurement_holds_it_alone(lease_file
 def test_a_measurement_that_cannot_wait_is_flagged_not_used_silently(lease_file: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     graph = ml.to_graph(EXAMPLE, input_size=32)
-    config = make_config(device="cpu", budget="5ms").model_copy(update={"profile": None})  # measure every candidate
-    oracle = LatencyOracle(config, (32, 32))
-    monkeypatch.setattr(search_latency, "LEASE_WAIT_S", 0.2)
+    source = LatencySource(LatencyTarget(input_size=32), profile=None)  # measure every candidate
+    monkeypatch.setattr(latency_source, "LEASE_WAIT_S", 0.2)
     sibling = _busy_sibling(5.0, lease_file)
     try:
         start = time.perf_counter()
-        latency = oracle(graph)
+        latency = source.latency(graph)
         assert time.perf_counter() - start < 4.5  # it did not wait for the sibling to finish
     finally:
         sibling.kill()
         sibling.wait()
-    assert latency.source == "measured" and latency.noisy and "not trusted" in latency.label
-    alone = oracle.measure(graph, min_time_s=0.1)
+    assert latency.kind == "measured" and latency.noisy and "not trusted" in latency.label
+    alone = source.measure(graph, min_time_s=0.1)
     assert SHARED_HOST not in alone.noise_reasons  # with the host to itself, no such flag

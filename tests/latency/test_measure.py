@@ -21,7 +21,9 @@ from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.core.errors import MetaformerLabError
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.latency import LatencyError, LatencyResult, measure, parse_duration_ms
-from metaformer_lab.latency.measure import cpu_snapshot, provenance
+from metaformer_lab.latency.load import cpu_snapshot
+from metaformer_lab.latency.measure import provenance
+from metaformer_lab.latency.target import LatencyTarget
 from metaformer_lab.spec.load import read_spec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -68,7 +70,7 @@ def test_a_graph_and_a_compiled_network() -> None:
     assert measure(graph, input_size=48, **FAST).provenance.input_size == (48, 48)
     network = compile_graph(graph)
     _check_structure(measure(network, **FAST))
-    with pytest.raises(LatencyError, match="input_size: 64 differs from the 32x32 input"):
+    with pytest.raises(LatencyError, match="input_size: 64x64 differs from the 32x32 input"):
         measure(network, input_size=64, **FAST)
 
 
@@ -123,7 +125,7 @@ def test_every_bad_setting_is_reported_at_once() -> None:
 
 
 def test_provenance_helper() -> None:
-    p = provenance(input_shape=(1, 3, 8, 8), threads=3)
+    p = provenance(LatencyTarget(threads=3), input_shape=(1, 3, 8, 8))
     assert (p.device, p.threads, p.input_size, p.memory_format) == ("cpu", 3, (8, 8), "contiguous")
     assert json.dumps(p.to_json())
 

@@ -26,6 +26,7 @@ from metaformer_lab.latency.profile import (
     resolve_profile,
     shipped_profiles,
 )
+from metaformer_lab.latency.target import LatencyTarget
 from metaformer_lab.space import load_space, sample
 from metaformer_lab.spec.load import read_spec, with_input_size
 
@@ -100,7 +101,7 @@ def test_prediction_tracks_size_without_measuring() -> None:
 
 def test_the_predictor_never_builds_a_module(tiny_graph: ArchGraph, monkeypatch: pytest.MonkeyPatch) -> None:
     profile = synthetic_profile([tiny_graph])
-    shipped = find_profile({"device": "cpu", "threads": 1, "input_size": (32, 32)})
+    shipped = find_profile(LatencyTarget(input_size=32))
 
     def refuse(*args: object, **kwargs: object) -> None:
         raise AssertionError("the predictor built an nn.Module")
@@ -128,7 +129,7 @@ def test_the_predictor_is_fast(space: str) -> None:
     not wall time, so a busy neighbour does not decide the test."""
     points = sample(load_space(space), 5, seed=7).points
     size = points[0].graph.input_type.height
-    profile = find_profile({"device": "cpu", "threads": 1, "input_size": (size, size)})
+    profile = find_profile(LatencyTarget(input_size=size))
     for point in points:
         predict(point.graph, profile)  # warm the key cache as a search would
     worst = max(_process_ms(lambda g=point.graph: predict(g, profile)) for point in points)
@@ -157,9 +158,9 @@ def test_shipped_profiles_are_calibrated_and_evaluated() -> None:
 
 
 def test_find_profile_names_the_near_matches() -> None:
-    assert find_profile({"device": "cpu", "threads": 1, "input_size": (224, 224)}).name == "cpu-metaformer-1t"
+    assert find_profile(LatencyTarget(input_size=224)).name == "cpu-metaformer-1t"
     with pytest.raises(LatencyError) as info:
-        find_profile({"device": "cpu", "threads": 3, "input_size": (32, 32)})
+        find_profile(LatencyTarget(threads=3, input_size=32))
     lines = [f"{i.path}: {i.message}" for i in info.value.issues]
     assert lines[0].startswith("--profile: no shipped profile matches")
     assert any("near match 'cpu-tiny-1t': differs in threads 1 (want 3)" in line for line in lines), lines

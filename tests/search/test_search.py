@@ -21,6 +21,7 @@ from metaformer_lab.core.errors import StudyError
 from metaformer_lab.search import config as config_module
 from metaformer_lab.search import objective as objective_module
 from metaformer_lab.search.config import load_study_file, make_config
+from metaformer_lab.search.latency import margin as budget_margin
 from metaformer_lab.search.references import NEAR_BUDGET, nearness
 from metaformer_lab.search.report import FINALISTS, best_trial, load_run, ranked
 from metaformer_lab.search.run import optimize, prepare, run_search
@@ -84,7 +85,7 @@ def test_on_the_cpu_latency_is_predicted_and_the_finalists_measured(tmp_path: Pa
     made_on = "" if host_cpu == PROFILE_CPU else f" (made on {PROFILE_CPU})"
     assert f"predicted from profile 'cpu-tiny-1t'{made_on}, rescaled x" in report["latency"]
     check = search.study.user_attrs["host_check"]
-    assert check["networks"] == 8 and check["scale"] > 0 and search.oracle.profile.host_scale == check["scale"]
+    assert check["networks"] == 8 and check["scale"] > 0 and search.source.profile.host_scale == check["scale"]
     assert check["host"] == host_cpu and check["made_on"] == PROFILE_CPU
     best = report["best"]
     assert best["measured_ms"] is not None and best["measured_ms"] <= 50.0
@@ -106,7 +107,7 @@ def test_without_the_host_check_a_profile_of_another_cpu_is_not_used(tmp_path: P
         assert report["latency"] == "predicted from profile 'cpu-tiny-1t'"
     else:
         assert "no matching profile" in report["latency"]
-        assert any("near match 'cpu-tiny-1t': differs in device_name" in m for m in search.oracle.unmatched)
+        assert any("near match 'cpu-tiny-1t': differs in device_name" in i.message for i in search.source.unmatched)
 
 
 def test_a_finalist_over_budget_when_measured_is_reported_not_chosen(tmp_path: Path) -> None:
@@ -448,7 +449,7 @@ def test_a_budget_margin_keeps_estimates_clear_of_the_budget(tmp_path: Path) -> 
             assert bound <= 5.0
     assert scored
     fixed = prepare(quick(tmp_path / "fixed", budget_margin="12.5%", trials=1))
-    assert fixed.oracle.margin().fraction == pytest.approx(0.125)
+    assert budget_margin(fixed.config, fixed.source).fraction == pytest.approx(0.125)
 
 
 @pytest.mark.parametrize("margin", ["ten", "100%", "-5"])
