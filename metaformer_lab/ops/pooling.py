@@ -33,6 +33,9 @@ class PoolMinusInput(nn.Module):
         return self.pool(x) - x
 
 
+# No deploy fold: ``pool(x) - x`` is one depthwise conv (1/k² everywhere, 1/k² - 1 at the centre) only away
+# from the borders. With count_include_pad=False (timm's, for exact parity) a border window averages fewer
+# values, so no fixed kernel gives the same outputs there; the op stays as it is in the deploy form.
 POOLING = OpDef(
     PoolingSpec,
     infer=pooling_shape,
