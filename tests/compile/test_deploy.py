@@ -1,4 +1,4 @@
-"""The deploy form (``metaformer_lab.deploy``, ``build(deploy=True)``): the same outputs in eval mode
+"""The deploy form (``metaformer_lab.deploy``, ``build(deploy=True)``, ``--deploy``): the same outputs in eval mode
 (float32, within 1e-4) with inference-only structure folded away.
 
 Every network is randomised first (its BatchNorm statistics, norm weights and biases, layer and res scales far from
@@ -6,6 +6,8 @@ their init), so a fold that is wrong, or missing where a test expects it, shows 
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,8 +15,10 @@ import torch
 from helpers import all_cases, case_id
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
+from typer.testing import CliRunner
 
 import metaformer_lab
+from metaformer_lab.cli import app
 from metaformer_lab.compile.network import Block, Network
 from metaformer_lab.core.errors import SpecError
 from metaformer_lab.core.registry import Case, CompositeDef, Resolved
@@ -303,3 +307,33 @@ def test_zoo_model_deploys(name: str) -> None:
 @pytest.mark.parametrize("name", [n for n in list_models() if n not in FAST])
 def test_every_zoo_model_deploys(name: str) -> None:
     check(name, _small(name))
+
+
+# --- the command line ------------------------------------------------------------------------------
+
+runner = CliRunner()
+
+
+def test_build_deploy_reports_fewer_params() -> None:
+    params = {}
+    for flag in ([], ["--deploy"]):
+        result = runner.invoke(app, ["build", "poolformer_s12", "--input-size", "64", "--json", *flag])
+        assert result.exit_code == 0, result.stderr
+        params[bool(flag)] = json.loads(result.stdout)["params"]
+    assert params[True] < params[False] == 11_915_176
+
+
+@pytest.mark.export
+@pytest.mark.parametrize("name", ["efficientformer_l1", "caformer_s18"])
+def test_export_deploy_onnx_matches_pytorch(tmp_path: Path, name: str) -> None:
+    """The exported deploy form runs in onnxruntime (when installed) with the deploy form's PyTorch outputs."""
+    out = tmp_path / "m.onnx"
+    result = runner.invoke(app, ["export", name, "--format", "onnx", "--out", str(out), "--input-size", "64",
+                                 "--deploy", "--json"])
+    assert result.exit_code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["max_abs_diff"] <= ATOL and "onnxruntime" in report["checked_with"]
+    import onnx
+
+    graph = onnx.load(str(out)).graph
+    assert not any(node.op_type == "BatchNormalization" for node in graph.node)
