@@ -6,6 +6,7 @@ their init), so a fold that is wrong, or missing where a test expects it, shows 
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,8 @@ from metaformer_lab.core.registry import Case, CompositeDef, Resolved
 from metaformer_lab.ops import TOKEN_MIXERS
 from metaformer_lab.ops.common import LayerScale
 from metaformer_lab.ops.conv_mixers import DepthwiseConv
+from metaformer_lab.ops.folds import fold_chain
+from metaformer_lab.ops.norms import LayerNormSpec, build_norm
 from metaformer_lab.spec.arch import TokenMixerSpec
 from metaformer_lab.zoo import list_models
 from metaformer_lab.zoo.catalog import catalog
@@ -229,6 +232,24 @@ def test_every_op_deploys_to_the_same_outputs(item: tuple[str, Any, Case]) -> No
     _, opdef, case = item
     module = randomized(_case_module(opdef, case))
     assert_same_outputs(module, metaformer_lab.deploy(module), torch.randn(case.input.shape(2)))
+
+
+MIXER_CASES = [c for c in CASES if c[0] in ("token_mixer", "channel_mixer")]
+
+
+@pytest.mark.parametrize("item", MIXER_CASES, ids=[case_id(c) for c in MIXER_CASES])
+def test_every_mixer_takes_the_norm_before_and_the_scale_after_it(item: tuple[str, Any, Case]) -> None:
+    """``layer_scale(mixer(norm(x)))`` as a block branch runs it, folded as the block folds it: each mixer's
+    ``reads`` and ``writes`` are exact where declared (a LayerNorm's weight and bias into the first, a scale
+    into the last)."""
+    _, opdef, case = item
+    mixer = _case_module(opdef, case)
+    y = mixer.eval()(torch.randn(case.input.shape(1)))
+    out = case.input.with_channels(y.shape[1 if case.input.layout == "maps" else -1])
+    parts = [build_norm(LayerNormSpec(), case.input), mixer, LayerScale(out.channels, 1e-5, out.layout)]
+    chain = randomized(nn.Sequential(*parts))
+    folded = nn.Sequential(*fold_chain(copy.deepcopy(chain)))
+    assert_same_outputs(chain, folded, torch.randn(case.input.shape(2)))
 
 
 # --- the API ---------------------------------------------------------------------------------------
