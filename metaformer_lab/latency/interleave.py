@@ -39,13 +39,15 @@ def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], *, 
                         dtype: str = "float32", threads: int = 1, channels_last: bool = False,
                         time_per_item_s: float = 2.0, burst_s: float = 0.02, min_runs: int = 30,
                         max_time_per_item_s: float = 20.0, max_cv: float = 0.5,
+                        input_size: int | tuple[int, int] | None = None,
                         progress: Callable[[int, int], None] | None = None) -> list[LatencyResult]:
     """CPU latency of every item, measured in turns (see the module docstring).
 
     Each item runs bursts of ``burst_s`` (at least one forward) in round-robin order until it has
     ``min_runs`` runs and ``time_per_item_s`` seconds of them, or ``max_time_per_item_s``. A result is
     ``noisy`` when other processes took the cores it needed during the window, or when its spread is
-    beyond ``max_cv`` (a cv of 0.2-0.3 is ordinary here; the p10 copes with it).
+    beyond ``max_cv`` (a cv of 0.2-0.3 is ordinary here; the p10 copes with it). ``input_size`` is the
+    input of plain modules (3 channels), and must be a compiled network's own if given with one.
     """
     plan = _plan(device="cpu", dtype=dtype, channels_last=channels_last, compile=False,
                  ints={"batch_size": batch_size, "threads": threads, "min_runs": min_runs, "max_runs": 1_000_000,
@@ -56,7 +58,7 @@ def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], *, 
     torch.set_num_threads(threads)
     try:
         with torch.inference_mode():
-            runs, shapes = _runners(items, plan, batch_size)
+            runs, shapes = _runners(items, plan, batch_size, input_size)
             samples, load = _rounds(runs, plan, time_per_item_s, burst_s, min_runs, max_time_per_item_s, progress)
     finally:
         torch.set_num_threads(previous)
@@ -64,11 +66,11 @@ def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], *, 
     return [_result(s, shape, plan, load, contended, threads) for s, shape in zip(samples, shapes, strict=True)]
 
 
-def _runners(items: Sequence[Any], plan: Any,
-             batch_size: int) -> tuple[list[Callable[[], float]], list[tuple[int, ...]]]:
+def _runners(items: Sequence[Any], plan: Any, batch_size: int,
+             input_size: int | tuple[int, int] | None) -> tuple[list[Callable[[], float]], list[tuple[int, ...]]]:
     runs, shapes = [], []
     for item in items:
-        module, shape = _module_and_shape(item, batch_size, None, 3)
+        module, shape = _module_and_shape(item, batch_size, input_size, 3)
         fn, x = _prepare(module, shape, plan, owned=not isinstance(item, nn.Module))
         run = _cpu_timer(fn, x)
         _warm_up(run, plan.max_warmup_s)
