@@ -49,7 +49,7 @@ def _set(module: nn.Module, name: str, value: Tensor | None) -> None:
     if value is None:
         module.register_parameter(name, None)
     else:
-        module.register_parameter(name, nn.Parameter(value.detach().clone(), requires_grad=False))
+        module.register_parameter(name, nn.Parameter(value.detach().clone()))
 
 
 def _fuse_bn(target: nn.Module, bn: _BatchNorm) -> None:

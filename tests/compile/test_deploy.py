@@ -340,7 +340,9 @@ def test_build_deploy_reports_fewer_params() -> None:
     for flag in ([], ["--deploy"]):
         result = runner.invoke(app, ["build", "poolformer_s12", "--input-size", "64", "--json", *flag])
         assert result.exit_code == 0, result.stderr
-        params[bool(flag)] = json.loads(result.stdout)["params"]
+        summary = json.loads(result.stdout)
+        assert summary["trainable_params"] == summary["params"]  # folded weights stay ordinary parameters
+        params[bool(flag)] = summary["params"]
     assert params[True] < params[False] == 11_915_176
 
 
