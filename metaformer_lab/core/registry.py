@@ -82,6 +82,8 @@ class Folding:
       (reshapes and eval-mode dropout in between are fine): a per-channel affine on the output (a layer scale,
       a BatchNorm) folds into it;
     - ``affine``: the per-channel affine the module ends with, which can move into a neighbour (norms, scales);
+    - ``commutes``: ``module(w * x + b) = w * module(x)`` for per-channel ``w`` and ``b`` (PoolFormer's
+      ``pool(x) - x``): an affine before it passes through, its shift dropped, into the part after it;
     - ``deploy``: the module's own deploy form (BatchNorm folded into its conv, parallel convs made one), called
       after its children were folded; it may return the module itself, changed in place.
     """
@@ -89,6 +91,7 @@ class Folding:
     reads: tuple[nn.Module, ...] = ()
     writes: nn.Module | None = None
     affine: ChannelAffine | None = None
+    commutes: bool = False
     deploy: Callable[[], nn.Module] | None = None
 
 

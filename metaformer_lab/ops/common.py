@@ -194,9 +194,9 @@ class LayerScale(nn.Module):
 
 def fold_layer_scale(module: nn.Module) -> Folding | None:
     """A layer scale ``gamma * f(x)`` folds into f's last linear, a res scale into its shortcut's conv: the
-    scale is nothing but a per-channel affine (without a shift)."""
+    scale is nothing but a per-channel affine (without a shift). It also takes a scale on its input."""
     if isinstance(module, LayerScale):
-        return Folding(affine=ChannelAffine(module.scale, None, rest=nn.Identity(), source=module))
+        return Folding(reads=(module,), affine=ChannelAffine(module.scale, None, rest=nn.Identity(), source=module))
     return None
 
 

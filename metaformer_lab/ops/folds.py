@@ -18,14 +18,14 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
 
 from metaformer_lab.core.registry import ChannelAffine, FoldHook, Folding
+from metaformer_lab.ops.common import LayerScale, fold_layer_scale
 
 _LAYERS = (nn.Linear, nn.Conv2d)
 
 
 @functools.cache
 def _hooks() -> tuple[FoldHook, ...]:
-    from metaformer_lab.ops import REGISTRIES
-    from metaformer_lab.ops.common import fold_layer_scale
+    from metaformer_lab.ops import REGISTRIES  # the package imports this file's users
 
     hooks: dict[FoldHook, None] = {fold_layer_scale: None}  # the scale glue is no registry op
     for registry in REGISTRIES.values():
@@ -77,7 +77,7 @@ def fold_output(target: nn.Module | None, affine: ChannelAffine) -> bool:
         return False
     if b is not None and not isinstance(target, _LAYERS) and "bias" not in target._parameters:
         return False  # a norm with no shift at all (RMSNorm)
-    scale = torch.ones(weight.shape[0]) if w is None else w
+    scale = weight.new_ones(weight.shape[0]) if w is None else w
     old = target.bias if isinstance(getattr(target, "bias", None), Tensor) else None
     bias = old * scale if old is not None else None
     if b is not None:
@@ -87,8 +87,10 @@ def fold_output(target: nn.Module | None, affine: ChannelAffine) -> bool:
     return True
 
 
-def _input_fold(target: nn.Module, w: Tensor | None, b: Tensor | None) -> tuple[Tensor, Tensor | None] | None:
-    """``target``'s new (weight, bias) when it reads ``w * x + b`` instead of ``x``; None where that is not exact."""
+def _input_fold(target: nn.Module, w: Tensor | None, b: Tensor | None) -> dict[str, Tensor | None] | None:
+    """``target``'s new parameters when it reads ``w * x + b`` instead of ``x``; None where that is not exact."""
+    if isinstance(target, LayerScale):
+        return None if b is not None else {"scale": target.scale if w is None else target.scale * w}
     if isinstance(target, nn.Linear):
         weight = target.weight if w is None else target.weight * w  # (out, in) * (in,)
         shift = None if b is None else target.weight @ b
@@ -109,9 +111,9 @@ def _input_fold(target: nn.Module, w: Tensor | None, b: Tensor | None) -> tuple[
             shift = (target.weight * b.view(1, -1, 1, 1)).sum((1, 2, 3))
     else:
         return None
-    if shift is None:
-        return weight, target.bias
-    return weight, shift if target.bias is None else target.bias + shift
+    if shift is not None and target.bias is not None:
+        shift = target.bias + shift
+    return {"weight": weight, "bias": target.bias if shift is None else shift}
 
 
 def fold_input(targets: Sequence[nn.Module], affine: ChannelAffine) -> bool:
@@ -121,17 +123,38 @@ def fold_input(targets: Sequence[nn.Module], affine: ChannelAffine) -> bool:
     new = [_input_fold(t, affine.weight, affine.bias) for t in targets]
     if any(n is None for n in new):
         return False
-    for target, (weight, bias) in zip(targets, new, strict=True):  # type: ignore[misc]
-        _set(target, "weight", weight)
-        _set(target, "bias", bias)
+    for target, params in zip(targets, new, strict=True):
+        for name, value in params.items():  # type: ignore[union-attr]
+            _set(target, name, value)
     return True
 
 
-def _neighbour(parts: list[nn.Module], i: int, step: int) -> nn.Module | None:
+def _neighbour(parts: list[nn.Module], i: int, step: int) -> int | None:
+    """The index of the next part from ``i`` in direction ``step`` that is not ``nn.Identity``."""
     j = i + step
     while 0 <= j < len(parts) and isinstance(parts[j], nn.Identity):
         j += step
-    return parts[j] if 0 <= j < len(parts) else None
+    return j if 0 <= j < len(parts) else None
+
+
+def _fold_backward(parts: list[nn.Module], i: int, affine: ChannelAffine) -> bool:
+    before = _neighbour(parts, i, -1)
+    alone = isinstance(affine.rest, nn.Identity)
+    return alone and before is not None and fold_output(folding_of(parts[before]).writes, affine)
+
+
+def _fold_forward(parts: list[nn.Module], i: int, affine: ChannelAffine) -> bool:
+    after = _neighbour(parts, i, 1)
+    if after is None:
+        return False
+    folding = folding_of(parts[after])
+    if folding.reads or not folding.commutes:
+        return fold_input(folding.reads, affine)
+    if affine.weight is None:
+        return True  # a shift alone drops out
+    beyond = _neighbour(parts, after, 1)
+    passed = ChannelAffine(affine.weight, None, rest=affine.rest, source=affine.source)
+    return beyond is not None and fold_input(folding_of(parts[beyond]).reads, passed)
 
 
 @torch.no_grad()
@@ -141,17 +164,13 @@ def fold_chain(parts: Sequence[nn.Module]) -> list[nn.Module]:
 
     The affine moves backward into the previous part's ``writes`` when nothing else is left of its part (a
     BatchNorm after a conv, a layer scale after a mixer), else forward into the next part's ``reads`` (a norm's
-    weight and bias into the next linear, leaving a norm without them).
+    weight and bias into the next linear, leaving a norm without them), or through a next part that
+    ``commutes`` with it into the one after (a norm's weight through PoolFormer's pooling into the layer scale).
     """
     parts = list(parts)
     for i, part in enumerate(parts):
         affine = folding_of(part).affine
-        if affine is None:
-            continue
-        before, after = _neighbour(parts, i, -1), _neighbour(parts, i, 1)
-        alone = isinstance(affine.rest, nn.Identity)
-        if (alone and before is not None and fold_output(folding_of(before).writes, affine)) or (
-                after is not None and fold_input(folding_of(after).reads, affine)):
+        if affine is not None and (_fold_backward(parts, i, affine) or _fold_forward(parts, i, affine)):
             parts[i] = affine.rest
     return parts
 

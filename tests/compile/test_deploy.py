@@ -137,12 +137,15 @@ def test_layer_scale_folds_into_the_last_layer_of_its_branch(mixer: dict[str, An
         "layer_scale1", "layer_scale2"}
 
 
-def test_pooling_keeps_its_layer_scale() -> None:
+def test_pooling_passes_the_norm_weight_to_its_layer_scale() -> None:
     """PoolFormer: ``pool(x) - x`` has no layer to take the scale (AvgPool without its padding is no fixed
-    depthwise conv at the borders); the MLP branch's scale and norm affine fold."""
+    depthwise conv at the borders), but the norm's weight passes through it into that scale and its bias drops
+    out; the MLP branch's scale and norm affine fold into the MLP."""
     net, deployed = check(tiny("poolformer"))
     assert count(net, LayerScale) == 4 and count(deployed, LayerScale) == 2
     assert "layer_scale1" in block_parts(deployed) and "layer_scale2" not in block_parts(deployed)
+    norm1 = deployed.stages[1].blocks[0].norm1
+    assert norm1.weight is None and norm1.bias is None
 
 
 def test_res_scale_folds_into_a_shortcut_conv_only() -> None:
