@@ -20,11 +20,13 @@ from metaformer_lab.ops.folds import fold_chain, folding_of
 
 
 def _fold_branch(block: Block, names: list[str]) -> list[str]:
-    """Fold one chain of a block's parts; the names of the parts that are left."""
-    folded = fold_chain([block._modules[n] for n in names])  # type: ignore[misc]
+    """Fold one chain of a block's parts; the names of the parts that are left (a part the spec made an identity,
+    IdentityFormer's token mixer, stays)."""
+    parts = [block._modules[n] for n in names]
+    folded = fold_chain(parts)  # type: ignore[arg-type]
     kept = []
-    for name, part in zip(names, folded, strict=True):
-        if isinstance(part, nn.Identity):
+    for name, part, original in zip(names, folded, parts, strict=True):
+        if part is not original and isinstance(part, nn.Identity):
             delattr(block, name)
         else:
             setattr(block, name, part)

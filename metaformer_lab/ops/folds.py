@@ -3,8 +3,9 @@
 Ops declare *where* their modules fold (a :class:`~metaformer_lab.core.registry.Folding` from their OpDef's
 ``fold`` hook); this file does *how*, the same for every op: an affine that a module applies last (a norm's
 weight and bias, a layer scale, an eval-mode BatchNorm) moves forward into the Linear / Conv2d that alone reads
-it, or, when nothing else is left of the module, backward into the layer that wrote its input. Each move is
-made only where it is exact (a conv with zero padding takes a shift only when it does not pad).
+it (or through a module that commutes with it, PoolFormer's pooling, into the one after), or, when nothing else
+is left of the module, backward into the layer that wrote its input. Each move is made only where it is exact
+(a conv with zero padding takes a shift only when it does not pad).
 """
 
 from __future__ import annotations

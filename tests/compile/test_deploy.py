@@ -213,6 +213,12 @@ def test_nothing_to_fold_leaves_the_outputs() -> None:
     assert num_params(deployed) == num_params(net)
 
 
+def test_an_identity_part_keeps_its_name() -> None:
+    """IdentityFormer's token mixer is an identity by spec, not by folding: it stays in the block."""
+    net, deployed = check(tiny("identityformer"))
+    assert "token_mixer" in block_parts(deployed) and isinstance(deployed.stages[1].blocks[0].token_mixer, nn.Identity)
+
+
 # --- every op, as its cases build it -----------------------------------------------------------------
 
 CASES = all_cases()
