@@ -12,7 +12,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from metaformer_lab.api import build, dump_spec, load_spec, to_graph
+    from metaformer_lab.api import build, deploy, dump_spec, load_spec, to_graph
     from metaformer_lab.core.errors import Issue, MetaformerLabError, SpecError
     from metaformer_lab.core.types import TensorType
     from metaformer_lab.space import contains, decode, load_space, sample
@@ -23,8 +23,8 @@ __version__ = "0.1.0"
 
 # public name -> the module that defines it; kept in step with the TYPE_CHECKING block above (a test checks)
 _EXPORTS: dict[str, str] = {
-    "build": "metaformer_lab.api", "dump_spec": "metaformer_lab.api", "load_spec": "metaformer_lab.api",
-    "to_graph": "metaformer_lab.api",
+    "build": "metaformer_lab.api", "deploy": "metaformer_lab.api", "dump_spec": "metaformer_lab.api",
+    "load_spec": "metaformer_lab.api", "to_graph": "metaformer_lab.api",
     "Issue": "metaformer_lab.core.errors", "MetaformerLabError": "metaformer_lab.core.errors",
     "SpecError": "metaformer_lab.core.errors",
     "TensorType": "metaformer_lab.core.types",
@@ -36,8 +36,8 @@ _EXPORTS: dict[str, str] = {
 }
 
 __all__ = ["ArchSpec", "Issue", "MetaformerLabError", "SpecError", "TensorType", "__version__", "build", "contains",
-           "convert_state_dict", "create_model", "decode", "dump_spec", "from_timm", "list_models", "load_space",
-           "load_spec", "sample", "to_graph", "to_timm_state_dict"]
+           "convert_state_dict", "create_model", "decode", "deploy", "dump_spec", "from_timm", "list_models",
+           "load_space", "load_spec", "sample", "to_graph", "to_timm_state_dict"]
 
 
 def __getattr__(name: str) -> Any:

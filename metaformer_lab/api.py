@@ -1,4 +1,4 @@
-"""The Python API (a contract): load_spec, dump_spec, to_graph, build.
+"""The Python API (a contract): load_spec, dump_spec, to_graph, build, deploy.
 
 Invalid input raises :class:`~metaformer_lab.core.errors.SpecError` carrying every ``(path, message)``
 problem, whatever the input.
@@ -13,6 +13,7 @@ from typing import Literal, overload
 from torch import nn
 
 from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.compile.folding import deploy_form
 from metaformer_lab.compile.network import Network
 from metaformer_lab.compile.protocol import feature_backbone
 from metaformer_lab.graph.lower import ArchGraph, lower
@@ -49,23 +50,39 @@ def to_graph(spec: SpecSource, *, input_size: int | None = None,
 
 @overload
 def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, features_only: Literal[False] = False,
-          out_indices: int | Sequence[int] | None = None) -> Network: ...
+          out_indices: int | Sequence[int] | None = None, deploy: bool = False) -> Network: ...
 
 
 @overload
 def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, features_only: Literal[True],
-          out_indices: int | Sequence[int] | None = None) -> nn.Module: ...
+          out_indices: int | Sequence[int] | None = None, deploy: bool = False) -> nn.Module: ...
 
 
 def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, features_only: bool = False,
-          out_indices: int | Sequence[int] | None = None) -> nn.Module:
+          out_indices: int | Sequence[int] | None = None, deploy: bool = False) -> nn.Module:
     """The PyTorch module of a spec (or of its typed graph), initialised as timm does.
 
     ``features_only``: a feature backbone instead (timm's ``FeatureGetterNet`` around the network, pruned to
     what it needs), returning NCHW maps at ``out_indices`` (positions in ``feature_info``: the last n if an
     int; default every stage, or the last 3 blocks of an isotropic network); its ``feature_info`` gives each
     one's channels and reduction.
+
+    ``deploy``: the deploy form instead (see :func:`deploy`), in eval mode.
     """
     graph = spec if isinstance(spec, ArchGraph) else to_graph(spec, input_size=input_size)
     net = compile_graph(graph)
+    if deploy:
+        net = deploy_form(net)  # type: ignore[assignment]
     return feature_backbone(net, out_indices) if features_only else net
+
+
+def deploy(module: nn.Module) -> nn.Module:
+    """The deploy form of a (trained) module: a copy in eval mode with the same outputs (float32, within 1e-4) and
+    inference-only structure folded away: BatchNorms into the conv or linear before them, norm weights and biases
+    into the linear after them, layer scales into the last linear of their branch, res scales into a shortcut's
+    conv, parallel depthwise convs into one. ``module`` is left as it was.
+
+    The deploy form keeps the module names and timm's protocol (features, ``forward_intermediates``,
+    ``reset_classifier``), but its state_dict lacks the folded parameters: load checkpoints before deploying.
+    """
+    return deploy_form(module)

@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.compile.folding import deploy_form
 from metaformer_lab.core.errors import MetaformerLabError
 from metaformer_lab.graph.lower import ArchGraph
 
@@ -68,13 +69,17 @@ def _export_onnx(net: torch.nn.Module, x: torch.Tensor, out: Path, dynamic: bool
 
 
 def export(graph: ArchGraph, fmt: ExportFormat, out: Path, *, batch_size: int = 2, dynamic_batch: bool = True,
-           atol: float = 1e-4, seed: int = 0) -> ExportResult:
+           atol: float = 1e-4, seed: int = 0, deploy: bool = False) -> ExportResult:
     """Export the network of ``graph`` to ``out`` and check the exported outputs against eager ones.
+
+    ``deploy``: export the deploy form (``metaformer_lab.deploy``), checked against its own eager outputs.
 
     Raises:
         ExportError: the export failed or an output differs by more than ``atol``.
     """
     net = compile_graph(graph).eval()
+    if deploy:
+        net = deploy_form(net)
     x = torch.randn(graph.input_type.shape(batch_size), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
         expected = net(x)

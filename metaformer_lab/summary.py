@@ -7,6 +7,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.compile.folding import deploy_form
 from metaformer_lab.graph.cost import count_flops, count_params, graph_cost
 from metaformer_lab.graph.lower import ArchGraph
 
@@ -36,13 +37,17 @@ class BuildSummary:
         return asdict(self)
 
 
-def summarize(graph: ArchGraph, batch_size: int = 1) -> BuildSummary:
+def summarize(graph: ArchGraph, batch_size: int = 1, *, deploy: bool = False) -> BuildSummary:
     """Build the network, run it once on zeros (counting FLOPs), and read the rest off the graph.
+
+    ``deploy``: measure the deploy form (params, FLOPs, output) instead; the per-part costs stay the graph's.
 
     Raises:
         RuntimeError: when the module's output shape differs from the graph's (a bug, never bad input).
     """
     net = compile_graph(graph).eval()
+    if deploy:
+        net = deploy_form(net)
     x = torch.zeros(graph.input_type.shape(batch_size))
     outputs: list[torch.Tensor] = []
     flops, _ = count_flops(lambda: outputs.append(net(x)))

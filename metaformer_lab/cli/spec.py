@@ -27,6 +27,9 @@ from metaformer_lab.cli.common import (
 )
 from metaformer_lab.core.errors import MetaformerLabError
 
+Deploy = Annotated[bool, typer.Option("--deploy", help="The deploy form: BatchNorms, norm affines and layer scales "
+                                                         "folded into the neighbouring weights (same outputs, eval).")]
+
 
 @app.command()
 def validate(spec: SpecArg, block_dir: BlockDirs = []) -> None:  # noqa: B006 - typer reads the default
@@ -64,10 +67,12 @@ def build(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     block_dir: BlockDirs = [],  # noqa: B006
     max_memory: MaxMemory = None,
+    deploy: Deploy = False,
 ) -> None:
     """Build the PyTorch module: params, FLOPs, activation memory, output shape, per-stage table.
 
-    A spec too large for the machine is refused before any tensor exists (--max-memory).
+    A spec too large for the machine is refused before any tensor exists (--max-memory). With --deploy, the
+    totals (params, FLOPs, output) are the deploy form's; the per-part table stays the training form's.
     Example: metaformer-lab build caformer_s18 --input-size 224 --batch-size 8
     """
     from metaformer_lab.api import to_graph
@@ -79,11 +84,12 @@ def build(
         exit_with(err)
     refuse_oversized(graph, batch_size, max_memory)
     with console.status(f"building {graph.spec.name} and running one forward pass", spinner="dots"):
-        summary = summarize(graph, batch_size)
+        summary = summarize(graph, batch_size, deploy=deploy)
     if as_json:
         typer.echo(json.dumps(summary.to_json()))
         return
-    table = Table(title=f"{summary.name}: {graph.input_type} -> {graph.output_type}", title_justify="left")
+    form = " (deploy form)" if deploy else ""
+    table = Table(title=f"{summary.name}{form}: {graph.input_type} -> {graph.output_type}", title_justify="left")
     for column in ("part", "output", "params", "FLOPs", "activations"):
         table.add_column(column, justify="left" if column in ("part", "output") else "right")
     for part in summary.parts:
@@ -131,6 +137,7 @@ def export(
     as_json: Annotated[bool, typer.Option("--json")] = False,
     block_dir: BlockDirs = [],  # noqa: B006
     max_memory: MaxMemory = None,
+    deploy: Deploy = False,
 ) -> None:
     """Export to ONNX or .pt2; succeeds only when the exported outputs match eager ones."""
     from metaformer_lab.api import to_graph
@@ -143,7 +150,8 @@ def export(
         refuse_oversized(graph, 1, max_memory)
         with console.status(f"exporting {graph.spec.name} to {fmt.lower()} and checking it", spinner="dots"), \
                 writing("--out"):
-            result = run_export(graph, fmt.lower(), out, dynamic_batch=not static_batch, atol=atol)  # type: ignore[arg-type]
+            result = run_export(graph, fmt.lower(), out, dynamic_batch=not static_batch, atol=atol,  # type: ignore[arg-type]
+                                deploy=deploy)
     except MetaformerLabError as err:
         exit_with(err)
     if as_json:

@@ -16,7 +16,7 @@ from pydantic import BaseModel
 from metaformer_lab.core.types import Layout, TensorType
 
 if TYPE_CHECKING:  # annotations only: the bottom layer (and the command line above it) must not pay for torch
-    from torch import nn
+    from torch import Tensor, nn
 
 S = TypeVar("S", bound=BaseModel)
 
@@ -58,6 +58,48 @@ class Resolved:
 
 
 @dataclass(frozen=True)
+class ChannelAffine:
+    """A per-channel ``weight * x + bias`` that a module applies last: ``module(x) = affine(rest(x))``.
+
+    ``rest`` is the module without it (``nn.Identity`` when the module is nothing but the affine: a layer scale,
+    an eval-mode BatchNorm); ``source`` is the module itself (a BatchNorm folds with torch's own fusion). Either
+    tensor may be None (no scale, no shift).
+    """
+
+    weight: Tensor | None
+    bias: Tensor | None
+    rest: nn.Module
+    source: nn.Module
+
+
+@dataclass(frozen=True)
+class Folding:
+    """How a module an op built folds into its deploy form (``metaformer_lab.deploy``); every field optional.
+
+    - ``reads``: the Linear / Conv2d modules that read the module's input, and nothing else does: a per-channel
+      affine on that input (a norm's weight and bias) folds into each of them where exact;
+    - ``writes``: the Linear / Conv2d (or affine norm) whose output is the module's output, channel for channel
+      (reshapes and eval-mode dropout in between are fine): a per-channel affine on the output (a layer scale,
+      a BatchNorm) folds into it;
+    - ``affine``: the per-channel affine the module ends with, which can move into a neighbour (norms, scales);
+    - ``commutes``: ``module(w * x + b) = w * module(x)`` for per-channel ``w`` and ``b`` (PoolFormer's
+      ``pool(x) - x``): an affine before it passes through, its shift dropped, into the part after it;
+    - ``deploy``: the module's own deploy form (BatchNorm folded into its conv, parallel convs made one), called
+      after its children were folded; it may return the module itself, changed in place.
+    """
+
+    reads: tuple[nn.Module, ...] = ()
+    writes: nn.Module | None = None
+    affine: ChannelAffine | None = None
+    commutes: bool = False
+    deploy: Callable[[], nn.Module] | None = None
+
+
+FoldHook = Callable[["nn.Module"], "Folding | None"]
+"""An op's fold declaration: the :class:`Folding` of a module the op builds, None for any other module."""
+
+
+@dataclass(frozen=True)
 class OpDef(Generic[S]):
     """One leaf op: config class + shape rule + module builder, with one call signature for every role:
 
@@ -69,7 +111,8 @@ class OpDef(Generic[S]):
     ``preserves_type`` says the op's output type always equals its input type (mixers, norms), which
     lets shape inference carry on after the op reports a problem. ``accepts`` lists the layouts a stem
     or downsampler takes; the graph converts its input to the first of them when needed. ``cases`` are
-    the examples every op is tested on (shape rule = built module, in every layout it takes).
+    the examples every op is tested on (shape rule = built module, in every layout it takes). ``fold``
+    declares how the op's modules fold into the deploy form (:class:`Folding`); None: they do not.
     """
 
     spec: type[S]
@@ -78,6 +121,7 @@ class OpDef(Generic[S]):
     cases: tuple[Case, ...] = ()
     preserves_type: bool = False
     accepts: tuple[Layout, ...] = ()
+    fold: FoldHook | None = None
 
     @property
     def tag(self) -> str:
@@ -104,7 +148,7 @@ class CompositeDef(Generic[S]):
 
     ``split(spec, x)`` gives each branch's input type (raises ShapeIssue), ``join(spec, x, outs)`` the
     output type from the branches' output types, ``build(spec, resolved, children)`` the module around
-    the already-built children.
+    the already-built children; ``fold`` as for :class:`OpDef`.
     """
 
     spec: type[S]
@@ -114,6 +158,7 @@ class CompositeDef(Generic[S]):
     build: Callable[[S, Resolved, list[nn.Module]], nn.Module]
     cases: tuple[Case, ...] = ()
     preserves_type: bool = True
+    fold: FoldHook | None = None
 
     @property
     def tag(self) -> str:

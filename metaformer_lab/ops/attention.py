@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import OpSpec, PosInt, Prob, Ratio, require_layout
 
@@ -209,11 +209,20 @@ def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
                      bias_grid=x.grid if spec.attention_bias else None)
 
 
+def fold_attention(module: nn.Module) -> Folding | None:
+    """Attention reads its input with qkv alone and writes with proj: a norm before it folds into qkv, a layer
+    scale after it into proj."""
+    if isinstance(module, Attention):
+        return Folding(reads=(module.qkv,), writes=module.proj)
+    return None
+
+
 ATTENTION = OpDef(
     AttentionSpec,
     infer=attention_shape,
     build=_build_attention,
     preserves_type=True,
+    fold=fold_attention,
     cases=(
         Case({}, TensorType("tokens", 64, 4, 5)),
         Case({"num_heads": 4, "qkv_bias": True, "qk_norm": True}, TensorType("tokens", 16, 3, 3, prefix=1),

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import HeadsSpec, attend, resolve_heads
 from metaformer_lab.ops.common import require_layout
@@ -68,10 +68,18 @@ def _build_class_attention(spec: ClassAttentionSpec, r: Resolved) -> ClassAttent
                           fused=spec.fused)
 
 
+def fold_class_attention(module: nn.Module) -> Folding | None:
+    """q, k and v all read the input (q its prefix tokens), proj writes the output."""
+    if isinstance(module, ClassAttention):
+        return Folding(reads=(module.q, module.k, module.v), writes=module.proj)
+    return None
+
+
 CLASS_ATTENTION = OpDef(
     ClassAttentionSpec,
     infer=class_attention_shape,
     build=_build_class_attention,
+    fold=fold_class_attention,
     cases=(
         Case({"num_heads": 4, "head_dim": None, "qkv_bias": True}, TensorType("tokens", 16, 4, 5, prefix=1), id="cait"),
         Case({"head_dim": 8, "fused": False, "attn_drop": 0.1}, TensorType("tokens", 16, 3, 3, prefix=2),

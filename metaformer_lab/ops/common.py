@@ -17,6 +17,7 @@ from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.registry import ChannelAffine, Folding
 from metaformer_lab.core.types import Layout, TensorType
 
 # Upper bounds keep a typo from asking for a model that cannot be built (a mutation test relies on it).
@@ -189,6 +190,14 @@ class LayerScale(nn.Module):
         if self.maps:
             return x * self.scale.view(-1, 1, 1)
         return x * self.scale
+
+
+def fold_layer_scale(module: nn.Module) -> Folding | None:
+    """A layer scale ``gamma * f(x)`` folds into f's last linear, a res scale into its shortcut's conv: the
+    scale is nothing but a per-channel affine (without a shift). It also takes a scale on its input."""
+    if isinstance(module, LayerScale):
+        return Folding(reads=(module,), affine=ChannelAffine(module.scale, None, rest=nn.Identity(), source=module))
+    return None
 
 
 def truncated_normal_(tensor: Tensor, std: float, bound: float = 2.0) -> Tensor:

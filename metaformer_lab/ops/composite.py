@@ -10,9 +10,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, CompositeDef
+from metaformer_lab.core.registry import Case, CompositeDef, Folding
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import OpSpec, channel_dim
+from metaformer_lab.ops.conv_mixers import DepthwiseConv
 
 if TYPE_CHECKING:  # the union is defined in metaformer_lab.spec, which resolves these forward refs
     from metaformer_lab.spec.arch import TokenMixerSpec
@@ -38,6 +39,46 @@ class Parallel(nn.Module):
         for branch in self.branches[1:]:
             out = out + branch(x)
         return out
+
+
+def _as_kernel(branch: nn.Module, size: tuple[int, int], channels: int) -> tuple[Tensor, Tensor | None]:
+    """A depthwise conv or identity branch as a centred ``size`` kernel (C, 1, kh, kw) and its bias."""
+    kernel = torch.zeros(channels, 1, *size)
+    if isinstance(branch, nn.Identity):
+        kernel[:, :, size[0] // 2, size[1] // 2] = 1.0
+        return kernel, None
+    kh, kw = branch.dw.kernel_size
+    top, left = (size[0] - kh) // 2, (size[1] - kw) // 2
+    kernel[:, :, top:top + kh, left:left + kw] = branch.dw.weight
+    return kernel, branch.dw.bias
+
+
+def reparameterize(parallel: Parallel) -> nn.Module:
+    """Parallel depthwise convs (and identities) on the same input, summed, as one depthwise conv (RepVGG's
+    re-parameterisation): each kernel centred in the largest, the identity a 1 at the centre. Exact: every
+    branch pads with zeros to keep the size, so the sum pads the same way."""
+    convs = [b for b in parallel.branches if isinstance(b, DepthwiseConv)]
+    size = (max(c.dw.kernel_size[0] for c in convs), max(c.dw.kernel_size[1] for c in convs))
+    channels = convs[0].dw.in_channels
+    kernels = [_as_kernel(b, size, channels) for b in parallel.branches]
+    biases = [b for _, b in kernels if b is not None]
+    merged = DepthwiseConv(channels, size, bias=bool(biases), channels_last=convs[0].channels_last)
+    with torch.no_grad():
+        merged.dw.weight.copy_(sum(k for k, _ in kernels))
+        if biases:
+            merged.dw.bias.copy_(sum(biases))
+    return merged
+
+
+def fold_parallel(module: nn.Module) -> Folding | None:
+    """Depthwise convs in parallel (identities among them) become one depthwise conv."""
+    if not isinstance(module, Parallel):
+        return None
+    convs = [b for b in module.branches if isinstance(b, DepthwiseConv)]
+    others = [b for b in module.branches if not isinstance(b, (DepthwiseConv, nn.Identity))]
+    if not convs or others or len({c.channels_last for c in convs}) > 1:
+        return Folding()
+    return Folding(deploy=lambda: reparameterize(module))
 
 
 class SplitSpec(OpSpec):
@@ -97,6 +138,7 @@ PARALLEL = CompositeDef(
     split=_parallel_split,
     join=_join,
     build=lambda spec, r, children: Parallel(children),
+    fold=fold_parallel,
     cases=(Case({"branches": [{"type": "identity"}, {"type": "pooling"}]}, _MAPS),
            Case({"branches": [{"type": "dwconv", "kernel": 3}, {"type": "random_mixing"}]}, _TOKENS, id="tokens")),
 )

@@ -8,7 +8,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, Folding, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
@@ -60,11 +60,20 @@ def dwconv_shape(spec: DwConvSpec, x: TensorType, out_dim: int | None) -> Tensor
     return x
 
 
+def fold_dwconv(module: nn.Module) -> Folding | None:
+    """The depthwise conv reads and writes the channels one to one: a layer scale after it folds into it, a
+    norm's weight before it too (a shift only without one: the conv pads with zeros)."""
+    if isinstance(module, DepthwiseConv):
+        return Folding(reads=(module.dw,), writes=module.dw)
+    return None
+
+
 DWCONV = OpDef(
     DwConvSpec,
     infer=dwconv_shape,
     build=lambda spec, r: DepthwiseConv(r.in_type.channels, pair(spec.kernel), spec.bias, r.in_type.layout == "tokens"),
     preserves_type=True,
+    fold=fold_dwconv,
     cases=(Case({}, _MAPS), Case({"kernel": [1, 5], "bias": False}, _TOKENS, id="tokens-1x5")),
 )
 
@@ -110,10 +119,18 @@ def sepconv_shape(spec: SepConvSpec, x: TensorType, out_dim: int | None) -> Tens
     return x
 
 
+def fold_sepconv(module: nn.Module) -> Folding | None:
+    """pwconv1 reads the input, pwconv2 writes the output."""
+    if isinstance(module, SeparableConv):
+        return Folding(reads=(module.pwconv1,), writes=module.pwconv2)
+    return None
+
+
 SEPCONV = OpDef(
     SepConvSpec,
     infer=sepconv_shape,
     build=lambda spec, r: SeparableConv(r.in_type.channels, spec, r.in_type.layout == "tokens"),
     preserves_type=True,
+    fold=fold_sepconv,
     cases=(Case({}, _MAPS), Case({"kernel": 3, "act": "gelu", "bias": True}, _TOKENS, id="tokens")),
 )

@@ -8,11 +8,12 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import KernelInt, OpSpec, require_layout, require_no_prefix
+from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
-from metaformer_lab.ops.stems import ConvEmbed, default_padding, strided_conv_shape
+from metaformer_lab.ops.stems import ConvEmbed, default_padding, fold_conv_embed, strided_conv_shape
 
 _MAPS = TensorType("maps", 8, 8, 6)
 _TOKENS = TensorType("tokens", 8, 8, 6)
@@ -122,12 +123,24 @@ def _build_pool_down(spec: PoolDownSpec, r: Resolved) -> nn.Module:
     return PoolDown(pool, proj, build_norm(spec.norm_after, out))
 
 
-CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("maps",),
+def fold_downsampler(module: nn.Module) -> Folding | None:
+    """Patch merging's norm folds into its reduction, pooling's 1x1 conv takes the BatchNorm after it (conv
+    downsamplers fold as conv stems do)."""
+    if isinstance(module, PatchMerging):
+        return Folding(writes=module.reduction, deploy=lambda: fold_parts(module, ("norm", "reduction")))
+    if isinstance(module, PoolDown):
+        writes = module.proj if isinstance(module.norm, nn.Identity) and isinstance(module.proj, nn.Conv2d) else None
+        return Folding(writes=writes, deploy=lambda: fold_parts(module, ("proj", "norm")))
+    return None
+
+
+CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("maps",), fold=fold_conv_embed,
                   cases=(Case({}, _MAPS, 16), Case({"kernel": 2, "norm_before": {"type": "layernorm"}}, _MAPS, 16,
                                                    id="convnext"),
                          Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post")))
 PATCH_MERGING = OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging, accepts=("tokens",),
+                      fold=fold_downsampler,
                       cases=(Case({}, _TOKENS, 16),))
-POOL_DOWN = OpDef(PoolDownSpec, _pool_down_shape, _build_pool_down, accepts=("maps",),
+POOL_DOWN = OpDef(PoolDownSpec, _pool_down_shape, _build_pool_down, accepts=("maps",), fold=fold_downsampler,
                   cases=(Case({}, _MAPS, 16), Case({"mode": "max", "kernel": 3}, _MAPS, 8, id="max-k3"),
                          Case({"bias": False}, _MAPS, 16, id="no-bias")))

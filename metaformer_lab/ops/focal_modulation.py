@@ -12,7 +12,7 @@ from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     MAX_KERNEL,
@@ -138,11 +138,19 @@ def _build_focal_modulation(spec: FocalModulationSpec, r: Resolved) -> nn.Module
                            proj_drop=spec.proj_drop, channels_last=x.layout == "tokens")
 
 
+def fold_focal_modulation(module: nn.Module) -> Folding | None:
+    """proj_in reads the input, proj writes the output."""
+    if isinstance(module, FocalModulation):
+        return Folding(reads=(module.proj_in,), writes=module.proj)
+    return None
+
+
 FOCAL_MODULATION = OpDef(
     FocalModulationSpec,
     infer=focal_modulation_shape,
     build=_build_focal_modulation,
     preserves_type=True,
+    fold=fold_focal_modulation,
     cases=(
         Case({}, TensorType("maps", 8, 6, 5)),
         Case({"focal_level": 3, "focal_window": 5, "normalize_modulator": True,

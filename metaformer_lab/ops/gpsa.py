@@ -11,7 +11,7 @@ import torch
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import HeadsSpec, SequenceMixer, resolve_heads
 from metaformer_lab.ops.common import require_layout, require_no_prefix
@@ -107,11 +107,19 @@ def _build_gpsa(spec: GpsaSpec, r: Resolved) -> GatedPositionalSelfAttention:
                                         maps=x.layout == "maps")
 
 
+def fold_gpsa(module: nn.Module) -> Folding | None:
+    """qk and v read the input, proj writes the output."""
+    if isinstance(module, GatedPositionalSelfAttention):
+        return Folding(reads=(module.qk, module.v), writes=module.proj)
+    return None
+
+
 GPSA = OpDef(
     GpsaSpec,
     infer=gpsa_shape,
     build=_build_gpsa,
     preserves_type=True,
+    fold=fold_gpsa,
     cases=(
         Case({"num_heads": 4, "head_dim": None}, TensorType("tokens", 16, 4, 4), id="convit"),
         Case({"num_heads": 9, "head_dim": 4, "qkv_bias": True, "locality_strength": 2.0},

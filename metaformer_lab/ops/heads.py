@@ -12,9 +12,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, NonNegInt, OpSpec, PosInt, Prob, Ratio, make_act, require_layout
+from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import BatchNormSpec, LayerNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.stems import ConvNormAct
 
@@ -415,7 +416,15 @@ def _build_conv_mlp_head(spec: ConvMlpHeadSpec, r: Resolved) -> nn.Module:
     return ConvMlpHead(conv, GlobalPool(spec.pool, mapped), hidden, spec.drop, fc)
 
 
-CONV_MLP_HEAD = OpDef(ConvMlpHeadSpec, _conv_mlp_head_shape, _build_conv_mlp_head,
+def fold_hidden_layer(module: nn.Module) -> Folding | None:
+    """A hidden layer's BatchNorm folds into its linear. Heads keep their other norms and their classifier as
+    they are: ``forward_head(pre_logits=True)`` and ``reset_classifier`` read them."""
+    if isinstance(module, LinearNormAct):
+        return Folding(deploy=lambda: fold_parts(module, ("fc", "norm")))
+    return None
+
+
+CONV_MLP_HEAD = OpDef(ConvMlpHeadSpec, _conv_mlp_head_shape, _build_conv_mlp_head, fold=fold_hidden_layer,
                       cases=(Case({"conv_dim": 32, "hidden": [24]}, _MAPS, 10),
                              Case({"conv_dim": 24}, _MAPS, 10, id="conv-only"),
                              Case({"hidden": [32, 24], "hidden_norm": None, "hidden_bias": True, "act": "gelu"},

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, SequenceMixer, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import Eps, OpSpec, PosInt, Prob, require_layout
@@ -80,11 +80,19 @@ def _build_linear_attention(spec: LinearAttentionSpec, r: Resolved) -> LinearAtt
                            qkv_bias=spec.qkv_bias, eps=spec.eps, proj_drop=spec.proj_drop, maps=x.layout == "maps")
 
 
+def fold_linear_attention(module: nn.Module) -> Folding | None:
+    """qkv reads the input, proj writes the output."""
+    if isinstance(module, LinearAttention):
+        return Folding(reads=(module.qkv,), writes=module.proj)
+    return None
+
+
 LINEAR_ATTENTION = OpDef(
     LinearAttentionSpec,
     infer=linear_attention_shape,
     build=_build_linear_attention,
     preserves_type=True,
+    fold=fold_linear_attention,
     cases=(
         Case({}, TensorType("tokens", 32, 4, 5)),
         Case({"feature_map": "relu", "num_heads": 4}, TensorType("maps", 16, 4, 4), id="relu-maps"),

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
@@ -28,6 +28,7 @@ from metaformer_lab.ops.common import (
     make_act,
     require_layout,
 )
+from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.stems import conv_out
 
@@ -165,6 +166,23 @@ def _build_mbconv(spec: MbConvSpec, r: Resolved) -> MbConv:
     )
 
 
+def fold_mbconv(module: nn.Module) -> Folding | None:
+    """Each BatchNorm folds into the conv before it (not across an early SE); a norm before the block folds into
+    the first conv when nothing comes between (no pre-norm, activation or pooling), a layer scale after it into
+    the projection once its norm is folded."""
+    if not isinstance(module, MbConv):
+        return None
+    se = ("se",)
+    order = ("pre_norm", "pre_act", "pool", "expand_conv", "expand_norm", "expand_act", "dw_conv",
+             *(se if module.se_early else ()), "dw_norm", "dw_act", *(() if module.se_early else se),
+             "project_conv", "project_norm")
+    plain_input = all(isinstance(m, nn.Identity) for m in (module.pre_norm, module.pre_act, module.pool))
+    first = module.expand_conv if isinstance(module.expand_conv, nn.Conv2d) else module.dw_conv
+    return Folding(reads=(first,) if plain_input else (),
+                   writes=module.project_conv if isinstance(module.project_norm, nn.Identity) else None,
+                   deploy=lambda: fold_parts(module, order))
+
+
 _COATNET = {"stride": 2, "out_dim": 16, "stride_mode": "pool", "divisor": 8, "pre_norm": {"type": "batchnorm"},
             "pre_act": "silu", "se_ratio": 0.25, "se_early": True}
 _EFFICIENTVIT = {"stride": 2, "out_dim": 16, "kernel": 5, "norm": None, "hidden_bias": True, "act": "hardswish",
@@ -174,6 +192,7 @@ MBCONV = OpDef(
     MbConvSpec,
     infer=mbconv_shape,
     build=_build_mbconv,
+    fold=fold_mbconv,
     cases=(
         Case({}, _MAPS),
         Case(_COATNET, _MAPS, id="coatnet-down"),

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef, Resolved
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
@@ -22,6 +22,7 @@ from metaformer_lab.ops.common import (
     require_layout,
     split_prefix,
 )
+from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import NormSpec, build_norm, check_norm
 
 _MAPS = TensorType("maps", 8, 4, 5)
@@ -83,7 +84,25 @@ def _build_mlp(spec: MlpSpec, r: Resolved) -> nn.Module:
                         fc2, build_norm(spec.out_norm, x))
 
 
-MLP = OpDef(MlpSpec, _mlp_shape, _build_mlp, preserves_type=True,
+def fold_mlp(module: nn.Module) -> Folding | None:
+    """An MLP's input feeds fc1 alone and fc2 writes its output: a norm before it folds into fc1, a layer scale
+    after it into fc2; its own BatchNorms fold into the layer before them."""
+    from timm.layers import GluMlp, Mlp
+
+    if isinstance(module, (Mlp, GluMlp)):
+        return Folding(reads=(module.fc1,), writes=module.fc2, deploy=lambda: fold_parts(module, ("norm", "fc2")))
+    if isinstance(module, MlpWithNorms):
+        def deploy() -> nn.Module:
+            return fold_parts(fold_parts(module, ("fc1", "norm1")), ("fc2", "norm2"))
+
+        writes = module.fc2 if isinstance(module.norm2, nn.Identity) else None
+        return Folding(reads=(module.fc1,), writes=writes, deploy=deploy)
+    if isinstance(module, ConvFfn):
+        return Folding(reads=(module.fc1,), writes=module.fc2)
+    return None
+
+
+MLP = OpDef(MlpSpec, _mlp_shape, _build_mlp, preserves_type=True, fold=fold_mlp,
             cases=(Case({}, _MAPS), Case({"act": "star_relu", "bias": False}, _TOKENS, id="tokens"),
                    Case({"ratio": 2.0}, _PREFIXED, id="prefixed"), Case({}, _VECTOR, id="vector"),
                    Case({"hidden_norm": {"type": "batchnorm"}, "out_norm": {"type": "batchnorm"}}, _MAPS,
@@ -137,7 +156,7 @@ def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType, out_dim: int | None) -> Te
 
 
 CONV_FFN = OpDef(ConvFfnSpec, _conv_ffn_shape, lambda spec, r: ConvFfn(r.in_type.channels, spec, r.in_type),
-                 preserves_type=True,
+                 preserves_type=True, fold=fold_mlp,
                  cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
                         Case({}, _PREFIXED, id="prefixed")))
 
@@ -163,6 +182,6 @@ def _build_glu(spec: GluSpec, r: Resolved) -> nn.Module:
                   drop=spec.drop, use_conv=x.layout == "maps")
 
 
-GLU = OpDef(GluSpec, _channelwise, _build_glu, preserves_type=True,
+GLU = OpDef(GluSpec, _channelwise, _build_glu, preserves_type=True, fold=fold_mlp,
             cases=(Case({}, _TOKENS), Case({"act": "gelu", "bias": False}, _MAPS, id="geglu-maps"),
                    Case({"act": "sigmoid"}, _PREFIXED, id="glu")))

@@ -11,10 +11,11 @@ import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import Eps, OddKernel, OpSpec, PosInt, require_layout
+from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.linear_attention import FeatureMap, _float32
 from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
 
@@ -103,11 +104,20 @@ def _build(spec: MultiScaleLinearAttentionSpec, r: Resolved) -> MultiScaleLinear
                                      norm=build_norm(spec.norm, x), eps=spec.eps)
 
 
+def fold_multiscale_linear_attention(module: nn.Module) -> Folding | None:
+    """qkv reads the input; the BatchNorm after proj folds into it, which then writes the output."""
+    if isinstance(module, MultiScaleLinearAttention):
+        writes = module.proj if isinstance(module.norm, nn.Identity) else None
+        return Folding(reads=(module.qkv,), writes=writes, deploy=lambda: fold_parts(module, ("proj", "norm")))
+    return None
+
+
 MULTISCALE_LINEAR_ATTENTION = OpDef(
     MultiScaleLinearAttentionSpec,
     infer=multiscale_linear_attention_shape,
     build=_build,
     preserves_type=True,
+    fold=fold_multiscale_linear_attention,
     cases=(
         Case({}, TensorType("maps", 16, 5, 6)),
         Case({"head_dim": 4, "scales": [3, 5], "qkv_bias": True, "proj_bias": True, "norm": None},

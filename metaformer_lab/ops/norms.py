@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved
+from metaformer_lab.core.registry import Case, ChannelAffine, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Eps, OpSpec, PosInt, Prob
 
@@ -138,18 +138,64 @@ class Affine(nn.Module):
         return torch.addcmul(self.beta, self.alpha, x)  # (B, ..., C)
 
 
+def _without_affine(norm: nn.Module) -> nn.Module:
+    """A copy of ``norm`` that only normalises (its weight and bias are moving into a neighbour)."""
+    import copy
+
+    plain = copy.deepcopy(norm)
+    for name in ("weight", "bias"):
+        if name in plain._parameters:
+            plain.register_parameter(name, None)
+    for flag in ("elementwise_affine", "affine"):
+        if hasattr(plain, flag):
+            setattr(plain, flag, False)
+    return plain
+
+
+def _batchnorm_affine(bn: nn.modules.batchnorm._BatchNorm) -> ChannelAffine | None:
+    """An eval-mode BatchNorm is ``weight / std * (x - mean) + bias``: nothing but a per-channel affine."""
+    if bn.training or bn.running_mean is None or bn.running_var is None:
+        return None
+    scale = (bn.running_var + bn.eps).rsqrt()
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return ChannelAffine(scale, shift, rest=nn.Identity(), source=bn)
+
+
+def fold_norm(module: nn.Module) -> Folding | None:
+    """The norms' deploy form: a norm's per-channel weight and bias (an eval-mode BatchNorm, ResMLP's affine:
+    the whole norm) can move into a neighbouring linear; an affine norm also takes a scale after it."""
+    from timm.layers import LayerNorm2d, RmsNorm, RmsNorm2d
+
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        affine = _batchnorm_affine(module)
+        return Folding(affine=affine) if affine is not None else Folding()
+    if isinstance(module, Affine):
+        return Folding(affine=ChannelAffine(module.alpha, module.beta, rest=nn.Identity(), source=module))
+    if isinstance(module, (nn.LayerNorm, LayerNorm2d, GroupNorm, RmsNorm, RmsNorm2d)):
+        if module.weight is None:
+            return Folding()
+        bias = getattr(module, "bias", None)
+        return Folding(writes=module, affine=ChannelAffine(module.weight, bias, rest=_without_affine(module),
+                                                           source=module))
+    return None
+
+
 _ANY = (Case({}, _MAPS, id="maps"), Case({}, _TOKENS, id="tokens"), Case({}, _PREFIXED, id="prefixed"),
         Case({}, _VECTOR, id="vector"))
 
-LAYERNORM = OpDef(LayerNormSpec, _same, _build_layernorm, preserves_type=True,
+LAYERNORM = OpDef(LayerNormSpec, _same, _build_layernorm, preserves_type=True, fold=fold_norm,
                   cases=(*_ANY, Case({"bias": False}, _MAPS, id="maps-nobias"),
                          Case({"affine": False}, _TOKENS, id="plain")))
-BATCHNORM = OpDef(BatchNormSpec, _same, _build_batchnorm, cases=_ANY, preserves_type=True)
-GROUPNORM = OpDef(GroupNormSpec, _infer_groupnorm, _build_groupnorm, preserves_type=True,
+BATCHNORM = OpDef(BatchNormSpec, _same, _build_batchnorm, cases=_ANY, preserves_type=True, fold=fold_norm)
+GROUPNORM = OpDef(GroupNormSpec, _infer_groupnorm, _build_groupnorm, preserves_type=True, fold=fold_norm,
                   cases=(*_ANY, Case({"groups": 4, "bias": False}, _MAPS, id="g4-nobias")))
-RMSNORM = OpDef(RmsNormSpec, _same, _build_rmsnorm, cases=_ANY, preserves_type=True)
+RMSNORM = OpDef(RmsNormSpec, _same, _build_rmsnorm, cases=_ANY, preserves_type=True, fold=fold_norm)
 AFFINE = OpDef(AffineSpec, _same, lambda spec, r: Affine(r.in_type.channels, r.in_type.layout == "maps"), cases=_ANY,
-               preserves_type=True)
+               preserves_type=True, fold=fold_norm)
 
 NORM_DEFS = (LAYERNORM, BATCHNORM, GROUPNORM, RMSNORM, AFFINE)
 

@@ -7,7 +7,7 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef
+from metaformer_lab.core.registry import Case, Folding, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import OddKernel, OpSpec, require_layout
 
@@ -33,10 +33,23 @@ class PoolMinusInput(nn.Module):
         return self.pool(x) - x
 
 
+def fold_pooling(module: nn.Module) -> Folding | None:
+    """``pool(w * x + b) - (w * x + b) = w * (pool(x) - x)``: the average of a constant is that constant (also
+    where a border window averages fewer values), so a norm's weight before the op passes through to the layer
+    scale after it and its bias drops out.
+
+    The op itself stays: ``pool(x) - x`` is one depthwise conv (1/k² everywhere, 1/k² - 1 at the centre) only
+    away from the borders. With count_include_pad=False (timm's, for exact parity) a border window averages
+    fewer values, so no fixed kernel gives the same outputs there.
+    """
+    return Folding(commutes=True) if isinstance(module, PoolMinusInput) else None
+
+
 POOLING = OpDef(
     PoolingSpec,
     infer=pooling_shape,
     build=lambda spec, r: PoolMinusInput(spec.pool_size),
     preserves_type=True,
+    fold=fold_pooling,
     cases=(Case({}, TensorType("maps", 8, 5, 6)), Case({"pool_size": 5}, TensorType("maps", 8, 7, 7), id="k5")),
 )

@@ -15,7 +15,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import KernelInt, OpSpec, PosInt, Prob, require_layout
@@ -125,10 +125,19 @@ def _build_rel_pos_attention(spec: RelPosAttentionSpec, r: Resolved) -> RelPosAt
                              attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)
 
 
+def fold_rel_pos_attention(module: nn.Module) -> Folding | None:
+    """qkv reads the input unless a pooling comes first, proj writes the output."""
+    if isinstance(module, RelPosAttention2d):
+        reads = (module.qkv,) if isinstance(module.pool, nn.Identity) else ()
+        return Folding(reads=reads, writes=module.proj)
+    return None
+
+
 REL_POS_ATTENTION = OpDef(
     RelPosAttentionSpec,
     infer=rel_pos_attention_shape,
     build=_build_rel_pos_attention,
+    fold=fold_rel_pos_attention,
     cases=(
         Case({"head_dim": 8}, TensorType("maps", 16, 4, 5)),
         Case({"head_dim": 8, "stride": 2, "out_dim": 32}, TensorType("maps", 16, 6, 4), id="down"),

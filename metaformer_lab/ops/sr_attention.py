@@ -9,10 +9,11 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
 
 
@@ -106,11 +107,23 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)
 
 
+def fold_sr_attention(module: nn.Module) -> Folding | None:
+    """q reads the input, and so does kv or the reduction conv (kernel = stride, no padding: a shift folds
+    exactly), but not through a pooling (PVTv2-li); the reduction's norm folds into kv where no activation
+    comes between."""
+    if not isinstance(module, SrAttention):
+        return None
+    reduce = module.kv if module.sr is None else module.sr if isinstance(module.pool, nn.Identity) else None
+    return Folding(reads=(module.q, reduce) if reduce is not None else (), writes=module.proj,
+                   deploy=lambda: fold_parts(module, ("norm", "act", "kv")))
+
+
 SR_ATTENTION = OpDef(
     SrAttentionSpec,
     infer=sr_attention_shape,
     build=_build_sr_attention,
     preserves_type=True,
+    fold=fold_sr_attention,
     cases=(
         Case({"sr_ratio": 2, "head_dim": 8}, TensorType("tokens", 16, 4, 6)),
         Case({}, TensorType("tokens", 64, 3, 3), id="no-reduction"),

@@ -8,9 +8,10 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, KernelInt, OpSpec, PosInt, make_act, require_layout
+from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
 
 _IMAGE = TensorType("maps", 3, 32, 32)
@@ -168,12 +169,26 @@ def _build_conv_stack(spec: ConvStackSpec, r: Resolved) -> nn.Module:
     return nn.Sequential(*layers)
 
 
-PATCHIFY = OpDef(PatchifySpec, _patchify_shape, _build_patchify,
+def fold_conv_embed(module: nn.Module) -> Folding | None:
+    """A conv's norms fold into it: a BatchNorm after it (torch's fusion), a norm's affine before it where exact
+    (the conv does not pad, or the norm has no bias); a conv that ends the module also takes a scale after it
+    (a res scale on a downsampling shortcut)."""
+    if isinstance(module, ConvEmbed):
+        names = ("pre_norm", "norm", "conv") if module.norm_first else ("pre_norm", "conv", "norm")
+        ends_in_conv = module.norm_first or isinstance(module.norm, nn.Identity)
+        return Folding(writes=module.conv if ends_in_conv else None, deploy=lambda: fold_parts(module, names))
+    if isinstance(module, ConvNormAct):
+        return Folding(deploy=lambda: fold_parts(module, ("conv", "norm")))
+    return None
+
+
+PATCHIFY = OpDef(PatchifySpec, _patchify_shape, _build_patchify, fold=fold_conv_embed,
                  cases=(Case({"patch": 4}, _IMAGE, 16), Case({"patch": 8, "norm_after": {"type": "layernorm"}},
                                                               _IMAGE, 16, id="norm")))
-CONV_STEM = OpDef(ConvStemSpec, _conv_stem_shape, _build_conv_stem,
+CONV_STEM = OpDef(ConvStemSpec, _conv_stem_shape, _build_conv_stem, fold=fold_conv_embed,
                   cases=(Case({}, _IMAGE, 16), Case({"kernel": 3, "stride": 1, "norm_after": {"type": "batchnorm"}},
                                                     _IMAGE, 8, id="k3s1")))
 CONV_STACK = OpDef(ConvStackSpec, lambda spec, x, dim: _conv_stack_types(spec, x, dim)[-1], _build_conv_stack,
+                   fold=fold_conv_embed,
                    cases=(Case({}, _IMAGE, 16), Case({"strides": [2, 1, 2], "widths": [8, 12], "act": "gelu",
                                                       "last_act": False}, _IMAGE, 16, id="three")))

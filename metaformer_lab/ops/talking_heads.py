@@ -8,7 +8,7 @@ from typing import Literal
 
 from torch import Tensor, nn
 
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import HeadsSpec, SequenceMixer, resolve_heads
 from metaformer_lab.ops.common import require_layout
@@ -67,11 +67,19 @@ def _build_talking_heads(spec: TalkingHeadsAttentionSpec, r: Resolved) -> Talkin
                                  maps=x.layout == "maps")
 
 
+def fold_talking_heads(module: nn.Module) -> Folding | None:
+    """qkv reads the input, proj writes the output (the head-mixing linears act on heads, not channels)."""
+    if isinstance(module, TalkingHeadsAttention):
+        return Folding(reads=(module.qkv,), writes=module.proj)
+    return None
+
+
 TALKING_HEADS_ATTENTION = OpDef(
     TalkingHeadsAttentionSpec,
     infer=talking_heads_shape,
     build=_build_talking_heads,
     preserves_type=True,
+    fold=fold_talking_heads,
     cases=(
         Case({"num_heads": 4, "head_dim": None, "qkv_bias": True}, TensorType("tokens", 16, 4, 5), id="cait"),
         Case({"head_dim": 8, "attn_drop": 0.1}, TensorType("tokens", 16, 3, 3, prefix=1), id="prefixed"),

@@ -10,7 +10,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Case, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
@@ -155,11 +155,20 @@ def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAtt
                            attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)
 
 
+def fold_window_attention(module: nn.Module) -> Folding | None:
+    """Shifting and windowing move tokens, never channels (and nothing is padded): qkv reads the input, proj
+    writes the output."""
+    if isinstance(module, WindowAttention):
+        return Folding(reads=(module.qkv,), writes=module.proj)
+    return None
+
+
 WINDOW_ATTENTION = OpDef(
     WindowAttentionSpec,
     infer=window_attention_shape,
     build=_build_window_attention,
     preserves_type=True,
+    fold=fold_window_attention,
     cases=(
         Case({"window": 2}, TensorType("tokens", 32, 4, 6)),
         Case({"window": 2, "shift": True, "num_heads": 2, "fused": False}, TensorType("tokens", 16, 4, 6),

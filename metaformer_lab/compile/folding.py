@@ -1,0 +1,66 @@
+"""The deploy form of a compiled network: the same outputs in eval mode, with inference-only structure folded
+away (BatchNorms into convs, norm affines into the next linear, layer scales into the last linear, parallel
+convs into one).
+
+Ops declare how their modules fold (their OpDef's ``fold`` hook, :class:`~metaformer_lab.core.registry.Folding`);
+this walker applies the declarations bottom-up, the same way for every op: each module's own deploy form first,
+then, inside each block, the affine a part ends with moves into its neighbour along the branch (the block's plan
+says which parts run one after the other). Module names stay; folded-away parts leave their block.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from metaformer_lab.compile.network import Block, BranchPlan
+from metaformer_lab.ops.folds import fold_chain, folding_of
+
+
+def _fold_branch(block: Block, names: list[str]) -> list[str]:
+    """Fold one chain of a block's parts; the names of the parts that are left (a part the spec made an identity,
+    IdentityFormer's token mixer, stays)."""
+    parts = [block._modules[n] for n in names]
+    folded = fold_chain(parts)  # type: ignore[arg-type]
+    kept = []
+    for name, part, original in zip(names, folded, parts, strict=True):
+        if part is not original and isinstance(part, nn.Identity):
+            delattr(block, name)
+        else:
+            setattr(block, name, part)
+            kept.append(name)
+    return kept
+
+
+def _fold_block(block: Block) -> Block:
+    block.branches = [
+        BranchPlan(_fold_branch(block, list(b.parts)), _fold_branch(block, list(b.shortcut)),
+                   reads_prefix=b.reads_prefix, writes_prefix=b.writes_prefix, residual=b.residual)
+        for b in block.branches]
+    return block
+
+
+def _fold(module: nn.Module) -> nn.Module:
+    for name, child in list(module.named_children()):
+        folded = _fold(child)
+        if folded is not child:
+            module._modules[name] = folded
+    if isinstance(module, Block):
+        return _fold_block(module)
+    folding = folding_of(module)
+    return folding.deploy() if folding.deploy is not None else module
+
+
+def deploy_form(module: nn.Module) -> nn.Module:
+    """A folded copy of ``module`` (a compiled network, a feature backbone, or any module built from ops) in eval
+    mode, giving the same outputs in eval mode; ``module`` itself is left untouched.
+
+    The copy is for inference: its state_dict has fewer entries than the training form's, so it does not load
+    training checkpoints (load them first, then deploy).
+    """
+    folded = copy.deepcopy(module).eval()
+    with torch.no_grad():
+        folded = _fold(folded)
+    return folded.eval()
