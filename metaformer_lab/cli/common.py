@@ -53,6 +53,9 @@ MaxMemory = Annotated[str | None, typer.Option(
     help="Refuse a spec whose parameters and activations need more than this (e.g. 8GB); default: half of the "
          "memory available now.")]
 
+Deploy = Annotated[bool, typer.Option("--deploy", help="The deploy form: BatchNorms, norm affines and layer scales "
+                                                         "folded into the neighbouring weights (same outputs, eval).")]
+
 
 def refuse_oversized(graph: Any, batch_size: int, max_memory: str | None, device: str = "cpu") -> None:
     """Before any tensor exists: one ``path: message`` line naming the part that dominates, and exit 1, for a

@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 
 from metaformer_lab.cli.common import (
     BlockDirs,
+    Deploy,
     MaxMemory,
     app,
     check_output_file,
@@ -73,6 +74,7 @@ def latency_of(
     channels_last: Annotated[bool, typer.Option("--channels-last", help="Time in channels-last memory format.")]
     = False,
     host_check: HostCheckOpt = True,
+    deploy: Deploy = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     block_dir: BlockDirs = [],  # noqa: B006  (typer reads the default)
     max_memory: MaxMemory = None,
@@ -91,7 +93,8 @@ def latency_of(
         arch = load_spec(spec, block_dirs=block_dir)
         graph = as_graph(arch, input_size)
         target = LatencyTarget(device=device.lower(), dtype=dtype,
-                               batch_size=batch_size, threads=threads, channels_last=channels_last).at(graph)
+                               batch_size=batch_size, threads=threads, channels_last=channels_last,
+                               deploy=deploy).at(graph)
         if target.kind == "gpu":
             from metaformer_lab.latency.gpu import gpu_spec
 
@@ -182,6 +185,9 @@ def calibrate(
     passes: Annotated[int, typer.Option(min=1, help="Timing passes per op (the fastest is kept).")] = 3,
     seed: Annotated[int, typer.Option(help="Seed of the draws (seed and seed+1; evaluate refuses both).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the calibration in OUT.")] = False,
+    deploy: Annotated[bool, typer.Option("--deploy", help="Profile the deploy form: each op folded as it ships, "
+                                                          "the correction fitted on deploy-form networks.")]
+    = False,
 ) -> None:
     """Build a latency profile: every op of sampled architectures timed in isolation, then a whole-model
     correction fitted on measured networks. Saved as it goes; `--resume` continues a killed run.
@@ -216,7 +222,8 @@ def calibrate(
     try:
         sp = load_space(space)
         size = sp.template.parts["input"]["size"]
-        target = LatencyTarget(device=device, dtype=dtype, batch_size=batch_size, threads=threads, input_size=size)
+        target = LatencyTarget(device=device, dtype=dtype, batch_size=batch_size, threads=threads, input_size=size,
+                               deploy=deploy)
         with progress_bar() as bar:
             tasks: dict[str, Any] = {}
 

@@ -48,6 +48,8 @@ def search(
     device: Annotated[str | None, Opt(help="cpu, cuda, or a GPU name for an estimate from its datasheet (h100, t4, "
                                            "...).")] = None,
     threads: Annotated[int | None, Opt(help="CPU threads for latency (default 1).")] = None,
+    deploy: Annotated[bool, Opt("--deploy", help="The budget is for the deploy form (what ships: BatchNorms, norm "
+                                                 "affines and layer scales folded); CPU or CUDA.")] = False,
     profile: Annotated[str | None, Opt(help="Latency profile (file or shipped name), 'auto', or 'none' to "
                                             "measure every candidate.")] = None,
     host_check: Annotated[bool, Opt("--host-check/--no-host-check", help="Rescale a CPU profile to this host from "
@@ -113,6 +115,7 @@ def search(
                              "gpus_per_trial": gpus_per_trial}.items() if v is not None}
     try:
         config = _config(study, space=space, budget=budget, budget_margin=budget_margin, device=device, threads=threads,
+                         deploy=deploy or None,
                          profile=None if profile is None else (None if profile == "none" else profile),
                          batch_size=batch_size, dtype=dtype, dataset=dataset, evaluator=evaluator,
                          evaluator_options=options or None, trials=trials, timeout_s=timeout, objectives=objectives,

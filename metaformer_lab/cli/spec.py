@@ -15,6 +15,7 @@ from rich.table import Table
 
 from metaformer_lab.cli.common import (
     BlockDirs,
+    Deploy,
     MaxMemory,
     SpecArg,
     app,
@@ -26,9 +27,6 @@ from metaformer_lab.cli.common import (
     writing,
 )
 from metaformer_lab.core.errors import MetaformerLabError
-
-Deploy = Annotated[bool, typer.Option("--deploy", help="The deploy form: BatchNorms, norm affines and layer scales "
-                                                         "folded into the neighbouring weights (same outputs, eval).")]
 
 
 @app.command()

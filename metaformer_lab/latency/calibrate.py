@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from metaformer_lab.compile.folding import deploy_form
 from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
@@ -103,7 +104,10 @@ def op_call(graph: ArchGraph, name: str, key: NodeKey, target: LatencyTarget) ->
             prefix = xs[0].shape[1]
             return (lambda: torch.cat([xs[0] + xs[1], xs[2][:, prefix:]], dim=1)), "add"
         return (lambda: xs[0] + xs[1]), "add"
-    module = _module(graph, name).to(device=target.device, dtype=dtype).eval()
+    module = _module(graph, name)
+    if target.deploy:  # the op's own folds; those across ops show in the networks the correction is fitted on
+        module = deploy_form(module)
+    module = module.to(device=target.device, dtype=dtype).eval()
     if target.channels_last and xs[0].dim() == 4:
         module = module.to(memory_format=torch.channels_last)
     return (lambda: module(xs[0])), kind
@@ -254,7 +258,7 @@ def calibrate_space(space: str, op_graphs: list[ArchGraph], fit_graphs: list[Arc
     is saved to ``out`` as it grows (resumable) and when done."""
     profile = start_profile(name, target, out, resume=resume,
                             description=f"{space} space, {target.threads} thread(s), {target.dtype}, "
-                                        f"batch {target.batch_size}")
+                                        f"batch {target.batch_size}" + (", deploy form" if target.deploy else ""))
     profile.fit["calibration"] = {"space": space, "seeds": list(seeds), "ops_archs": len(op_graphs),
                                   "fit_archs": len(fit_graphs), "passes": passes}
     calibrate_ops(profile, op_graphs + fit_graphs, target, passes=passes, out=out, progress=progress,

@@ -67,8 +67,8 @@ def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], tar
 def _runners(items: Sequence[Any], plan: TimingPlan) -> tuple[list[Callable[[], float]], list[tuple[int, ...]]]:
     runs, shapes = [], []
     for item in items:
-        module, shape = module_and_shape(item, plan.target)
-        fn, x = prepare(module, shape, plan, owned=not isinstance(item, nn.Module))
+        module, shape, owned = module_and_shape(item, plan.target)
+        fn, x = prepare(module, shape, plan, owned=owned)
         run = cpu_timer(fn, x)
         warm_up(run, plan.max_warmup_s)
         runs.append(run)

@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.compile.folding import deploy_form
 from metaformer_lab.compile.network import Network
 from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.graph.lower import ArchGraph, lower
@@ -245,9 +246,18 @@ def _compile_mode(compile: bool | str) -> str | None:
 
 
 def module_and_shape(model_or_graph: nn.Module | ArchGraph | SpecSource, target: LatencyTarget,
-                     channels: int = 3) -> tuple[nn.Module, tuple[int, ...]]:
-    """The module to time and its input shape (batch included): a spec or graph is compiled, at the target's
-    input size when it sets one."""
+                     channels: int = 3) -> tuple[nn.Module, tuple[int, ...], bool]:
+    """The module to time, its input shape (batch included), and whether it is ours to convert in place (not
+    the caller's): a spec or graph is compiled, at the target's input size when it sets one; with the target's
+    ``deploy``, the module is its deploy form (a copy)."""
+    module, shape = _module_and_shape(model_or_graph, target, channels)
+    if target.deploy:
+        return deploy_form(module), shape, True
+    return module, shape, not isinstance(model_or_graph, nn.Module)
+
+
+def _module_and_shape(model_or_graph: nn.Module | ArchGraph | SpecSource, target: LatencyTarget,
+                      channels: int) -> tuple[nn.Module, tuple[int, ...]]:
     size, batch = target.input_size, target.batch_size
     if isinstance(model_or_graph, Network):
         t = model_or_graph.input_type
@@ -453,10 +463,10 @@ def measure(model_or_graph: nn.Module | ArchGraph | SpecSource, target: LatencyT
     plan = timing_plan(target, min_runs=min_runs, max_runs=max_runs, min_time_s=min_time_s, max_time_s=max_time_s,
                        max_warmup_s=max_warmup_s, max_cv=max_cv, retries=retries,
                        contention_tolerance=contention_tolerance)
-    module, shape = module_and_shape(model_or_graph, target, channels)
+    module, shape, owned = module_and_shape(model_or_graph, target, channels)
     training = module.training
     try:
-        fn, x = prepare(module, shape, plan, owned=not isinstance(model_or_graph, nn.Module))
+        fn, x = prepare(module, shape, plan, owned=owned)
         attempts = _timed(fn, x, plan)
     finally:
         module.train(training)  # a caller's module comes back in the mode it came in

@@ -20,7 +20,7 @@ from profile P, x1.12 for this host``, ``estimated for H100 (fitted)``, ``measur
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from metaformer_lab.core.errors import Issue, LatencyError
@@ -84,6 +84,9 @@ class LatencySource:
         self.efficiency = Efficiency()
         self.cache = KernelCache()
         self._memo: dict[str, Latency] = {}
+        if self.gpu is not None and self.target.deploy:
+            raise LatencyError.single("--deploy", f"GPU estimates are of the training form; measure the deploy "
+                                                  f"form on the GPU itself, not as '{target.device}'")
         if self.gpu is not None:  # its own fitted factors, else pooled over the calibrated GPUs
             self.efficiency = resolve_gpu_profile(profile).efficiency if isinstance(profile, str) and \
                 profile != "auto" else gpu_efficiency(self.gpu, self.target.dtype)
@@ -92,10 +95,18 @@ class LatencySource:
                 self.profile, _ = match_profile(self.target, adapt=host_check)
             except LatencyError as err:  # none fits: measure instead (and say why)
                 self.unmatched = tuple(err.issues)
-        elif isinstance(profile, Profile):
-            self.profile = profile
         elif profile is not None:
-            self.profile = resolve_profile(profile)
+            self.profile = profile if isinstance(profile, Profile) else resolve_profile(profile)
+            self._check_named(self.profile)
+
+    def _check_named(self, profile: Profile) -> None:
+        """A profile given by name must be for this target (its CPU model is the host check's business, its
+        input size the predictor's)."""
+        want = replace(self.target, device_name=None, input_size=None)
+        differ = profile.target.mismatches(want)
+        if differ:
+            raise LatencyError([Issue("--profile", f"profile '{profile.name}' is for another setting: {d}")
+                                for d in differ])
 
     # -- what it is ------------------------------------------------------------------------------------
     @property

@@ -55,6 +55,8 @@ class SearchConfig(BaseModel):
                           "error on networks it was not fitted on")
     device: str = Field("cpu", description="cpu, cuda, or a GPU name for an estimate (h100, t4, ...)")
     threads: Annotated[int, Field(ge=1, le=256)] = 1
+    deploy: bool = Field(False, description="the budget is for the deploy form (inference-only structure folded "
+                                            "away), what ships; CPU and CUDA only")
     batch_size: Annotated[int, Field(ge=1, le=4096)] = 1
     dtype: Literal["float32", "float16", "bfloat16"] | None = Field(
         None, description="default: float32 on the CPU; on a GPU float16, or bfloat16 where its datasheet favours it")
@@ -138,7 +140,7 @@ class SearchConfig(BaseModel):
         if self.study_name:
             return self.study_name
         space = Path(self.space).stem if self.space.endswith((".yaml", ".yml")) else self.space
-        return f"{space}-{self.budget.replace(' ', '')}-{self.device}"
+        return f"{space}-{self.budget.replace(' ', '')}-{self.device}" + ("-deploy" if self.deploy else "")
 
     @property
     def run_dir(self) -> Path:
@@ -147,14 +149,16 @@ class SearchConfig(BaseModel):
     def latency_target(self, input_size: tuple[int, int]) -> LatencyTarget:
         """What every candidate's latency is for (at the space's input size)."""
         return LatencyTarget(device=self.device, dtype=str(self.dtype or default_dtype(self)),
-                             batch_size=self.batch_size, threads=self.threads, input_size=input_size)
+                             batch_size=self.batch_size, threads=self.threads, input_size=input_size,
+                             deploy=self.deploy)
 
     def identity(self) -> dict[str, Any]:
         """The settings a resumed study must share with the one it continues."""
         return {"space": self.space, "budget_ms": self.budget_ms, "budget_margin": self.budget_margin,
                 "device": self.device, "threads": self.threads,
                 "batch_size": self.batch_size, "dtype": self.dtype, "objectives": self.objectives,
-                "evaluator": self.evaluator, "dataset": self.dataset}
+                "evaluator": self.evaluator, "dataset": self.dataset,
+                **({"deploy": True} if self.deploy else {})}  # studies made before the option resume as they were
 
 
 def check(config: SearchConfig) -> SearchConfig:
@@ -164,6 +168,9 @@ def check(config: SearchConfig) -> SearchConfig:
         _ = config.budget_ms
     except LatencyError as err:
         issues += [Issue("--budget", i.message) for i in err.issues]
+    if config.gpu_name is not None and config.deploy:
+        issues.append(Issue("--deploy", f"GPU estimates are of the training form; measure the deploy form on the "
+                                        f"GPU itself (--device cuda), not as '{config.device}'"))
     if config.gpu_name is not None:
         try:
             gpu_spec(config.gpu_name)

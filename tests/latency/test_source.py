@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -68,3 +69,44 @@ def test_the_command_line_and_a_search_report_the_same_prediction(tmp_path: Path
     out = json.loads(result.output)
     assert out["predicted_ms"] == pytest.approx(trial.user_attrs["latency_ms"], rel=1e-9)
     assert out["settings"]["input_size"] == [32, 32] and out["settings"]["threads"] == 1
+
+
+def test_a_deploy_target_times_the_deploy_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    measure_module = importlib.import_module("metaformer_lab.latency.measure")  # the package exports the function
+    folded = []
+    real = measure_module.deploy_form
+    monkeypatch.setattr(measure_module, "deploy_form", lambda m: folded.append(m) or real(m))
+    fast = {"min_time_s": 0.02, "min_runs": 3, "max_warmup_s": 0.05}
+    trained = measure_module.measure(EXAMPLE, LatencyTarget(input_size=32), **fast)
+    assert not folded and not trained.provenance.deploy
+    deployed = measure_module.measure(EXAMPLE, LatencyTarget(input_size=32, deploy=True), **fast)
+    assert len(folded) == 1 and deployed.provenance.deploy
+
+
+def test_the_deploy_form_is_a_search_setting_of_its_own() -> None:
+    config = make_config(space="tiny", device="cpu", deploy=True)
+    assert config.name == "tiny-2ms-cpu-deploy" and config.latency_target((32, 32)).deploy
+    assert config.identity()["deploy"] is True and "deploy" not in make_config(space="tiny").identity()
+    with pytest.raises(Exception, match="--deploy: GPU estimates are of the training form"):
+        make_config(space="tiny", device="t4", deploy=True)
+    # no shipped profile is of the deploy form: such a search measures its candidates
+    source = LatencySource(config.latency_target((32, 32)), profile="auto", host_check=False)
+    assert source.kind == "measured" and any("deploy False (want True)" in i.message for i in source.unmatched)
+    with pytest.raises(LatencyError, match="'cpu-tiny-1t' is for another setting: deploy False"):
+        LatencySource(config.latency_target((32, 32)), profile="cpu-tiny-1t")
+
+
+def test_a_deploy_profile_times_each_op_in_its_deploy_form(monkeypatch: pytest.MonkeyPatch) -> None:
+    from metaformer_lab.latency import calibrate
+    from metaformer_lab.latency.keys import default_out_mem, walk_keys
+    from metaformer_lab.latency.predict import as_graph
+
+    graph = as_graph(str(EXAMPLE), 32)
+    folded = []
+    monkeypatch.setattr(calibrate, "deploy_form", lambda m: folded.append(type(m).__name__) or m)
+    keys = [(n, k) for n, k in walk_keys(graph, 1, default_out_mem) if graph.nodes[n]["kind"] not in ("add", "input")]
+    name, key = next((n, k) for n, k in keys if not graph.is_composite(n))
+    calibrate.op_call(graph, name, key, LatencyTarget(input_size=32))
+    assert folded == []
+    calibrate.op_call(graph, name, key, LatencyTarget(input_size=32, deploy=True))
+    assert len(folded) == 1
