@@ -133,4 +133,8 @@ INVALID = [
     pytest.param(doc(stages=stages(block("{token_mixer: {type: random_mixing}}", "depth: 1, dim: 16, layout: tokens, "
                                          "prefix_tokens: 1"))),
                  "stages[0].block.token_mixer.type", "works on the token grid only", id="random-mixing-prefix"),
+    pytest.param(doc(stages=stages(block("{token_mixer: null, channel_mixer: null}"))), "stages[0].block.token_mixer",
+                 "null leaves the 'metaformer' block without a branch", id="block-without-branch"),
+    pytest.param(doc(stages=stages(block("{token_mixer: null, shortcut: {type: conv}}"))), "stages[0].block.shortcut",
+                 "is unused: its branch is left out (token_mixer: null)", id="shortcut-without-token-mixer"),
 ]

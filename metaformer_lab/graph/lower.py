@@ -20,7 +20,7 @@ from metaformer_lab.graph.plan import BlockPlan, BranchPlan, NetworkPlan, StageP
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import layout_change_problem
 from metaformer_lab.spec.arch import ArchSpec, BlockSpec, StageSpec
-from metaformer_lab.spec.templates import PART_FIELDS, PART_ROLES, TEMPLATES, Branch
+from metaformer_lab.spec.templates import PART_FIELDS, PART_ROLES, Branch, kept_branches, mixer_fields, used_fields
 
 
 class ArchGraph(nx.DiGraph):
@@ -80,7 +80,8 @@ def _first_block_resizes(stage: StageSpec) -> bool:
     """The stage's first block may change the width itself (a downsampling block): it has a shortcut op, or
     its template has a branch without a residual."""
     block = stage.block_at(0)
-    return block.shortcut is not None or not all(b.residual for b in TEMPLATES[block.template])
+    has_shortcut = block.shortcut is not None and "shortcut" in used_fields(block)
+    return has_shortcut or not all(b.residual for b in kept_branches(block))
 
 
 class _Lowering:
@@ -265,14 +266,24 @@ class _Lowering:
         x = self.layout(f"{name}.layout", "layout", x, block.layout or stage.layout, f"{path}.layout")
         layout = x if x != start else None
         branches, prefix = [], 0
-        for branch in TEMPLATES[block.template]:
-            if getattr(block, PART_FIELDS[branch.main]) is not None:
-                x, plan, view = self.branch(name, path, block, branch, x)
-                branches.append(plan)
-                if view is not None and (t := self.out(view)) is not None:
-                    prefix = t.prefix
+        self.unused_parts(path, block)
+        for branch in kept_branches(block):
+            x, plan, view = self.branch(name, path, block, branch, x)
+            branches.append(plan)
+            if view is not None and (t := self.out(view)) is not None:
+                prefix = t.prefix
         self.last = x
         return BlockPlan(layout=layout, branches=tuple(branches), prefix=prefix)
+
+    def unused_parts(self, path: str, block: BlockSpec) -> None:
+        """A block left without a branch computes nothing, and a shortcut op no kept branch runs is a mistake."""
+        if not kept_branches(block):
+            self.issues.append(Issue(f"{path}.token_mixer", f"null leaves the '{block.template}' block without a "
+                                                            "branch; give it a token mixer or a channel mixer"))
+        elif block.shortcut is not None and "shortcut" not in used_fields(block):
+            why = "its branch is left out (token_mixer: null)" if block.token_mixer is None else \
+                f"the '{block.template}' template has no shortcut"
+            self.issues.append(Issue(f"{path}.shortcut", f"is unused: {why}"))
 
     def branch(self, name: str, path: str, block: BlockSpec, branch: Branch,
                x: str) -> tuple[str, BranchPlan, str | None]:
@@ -294,17 +305,17 @@ class _Lowering:
         for part in branch.shortcut:
             s = self.part(name, path, block, part, s, shortcut, target.channels if target else None)
         plan = BranchPlan(plan.parts, tuple(shortcut), plan.reads_prefix, plan.writes_prefix, plan.residual)
-        kept = self.out(s)
+        kept, mixer = self.out(s), mixer_fields(branch, block)[-1]
         if kept is not None and target is not None and kept != target:
             if s != start:
                 self.issues.append(Issue(f"{path}.shortcut", f"gives {kept}, but the block's branch gives {target}"))
             elif branch.writes == "prefix":
-                self.issues.append(Issue(f"{path}.{PART_FIELDS[branch.main]}",
+                self.issues.append(Issue(f"{path}.{mixer}",
                                          f"gives {target}, but the '{block.template}' template adds it into the "
                                          f"prefix tokens only ({kept}); it must return those alone"))
             else:
                 fix = ", or the block needs a shortcut" if "shortcut" in branch.shortcut else ""
-                self.issues.append(Issue(f"{path}.{PART_FIELDS[branch.main]}",
+                self.issues.append(Issue(f"{path}.{mixer}",
                                          f"changes the tensor type from {kept} to {target}; a residual branch must "
                                          f"keep it{fix}"))
             target = None

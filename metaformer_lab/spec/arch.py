@@ -47,7 +47,9 @@ class BlockSpec(SpecModel):
     """One block, wired by its template (see :mod:`metaformer_lab.spec.templates`):
 
     - ``metaformer``: ``x = rs1*shortcut(x) + ls1*TokenMixer(norm(x)); x = rs2*x + ls2*ChannelMixer(norm(x))``
-      (``channel_mixer: null`` keeps the first residual only);
+      (``channel_mixer: null`` keeps the first residual only; ``token_mixer: null`` the second only, an
+      FFN-only block ``x = rs2*x + ls2*ChannelMixer(norm(x))``; a branch left out takes its norm, scales and
+      shortcut with it);
     - ``convnext``: ``x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))`` (norm after the mixer);
     - ``postnorm``: ``x = rs1*shortcut(x) + ls1*norm(TokenMixer(x)); x = rs2*x + ls2*norm(ChannelMixer(x))``
       (residual post-norm: FocalNet's ``use_post_norm``, Swin V2);
@@ -59,7 +61,7 @@ class BlockSpec(SpecModel):
     """
 
     template: Literal["metaformer", "convnext", "postnorm", "class_attention", "plain"] = "metaformer"
-    token_mixer: TokenMixerSpec
+    token_mixer: TokenMixerSpec | None = Field(description="null: no token-mixer branch (an FFN-only block)")
     channel_mixer: ChannelMixerSpec | None = Field(default_factory=MlpSpec,
                                                    description="null: no channel-mixer branch")
     norm: NormSpec | None = Field(default_factory=LayerNormSpec, description="null: no norm (EfficientFormer)")
