@@ -261,7 +261,7 @@ class _Lowering:
         """The block's nodes and plan; its output node is left in ``self.last``."""
         block = stage.block_at(j)
         name = f"stages.{i}.blocks.{j}"
-        path = f"stages[{i}].block" + (f"[{j % len(stage.block)}]" if len(stage.block) > 1 else "")
+        path = f"stages[{i}].{stage.block_path(j)}"
         start = x
         x = self.layout(f"{name}.layout", "layout", x, block.layout or stage.layout, f"{path}.layout")
         layout = x if x != start else None

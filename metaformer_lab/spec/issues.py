@@ -81,6 +81,8 @@ def types_at(root: type[BaseModel], loc: Sequence[int | str]) -> list[Any]:
                     nxt.append(cand)
             elif typing.get_origin(cand) is list and isinstance(seg, int):
                 nxt.extend(_members(typing.get_args(cand)[0]))
+        if not nxt and isinstance(seg, str):
+            nxt = candidates  # a union member's name (a callable discriminator's tag): the next segment picks
         if not nxt:
             return []
         tagged = [c for c in nxt if _tag(c) == seg]

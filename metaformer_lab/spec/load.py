@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from metaformer_lab.core.errors import Issue, SpecError
 from metaformer_lab.core.names import closest
-from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec
+from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec, map_blocks
 from metaformer_lab.spec.issues import issues_from, show
 from metaformer_lab.spec.yaml_io import dump_yaml, load_yaml_file
 
@@ -137,18 +137,14 @@ def resolve(data: dict[str, Any], block_dirs: Sequence[Path] = ()) -> tuple[dict
     defaults: dict[str, Any] = raw_defaults if isinstance(raw_defaults, dict) else {}
     inherited = {k: defaults[k] for k in INHERITED_BLOCK_FIELDS if k in defaults}
     stages = data.get("stages")
+
+    def resolved(item: Any, path: str) -> Any:
+        block = resolver.item(item, path)
+        return {**copy.deepcopy(inherited), **block} if isinstance(block, dict) else block
+
     for i, stage in enumerate(stages if isinstance(stages, list) else []):
-        if not isinstance(stage, dict) or "block" not in stage:
-            continue
-        single = not isinstance(stage["block"], list)
-        items = [stage["block"]] if single else stage["block"]
-        blocks = []
-        for k, item in enumerate(items):
-            block = resolver.item(item, f"stages[{i}].block" + ("" if single else f"[{k}]"))
-            if isinstance(block, dict):
-                block = {**copy.deepcopy(inherited), **block}
-            blocks.append(block)
-        stage["block"] = blocks[0] if single else blocks
+        if isinstance(stage, dict) and "block" in stage:
+            stage["block"] = map_blocks(stage["block"], f"stages[{i}].block", resolved)
     return data, resolver.issues
 
 
@@ -212,13 +208,15 @@ def _compact(model: BaseModel, keep: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    from metaformer_lab.spec.arch import BlockSpec, StageSpec
+    from metaformer_lab.spec.arch import BlockSpec, FirstThenCycleSpec, StageSpec
 
     if isinstance(value, StageSpec):
-        out = _compact(value)
-        blocks = [_compact(b, INHERITED_BLOCK_FIELDS) for b in value.block]
-        out["block"] = blocks[0] if len(blocks) == 1 else blocks
-        return out
+        return {**_compact(value), "block": _plain(value.block)}
+    if isinstance(value, FirstThenCycleSpec):
+        return {"first": _plain(value.first), "cycle": _plain(value.cycle)}
+    if isinstance(value, list) and value and all(isinstance(b, BlockSpec) for b in value):
+        blocks = [_plain(b) for b in value]  # a list of one block is written as the block
+        return blocks[0] if len(blocks) == 1 else blocks
     if isinstance(value, BlockSpec):
         return _compact(value, INHERITED_BLOCK_FIELDS)
     if isinstance(value, BaseModel):
