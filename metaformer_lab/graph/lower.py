@@ -8,6 +8,7 @@ every violation is collected, and :class:`SpecError` lists them all.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import networkx as nx
@@ -85,8 +86,9 @@ def _first_block_resizes(stage: StageSpec) -> bool:
 
 
 class _Lowering:
-    def __init__(self, spec: ArchSpec) -> None:
+    def __init__(self, spec: ArchSpec, unknown: Mapping[str, bool]) -> None:
         self.spec = spec
+        self.unknown = unknown
         self.g = ArchGraph(spec=spec)
         self.issues: list[Issue] = []
         self.last = "input"  # the output node of the block lowered last
@@ -113,6 +115,11 @@ class _Lowering:
         """A leaf op from registry ``role``; ``out_dim`` is the output width of stems and downsamplers, the
         number of classes of heads. The node keeps what the op's shape rule resolved (``resolved``)."""
         x = self.out(src) if x is None else x
+        if path in self.unknown:  # a config that failed validation: no shape rule, its type passed on or lost
+            out = x if self.unknown[path] else None
+            self.node(name, role, [(src, x)], out, path, spec, role, part)
+            self.g.nodes[name]["resolved"] = None
+            return name
         opdef = REGISTRIES[role].of_spec(spec)
         if isinstance(opdef, CompositeDef):
             return self.composite(name, part, opdef, spec, path, src, x)
@@ -364,9 +371,15 @@ class _Lowering:
         return x
 
 
-def lower(spec: ArchSpec) -> ArchGraph:
-    """The typed graph of a schema-valid spec; raises SpecError listing every shape problem."""
-    return _Lowering(spec).lower()
+def lower(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None) -> ArchGraph:
+    """The typed graph of a schema-valid spec; raises SpecError listing every shape problem.
+
+    ``unknown``: spec paths of op configs that stand in for invalid ones (a spec patched by
+    :func:`metaformer_lab.spec.partial.partial_spec`, to check the rest of a spec with schema problems):
+    their shape rules are skipped; the value says whether the op keeps its input type, so that what follows
+    is checked, else what follows gets no type and is not checked.
+    """
+    return _Lowering(spec, unknown or {}).lower()
 
 
 __all__ = ["ArchGraph", "lower"]
