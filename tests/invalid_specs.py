@@ -147,4 +147,15 @@ INVALID = [
     pytest.param(doc(stages=stages(block("{first: {token_mixer: {type: atention}}, cycle: poolformer}"))),
                  "stages[0].block.first.token_mixer.type", "unknown 'atention' (did you mean 'attention'?)",
                  id="unknown-mixer-in-first"),
+    pytest.param(doc(stages=stages(block("{token_mixer: {type: dwconv, kernel: 3, groups: 3}}"))),
+                 "stages[0].block.token_mixer.groups", "3 does not divide the conv's 16 input channels",
+                 id="dwconv-groups"),
+    pytest.param(doc(stages=stages(S0, "{depth: 1, dim: 32, downsample: {type: conv, groups: 3}, "
+                                       f"block: {POOL}}}")),
+                 "stages[1].downsample.groups", "3 does not divide the conv's 16 input channels",
+                 id="downsample-groups"),
+    pytest.param(doc(stages=stages(block("{token_mixer: {type: mbconv, stride: 2, dw_residual: true}, "
+                                         "channel_mixer: null, template: plain}"))),
+                 "stages[0].block.token_mixer.dw_residual", "needs the kxk conv to keep the grid",
+                 id="strided-inner-residual"),
 ]
