@@ -111,7 +111,8 @@ def map_blocks(value: Any, path: str, fn: Callable[[Any, str], Any]) -> Any:
 
 
 def _block_form(value: Any) -> str:
-    return "first_then_cycle" if is_first_then_cycle(value) else "blocks"
+    """The union member of a raw value (validation) or of a validated one (serialisation)."""
+    return "first_then_cycle" if is_first_then_cycle(value) or isinstance(value, FirstThenCycleSpec) else "blocks"
 
 
 StageBlocks = Annotated[

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import warnings
 from typing import Any
 
 import pytest
@@ -37,6 +39,10 @@ def test_each_block_has_its_spec_and_its_path(block: Any, depth: int, paths: lis
     assert [d["path"] for d in mixers] == [f"stages[0].{p}.token_mixer" for p in paths]
     assert [d["spec"] for d in mixers] == [stage.block_at(j).token_mixer for j in range(depth)]
     assert ml.load_spec(parse_yaml(ml.dump_spec(spec), "spec.yaml")) == spec
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # pydantic warns when it serialises a union member as another
+        assert ml.load_spec(spec.model_dump()) == spec
+        assert ml.load_spec(json.loads(spec.model_dump_json())) == spec
 
 
 def test_a_block_list_may_be_as_long_as_the_depth() -> None:
