@@ -21,7 +21,16 @@ from metaformer_lab.graph.plan import BlockPlan, BranchPlan, NetworkPlan, StageP
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import layout_change_problem
 from metaformer_lab.spec.arch import ArchSpec, BlockSpec, StageSpec
-from metaformer_lab.spec.templates import PART_FIELDS, PART_ROLES, Branch, kept_branches, mixer_fields, used_fields
+from metaformer_lab.spec.templates import (
+    MIXER_FIELDS,
+    PART_FIELDS,
+    PART_ROLES,
+    TEMPLATES,
+    Branch,
+    kept_branches,
+    mixer_fields,
+    used_fields,
+)
 
 
 class ArchGraph(nx.DiGraph):
@@ -285,8 +294,10 @@ class _Lowering:
     def unused_parts(self, path: str, block: BlockSpec) -> None:
         """A block left without a branch computes nothing, and a shortcut op no kept branch runs is a mistake."""
         if not kept_branches(block):
+            fields = {PART_FIELDS[p] for b in TEMPLATES[block.template] for p in b.parts} & set(MIXER_FIELDS)
+            wanted = " or a ".join(f.replace("_", " ") for f in MIXER_FIELDS if f in fields)
             self.issues.append(Issue(f"{path}.token_mixer", f"null leaves the '{block.template}' block without a "
-                                                            "branch; give it a token mixer or a channel mixer"))
+                                                            f"branch; give it a {wanted}"))
         elif block.shortcut is not None and "shortcut" not in used_fields(block):
             why = "its branch is left out (token_mixer: null)" if block.token_mixer is None else \
                 f"the '{block.template}' template has no shortcut"
@@ -312,7 +323,7 @@ class _Lowering:
         for part in branch.shortcut:
             s = self.part(name, path, block, part, s, shortcut, target.channels if target else None)
         plan = BranchPlan(plan.parts, tuple(shortcut), plan.reads_prefix, plan.writes_prefix, plan.residual)
-        kept, mixer = self.out(s), mixer_fields(branch, block)[-1]
+        kept, mixer = self.out(s), mixer_fields(branch, block)[0]
         if kept is not None and target is not None and kept != target:
             if s != start:
                 self.issues.append(Issue(f"{path}.shortcut", f"gives {kept}, but the block's branch gives {target}"))
