@@ -30,6 +30,9 @@ GROUPED = [
     pytest.param("stem", "conv", {"kernel": 3, "stride": 2, "groups": 3}, IMAGE, 12, 3, id="conv-stem"),
     pytest.param("stem", "patchify", {"patch": 4, "groups": 2}, IMAGE, 8, 2, id="patchify"),
     pytest.param("downsample", "conv", {"groups": 4}, MAPS, 32, 4, id="conv-downsample"),
+    pytest.param("token_mixer", "sr_attention", {"sr_ratio": 2, "head_dim": 8, "groups": 4}, TOKENS, None, 4,
+                 id="sr_attention"),
+    pytest.param("pos_embed", "peg", {"groups": 2}, TOKENS, None, 2, id="peg"),
 ]
 
 
@@ -68,6 +71,10 @@ def test_conv_stack_groups_each_conv() -> None:
                  id="conv-stem-input"),
     pytest.param("downsample", "conv", {"groups": 16}, MAPS, 24, "groups",
                  "16 does not divide the conv's 24 output channels", id="conv-downsample-output"),
+    pytest.param("token_mixer", "sr_attention", {"sr_ratio": 2, "head_dim": 8, "groups": 3}, TOKENS, None, "groups",
+                 "3 does not divide the conv's 16 input channels", id="sr_attention"),
+    pytest.param("pos_embed", "peg", {"groups": 3}, TOKENS, None, "groups",
+                 "3 does not divide the conv's 16 input channels", id="peg"),
     pytest.param("stem", "conv_stack", {"strides": [2, 2], "groups": [1, 5]}, IMAGE, 16, "groups[1]",
                  "5 does not divide the conv's 8 input channels", id="conv-stack"),
     pytest.param("stem", "conv_stack", {"strides": [2, 2], "groups": [1]}, IMAGE, 16, "groups",
@@ -110,7 +117,8 @@ def test_mbconv_inner_residual_adds_the_conv_input() -> None:
 @pytest.mark.parametrize(("role", "tag"), [("token_mixer", "dwconv"), ("token_mixer", "sepconv"),
                                            ("channel_mixer", "conv_ffn"), ("token_mixer", "mbconv"),
                                            ("stem", "conv"), ("stem", "patchify"), ("stem", "conv_stack"),
-                                           ("downsample", "conv")])
+                                           ("downsample", "conv"), ("token_mixer", "sr_attention"),
+                                           ("pos_embed", "peg")])
 def test_latency_keys_leave_out_new_options_at_their_defaults(role: str, tag: str) -> None:
     """Shipped latency profiles were keyed before these options existed: a config that leaves them at their
     defaults serialises as it did then; one that sets them gets a key of its own."""
