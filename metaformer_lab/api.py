@@ -16,9 +16,10 @@ from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.folding import deploy_form
 from metaformer_lab.compile.network import Network
 from metaformer_lab.compile.protocol import feature_backbone
+from metaformer_lab.core.errors import SpecError
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.spec.arch import ArchSpec
-from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
+from metaformer_lab.spec.load import SpecSource, read_spec_partial, with_input_size
 from metaformer_lab.spec.load import dump_spec as _dump_spec
 
 
@@ -27,14 +28,13 @@ def load_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]
 
     Named blocks are looked up in ``block_dirs``, then beside the spec file (``blocks/`` and the file's
     own folder), then in the shipped block library. The spec is also lowered once, so shape errors
-    are reported here too.
+    are reported here too, together with the schema problems where those leave the shapes checkable (a
+    wrong field in the head does not hide a shape error in stage 2).
 
     Raises:
         SpecError: listing every problem as ``path: message``.
     """
-    spec = read_spec(source, block_dirs=block_dirs)
-    lower(spec)
-    return spec
+    return _checked(source, block_dirs, None).spec
 
 
 def dump_spec(spec: ArchSpec) -> str:
@@ -45,7 +45,21 @@ def dump_spec(spec: ArchSpec) -> str:
 def to_graph(spec: SpecSource, *, input_size: int | None = None,
              block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchGraph:
     """The typed graph (a networkx DiGraph) of a spec, checked at ``input_size`` when given; raises SpecError."""
-    return lower(with_input_size(read_spec(spec, block_dirs=block_dirs), input_size))
+    return _checked(spec, block_dirs, input_size)
+
+
+def _checked(source: SpecSource, block_dirs: Sequence[str | os.PathLike[str]], input_size: int | None) -> ArchGraph:
+    """The lowered spec; with schema problems, a SpecError listing them and the shape problems of the parts
+    they leave checkable (:mod:`metaformer_lab.spec.partial`)."""
+    spec, issues = read_spec_partial(source, block_dirs=block_dirs)
+    if isinstance(spec, ArchSpec):
+        return lower(with_input_size(spec, input_size))
+    if spec is not None:
+        try:
+            lower(with_input_size(spec.spec, input_size), unknown=spec.unknown)
+        except SpecError as err:
+            issues = [*issues, *err.issues]
+    raise SpecError(issues)
 
 
 @overload

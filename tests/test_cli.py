@@ -54,6 +54,23 @@ def test_validate_prints_one_line_per_problem(tmp_path: Path) -> None:
     ]
 
 
+def test_validate_reports_schema_and_shape_problems_at_once(tmp_path: Path) -> None:
+    """A wrong field in the head and an invalid value in stage 0 hide no shape problem in stage 1."""
+    spec = tmp_path / "spec.yaml"
+    spec.write_text("name: x\ninput: {size: 32}\nstem: {type: patchify, patch: 4}\nstages:\n"
+                    "  - {depth: 1, dim: 16, block: {token_mixer: {type: pooling, pool_size: 4}}}\n"
+                    "  - {depth: 1, dim: 40, downsample: {type: conv}, layout: tokens,\n"
+                    "     block: {token_mixer: {type: attention, num_heads: 3, head_dim: null}}}\n"
+                    "head: {type: pool_norm_linear, dropp: 0.1}\n")
+    code, out, err = run("validate", str(spec))
+    assert code == 1 and "Traceback" not in out + err
+    assert err.splitlines() == [
+        "stages[0].block.token_mixer.pool_size: 4 must be odd",
+        "head.dropp: unknown field (did you mean 'drop'?)",
+        "stages[1].block.token_mixer.num_heads: 3 does not divide dim 40",
+    ]
+
+
 @pytest.mark.parametrize("target", ["missing.yaml", "."], ids=["missing", "directory"])
 def test_validate_bad_paths(target: str) -> None:
     code, _, err = run("validate", target)

@@ -8,6 +8,7 @@ every violation is collected, and :class:`SpecError` lists them all.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import networkx as nx
@@ -20,7 +21,16 @@ from metaformer_lab.graph.plan import BlockPlan, BranchPlan, NetworkPlan, StageP
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import layout_change_problem
 from metaformer_lab.spec.arch import ArchSpec, BlockSpec, StageSpec
-from metaformer_lab.spec.templates import PART_FIELDS, PART_ROLES, TEMPLATES, Branch
+from metaformer_lab.spec.templates import (
+    MIXER_FIELDS,
+    PART_FIELDS,
+    PART_ROLES,
+    TEMPLATES,
+    Branch,
+    kept_branches,
+    mixer_fields,
+    used_fields,
+)
 
 
 class ArchGraph(nx.DiGraph):
@@ -80,12 +90,14 @@ def _first_block_resizes(stage: StageSpec) -> bool:
     """The stage's first block may change the width itself (a downsampling block): it has a shortcut op, or
     its template has a branch without a residual."""
     block = stage.block_at(0)
-    return block.shortcut is not None or not all(b.residual for b in TEMPLATES[block.template])
+    has_shortcut = block.shortcut is not None and "shortcut" in used_fields(block)
+    return has_shortcut or not all(b.residual for b in kept_branches(block))
 
 
 class _Lowering:
-    def __init__(self, spec: ArchSpec) -> None:
+    def __init__(self, spec: ArchSpec, unknown: Mapping[str, bool]) -> None:
         self.spec = spec
+        self.unknown = unknown
         self.g = ArchGraph(spec=spec)
         self.issues: list[Issue] = []
         self.last = "input"  # the output node of the block lowered last
@@ -112,6 +124,11 @@ class _Lowering:
         """A leaf op from registry ``role``; ``out_dim`` is the output width of stems and downsamplers, the
         number of classes of heads. The node keeps what the op's shape rule resolved (``resolved``)."""
         x = self.out(src) if x is None else x
+        if path in self.unknown:  # a config that failed validation: no shape rule, its type passed on or lost
+            out = x if self.unknown[path] else None
+            self.node(name, role, [(src, x)], out, path, spec, role, part)
+            self.g.nodes[name]["resolved"] = None
+            return name
         opdef = REGISTRIES[role].of_spec(spec)
         if isinstance(opdef, CompositeDef):
             return self.composite(name, part, opdef, spec, path, src, x)
@@ -260,19 +277,31 @@ class _Lowering:
         """The block's nodes and plan; its output node is left in ``self.last``."""
         block = stage.block_at(j)
         name = f"stages.{i}.blocks.{j}"
-        path = f"stages[{i}].block" + (f"[{j % len(stage.block)}]" if len(stage.block) > 1 else "")
+        path = f"stages[{i}].{stage.block_path(j)}"
         start = x
         x = self.layout(f"{name}.layout", "layout", x, block.layout or stage.layout, f"{path}.layout")
         layout = x if x != start else None
         branches, prefix = [], 0
-        for branch in TEMPLATES[block.template]:
-            if getattr(block, PART_FIELDS[branch.main]) is not None:
-                x, plan, view = self.branch(name, path, block, branch, x)
-                branches.append(plan)
-                if view is not None and (t := self.out(view)) is not None:
-                    prefix = t.prefix
+        self.unused_parts(path, block)
+        for branch in kept_branches(block):
+            x, plan, view = self.branch(name, path, block, branch, x)
+            branches.append(plan)
+            if view is not None and (t := self.out(view)) is not None:
+                prefix = t.prefix
         self.last = x
         return BlockPlan(layout=layout, branches=tuple(branches), prefix=prefix)
+
+    def unused_parts(self, path: str, block: BlockSpec) -> None:
+        """A block left without a branch computes nothing, and a shortcut op no kept branch runs is a mistake."""
+        if not kept_branches(block):
+            fields = {PART_FIELDS[p] for b in TEMPLATES[block.template] for p in b.parts} & set(MIXER_FIELDS)
+            wanted = " or a ".join(f.replace("_", " ") for f in MIXER_FIELDS if f in fields)
+            self.issues.append(Issue(f"{path}.token_mixer", f"null leaves the '{block.template}' block without a "
+                                                            f"branch; give it a {wanted}"))
+        elif block.shortcut is not None and "shortcut" not in used_fields(block):
+            why = "its branch is left out (token_mixer: null)" if block.token_mixer is None else \
+                f"the '{block.template}' template has no shortcut"
+            self.issues.append(Issue(f"{path}.shortcut", f"is unused: {why}"))
 
     def branch(self, name: str, path: str, block: BlockSpec, branch: Branch,
                x: str) -> tuple[str, BranchPlan, str | None]:
@@ -294,17 +323,17 @@ class _Lowering:
         for part in branch.shortcut:
             s = self.part(name, path, block, part, s, shortcut, target.channels if target else None)
         plan = BranchPlan(plan.parts, tuple(shortcut), plan.reads_prefix, plan.writes_prefix, plan.residual)
-        kept = self.out(s)
+        kept, mixer = self.out(s), mixer_fields(branch, block)[0]
         if kept is not None and target is not None and kept != target:
             if s != start:
                 self.issues.append(Issue(f"{path}.shortcut", f"gives {kept}, but the block's branch gives {target}"))
             elif branch.writes == "prefix":
-                self.issues.append(Issue(f"{path}.{PART_FIELDS[branch.main]}",
+                self.issues.append(Issue(f"{path}.{mixer}",
                                          f"gives {target}, but the '{block.template}' template adds it into the "
                                          f"prefix tokens only ({kept}); it must return those alone"))
             else:
                 fix = ", or the block needs a shortcut" if "shortcut" in branch.shortcut else ""
-                self.issues.append(Issue(f"{path}.{PART_FIELDS[branch.main]}",
+                self.issues.append(Issue(f"{path}.{mixer}",
                                          f"changes the tensor type from {kept} to {target}; a residual branch must "
                                          f"keep it{fix}"))
             target = None
@@ -353,9 +382,15 @@ class _Lowering:
         return x
 
 
-def lower(spec: ArchSpec) -> ArchGraph:
-    """The typed graph of a schema-valid spec; raises SpecError listing every shape problem."""
-    return _Lowering(spec).lower()
+def lower(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None) -> ArchGraph:
+    """The typed graph of a schema-valid spec; raises SpecError listing every shape problem.
+
+    ``unknown``: spec paths of op configs that stand in for invalid ones (a spec patched by
+    :func:`metaformer_lab.spec.partial.partial_spec`, to check the rest of a spec with schema problems):
+    their shape rules are skipped; the value says whether the op keeps its input type, so that what follows
+    is checked, else what follows gets no type and is not checked.
+    """
+    return _Lowering(spec, unknown or {}).lower()
 
 
 __all__ = ["ArchGraph", "lower"]

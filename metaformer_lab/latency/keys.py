@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.ops.common import LATENCY_KEY
 
 Mem = Literal["c", "p"]
 """Memory order of a tensor: ``c`` contiguous in its layout, ``p`` a permuted view of the other layout."""
@@ -92,7 +93,7 @@ def _key(kind: str, role: Any, spec: Any, init: bool | None, in_type: TensorType
     """Keys are pure functions of these (frozen, hashable) values: the search asks for the same few
     thousand again and again, so they are computed once."""
     if spec is not None:
-        config = spec.model_dump_json()
+        config = spec.model_dump_json(context={LATENCY_KEY: True})
     else:
         config = json.dumps({"init": init}) if kind == "scale" else "{}"
     parts = [kind, str(role), config, repr(in_type), repr(out_type), "".join(in_mems), str(batch), str(len(in_mems))]

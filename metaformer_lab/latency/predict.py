@@ -23,7 +23,6 @@ from metaformer_lab.latency.keys import NodeKey, default_out_mem, walk_keys
 from metaformer_lab.latency.profile import FEATURES, OpEntry, Profile
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
-from metaformer_lab.spec.templates import PART_FIELDS, TEMPLATES
 
 
 @dataclass(frozen=True)
@@ -96,14 +95,10 @@ def estimate(profile: Profile, key: NodeKey) -> float:
 
 def structure(graph: ArchGraph) -> dict[str, float]:
     """The counts the whole-model correction multiplies: blocks, residual branches, stages."""
-    spec = graph.spec
-    blocks = spec.num_blocks
-    branches = 0
-    for stage in spec.stages:
-        for j in range(stage.depth):
-            block = stage.block_at(j)
-            branches += sum(1 for b in TEMPLATES[block.template] if getattr(block, PART_FIELDS[b.main]) is not None)
-    return {"blocks": float(blocks), "branches": float(branches), "stages": float(len(spec.stages)), "one": 1.0}
+    stages = graph.plan.stages
+    blocks = sum(len(stage.blocks) for stage in stages)
+    branches = sum(len(block.branches) for stage in stages for block in stage.blocks)
+    return {"blocks": float(blocks), "branches": float(branches), "stages": float(len(stages)), "one": 1.0}
 
 
 def op_latencies(graph: ArchGraph, profile: Profile) -> tuple[dict[str, float], list[str]]:

@@ -9,10 +9,18 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    SerializationInfo,
+    SerializerFunctionWrapHandler,
+    model_serializer,
+)
 from pydantic_core import PydanticCustomError
 from torch import Tensor, nn
 
@@ -26,10 +34,30 @@ MAX_KERNEL = 63
 MAX_SIZE = 4096
 
 
+LATENCY_KEY = "latency_key"
+"""Serialisation context flag (``model_dump_json(context={LATENCY_KEY: True})``) for latency keys."""
+
+
 class OpSpec(BaseModel):
-    """Base of every op config: unknown keys are errors, values are not coerced, instances are frozen."""
+    """Base of every op config: unknown keys are errors, values are not coerced, instances are frozen.
+
+    ``key_optional`` lists options added after the shipped latency profiles were recorded: a latency key
+    (serialised with the :data:`LATENCY_KEY` context) leaves them out while they hold their default, so an
+    existing config keeps its key and the profiles still match it.
+    """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+    key_optional: ClassVar[frozenset[str]] = frozenset()
+
+    @model_serializer(mode="wrap")
+    def _serialise(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
+        data = handler(self)
+        if isinstance(data, dict) and self.key_optional and (info.context or {}).get(LATENCY_KEY):
+            fields = type(self).model_fields
+            for name in self.key_optional:
+                if getattr(self, name) == fields[name].get_default(call_default_factory=True):
+                    data.pop(name, None)
+        return data
 
 
 def _odd(value: int) -> int:
@@ -111,6 +139,17 @@ def require_layout(x: TensorType, *allowed: Layout, op: str) -> None:
 def require_no_prefix(x: TensorType, op: str) -> None:
     if x.prefix:
         raise ShapeIssue("type", f"{op} works on the token grid only, but the input has {x.prefix} prefix token(s)")
+
+
+def require_groups(groups: int, field: str = "groups", **widths: int) -> None:
+    """A grouped conv's ``groups`` must divide each of its widths (``input=16, output=32``)."""
+    for name, width in widths.items():
+        if width % groups:
+            raise ShapeIssue(field, f"{groups} does not divide the conv's {width} {name} channels")
+
+
+Groups = Annotated[int, Field(ge=1, le=MAX_DIM)]
+DwGroups = Annotated[int | None, Field(ge=1, le=MAX_DIM)]
 
 
 def require_grid(x: TensorType, op: str) -> None:

@@ -1,4 +1,5 @@
-"""Convolutional token mixers: depthwise conv (ConvNeXt) and inverted separable conv (ConvFormer)."""
+"""Convolutional token mixers: depthwise conv (ConvNeXt) and inverted separable conv (ConvFormer); either
+conv may be grouped instead (``groups``)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,13 @@ from metaformer_lab.core.registry import Case, Folding, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
+    DwGroups,
     Kernel2d,
     OpSpec,
     Ratio,
     make_act,
     pair,
+    require_groups,
     require_layout,
     require_no_prefix,
 )
@@ -31,15 +34,19 @@ class DwConvSpec(OpSpec):
     type: Literal["dwconv"] = "dwconv"
     kernel: Kernel2d = Field(7, description="odd size, or [height, width]")
     bias: bool = True
+    groups: DwGroups = Field(None, description="conv groups; null: depthwise (one per channel), 1: a full conv")
+
+    key_optional = frozenset({"groups"})
 
 
 class DepthwiseConv(nn.Module):
-    """Depthwise conv on maps, or on channels-last tokens (permuted around the conv)."""
+    """Depthwise (or grouped) conv on maps, or on channels-last tokens (permuted around the conv)."""
 
-    def __init__(self, dim: int, kernel: tuple[int, int], bias: bool, channels_last: bool) -> None:
+    def __init__(self, dim: int, kernel: tuple[int, int], bias: bool, channels_last: bool,
+                 groups: int | None = None) -> None:
         super().__init__()
         padding = (kernel[0] // 2, kernel[1] // 2)
-        self.dw = nn.Conv2d(dim, dim, kernel, padding=padding, groups=dim, bias=bias)
+        self.dw = nn.Conv2d(dim, dim, kernel, padding=padding, groups=groups or dim, bias=bias)
         self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
@@ -57,6 +64,8 @@ def dwconv_shape(spec: DwConvSpec, x: TensorType, out_dim: int | None) -> Tensor
     require_layout(x, "maps", "tokens", op="dwconv")
     require_no_prefix(x, op="dwconv")
     _odd_kernel(pair(spec.kernel))
+    if spec.groups is not None:
+        require_groups(spec.groups, input=x.channels)
     return x
 
 
@@ -71,10 +80,12 @@ def fold_dwconv(module: nn.Module) -> Folding | None:
 DWCONV = OpDef(
     DwConvSpec,
     infer=dwconv_shape,
-    build=lambda spec, r: DepthwiseConv(r.in_type.channels, pair(spec.kernel), spec.bias, r.in_type.layout == "tokens"),
+    build=lambda spec, r: DepthwiseConv(r.in_type.channels, pair(spec.kernel), spec.bias, r.in_type.layout == "tokens",
+                                        spec.groups),
     preserves_type=True,
     fold=fold_dwconv,
-    cases=(Case({}, _MAPS), Case({"kernel": [1, 5], "bias": False}, _TOKENS, id="tokens-1x5")),
+    cases=(Case({}, _MAPS), Case({"kernel": [1, 5], "bias": False}, _TOKENS, id="tokens-1x5"),
+           Case({"groups": 2}, _MAPS, id="grouped"), Case({"kernel": 3, "groups": 1}, _TOKENS, id="full-tokens")),
 )
 
 
@@ -88,6 +99,9 @@ class SepConvSpec(OpSpec):
     act: Act = "star_relu"
     act2: Act = Field("identity", description="activation after the depthwise conv")
     bias: bool = False
+    groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
+
+    key_optional = frozenset({"groups"})
 
 
 class SeparableConv(nn.Module):
@@ -98,7 +112,8 @@ class SeparableConv(nn.Module):
         # 1x1 convs on maps, Linear on channels-last tokens: the same weights up to a reshape.
         self.pwconv1 = nn.Linear(dim, mid, bias=spec.bias) if channels_last else nn.Conv2d(dim, mid, 1, bias=spec.bias)
         self.act1 = make_act(spec.act)
-        self.dwconv = nn.Conv2d(mid, mid, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=mid, bias=spec.bias)
+        self.dwconv = nn.Conv2d(mid, mid, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=spec.groups or mid,
+                                bias=spec.bias)
         self.act2 = make_act(spec.act2)
         self.pwconv2 = nn.Linear(mid, dim, bias=spec.bias) if channels_last else nn.Conv2d(mid, dim, 1, bias=spec.bias)
         self.channels_last = channels_last
@@ -116,6 +131,8 @@ def sepconv_shape(spec: SepConvSpec, x: TensorType, out_dim: int | None) -> Tens
     require_layout(x, "maps", "tokens", op="sepconv")
     require_no_prefix(x, op="sepconv")
     _odd_kernel(pair(spec.kernel))
+    if spec.groups is not None:
+        require_groups(spec.groups, hidden=int(spec.ratio * x.channels))
     return x
 
 
@@ -132,5 +149,6 @@ SEPCONV = OpDef(
     build=lambda spec, r: SeparableConv(r.in_type.channels, spec, r.in_type.layout == "tokens"),
     preserves_type=True,
     fold=fold_sepconv,
-    cases=(Case({}, _MAPS), Case({"kernel": 3, "act": "gelu", "bias": True}, _TOKENS, id="tokens")),
+    cases=(Case({}, _MAPS), Case({"kernel": 3, "act": "gelu", "bias": True}, _TOKENS, id="tokens"),
+           Case({"kernel": 3, "groups": 4}, _TOKENS, id="grouped")),
 )

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import KernelInt, OpSpec, require_layout, require_no_prefix
+from metaformer_lab.ops.common import Groups, KernelInt, OpSpec, require_layout, require_no_prefix
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.stems import ConvEmbed, default_padding, fold_conv_embed, strided_conv_shape
@@ -29,6 +29,9 @@ class ConvDownSpec(OpSpec):
     bias: bool = True
     norm_before: NormSpec | None = None
     norm_after: NormSpec | None = None
+    groups: Groups = Field(1, description="conv groups (1: a full conv); must divide the input and output widths")
+
+    key_optional = frozenset({"groups"})
 
 
 def _padding(spec: ConvDownSpec) -> int:
@@ -37,13 +40,14 @@ def _padding(spec: ConvDownSpec) -> int:
 
 def _conv_down_shape(spec: ConvDownSpec, x: TensorType, dim: int) -> TensorType:
     return strided_conv_shape(x, dim, spec.kernel, spec.stride, _padding(spec),
-                              {"norm_before": spec.norm_before, "norm_after": spec.norm_after})
+                              {"norm_before": spec.norm_before, "norm_after": spec.norm_after}, spec.groups)
 
 
 def _build_conv_down(spec: ConvDownSpec, r: Resolved) -> nn.Module:
     x, dim = r.in_type, r.out_dim
     out = r.out_type
-    conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias)
+    conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias,
+                     groups=spec.groups)
     return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out))
 
 
@@ -137,7 +141,8 @@ def fold_downsampler(module: nn.Module) -> Folding | None:
 CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("maps",), fold=fold_conv_embed,
                   cases=(Case({}, _MAPS, 16), Case({"kernel": 2, "norm_before": {"type": "layernorm"}}, _MAPS, 16,
                                                    id="convnext"),
-                         Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post")))
+                         Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post"),
+                         Case({"groups": 8}, _MAPS, 16, id="grouped")))
 PATCH_MERGING = OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging, accepts=("tokens",),
                       fold=fold_downsampler,
                       cases=(Case({}, _TOKENS, 16),))

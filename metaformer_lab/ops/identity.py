@@ -12,7 +12,8 @@ from metaformer_lab.ops.common import OpSpec
 
 
 class IdentitySpec(OpSpec):
-    """``x -> x``; the block reduces to ``x + norm(x)`` plus its channel mixer."""
+    """``x -> x``; the block reduces to ``x + norm(x)`` plus its channel mixer (``token_mixer: null`` drops that
+    branch instead)."""
 
     type: Literal["identity"] = "identity"
 

@@ -19,6 +19,7 @@ from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
+    DwGroups,
     KernelInt,
     OddKernel,
     OpSpec,
@@ -26,6 +27,7 @@ from metaformer_lab.ops.common import (
     Ratio,
     act_layer,
     make_act,
+    require_groups,
     require_layout,
 )
 from metaformer_lab.ops.folds import fold_parts
@@ -77,6 +79,11 @@ class MbConvSpec(OpSpec):
     se_act: Act = Field("relu", description="activation inside the SE (timm's rw CoAtNet: relu)")
     se_early: bool = Field(False, description="SE between the depthwise conv and its norm (timm attn_early), "
                                               "instead of after the norm and activation")
+    groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
+    dw_residual: bool = Field(False, description="an inner residual around the kxk conv: y + dw(y) (it must keep "
+                                                 "the grid: stride 1, or stride_mode pool)")
+
+    key_optional = frozenset({"groups", "dw_residual"})
 
 
 def hidden_width(spec: MbConvSpec, x: TensorType) -> int:
@@ -106,6 +113,11 @@ def mbconv_shape(spec: MbConvSpec, x: TensorType, out_dim: int | None) -> Tensor
     if h < 1 or w < 1:
         raise ShapeIssue("stride", f"{spec.stride} is larger than the {x.height}x{x.width} input")
     hidden = x.with_channels(hidden_width(spec, x))
+    if spec.groups is not None:
+        require_groups(spec.groups, hidden=hidden.channels)
+    if spec.dw_residual and spec.stride > 1 and spec.stride_mode == "dw":
+        raise ShapeIssue("dw_residual", f"needs the kxk conv to keep the grid, but it has stride {spec.stride}; "
+                                        "use stride_mode: pool, or no inner residual")
     check_norm(spec.pre_norm, x, "pre_norm")
     check_norm(spec.norm, hidden, "norm")
     out = x.with_channels(spec.out_dim or x.channels).with_grid(h, w)
@@ -119,8 +131,9 @@ class MbConv(nn.Module):
     def __init__(self, *, pre_norm: nn.Module, pre_act: nn.Module, pool: nn.Module, expand_conv: nn.Module,
                  expand_norm: nn.Module, expand_act: nn.Module, dw_conv: nn.Conv2d, dw_norm: nn.Module,
                  dw_act: nn.Module, se: nn.Module, se_early: bool, project_conv: nn.Conv2d,
-                 project_norm: nn.Module) -> None:
+                 project_norm: nn.Module, dw_residual: bool = False) -> None:
         super().__init__()
+        self.dw_residual = dw_residual
         self.pre_norm, self.pre_act, self.pool = pre_norm, pre_act, pool
         self.expand_conv, self.expand_norm, self.expand_act = expand_conv, expand_norm, expand_act
         self.dw_conv, self.dw_norm, self.dw_act = dw_conv, dw_norm, dw_act
@@ -130,7 +143,7 @@ class MbConv(nn.Module):
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, C_out, H / stride, W / stride)
         x = self.pool(self.pre_act(self.pre_norm(x)))
         x = self.expand_act(self.expand_norm(self.expand_conv(x)))  # (B, hidden, H', W')
-        x = self.dw_conv(x)
+        x = x + self.dw_conv(x) if self.dw_residual else self.dw_conv(x)  # (B, hidden, H', W')
         if self.se_early:
             x = self.se(x)
         x = self.dw_act(self.dw_norm(x))
@@ -148,7 +161,7 @@ def _build_mbconv(spec: MbConvSpec, r: Resolved) -> MbConv:
     dw_stride = 1 if spec.stride_mode == "pool" else spec.stride
     expand_conv = nn.Conv2d(x.channels, width, 1, bias=spec.hidden_bias) if spec.expand else nn.Identity()
     dw_conv = nn.Conv2d(width, width, spec.kernel, stride=dw_stride, padding=dw_padding(spec.kernel, dw_stride),
-                        groups=width, bias=spec.hidden_bias)
+                        groups=spec.groups or width, bias=spec.hidden_bias)
     se: nn.Module = nn.Identity()
     if spec.se_ratio is not None:
         base = {"hidden": width, "in": x.channels, "out": out.channels}[spec.se_from]
@@ -162,14 +175,14 @@ def _build_mbconv(spec: MbConvSpec, r: Resolved) -> MbConv:
         dw_conv=dw_conv, dw_norm=build_norm(spec.norm, hidden), dw_act=make_act(spec.act),
         se=se, se_early=spec.se_early,
         project_conv=nn.Conv2d(width, out.channels, 1, bias=spec.out_bias),
-        project_norm=build_norm(spec.out_norm, out),
+        project_norm=build_norm(spec.out_norm, out), dw_residual=spec.dw_residual,
     )
 
 
 def fold_mbconv(module: nn.Module) -> Folding | None:
-    """Each BatchNorm folds into the conv before it (not across an early SE); a norm before the block folds into
-    the first conv when nothing comes between (no pre-norm, activation or pooling), a layer scale after it into
-    the projection once its norm is folded."""
+    """Each BatchNorm folds into the conv before it (not across an early SE or an inner residual); a norm before
+    the block folds into the first conv when nothing comes between (no pre-norm, activation or pooling), a layer
+    scale after it into the projection once its norm is folded."""
     if not isinstance(module, MbConv):
         return None
     se = ("se",)
@@ -178,9 +191,11 @@ def fold_mbconv(module: nn.Module) -> Folding | None:
              "project_conv", "project_norm")
     plain_input = all(isinstance(m, nn.Identity) for m in (module.pre_norm, module.pre_act, module.pool))
     first = module.expand_conv if isinstance(module.expand_conv, nn.Conv2d) else module.dw_conv
+    # an inner residual (y + dw(y)) comes between the kxk conv and its norm: the chain breaks there
+    cut = order.index("dw_conv") + 1 if module.dw_residual else len(order)
     return Folding(reads=(first,) if plain_input else (),
                    writes=module.project_conv if isinstance(module.project_norm, nn.Identity) else None,
-                   deploy=lambda: fold_parts(module, order))
+                   deploy=lambda: fold_parts(fold_parts(module, order[:cut]), order[cut:]))
 
 
 _COATNET = {"stride": 2, "out_dim": 16, "stride_mode": "pool", "divisor": 8, "pre_norm": {"type": "batchnorm"},
@@ -201,5 +216,7 @@ MBCONV = OpDef(
              id="dsconv"),
         Case({"expand_from": "out", "out_dim": 12, "se_ratio": 0.25, "se_from": "out", "se_act": "silu",
               "act": "gelu"}, _MAPS, id="expand-out-se-late"),
+        Case({"groups": 4, "dw_residual": True}, _MAPS, id="grouped-inner-residual"),
+        Case({**_COATNET, "dw_residual": True, "groups": 8}, _MAPS, id="pooled-inner-residual"),
     ),
 )

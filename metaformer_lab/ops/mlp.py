@@ -11,6 +11,7 @@ from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
     Act,
+    DwGroups,
     OddKernel,
     OpSpec,
     Prob,
@@ -19,6 +20,7 @@ from metaformer_lab.ops.common import (
     join_prefix,
     make_act,
     require_grid,
+    require_groups,
     require_layout,
     split_prefix,
 )
@@ -120,6 +122,10 @@ class ConvFfnSpec(OpSpec):
     bias: bool = True
     hidden_act: Act = Field("identity", description="activation right after fc1 (PVTv2-li uses relu)")
     drop: Prob = 0.0
+    groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
+    dw_residual: bool = Field(False, description="an inner residual around the kxk conv: y + dw(y) (CMT's IRFFN)")
+
+    key_optional = frozenset({"groups", "dw_residual"})
 
 
 class ConvFfn(nn.Module):
@@ -132,18 +138,25 @@ class ConvFfn(nn.Module):
         self.prefix, self.grid = x.prefix, x.grid
         self.fc1 = nn.Conv2d(dim, hidden, 1, bias=spec.bias) if self.maps else nn.Linear(dim, hidden, bias=spec.bias)
         self.hidden_act = make_act(spec.hidden_act)
-        self.dwconv = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=hidden, bias=True)
+        self.dwconv = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=spec.groups or hidden,
+                                bias=True)
+        self.dw_residual = spec.dw_residual
         self.act = make_act(spec.act)
         self.drop = nn.Dropout(spec.drop)
         self.fc2 = nn.Conv2d(hidden, dim, 1, bias=spec.bias) if self.maps else nn.Linear(hidden, dim, bias=spec.bias)
 
+    def dw(self, x: Tensor) -> Tensor:  # (B, hidden, H, W) -> same
+        """The kxk conv, with its inner residual ``x + dwconv(x)`` when asked."""
+        y = self.dwconv(x)
+        return x + y if self.dw_residual else y
+
     def forward(self, x: Tensor) -> Tensor:
         x = self.hidden_act(self.fc1(x))
         if self.maps:
-            x = self.dwconv(x)  # (B, hidden, H, W)
+            x = self.dw(x)  # (B, hidden, H, W)
         else:
             prefix, grid = split_prefix(x, self.prefix, self.grid)  # grid: (B, H, W, hidden)
-            grid = self.dwconv(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+            grid = self.dw(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             x = join_prefix(prefix, grid)
         x = self.drop(self.act(x))
         return self.drop(self.fc2(x))
@@ -152,13 +165,17 @@ class ConvFfn(nn.Module):
 def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="conv_ffn")
     require_grid(x, op="conv_ffn")
+    if spec.groups is not None:
+        require_groups(spec.groups, hidden=int(spec.ratio * x.channels))
     return x
 
 
 CONV_FFN = OpDef(ConvFfnSpec, _conv_ffn_shape, lambda spec, r: ConvFfn(r.in_type.channels, spec, r.in_type),
                  preserves_type=True, fold=fold_mlp,
                  cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
-                        Case({}, _PREFIXED, id="prefixed")))
+                        Case({}, _PREFIXED, id="prefixed"),
+                        Case({"groups": 4, "dw_residual": True}, _PREFIXED, id="grouped-inner-residual"),
+                        Case({"dw_residual": True}, _MAPS, id="maps-inner-residual")))
 
 
 class GluSpec(OpSpec):

@@ -12,11 +12,13 @@ from torch import Tensor, nn
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
+    DwGroups,
     NonNegInt,
     OddKernel,
     OpSpec,
     join_prefix,
     require_grid,
+    require_groups,
     require_layout,
     split_prefix,
 )
@@ -58,12 +60,15 @@ class PegSpec(OpSpec):
     type: Literal["peg"] = "peg"
     kernel: OddKernel = 3
     after_block: NonNegInt | None = Field(0, description="index of the block it follows; None: stage start")
+    groups: DwGroups = Field(None, description="conv groups; null: depthwise (one per channel)")
+
+    key_optional = frozenset({"groups"})
 
 
 class PositionGenerator(nn.Module):
-    def __init__(self, x: TensorType, kernel: int) -> None:
+    def __init__(self, x: TensorType, kernel: int, groups: int | None = None) -> None:
         super().__init__()
-        self.proj = nn.Conv2d(x.channels, x.channels, kernel, padding=kernel // 2, groups=x.channels)
+        self.proj = nn.Conv2d(x.channels, x.channels, kernel, padding=kernel // 2, groups=groups or x.channels)
         self.maps, self.prefix, self.grid = x.layout == "maps", x.prefix, x.grid
 
     def no_weight_decay(self) -> set[str]:
@@ -86,6 +91,8 @@ def _learned_shape(spec: LearnedPosSpec, x: TensorType, out_dim: int | None) -> 
 def _peg_shape(spec: PegSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="peg")
     require_grid(x, op="peg")
+    if spec.groups is not None:
+        require_groups(spec.groups, input=x.channels)
     return x
 
 
@@ -94,10 +101,12 @@ LEARNED_POS = OpDef(LearnedPosSpec, _learned_shape, lambda spec, r: LearnedPosit
                     cases=(Case({}, TensorType("tokens", 8, 3, 4, prefix=1)), Case({}, TensorType("tokens", 8, 3, 4),
                                                                                    id="grid"),
                            Case({}, TensorType("maps", 8, 3, 4), id="maps")))
-PEG = OpDef(PegSpec, _peg_shape, lambda spec, r: PositionGenerator(r.in_type, spec.kernel), preserves_type=True,
+PEG = OpDef(PegSpec, _peg_shape, lambda spec, r: PositionGenerator(r.in_type, spec.kernel, spec.groups),
+            preserves_type=True,
             cases=(Case({}, TensorType("tokens", 8, 3, 4)), Case({"kernel": 5}, TensorType("tokens", 8, 3, 4, prefix=1),
                                                                   id="prefixed"),
-                   Case({}, TensorType("maps", 8, 3, 4), id="maps")))
+                   Case({}, TensorType("maps", 8, 3, 4), id="maps"),
+                   Case({"groups": 2}, TensorType("tokens", 8, 3, 4, prefix=1), id="grouped")))
 
 
 class PrefixTokens(nn.Module):

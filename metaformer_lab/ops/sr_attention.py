@@ -12,7 +12,7 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.common import Groups, OpSpec, PosInt, Prob, require_groups, require_layout, require_no_prefix
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
 
@@ -38,6 +38,9 @@ class SrAttentionSpec(OpSpec):
     attn_drop: Prob = 0.0
     proj_drop: Prob = 0.0
     fused: bool = Field(True, description="F.scaled_dot_product_attention; false: explicit softmax(q kᵀ)")
+    groups: Groups = Field(1, description="groups of the reduction conv (1: a full conv); must divide the width")
+
+    key_optional = frozenset({"groups"})
 
 
 def reduced(spec: SrAttentionSpec, x: TensorType) -> TensorType | None:
@@ -53,7 +56,8 @@ class SrAttention(nn.Module):
     """Parameter names follow timm's PVTv2 ``Attention`` (q, kv, proj, sr, norm); ``kv`` holds k then v."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, sr_ratio: int, pool_size: int | None,
-                 norm: nn.Module, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool) -> None:
+                 norm: nn.Module, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool,
+                 groups: int = 1) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         inner = num_heads * head_dim
@@ -65,7 +69,7 @@ class SrAttention(nn.Module):
         pool = pool_size is not None
         kernel = 1 if pool else sr_ratio
         self.pool = nn.AdaptiveAvgPool2d(pool_size) if pool else nn.Identity()
-        self.sr = nn.Conv2d(dim, dim, kernel, stride=kernel) if pool or sr_ratio > 1 else None
+        self.sr = nn.Conv2d(dim, dim, kernel, stride=kernel, groups=groups) if pool or sr_ratio > 1 else None
         self.norm = norm  # nn.Identity without a reduction or a norm spec
         self.act = nn.GELU() if pool else nn.Identity()
 
@@ -93,6 +97,7 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
         raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
     small = reduced(spec, x)
     if small is not None:
+        require_groups(spec.groups, input=x.channels)
         check_norm(spec.norm, small, "norm")
     return x, {"num_heads": num_heads, "head_dim": head_dim}
 
@@ -104,7 +109,8 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
     norm = build_norm(spec.norm, small) if small is not None else nn.Identity()
     return SrAttention(x.channels, num_heads=num_heads, head_dim=head_dim, sr_ratio=spec.sr_ratio,
                        pool_size=spec.pool_size if spec.reduction == "pool" else None, norm=norm,
-                       qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)
+                       qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
+                       groups=spec.groups)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:
@@ -130,5 +136,6 @@ SR_ATTENTION = OpDef(
         Case({"reduction": "pool", "pool_size": 2, "num_heads": 2, "fused": False}, TensorType("tokens", 16, 4, 4),
              id="pvt-li"),
         Case({"sr_ratio": 2, "num_heads": 1, "norm": None}, TensorType("tokens", 8, 4, 4), id="no-norm"),
+        Case({"sr_ratio": 2, "head_dim": 8, "groups": 4}, TensorType("tokens", 16, 4, 4), id="grouped"),
     ),
 )

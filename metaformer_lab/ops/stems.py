@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import Act, KernelInt, OpSpec, PosInt, make_act, require_layout
+from metaformer_lab.ops.common import Act, Groups, KernelInt, OpSpec, PosInt, make_act, require_groups, require_layout
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
 
@@ -46,9 +46,10 @@ class ConvEmbed(nn.Module):
 
 
 def strided_conv_shape(x: TensorType, dim: int, kernel: int, stride: int, padding: int,
-                       norms: dict[str, OpSpec | None]) -> TensorType:
+                       norms: dict[str, OpSpec | None], groups: int = 1) -> TensorType:
     """Shared shape rule of conv stems and conv downsamplers (norms: field name -> norm spec)."""
     require_layout(x, "maps", op="a strided conv")
+    require_groups(groups, input=x.channels, output=dim)
     if padding >= kernel:
         raise ShapeIssue("padding", f"{padding} must be smaller than the kernel {kernel}")
     h, w = conv_out(x.height, kernel, stride, padding), conv_out(x.width, kernel, stride, padding)
@@ -68,18 +69,21 @@ class PatchifySpec(OpSpec):
     bias: bool = True
     norm_after: NormSpec | None = None
     dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
+    groups: Groups = Field(1, description="conv groups (1: a full conv); must divide the input and output widths")
+
+    key_optional = frozenset({"groups"})
 
 
 def _patchify_shape(spec: PatchifySpec, x: TensorType, dim: int) -> TensorType:
     require_layout(x, "maps", op="patchify")
     if x.height % spec.patch or x.width % spec.patch:
         raise ShapeIssue("patch", f"{spec.patch} does not divide the {x.height}x{x.width} input")
-    return strided_conv_shape(x, dim, spec.patch, spec.patch, 0, {"norm_after": spec.norm_after})
+    return strided_conv_shape(x, dim, spec.patch, spec.patch, 0, {"norm_after": spec.norm_after}, spec.groups)
 
 
 def _build_patchify(spec: PatchifySpec, r: Resolved) -> nn.Module:
     x, dim = r.in_type, r.out_dim
-    conv = nn.Conv2d(x.channels, dim, spec.patch, stride=spec.patch, bias=spec.bias)
+    conv = nn.Conv2d(x.channels, dim, spec.patch, stride=spec.patch, bias=spec.bias, groups=spec.groups)
     out = r.out_type
     return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, out))
 
@@ -94,17 +98,21 @@ class ConvStemSpec(OpSpec):
     bias: bool = True
     norm_after: NormSpec | None = None
     dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
+    groups: Groups = Field(1, description="conv groups (1: a full conv); must divide the input and output widths")
+
+    key_optional = frozenset({"groups"})
 
 
 def _conv_stem_shape(spec: ConvStemSpec, x: TensorType, dim: int) -> TensorType:
     padding = default_padding(spec.kernel, spec.stride) if spec.padding is None else spec.padding
-    return strided_conv_shape(x, dim, spec.kernel, spec.stride, padding, {"norm_after": spec.norm_after})
+    return strided_conv_shape(x, dim, spec.kernel, spec.stride, padding, {"norm_after": spec.norm_after}, spec.groups)
 
 
 def _build_conv_stem(spec: ConvStemSpec, r: Resolved) -> nn.Module:
     x, dim = r.in_type, r.out_dim
     padding = default_padding(spec.kernel, spec.stride) if spec.padding is None else spec.padding
-    conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=padding, bias=spec.bias)
+    conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=padding, bias=spec.bias,
+                     groups=spec.groups)
     return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, r.out_type))
 
 
@@ -123,6 +131,10 @@ class ConvStackSpec(OpSpec):
     last_norm: bool = True
     last_act: bool = True
     dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
+    groups: list[Groups] | None = Field(None, description="groups of each conv (one entry per conv); "
+                                        "default: 1, full convs")
+
+    key_optional = frozenset({"groups"})
 
 
 class ConvNormAct(nn.Module):
@@ -142,13 +154,23 @@ def _stack_widths(spec: ConvStackSpec, dim: int) -> list[int]:
     return [*hidden, dim]
 
 
+def _stack_groups(spec: ConvStackSpec) -> list[int]:
+    n = len(spec.strides)
+    if spec.groups is not None and len(spec.groups) != n:
+        raise ShapeIssue("groups", f"needs {n} entries (one per conv), got {len(spec.groups)}")
+    return spec.groups or [1] * n
+
+
 def _conv_stack_types(spec: ConvStackSpec, x: TensorType, dim: int) -> list[TensorType]:
     types = []
-    for i, (stride, width) in enumerate(zip(spec.strides, _stack_widths(spec, dim), strict=True)):
+    layers = zip(spec.strides, _stack_widths(spec, dim), _stack_groups(spec), strict=True)
+    for i, (stride, width, groups) in enumerate(layers):
         try:
+            require_groups(groups, f"groups[{i}]", input=x.channels, output=width)
             x = strided_conv_shape(x, width, spec.kernel, stride, default_padding(spec.kernel, stride), {})
         except ShapeIssue as issue:
-            raise ShapeIssue(f"strides[{i}]", issue.message) from None
+            raise ShapeIssue(issue.field if issue.field.startswith("groups") else f"strides[{i}]",
+                             issue.message) from None
         types.append(x)
     check_norm(spec.norm, types[-1], "norm")
     return types
@@ -158,10 +180,10 @@ def _build_conv_stack(spec: ConvStackSpec, r: Resolved) -> nn.Module:
     x, dim = r.in_type, r.out_dim
     layers = []
     types = _conv_stack_types(spec, x, dim)
-    for i, (stride, out) in enumerate(zip(spec.strides, types, strict=True)):
+    for i, (stride, groups, out) in enumerate(zip(spec.strides, _stack_groups(spec), types, strict=True)):
         last = i == len(types) - 1
         conv = nn.Conv2d(x.channels, out.channels, spec.kernel, stride=stride,
-                         padding=default_padding(spec.kernel, stride), bias=spec.bias)
+                         padding=default_padding(spec.kernel, stride), bias=spec.bias, groups=groups)
         norm = build_norm(spec.norm if (spec.last_norm or not last) else None, out)
         act = make_act(spec.act) if (spec.last_act or not last) else nn.Identity()
         layers.append(ConvNormAct(conv, norm, act))
@@ -184,11 +206,14 @@ def fold_conv_embed(module: nn.Module) -> Folding | None:
 
 PATCHIFY = OpDef(PatchifySpec, _patchify_shape, _build_patchify, fold=fold_conv_embed,
                  cases=(Case({"patch": 4}, _IMAGE, 16), Case({"patch": 8, "norm_after": {"type": "layernorm"}},
-                                                              _IMAGE, 16, id="norm")))
+                                                              _IMAGE, 16, id="norm"),
+                        Case({"patch": 4, "groups": 3}, _IMAGE, 12, id="grouped")))
 CONV_STEM = OpDef(ConvStemSpec, _conv_stem_shape, _build_conv_stem, fold=fold_conv_embed,
                   cases=(Case({}, _IMAGE, 16), Case({"kernel": 3, "stride": 1, "norm_after": {"type": "batchnorm"}},
-                                                    _IMAGE, 8, id="k3s1")))
+                                                    _IMAGE, 8, id="k3s1"),
+                         Case({"kernel": 3, "stride": 2, "groups": 3}, _IMAGE, 12, id="grouped")))
 CONV_STACK = OpDef(ConvStackSpec, lambda spec, x, dim: _conv_stack_types(spec, x, dim)[-1], _build_conv_stack,
                    fold=fold_conv_embed,
                    cases=(Case({}, _IMAGE, 16), Case({"strides": [2, 1, 2], "widths": [8, 12], "act": "gelu",
-                                                      "last_act": False}, _IMAGE, 16, id="three")))
+                                                      "last_act": False}, _IMAGE, 16, id="three"),
+                          Case({"strides": [2, 1], "widths": [8], "groups": [1, 4]}, _IMAGE, 16, id="grouped")))

@@ -22,7 +22,14 @@ from metaformer_lab.space.decode import point_name
 from metaformer_lab.space.schema import SearchSpace
 from metaformer_lab.space.ties import constraint_issues
 from metaformer_lab.space.tree import ROOT_ORDER, Choice, Decision, State, expand_root, show_label
-from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec, BlockSpec, StageSpec
+from metaformer_lab.spec.arch import (
+    INHERITED_BLOCK_FIELDS,
+    ArchSpec,
+    BlockSpec,
+    FirstThenCycleSpec,
+    StageSpec,
+    map_blocks,
+)
 from metaformer_lab.spec.load import compact, read_spec, spec_to_dict
 from metaformer_lab.spec.yaml_io import dump_yaml
 
@@ -131,12 +138,15 @@ class _Matcher:
                 if len(items) != len(want):
                     return None
                 return [self.normalise(loc, v, w) for v, w in zip(items, want, strict=True)]
+            def inherit(block: Any, _path: str) -> Any:
+                return {**self.inherited(), **block} if isinstance(block, dict) else block
+
             if isinstance(want, BlockSpec) and isinstance(value, dict):
-                value = {**self.inherited(), **value}
+                value = inherit(value, "")
+            if isinstance(want, FirstThenCycleSpec) and isinstance(value, dict):
+                value = map_blocks(value, "", inherit)
             if isinstance(want, StageSpec) and isinstance(value, dict):
-                block = value.get("block")
-                blocks = block if isinstance(block, list) else [block]
-                value = {**value, "block": [{**self.inherited(), **b} if isinstance(b, dict) else b for b in blocks]}
+                value = {**value, "block": map_blocks(value.get("block"), "", inherit)}
             return type(want).model_validate(value)
         except (ValidationError, TypeError, ValueError):
             return None

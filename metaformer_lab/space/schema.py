@@ -28,6 +28,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from metaformer_lab.core.errors import Issue, SpaceError, SpecError
 from metaformer_lab.space.tree import VARIANT, Choice, Label, Template, join, show_label
+from metaformer_lab.spec.arch import is_first_then_cycle
 from metaformer_lab.spec.issues import issues_from, show
 from metaformer_lab.spec.load import BlockResolver, data_dir
 from metaformer_lab.spec.yaml_io import load_yaml_file
@@ -247,6 +248,8 @@ class _Parser:
                                                                                      strict=True)))
         if isinstance(node, list):
             return [self.blocks_of(item, join(path, i)) for i, item in enumerate(node)]
+        if is_first_then_cycle(node):
+            return {k: self.blocks_of(v, join(path, k)) if k in ("first", "cycle") else v for k, v in node.items()}
         if isinstance(node, str):
             return self.named(node, path)
         if isinstance(node, dict) and "base" in node:

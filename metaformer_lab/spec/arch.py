@@ -6,9 +6,10 @@ spec is lowered to the typed graph, where each problem keeps its spec path.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
 
 from metaformer_lab.core.registry import CompositeDef, Registry
 from metaformer_lab.ops import CHANNEL_MIXERS, DOWNSAMPLERS, HEADS, POSITIONS, STEMS, TOKEN_MIXERS
@@ -47,7 +48,9 @@ class BlockSpec(SpecModel):
     """One block, wired by its template (see :mod:`metaformer_lab.spec.templates`):
 
     - ``metaformer``: ``x = rs1*shortcut(x) + ls1*TokenMixer(norm(x)); x = rs2*x + ls2*ChannelMixer(norm(x))``
-      (``channel_mixer: null`` keeps the first residual only);
+      (``channel_mixer: null`` keeps the first residual only; ``token_mixer: null`` the second only, an
+      FFN-only block ``x = rs2*x + ls2*ChannelMixer(norm(x))``; a branch left out takes its norm, scales and
+      shortcut with it);
     - ``convnext``: ``x = shortcut(x) + ls*ChannelMixer(norm(TokenMixer(x)))`` (norm after the mixer);
     - ``postnorm``: ``x = rs1*shortcut(x) + ls1*norm(TokenMixer(x)); x = rs2*x + ls2*norm(ChannelMixer(x))``
       (residual post-norm: FocalNet's ``use_post_norm``, Swin V2);
@@ -59,7 +62,7 @@ class BlockSpec(SpecModel):
     """
 
     template: Literal["metaformer", "convnext", "postnorm", "class_attention", "plain"] = "metaformer"
-    token_mixer: TokenMixerSpec
+    token_mixer: TokenMixerSpec | None = Field(description="null: no token-mixer branch (an FFN-only block)")
     channel_mixer: ChannelMixerSpec | None = Field(default_factory=MlpSpec,
                                                    description="null: no channel-mixer branch")
     norm: NormSpec | None = Field(default_factory=LayerNormSpec, description="null: no norm (EfficientFormer)")
@@ -78,12 +81,52 @@ def _as_list(value: Any) -> Any:
     return value if isinstance(value, list) else [value]
 
 
+BlockList = Annotated[list[BlockSpec], BeforeValidator(_as_list), Field(min_length=1, max_length=MAX_DEPTH)]
+"""One block, or a list of blocks."""
+
+
+class FirstThenCycleSpec(SpecModel):
+    """``{first: A, cycle: [B, C]}``: the stage's first block(s), then the ``cycle`` list repeated over the
+    rest of the depth (A, B, C, B, C, ...; MaxViT-style stages whose first block downsamples)."""
+
+    first: BlockList = Field(description="the first block, or a list of the first blocks")
+    cycle: BlockList = Field(description="the blocks after them, cycled over the rest of the depth")
+
+
+def is_first_then_cycle(value: Any) -> bool:
+    """Whether a stage's raw ``block`` value is the ``{first: ..., cycle: ...}`` form (a block mapping has
+    neither key)."""
+    return isinstance(value, dict) and ("first" in value or "cycle" in value)
+
+
+def map_blocks(value: Any, path: str, fn: Callable[[Any, str], Any]) -> Any:
+    """A stage's raw ``block`` value (one block, a list, or first-then-cycle) with ``fn(block, path)`` applied
+    to each block, in the same form; ``path`` is the stage's ``block`` path and grows with each item's place."""
+    if is_first_then_cycle(value):
+        return {key: map_blocks(item, f"{path}.{key}", fn) if key in ("first", "cycle") else item
+                for key, item in value.items()}
+    if isinstance(value, list):
+        return [fn(item, f"{path}[{k}]") for k, item in enumerate(value)]
+    return fn(value, path)
+
+
+def _block_form(value: Any) -> str:
+    """The union member of a raw value (validation) or of a validated one (serialisation)."""
+    return "first_then_cycle" if is_first_then_cycle(value) or isinstance(value, FirstThenCycleSpec) else "blocks"
+
+
+StageBlocks = Annotated[
+    Union[Annotated[BlockList, Tag("blocks")], Annotated[FirstThenCycleSpec, Tag("first_then_cycle")]],  # noqa: UP007
+    Discriminator(_block_form)]
+
+
 class StageSpec(SpecModel):
-    """A stage: an optional downsampler, then ``depth`` blocks (a list of blocks is cycled over the depth)."""
+    """A stage: an optional downsampler, then ``depth`` blocks. ``block`` is one block, a list of blocks cycled
+    over the depth, or ``{first: ..., cycle: [...]}`` (the first block(s), then a list cycled over the rest)."""
 
     depth: Annotated[int, Field(ge=1, le=MAX_DEPTH)]
     dim: PosInt
-    block: Annotated[list[BlockSpec], BeforeValidator(_as_list), Field(min_length=1, max_length=16)]
+    block: StageBlocks
     downsample: DownsampleSpec | None = None
     layout: StageLayout = Field("maps", description="maps: (B, C, H, W); tokens: channels last")
     prefix_tokens: Annotated[int, Field(ge=0, le=16)] = Field(0, description="class/distillation tokens added here")
@@ -91,7 +134,27 @@ class StageSpec(SpecModel):
     norm: NormSpec | None = Field(None, description="norm after the last block")
 
     def block_at(self, index: int) -> BlockSpec:
-        return self.block[index % len(self.block)]
+        """The spec of block ``index``."""
+        return self._entry(index)[0]
+
+    def block_path(self, index: int) -> str:
+        """Where block ``index`` is written, relative to the stage (``block``, ``block[1]``, ``block.cycle[0]``)."""
+        return self._entry(index)[1]
+
+    def _entry(self, index: int) -> tuple[BlockSpec, str]:
+        if isinstance(self.block, FirstThenCycleSpec):
+            first, cycle = self.block.first, self.block.cycle
+            key, items, k = ("first", first, index) if index < len(first) else \
+                ("cycle", cycle, (index - len(first)) % len(cycle))
+            return items[k], f"block.{key}" + (f"[{k}]" if len(items) > 1 else "")
+        k = index % len(self.block)
+        return self.block[k], "block" + (f"[{k}]" if len(self.block) > 1 else "")
+
+    def blocks(self) -> list[BlockSpec]:
+        """Every block spec the stage lists, in order (each once)."""
+        if isinstance(self.block, FirstThenCycleSpec):
+            return [*self.block.first, *self.block.cycle]
+        return list(self.block)
 
 
 Size = Annotated[int, Field(ge=1, le=MAX_SIZE)]

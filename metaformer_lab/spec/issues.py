@@ -11,9 +11,10 @@ import difflib
 import types
 import typing
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Union
 
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, Tag, ValidationError
 
 from metaformer_lab.core.errors import Issue
 
@@ -57,9 +58,21 @@ def _walk(loc: Sequence[int | str], data: Any, error_type: str) -> tuple[str, An
     return path, cur, in_union
 
 
+@dataclass(frozen=True)
+class _Tagged:
+    """A union member that a callable discriminator names by ``tag`` (pydantic puts the tag in the loc)."""
+
+    tag: str
+    members: tuple[Any, ...]
+
+
 def _members(annotation: Any) -> list[Any]:
+    tag = None
     while typing.get_origin(annotation) is typing.Annotated:
+        tag = next((m.tag for m in annotation.__metadata__ if isinstance(m, Tag)), tag)
         annotation = typing.get_args(annotation)[0]
+    if tag is not None:
+        return [_Tagged(tag, tuple(_members(annotation)))]
     if typing.get_origin(annotation) in (Union, types.UnionType):
         out = []
         for arg in typing.get_args(annotation):
@@ -81,6 +94,8 @@ def types_at(root: type[BaseModel], loc: Sequence[int | str]) -> list[Any]:
                     nxt.append(cand)
             elif typing.get_origin(cand) is list and isinstance(seg, int):
                 nxt.extend(_members(typing.get_args(cand)[0]))
+            elif isinstance(cand, _Tagged) and cand.tag == seg:
+                nxt.extend(cand.members)
         if not nxt:
             return []
         tagged = [c for c in nxt if _tag(c) == seg]

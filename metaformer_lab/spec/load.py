@@ -15,8 +15,9 @@ from pydantic import BaseModel, ValidationError
 
 from metaformer_lab.core.errors import Issue, SpecError
 from metaformer_lab.core.names import closest
-from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec
+from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec, map_blocks
 from metaformer_lab.spec.issues import issues_from, show
+from metaformer_lab.spec.partial import PartialSpec, partial_spec
 from metaformer_lab.spec.yaml_io import dump_yaml, load_yaml_file
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
@@ -137,18 +138,14 @@ def resolve(data: dict[str, Any], block_dirs: Sequence[Path] = ()) -> tuple[dict
     defaults: dict[str, Any] = raw_defaults if isinstance(raw_defaults, dict) else {}
     inherited = {k: defaults[k] for k in INHERITED_BLOCK_FIELDS if k in defaults}
     stages = data.get("stages")
+
+    def resolved(item: Any, path: str) -> Any:
+        block = resolver.item(item, path)
+        return {**copy.deepcopy(inherited), **block} if isinstance(block, dict) else block
+
     for i, stage in enumerate(stages if isinstance(stages, list) else []):
-        if not isinstance(stage, dict) or "block" not in stage:
-            continue
-        single = not isinstance(stage["block"], list)
-        items = [stage["block"]] if single else stage["block"]
-        blocks = []
-        for k, item in enumerate(items):
-            block = resolver.item(item, f"stages[{i}].block" + ("" if single else f"[{k}]"))
-            if isinstance(block, dict):
-                block = {**copy.deepcopy(inherited), **block}
-            blocks.append(block)
-        stage["block"] = blocks[0] if single else blocks
+        if isinstance(stage, dict) and "block" in stage:
+            stage["block"] = map_blocks(stage["block"], f"stages[{i}].block", resolved)
     return data, resolver.issues
 
 
@@ -170,10 +167,8 @@ def with_input_size(spec: ArchSpec, size: int | tuple[int, int] | list[int] | No
     return spec.model_copy(update={"input": spec.input.model_copy(update={"size": value})})
 
 
-def read_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchSpec:
-    """A schema-valid ArchSpec from a file path, zoo name, mapping or ArchSpec; raises SpecError."""
-    if isinstance(source, ArchSpec):
-        return source
+def _resolved_source(source: SpecSource, block_dirs: Sequence[str | os.PathLike[str]]) -> tuple[Any, list[Issue]]:
+    """(resolved data, problems resolving named blocks) of a source that is not an ArchSpec."""
     dirs = [Path(d) for d in block_dirs]
     if isinstance(source, Mapping):
         data, origin = copy.deepcopy(dict(source)), "<spec>"
@@ -182,16 +177,43 @@ def read_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]
         dirs, origin = [*dirs, *found], os.fspath(source)
     if not isinstance(data, dict):
         raise SpecError.single(origin, f"the top level must be a mapping, got {show(data)}")
-    data, issues = resolve(data, dirs)
+    return resolve(data, dirs)
+
+
+def _schema_issues(err: ValidationError, data: Any, issues: list[Issue]) -> list[Issue]:
+    """pydantic's problems after the resolver's: a block that could not be resolved is already reported, and
+    pydantic would add "expected a mapping" there."""
+    failed = tuple(i.path.removesuffix(".base") for i in issues)
+    return [*issues, *(i for i in issues_from(err, data, ArchSpec) if not (failed and i.path.startswith(failed)))]
+
+
+def read_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchSpec:
+    """A schema-valid ArchSpec from a file path, zoo name, mapping or ArchSpec; raises SpecError."""
+    if isinstance(source, ArchSpec):
+        return source
+    data, issues = _resolved_source(source, block_dirs)
     try:
-        spec = validate(data, origin)
-    except SpecError as err:
-        # a block that could not be resolved is already reported; pydantic would add "expected a mapping"
-        failed = tuple(i.path.removesuffix(".base") for i in issues)
-        issues += [i for i in err.issues if not (failed and i.path.startswith(failed))]
+        spec = ArchSpec.model_validate(data)
+    except ValidationError as err:
+        issues = _schema_issues(err, data, issues)
     if issues:
         raise SpecError(issues)
     return spec
+
+
+def read_spec_partial(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = (),
+                      ) -> tuple[ArchSpec | PartialSpec | None, list[Issue]]:
+    """Like :func:`read_spec`, without raising for schema problems: (the spec, []) when it is valid, else
+    (the spec patched so its shape rules can check the rest, or None where that is not safe; the schema
+    problems). See :mod:`metaformer_lab.spec.partial`. Unreadable input still raises SpecError."""
+    if isinstance(source, ArchSpec):
+        return source, []
+    data, issues = _resolved_source(source, block_dirs)
+    try:
+        spec = ArchSpec.model_validate(data)
+    except ValidationError as err:
+        return (None if issues else partial_spec(data, err)), _schema_issues(err, data, issues)
+    return (None, issues) if issues else (spec, [])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,13 +234,15 @@ def _compact(model: BaseModel, keep: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    from metaformer_lab.spec.arch import BlockSpec, StageSpec
+    from metaformer_lab.spec.arch import BlockSpec, FirstThenCycleSpec, StageSpec
 
     if isinstance(value, StageSpec):
-        out = _compact(value)
-        blocks = [_compact(b, INHERITED_BLOCK_FIELDS) for b in value.block]
-        out["block"] = blocks[0] if len(blocks) == 1 else blocks
-        return out
+        return {**_compact(value), "block": _plain(value.block)}
+    if isinstance(value, FirstThenCycleSpec):
+        return {"first": _plain(value.first), "cycle": _plain(value.cycle)}
+    if isinstance(value, list) and value and all(isinstance(b, BlockSpec) for b in value):
+        blocks = [_plain(b) for b in value]  # a list of one block is written as the block
+        return blocks[0] if len(blocks) == 1 else blocks
     if isinstance(value, BlockSpec):
         return _compact(value, INHERITED_BLOCK_FIELDS)
     if isinstance(value, BaseModel):

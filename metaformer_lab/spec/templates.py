@@ -5,15 +5,16 @@ A template is a list of residual branches. For each branch, with the block's par
     x = shortcut_parts(x) + drop_path(parts(x))
 
 Parts name the block's fields (see :data:`PART_FIELDS`); a part whose field is null is left out, and
-a branch whose ``main`` part is null is dropped (a MetaFormer block with ``channel_mixer: null`` is a
-single-residual block); a branch with ``residual=False`` is ``x = parts(x)``. The graph lowering and
+a branch whose mixer parts (token mixer, channel mixer) are all null is dropped with its norm, scales
+and shortcut (a MetaFormer block with ``channel_mixer: null`` is a single-residual block, one with
+``token_mixer: null`` an FFN-only block); a branch with ``residual=False`` is ``x = parts(x)``. The graph lowering and
 the compiled ``Block`` both read these tables, so a new wiring is a new entry here, not new code.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 Tokens = Literal["all", "prefix"]
 """Which tokens a branch reads or writes: all of them, or the prefix (class) tokens only, (B, P, C)."""
@@ -74,3 +75,22 @@ field that configures it."""
 PART_ROLES = {"norm": "norm", "token_mixer": "token_mixer", "channel_mixer": "channel_mixer",
               "shortcut": "downsample"}
 """Block field -> registry role (fields not listed are scales)."""
+
+MIXER_FIELDS = ("token_mixer", "channel_mixer")
+"""Block fields that make a branch: a branch none of whose parts is a set mixer is dropped."""
+
+
+def mixer_fields(branch: Branch, block: Any) -> list[str]:
+    """The mixer fields of ``branch`` that ``block`` sets (``block``: a ``BlockSpec``), in part order."""
+    fields = [PART_FIELDS[p] for p in branch.parts if PART_FIELDS[p] in MIXER_FIELDS]
+    return [f for f in fields if getattr(block, f) is not None]
+
+
+def kept_branches(block: Any) -> tuple[Branch, ...]:
+    """The branches of ``block``'s template that it keeps: those with at least one mixer set."""
+    return tuple(b for b in TEMPLATES[block.template] if mixer_fields(b, block))
+
+
+def used_fields(block: Any) -> set[str]:
+    """The block fields its kept branches read."""
+    return {PART_FIELDS[p] for b in kept_branches(block) for p in (*b.parts, *b.shortcut)}

@@ -13,6 +13,7 @@ import metaformer_lab as ml
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.cost import count_flops, count_params, graph_cost
 from metaformer_lab.graph.render import to_dot
+from metaformer_lab.spec.yaml_io import parse_yaml
 
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
@@ -100,3 +101,28 @@ def test_dot_names_every_node_and_edge_type() -> None:
     dot = to_dot(graph)
     assert dot.count(" -> ") == graph.number_of_edges()
     assert all(f'"{n}"' in dot for n in graph.nodes)
+
+
+def test_a_block_without_token_mixer_keeps_the_channel_mixer_residual_only() -> None:
+    """``token_mixer: null``: no norm1, token mixer, layer_scale1 or res_scale1 node, one residual add; the
+    compiled block has the same parts, and its cost is the built module's."""
+    spec = {"name": "ffn_only", "input": {"size": 16}, "num_classes": 4,
+            "stem": {"type": "conv", "kernel": 2, "stride": 2, "padding": 0},
+            "stages": [{"depth": 2, "dim": 8, "block": [
+                {"token_mixer": {"type": "pooling"}, "layer_scale": 0.1, "res_scale": 1.0},
+                {"token_mixer": None, "layer_scale": 0.1, "res_scale": 1.0}]}]}
+    graph = ml.to_graph(spec)
+    full, ffn = graph.plan.stages[0].blocks
+    parts = [[graph.nodes[n]["part"] for n in b.parts + b.shortcut] for b in ffn.branches]
+    assert parts == [["norm2", "mlp", "layer_scale2", "res_scale2"]]
+    assert len(full.branches) == 2
+    adds = [n for n, d in graph.nodes(data=True) if d["kind"] == "add" and d["block"] == 1]
+    assert len(adds) == 1
+    net = ml.build(graph)
+    assert {name for name, _ in net.stages[0].blocks[1].named_children()} == {
+        "layout_in", "norm2", "mlp", "layer_scale2", "res_scale2", "drop_path"}
+    assert graph_cost(graph).params == count_params(net)
+    block, x = net.stages[0].blocks[1].eval(), torch.randn(2, 8, 8, 8)
+    torch.testing.assert_close(block(x), block.res_scale2(x) + block.layer_scale2(block.mlp(block.norm2(x))))
+    loaded = ml.load_spec(spec)
+    assert ml.load_spec(parse_yaml(ml.dump_spec(loaded), "spec.yaml")) == loaded

@@ -311,3 +311,34 @@ def test_all_assignments_of_a_tiny_space_decode_or_explain(tmp_path: Path) -> No
             decode(space, optuna.trial.FixedTrial(dict(st.params)))
         except InvalidPoint as err:
             assert "; parameters: " in err.issues[0].message
+
+
+FIRST_THEN_CYCLE = """
+name: cycled
+input: {size: 32}
+num_classes: 10
+stem: {type: patchify, patch: 4}
+stages:
+  - depth: {int: [2, 5]}
+    dim: 16
+    block:
+      first: {base: poolformer, token_mixer: {pool_size: {choice: [3, 5]}}}
+      cycle:
+        - {token_mixer: {type: dwconv, kernel: 3, groups: {choice: [null, 1, 4]}}}
+        - token_mixer: {choice: [null, {type: pooling}]}
+          channel_mixer: {type: conv_ffn, dw_residual: {choice: [false, true]}}
+"""
+
+
+def test_a_stage_with_first_then_cycle_blocks_decodes_and_is_contained(tmp_path: Path) -> None:
+    """Choices inside ``first`` and ``cycle`` (a null token mixer among them) are parameters like any other; a
+    decoded point is contained with its own assignment."""
+    space = _space(tmp_path, FIRST_THEN_CYCLE)
+    drawn = sample(space, 24, seed=3)
+    assert any(p.params["stages[0].block.cycle[1].token_mixer"] is None for p in drawn.points)
+    for point in drawn.points:
+        stage = point.spec.stages[0]
+        assert stage.block_at(0).token_mixer.type == "pooling"
+        assert [stage.block_path(j) for j in range(1, stage.depth)] == \
+            ["block.cycle[0]", "block.cycle[1]", "block.cycle[0]", "block.cycle[1]"][: stage.depth - 1]
+        assert contains(space, point.spec).params == dict(point.params)
