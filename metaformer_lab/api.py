@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
-from torch import nn
-
-from metaformer_lab.compile.compiler import compile_graph
-from metaformer_lab.compile.network import Network
-from metaformer_lab.compile.protocol import feature_backbone
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
 from metaformer_lab.spec.load import dump_spec as _dump_spec
+
+if TYPE_CHECKING:  # the compiler is imported by build() alone: checking a spec never needs it
+    from torch import nn
+
+    from metaformer_lab.compile.network import Network
 
 
 def load_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchSpec:
@@ -66,6 +66,9 @@ def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, featur
     int; default every stage, or the last 3 blocks of an isotropic network); its ``feature_info`` gives each
     one's channels and reduction.
     """
+    from metaformer_lab.compile.compiler import compile_graph
+    from metaformer_lab.compile.protocol import feature_backbone
+
     graph = spec if isinstance(spec, ArchGraph) else to_graph(spec, input_size=input_size)
     net = compile_graph(graph)
     return feature_backbone(net, out_indices) if features_only else net

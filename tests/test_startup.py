@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-HEAVY = ("torch", "timm")
+HEAVY = ("torch", "timm", "metaformer_lab.compile")  # the compiler: only commands that build need it
 PROBE = """
 import json, sys
 from metaformer_lab.cli import main
@@ -82,5 +82,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_caformer.yaml
 
 @pytest.mark.parametrize("args", [("validate", str(EXAMPLE)), ("space", "size", "tiny")], ids=["validate", "space"])
 def test_checking_a_spec_needs_torch_but_not_timm(args: tuple[str, ...]) -> None:
-    """The op library defines its modules with torch, but imports timm only when it builds one."""
+    """The op library defines its modules with torch, but imports timm only when it builds one (and the
+    compiler not at all)."""
     assert _heavy_imports(*args) == (0, ["torch"])
