@@ -15,8 +15,8 @@ from metaformer_lab.core.errors import MetaformerLabError
 if TYPE_CHECKING:
     from metaformer_lab.zoo.listing import ModelRow
 
-zoo_app = typer.Typer(help="Known models: timm architectures reproduced exactly (fixed points).",
-                      no_args_is_help=True)
+zoo_app = typer.Typer(help="Known models: timm architectures reproduced exactly (fixed points).\n\n"
+                           "Example: metaformer-lab zoo list --family vit", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
 
@@ -90,7 +90,10 @@ def _unknown_family(family: str | None, families: set[str]) -> NoReturn:
 
 @zoo_app.command("show")
 def zoo_show(name: Annotated[str, typer.Argument(help="A zoo model name.")]) -> None:
-    """Print a zoo model's YAML."""
+    """Print a zoo model's YAML.
+
+    Example: metaformer-lab zoo show caformer_s18 > my_caformer.yaml
+    """
     from metaformer_lab.spec.load import zoo_dir
     from metaformer_lab.zoo import get
 
@@ -108,9 +111,12 @@ def zoo_check(
     record: Annotated[Path | None, typer.Option(help="Write the results (with provenance) to this JSON file.",
                                                         callback=output_file)]
     = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
-    """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|."""
+    """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|.
+
+    Example: metaformer-lab zoo check poolformer_s12 deit_tiny_patch16_224
+    """
     from rich.progress import Progress
 
     from metaformer_lab.core.errors import Issue, SpecError
