@@ -8,19 +8,18 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
-from torch import nn
-
-from metaformer_lab.compile.compiler import compile_graph
-from metaformer_lab.compile.folding import deploy_form
-from metaformer_lab.compile.network import Network
-from metaformer_lab.compile.protocol import feature_backbone
 from metaformer_lab.core.errors import SpecError
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec_partial, with_input_size
 from metaformer_lab.spec.load import dump_spec as _dump_spec
+
+if TYPE_CHECKING:  # the compiler is imported by build() alone: checking a spec never needs it
+    from torch import nn
+
+    from metaformer_lab.compile.network import Network
 
 
 def load_spec(source: SpecSource, *, block_dirs: Sequence[str | os.PathLike[str]] = ()) -> ArchSpec:
@@ -83,9 +82,14 @@ def build(spec: SpecSource | ArchGraph, *, input_size: int | None = None, featur
 
     ``deploy``: the deploy form instead (see :func:`deploy`), in eval mode.
     """
+    from metaformer_lab.compile.compiler import compile_graph
+    from metaformer_lab.compile.protocol import feature_backbone
+
     graph = spec if isinstance(spec, ArchGraph) else to_graph(spec, input_size=input_size)
     net = compile_graph(graph)
     if deploy:
+        from metaformer_lab.compile.folding import deploy_form
+
         net = deploy_form(net)  # type: ignore[assignment]
     return feature_backbone(net, out_indices) if features_only else net
 
@@ -99,4 +103,6 @@ def deploy(module: nn.Module) -> nn.Module:
     The deploy form keeps the module names and timm's protocol (features, ``forward_intermediates``,
     ``reset_classifier``), but its state_dict lacks the folded parameters: load checkpoints before deploying.
     """
+    from metaformer_lab.compile.folding import deploy_form
+
     return deploy_form(module)

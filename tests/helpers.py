@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.registry import Case, CompositeDef, OpDef, Registry
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops import REGISTRIES
-from metaformer_lab.zoo.check import perturb
+from metaformer_lab.zoo.fixed_point import perturb
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -63,7 +63,7 @@ def random_input(shape: tuple[int, ...]) -> torch.Tensor:
 
 def perturbed(module: M, seed: int = 0) -> M:
     """``module`` with N(0, .02) noise on every parameter and persistent float buffer (BatchNorm statistics
-    too, running_var kept positive; ``metaformer_lab.zoo.check.perturb``), so nothing sits at its init; in eval
+    too, running_var kept positive; ``metaformer_lab.zoo.fixed_point.perturb``), so nothing sits at its init; in eval
     mode."""
     perturb(module, seed=seed)
     module.eval()  # not chained: timm's LeViT-style attention overrides train() and returns None

@@ -1,5 +1,5 @@
-"""The command line starts at once: ``--help`` and ``--version`` import neither torch nor timm, and checking a
-spec imports no timm.
+"""The command line starts at once: ``--help``, ``--version`` and ``zoo list`` import neither torch nor timm, and
+checking a spec imports no timm.
 
 Each check runs in a fresh interpreter, since this test process has long since imported both. The root
 package resolves its public names lazily; its ``TYPE_CHECKING`` imports and its lookup table must agree.
@@ -8,6 +8,8 @@ package resolves its public names lazily; its ``TYPE_CHECKING`` imports and its 
 from __future__ import annotations
 
 import ast
+import importlib
+import inspect
 import json
 import subprocess
 import sys
@@ -15,9 +17,7 @@ from pathlib import Path
 
 import pytest
 
-import metaformer_lab
-
-HEAVY = ("torch", "timm")
+HEAVY = ("torch", "timm", "metaformer_lab.compile")  # the compiler: only commands that build need it
 PROBE = """
 import json, sys
 from metaformer_lab.cli import main
@@ -40,9 +40,9 @@ def _heavy_imports(*args: str) -> tuple[int, list[str]]:
     return result["code"], result["heavy"]
 
 
-@pytest.mark.parametrize("args", [("--help",), ("--version",), ("space", "--help"), ("latency", "--help")],
-                         ids=" ".join)
-def test_help_and_version_import_neither_torch_nor_timm(args: tuple[str, ...]) -> None:
+@pytest.mark.parametrize("args", [("--help",), ("--version",), ("space", "--help"), ("latency", "--help"),
+                                  ("zoo", "list"), ("zoo", "list", "--family", "vit", "--json")], ids=" ".join)
+def test_help_version_and_zoo_list_import_neither_torch_nor_timm(args: tuple[str, ...]) -> None:
     assert _heavy_imports(*args) == (0, [])
 
 
@@ -52,21 +52,29 @@ def test_importing_the_package_imports_neither_torch_nor_timm() -> None:
     assert done.stdout.strip() == "[]"
 
 
-def test_lazy_names_match_the_type_checking_imports() -> None:
-    tree = ast.parse(Path(metaformer_lab.__file__).read_text())
+LAZY_PACKAGES = {"metaformer_lab": ["__version__"], "metaformer_lab.zoo": []}  # package -> names it defines itself
+
+
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_lazy_names_match_the_type_checking_imports(package: str) -> None:
+    module = importlib.import_module(package)
+    tree = ast.parse(Path(module.__file__ or "").read_text())
     guarded = next(n for n in tree.body if isinstance(n, ast.If) and getattr(n.test, "id", "") == "TYPE_CHECKING")
     declared = {alias.name: node.module for node in guarded.body if isinstance(node, ast.ImportFrom)
                 for alias in node.names}
-    assert declared == metaformer_lab._EXPORTS
-    assert sorted(metaformer_lab.__all__) == sorted([*metaformer_lab._EXPORTS, "__version__"])
+    assert declared == module._EXPORTS
+    assert sorted(module.__all__) == sorted([*module._EXPORTS, *LAZY_PACKAGES[package]])
 
 
-def test_every_public_name_resolves_and_is_listed() -> None:
-    for name in metaformer_lab.__all__:
-        assert getattr(metaformer_lab, name) is not None
-    assert set(metaformer_lab.__all__) <= set(dir(metaformer_lab))
+@pytest.mark.parametrize("package", LAZY_PACKAGES)
+def test_every_public_name_resolves_and_is_listed(package: str) -> None:
+    module = importlib.import_module(package)
+    for name in module.__all__:
+        value = getattr(module, name)
+        assert value is not None and not inspect.ismodule(value), name  # a function, never its module's namesake
+    assert set(module.__all__) <= set(dir(module))
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
-        metaformer_lab.nope  # noqa: B018
+        module.nope  # noqa: B018
 
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_caformer.yaml"
@@ -74,5 +82,6 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_caformer.yaml
 
 @pytest.mark.parametrize("args", [("validate", str(EXAMPLE)), ("space", "size", "tiny")], ids=["validate", "space"])
 def test_checking_a_spec_needs_torch_but_not_timm(args: tuple[str, ...]) -> None:
-    """The op library defines its modules with torch, but imports timm only when it builds one."""
+    """The op library defines its modules with torch, but imports timm only when it builds one (and the
+    compiler not at all)."""
     assert _heavy_imports(*args) == (0, ["torch"])

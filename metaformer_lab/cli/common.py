@@ -6,18 +6,83 @@ import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, get_args
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from typer.core import TyperArgument, TyperGroup, TyperOption
 
 from metaformer_lab import __version__
 from metaformer_lab.core.errors import MetaformerLabError
 
+
+class _LabelledOption(TyperOption):
+    def display_type_rich(self, ctx: Any) -> str | None:  # ctx: the click Context typer vendors
+        return value_label(self)
+
+
+class _LabelledArgument(TyperArgument):
+    @property
+    def display_name_raw(self) -> str:
+        return argument_name(self)
+
+    def display_type_rich(self, ctx: Any) -> str | None:
+        return None  # the argument's name (SPEC, SPACE) is its label
+
+    def _usage_display_name(self) -> str:
+        name = argument_name(self)
+        return (name if self.required else f"[{name}]") + ("..." if self.nargs != 1 else "")
+
+
+def argument_name(param: TyperArgument) -> str:
+    """An argument as help and usage show it: its metavar, else its name in capitals (``NAMES``)."""
+    return param.metavar or (param.name or "").upper()
+
+
+def value_label(param: TyperOption) -> str | None:
+    """What an option's help shows after its name, as click programs do: nothing for a flag, its metavar when
+    it has one (``DIR``, ``SIZE``), else ``[a|b]`` for choices, ``INTEGER``, ``FLOAT``, ``FILE`` or ``TEXT``."""
+    if param.is_flag or param.count:
+        return None
+    label = param.metavar
+    if label is None:
+        kind = param.type_descriptor
+        if kind.is_choice:
+            label = "[" + "|".join(str(c) for c in kind.choices or ()) + "]"
+        else:
+            element = get_args(kind.annotation)[0] if kind.is_list else kind.annotation
+            label = _LABELS.get(element, "FILE" if kind.is_path else "TEXT")
+    return label + ("..." if param.nargs != 1 else "")
+
+
+_LABELS: dict[Any, str] = {int: "INTEGER", float: "FLOAT", str: "TEXT"}
+
+
+class _LabelledGroup(TyperGroup):
+    """The root group: before anything is parsed or shown, every command's options and arguments (its help
+    option too) take the labels above, instead of typer's ``<bool>``, ``<str>``, ``<int range>`` and ``{SPEC}``."""
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        _relabel(self, ctx)
+        return super().get_params(ctx)
+
+
+def _relabel(command: Any, ctx: Any) -> None:
+    for param in [*command.params, command.get_help_option(ctx)]:
+        if type(param) is TyperOption:
+            param.__class__ = _LabelledOption  # display methods only; parsing is the parent class's
+        elif type(param) is TyperArgument:
+            param.__class__ = _LabelledArgument
+    for sub in getattr(command, "commands", {}).values():
+        _relabel(sub, ctx)
+
+
 app = typer.Typer(
+    cls=_LabelledGroup,
     name="metaformer-lab",
-    help="Vision architectures as declarative YAML: validate, inspect, build.",
+    help="Vision architectures as declarative YAML: validate, inspect, build.\n\n"
+         "Example: metaformer-lab build caformer_s18 --input-size 224",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -41,7 +41,8 @@ class _SpecByDefault(TyperGroup):
 latency_app = typer.Typer(
     cls=_SpecByDefault, no_args_is_help=True,
     help="Latency: `latency SPEC` measures a spec (and predicts it from a profile, or estimates it for a named "
-         "GPU); `latency calibrate | evaluate | profiles` build, check and list profiles.")
+         "GPU); `latency calibrate | evaluate | profiles` build, check and list profiles.\n\n"
+         "Example: metaformer-lab latency poolformer_s12 --input-size 64")
 app.add_typer(latency_app, name="latency")
 
 Device = Annotated[str, typer.Option(help="cpu, cuda, or a GPU name for an estimate without that GPU (rtx5090, h100, "
@@ -366,7 +367,10 @@ def evaluate(
 
 @latency_app.command("profiles")
 def profiles(as_json: Annotated[bool, typer.Option("--json", help="Print JSON.")] = False) -> None:
-    """List the shipped latency profiles with their provenance and measured accuracy."""
+    """List the shipped latency profiles with their provenance and measured accuracy.
+
+    Example: metaformer-lab latency profiles --json
+    """
     from metaformer_lab.latency.gpu_calibrate import shipped_gpu_profiles
     from metaformer_lab.latency.profile import shipped_profiles
 

@@ -16,11 +16,14 @@ from metaformer_lab.cli.common import app, console, exit_with
 @app.command("ops")
 def ops(
     which: Annotated[str | None, typer.Argument(
-        metavar="[ROLE|TYPE]", help="A role (token_mixer, norm, ...), or an op type to show its fields.")] = None,
+        metavar="ROLE|TYPE", help="A role (token_mixer, norm, ...), or an op type to show its fields.")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Every listed op with its fields, as JSON.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="The README's op table.")] = False,
 ) -> None:
-    """Every op a spec can name: role, type and what it is; with a TYPE, its fields and defaults."""
+    """Every op a spec can name: role, type and what it is; with a TYPE, its fields and defaults.
+
+    Examples: metaformer-lab ops token_mixer; metaformer-lab ops window_attention
+    """
     from metaformer_lab.core.errors import SpecError
     from metaformer_lab.ops import REGISTRIES
     from metaformer_lab.spec.library import markdown_table, op_rows

@@ -71,7 +71,7 @@ def search(
     resume: Annotated[bool, Opt("--resume", help="Continue an existing study (or join it from another "
                                                 "process).")] = False,
     seed: Annotated[int | None, Opt(help="Seed of the sampler and of training.")] = None,
-    out: Annotated[Path | None, Opt(help="Run folder (default: runs/STUDY_NAME).")] = None,
+    out: Annotated[Path | None, Opt(metavar="DIR", help="Run folder (default: runs/STUDY_NAME).")] = None,
     study: Annotated[Path | None, Opt("--study", help="A study file (studies/*.yaml); options given here win.")]
     = None,
     max_memory: Annotated[str | None, Opt(help="Memory the process may hold while evaluating (2GB, 512MB; what "

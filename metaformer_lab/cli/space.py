@@ -17,7 +17,8 @@ from rich.tree import Tree
 from metaformer_lab.cli.common import SpecArg, app, console, exit_with, progress_console
 from metaformer_lab.core.errors import MetaformerLabError, SpaceError
 
-space_app = typer.Typer(help="Search spaces: declared, typed spaces of architectures.", no_args_is_help=True)
+space_app = typer.Typer(help="Search spaces: declared, typed spaces of architectures.\n\n"
+                             "Example: metaformer-lab space size tiny", no_args_is_help=True)
 app.add_typer(space_app, name="space")
 
 SpaceArg = Annotated[str, typer.Argument(metavar="SPACE", help="A space YAML file or a shipped space name (tiny, "
@@ -116,7 +117,7 @@ def size(
 @space_app.command("sample")
 def sample(
     space: SpaceArg,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the spec YAMLs (created if missing).")],
+    out: Annotated[Path, typer.Option("--out", metavar="DIR", help="Folder for the spec YAMLs (created if missing).")],
     n: Annotated[int, typer.Option("--n", min=1, max=10_000, help="How many distinct valid specs.")] = 5,
     seed: Seed = 0,
 ) -> None:

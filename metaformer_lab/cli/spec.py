@@ -31,7 +31,10 @@ from metaformer_lab.core.errors import MetaformerLabError
 
 @app.command()
 def validate(spec: SpecArg, block_dir: BlockDirs = []) -> None:  # noqa: B006 - typer reads the default
-    """Check a spec: exit 0 when valid, else 1 with one `path: message` line per problem."""
+    """Check a spec: exit 0 when valid, else 1 with one `path: message` line per problem.
+
+    Example: metaformer-lab validate examples/tiny_caformer.yaml
+    """
     from metaformer_lab.api import load_spec
     try:
         arch = load_spec(spec, block_dirs=block_dir)
@@ -45,7 +48,10 @@ def schema(
     out: Annotated[Path | None, typer.Option("--out", help="Write to this file instead of stdout.",
                                                      callback=output_file)] = None,
 ) -> None:
-    """Print the JSON Schema of the spec (point your editor's YAML plugin at it)."""
+    """Print the JSON Schema of the spec (point your editor's YAML plugin at it).
+
+    Example: metaformer-lab schema --out metaformer-lab.schema.json
+    """
     from metaformer_lab.spec.arch import ArchSpec
 
     text = json.dumps(ArchSpec.model_json_schema(), indent=2)
@@ -107,10 +113,14 @@ def graph(
     spec: SpecArg,
     out: Annotated[Path, typer.Option("--out", help="DOT file, or a picture when it ends in .png/.svg/.pdf.",
                                                 callback=output_file)],
-    input_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
+    input_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Square input size (overrides the spec).")]
+    = None,
     block_dir: BlockDirs = [],  # noqa: B006
 ) -> None:
-    """Write the typed graph: every op with its spec path, every edge with its tensor type."""
+    """Write the typed graph: every op with its spec path, every edge with its tensor type.
+
+    Example: metaformer-lab graph examples/tiny_caformer.yaml --out tiny_caformer.dot
+    """
     from metaformer_lab.api import to_graph
     from metaformer_lab.graph.render import write_graph
 
@@ -128,16 +138,20 @@ def export(
     spec: SpecArg,
     fmt: Annotated[str, typer.Option("--format", help="onnx or pt2 (torch.export).", case_sensitive=False)],
     out: Annotated[Path, typer.Option("--out", help="File to write.", callback=output_file)],
-    input_size: Annotated[int | None, typer.Option(min=1, max=4096)] = None,
+    input_size: Annotated[int | None, typer.Option(min=1, max=4096, help="Square input size (overrides the spec).")]
+    = None,
     static_batch: Annotated[bool, typer.Option("--static-batch", help="Fix the batch size (default: dynamic).")]
     = False,
     atol: Annotated[float, typer.Option(min=0.0, help="Largest |exported - eager| accepted.")] = 1e-4,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
     block_dir: BlockDirs = [],  # noqa: B006
     max_memory: MaxMemory = None,
     deploy: Deploy = False,
 ) -> None:
-    """Export to ONNX or .pt2; succeeds only when the exported outputs match eager ones."""
+    """Export to ONNX or .pt2; succeeds only when the exported outputs match eager ones.
+
+    Example: metaformer-lab export poolformer_s12 --format onnx --out poolformer_s12.onnx
+    """
     from metaformer_lab.api import to_graph
     from metaformer_lab.export import export as run_export
 

@@ -4,35 +4,46 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, NoReturn
 
 import typer
 from rich.table import Table
 
-from metaformer_lab.cli.common import app, console, exit_with, output_file, progress_console, writing
+from metaformer_lab.cli.common import app, console, exit_with, fail, output_file, progress_console, writing
 from metaformer_lab.core.errors import MetaformerLabError
 
-zoo_app = typer.Typer(help="Known models: timm architectures reproduced exactly (fixed points).",
-                      no_args_is_help=True)
+if TYPE_CHECKING:
+    from metaformer_lab.zoo.listing import ModelRow
+
+zoo_app = typer.Typer(help="Known models: timm architectures reproduced exactly (fixed points).\n\n"
+                           "Example: metaformer-lab zoo list --family vit", no_args_is_help=True)
 app.add_typer(zoo_app, name="zoo")
 
 
 @zoo_app.command("list")
 def zoo_list(
     family: Annotated[str | None, typer.Option(help="Only this family.")] = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
+    recompute: Annotated[bool, typer.Option("--recompute", help="Size each model from its graph instead of reading "
+                                                                "the recorded listing (seconds).")] = False,
+    record: Annotated[Path | None, typer.Option(help="Recompute, and write the listing to this JSON file (how "
+                                                     "metaformer_lab/zoo/listing.json is made).", callback=output_file)]
+    = None,
 ) -> None:
-    """Every zoo model: family, token mixers, params, GFLOPs at its input size, fixed-point status."""
-    from rich.progress import track
+    """Every zoo model: family, token mixers, params, GFLOPs at its input size, fixed-point status.
 
-    from metaformer_lab.zoo.report import model_rows
+    Read from the recorded listing (nothing is built); --recompute sizes the models from their graphs.
 
-    try:
-        names = _zoo_names(family)
-        rows = model_rows(track(names, description="sizing the zoo", console=progress_console, transient=True)
-                          if not as_json else names)
-    except MetaformerLabError as err:
-        exit_with(err)
+    Example: metaformer-lab zoo list --family metaformer
+    """
+    if record is not None and family is not None:
+        raise typer.BadParameter("the listing holds every model; leave out --family", param_hint="--record")
+    rows = _size(family, quiet=as_json) if recompute or record is not None else _recorded(family)
+    if record is not None:
+        from metaformer_lab.zoo.listing import write_listing
+
+        with writing("--record"):
+            write_listing(rows, record)
     if as_json:
         typer.echo(json.dumps([row.to_json() for row in rows]))
         return
@@ -46,20 +57,43 @@ def zoo_list(
     console.print(table)
 
 
-def _zoo_names(family: str | None) -> list[str]:
-    from metaformer_lab.core.errors import SpecError
-    from metaformer_lab.zoo import catalog, list_models
+def _recorded(family: str | None) -> list[ModelRow]:
+    from metaformer_lab.zoo.listing import recorded_rows
 
-    names = list_models(family)
-    if family is not None and not names:
-        families = sorted({m.family for m in catalog().values()})
-        raise SpecError.single("--family", f"unknown family '{family}'; one of: {', '.join(families)}")
-    return names
+    rows = recorded_rows()
+    chosen = [row for row in rows if family is None or row.family == family]
+    if not chosen:
+        _unknown_family(family, {row.family for row in rows})
+    return chosen
+
+
+def _size(family: str | None, quiet: bool) -> list[ModelRow]:
+    """The rows computed from the graphs (every catalog model of ``family``), with a progress bar unless quiet."""
+    from rich.progress import track
+
+    from metaformer_lab.zoo import catalog, list_models
+    from metaformer_lab.zoo.listing import size_models
+
+    try:
+        names = list_models(family)
+        if not names:
+            _unknown_family(family, {model.family for model in catalog().values()})
+        return size_models(names if quiet else
+                           track(names, description="sizing the zoo", console=progress_console, transient=True))
+    except MetaformerLabError as err:
+        exit_with(err)
+
+
+def _unknown_family(family: str | None, families: set[str]) -> NoReturn:
+    fail("--family", f"unknown family '{family}'; one of: {', '.join(sorted(families))}")
 
 
 @zoo_app.command("show")
 def zoo_show(name: Annotated[str, typer.Argument(help="A zoo model name.")]) -> None:
-    """Print a zoo model's YAML."""
+    """Print a zoo model's YAML.
+
+    Example: metaformer-lab zoo show caformer_s18 > my_caformer.yaml
+    """
     from metaformer_lab.spec.load import zoo_dir
     from metaformer_lab.zoo import get
 
@@ -77,9 +111,12 @@ def zoo_check(
     record: Annotated[Path | None, typer.Option(help="Write the results (with provenance) to this JSON file.",
                                                         callback=output_file)]
     = None,
-    as_json: Annotated[bool, typer.Option("--json")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
-    """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|."""
+    """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|.
+
+    Example: metaformer-lab zoo check poolformer_s12 deit_tiny_patch16_224
+    """
     from rich.progress import Progress
 
     from metaformer_lab.core.errors import Issue, SpecError

@@ -225,7 +225,7 @@ class Skipped:
 @functools.cache
 def _zoo_by_timm() -> dict[str, tuple[str, str]]:
     """timm model name -> (zoo model, family), for zoo models that are timm's registered model unchanged."""
-    from metaformer_lab.zoo.catalog import catalog
+    from metaformer_lab.zoo.models import catalog
 
     out: dict[str, tuple[str, str]] = {}
     for name, model in sorted(catalog().items()):

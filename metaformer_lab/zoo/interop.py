@@ -17,8 +17,8 @@ from metaformer_lab.core.errors import Issue, SpecError
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec
-from metaformer_lab.zoo.catalog import ZooModel, catalog, get
 from metaformer_lab.zoo.keymap import CheckpointError, convert, invert
+from metaformer_lab.zoo.models import ZooModel, catalog, get
 
 
 def _spec(name: str, num_classes: int | None = None) -> ArchSpec:

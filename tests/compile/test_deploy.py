@@ -30,8 +30,8 @@ from metaformer_lab.ops.folds import fold_chain
 from metaformer_lab.ops.norms import LayerNormSpec, build_norm
 from metaformer_lab.spec.arch import TokenMixerSpec
 from metaformer_lab.zoo import list_models
-from metaformer_lab.zoo.catalog import catalog
-from metaformer_lab.zoo.check import perturb
+from metaformer_lab.zoo.fixed_point import perturb
+from metaformer_lab.zoo.models import catalog
 
 ATOL = 1e-4
 

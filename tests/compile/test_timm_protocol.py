@@ -3,7 +3,7 @@
 ``group_matcher`` (through timm's ``create_optimizer_v2``), ``pretrained_cfg`` (through ``resolve_data_config``),
 gradient checkpointing, ``reset_classifier`` and feature backbones (timm's ``FeatureGetterNet``).
 
-Weights go from timm's module (perturbed, ``zoo.check.perturb``) to ours through ``convert_state_dict``.
+Weights go from timm's module (perturbed, ``zoo.fixed_point.perturb``) to ours through ``convert_state_dict``.
 """
 
 from __future__ import annotations

@@ -20,8 +20,8 @@ from metaformer_lab.core.errors import ShapeIssue, SpecError
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops import TOKEN_MIXERS
 from metaformer_lab.ops.gpsa import relative_offsets
-from metaformer_lab.zoo.catalog import get
 from metaformer_lab.zoo.keymap import convert
+from metaformer_lab.zoo.models import get
 
 B = 2
 TOL = 1e-5

@@ -13,7 +13,7 @@ from metaformer_lab.ops import TOKEN_MIXERS
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import block_names, data_dir
 from metaformer_lab.spec.yaml_io import parse_yaml
-from metaformer_lab.zoo.report import token_mixer_tags
+from metaformer_lab.zoo.listing import token_mixer_tags
 
 
 def test_there_are_at_least_six_examples() -> None:

@@ -12,7 +12,7 @@ from safetensors.torch import save_file
 import metaformer_lab as ml
 from metaformer_lab import SpecError
 from metaformer_lab.zoo import CheckpointError, convert_state_dict, create_model, from_timm, to_timm_state_dict
-from metaformer_lab.zoo.check import perturb
+from metaformer_lab.zoo.fixed_point import perturb
 
 pytestmark = pytest.mark.zoo
 

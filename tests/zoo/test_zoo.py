@@ -14,7 +14,7 @@ import torch
 import metaformer_lab as ml
 from metaformer_lab.graph.cost import count_flops, graph_cost
 from metaformer_lab.zoo import check, get, list_models
-from metaformer_lab.zoo.report import recorded_status
+from metaformer_lab.zoo.listing import recorded_status
 
 MODELS = list_models()
 RECORD = recorded_status()

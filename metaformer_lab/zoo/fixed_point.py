@@ -18,8 +18,8 @@ from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.graph.cost import count_params
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.spec.load import read_spec
-from metaformer_lab.zoo.catalog import get
 from metaformer_lab.zoo.interop import convert_state_dict, to_timm_state_dict
+from metaformer_lab.zoo.models import get
 
 
 @dataclass(frozen=True)
