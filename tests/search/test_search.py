@@ -354,8 +354,11 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli("search", "--space", "tiny", "--device", "t4", "--budget", "50ms", "--trials", "30",
-                                 "--dataset", "digits", "--epochs", "1", "--study-name", "stopped", "--out", str(out)),
+    one_thread = tmp_path / "threads.yaml"  # the options given on the command line override the file's
+    one_thread.write_text("train_threads: 1\n")
+    proc = subprocess.Popen(_cli("search", "--study", str(one_thread), "--space", "tiny", "--device", "t4", "--budget",
+                                 "50ms", "--trials", "30", "--dataset", "digits", "--epochs", "1", "--study-name",
+                                 "stopped", "--out", str(out)),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = out / "study.db"
     try:
