@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import fcntl
+import os
 import sys
+from collections.abc import Generator, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -10,8 +14,52 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from helpers import OTHER_CPU, PROFILE_CPU  # noqa: E402  (after the path is set)
 
-# One thread: the CI machine is shared, and tests never measure time.
+from metaformer_lab.latency.lease import LEASE_ENV  # noqa: E402
+
+# One thread: tests run beside each other (pytest-xdist workers) on a shared machine.
 torch.set_num_threads(1)
+
+MAX_WORKERS = 4
+"""``-n auto`` (pyproject's addopts) starts one pytest-xdist worker per CPU, at most this many: each worker holds
+torch, timm and a zoo model or two in memory."""
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(cpus, MAX_WORKERS))
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
+    """A test marked ``serial`` runs alone: under pytest-xdist it holds the run's lock exclusively and every other
+    test holds it shared, so it starts once the other workers' tests have finished, and theirs wait for it."""
+    with _turn(item.config, alone=item.get_closest_marker("serial") is not None):
+        return (yield)
+
+
+@contextmanager
+def _turn(config: pytest.Config, *, alone: bool) -> Iterator[None]:
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: every test runs alone
+        yield
+        return
+    # A worker's basetemp is a folder of the controller's, the same for every worker of this run.
+    fd = os.open(Path(config.option.basetemp).parent / "serial.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX if alone else fcntl.LOCK_SH)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _own_host_lease(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Each test process has a host lease of its own (metaformer_lab.latency.lease): tests in other workers do not
+    take turns with its measurements (a measurement would wait up to two minutes while a sibling's Ray trials
+    compute); the tests that compare timings are marked ``serial`` instead."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(LEASE_ENV, str(tmp_path_factory.getbasetemp() / "host.lock"))
+        yield
 
 
 @pytest.fixture(autouse=True)

@@ -123,7 +123,30 @@ def _registry(registry_or_role: Registry | str) -> Registry:
 
 
 __all__ = ["EXAMPLES", "ROOT", "CompositeDef", "OpDef", "all_cases", "build_op", "case_id", "max_diff", "op_spec",
-           "port", "perturbed", "random_input"]
+           "port", "perturbed", "random_input", "zoo_structure"]
+
+
+# --- zoo models by structure ------------------------------------------------------------------------
+
+def zoo_structure(name: str) -> str:
+    """Zoo model ``name``'s structure: its spec with every number left out and its stages as a set, so models
+    that differ only in depth, width, head count or stage count (``poolformer_s12`` and ``poolformer_m48``,
+    ``vit_tiny_patch16_224`` and ``deit_base_patch16_224``) run the same code and share a structure."""
+    import json
+
+    from metaformer_lab.spec.load import read_spec
+
+    spec = read_spec(name).model_dump(mode="json", exclude={"name", "description"})
+    stages = sorted({json.dumps(_numbers_left_out(stage), sort_keys=True) for stage in spec.pop("stages")})
+    return json.dumps([_numbers_left_out(spec), stages], sort_keys=True)
+
+
+def _numbers_left_out(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _numbers_left_out(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_numbers_left_out(v) for v in value]
+    return "#" if isinstance(value, int | float) and not isinstance(value, bool) else value
 
 
 # --- search processes ----------------------------------------------------------------------------

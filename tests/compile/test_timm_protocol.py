@@ -68,7 +68,9 @@ def _pair(name: str) -> tuple[nn.Module, Network]:
     return reference, net
 
 
+@functools.cache
 def _meta_pair(name: str) -> tuple[nn.Module, Network]:
+    """timm's module and ours on the meta device, built once per process: the tests only read them."""
     with torch.device("meta"):
         return get(name).reference(), ml.create_model(name)
 

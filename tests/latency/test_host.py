@@ -37,6 +37,7 @@ def test_the_spread_says_when_one_factor_cannot_fit() -> None:
     assert wide.wide and "latency calibrate" in wide.describe()
 
 
+@pytest.mark.serial  # two host checks, timed one after the other, must agree
 def test_the_check_undoes_a_miscalibrated_profile(graphs: list) -> None:
     """A profile whose every op is 3x too slow gets a factor about a third of the true one's."""
     profile = resolve_profile("cpu-tiny-1t")

@@ -109,6 +109,7 @@ def test_evaluate_refuses_the_calibration_seeds() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.serial  # most of its networks must be timed on a quiet machine
 def test_calibrate_resume_and_evaluate_a_small_profile(tmp_path: Path) -> None:
     out = tmp_path / "mini.json"
     args = ["latency", "calibrate", "--space", "tiny", "--out", str(out), "--ops-archs", "6", "--fit-archs", "10",

@@ -61,6 +61,7 @@ def test_computations_share_the_host_and_a_measurement_holds_it_alone(lease_file
         assert sibling.stdout.strip() == "False"  # a trial cannot start computing during a measurement
 
 
+@pytest.mark.serial  # the measurement must end within seconds
 def test_a_measurement_that_cannot_wait_is_flagged_not_used_silently(lease_file: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     graph = ml.to_graph(EXAMPLE, input_size=32)

@@ -156,6 +156,7 @@ def test_bad_durations(text: str, message: str) -> None:
 # --- neighbours --------------------------------------------------------------------------------
 
 
+@pytest.mark.serial  # its busy loops take every core
 @pytest.mark.skipif(not HAS_PROC_STAT, reason="no /proc/stat")
 def test_busy_neighbours_flag_the_result() -> None:
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

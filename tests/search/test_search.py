@@ -36,10 +36,11 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 def quick(tmp_path: Path, **over: Any) -> Any:
     """A fast search: the tiny space, a T4 estimate (no timing: factors pooled over the calibrated GPUs), the
-    parameter-count proxy."""
+    parameter-count proxy, one torch thread (tests run beside each other: threads that wait for a busy core make
+    a training step many times slower)."""
     values: dict[str, Any] = {"space": "tiny", "device": "t4", "budget": "5ms", "evaluator": "zero-cost",
                               "evaluator_options": {"proxy": "params"}, "trials": 8, "dataset": "synthetic:64",
-                              "out": str(tmp_path / "run"), "seed": 1}
+                              "out": str(tmp_path / "run"), "seed": 1, "train_threads": 1}
     values.update(over)
     return make_config(**values)
 
@@ -321,7 +322,8 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
         # trials of a few seconds each, so the test can catch one running
         "evaluator_options": {"epochs": 3, "max_batches_per_epoch": 8, "batch_size": 128}, "budget": "50ms",
         "device": "t4",
-        "trials": 7, "study_name": "killed", "out": str(tmp_path / "run"), "heartbeat_s": 1, "pruner": "none"}))
+        "trials": 7, "study_name": "killed", "out": str(tmp_path / "run"), "heartbeat_s": 1, "pruner": "none",
+        "train_threads": 1}))
     db = tmp_path / "run" / "study.db"
     proc = subprocess.Popen(_cli("search", "--study", str(study_file)), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -353,8 +355,11 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
 @pytest.mark.slow
 def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    proc = subprocess.Popen(_cli("search", "--space", "tiny", "--device", "t4", "--budget", "50ms", "--trials", "30",
-                                 "--dataset", "digits", "--epochs", "1", "--study-name", "stopped", "--out", str(out)),
+    one_thread = tmp_path / "threads.yaml"  # the options given on the command line override the file's
+    one_thread.write_text("train_threads: 1\n")
+    proc = subprocess.Popen(_cli("search", "--study", str(one_thread), "--space", "tiny", "--device", "t4", "--budget",
+                                 "50ms", "--trials", "30", "--dataset", "digits", "--epochs", "1", "--study-name",
+                                 "stopped", "--out", str(out)),
                             cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     db = out / "study.db"
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import pytest
@@ -17,7 +18,9 @@ from metaformer_lab.zoo.fixed_point import perturb
 pytestmark = pytest.mark.zoo
 
 
+@functools.cache
 def _timm(name: str, **kwargs: object) -> torch.nn.Module:
+    """timm's model, perturbed, in eval mode; built once per process: the tests only read it."""
     model = timm.create_model(name, pretrained=False, **kwargs).eval()
     perturb(model, seed=3)
     return model

@@ -1,15 +1,15 @@
 """Every zoo model against live timm: the fixed-point protocol, FLOPs, and the published size.
 
-The protocol runs for every model; the cheaper half (by the recorded protocol time in
-zoo/status.json) is in the default run, the rest is marked slow (CI runs it too).
+The protocol and the FLOPs run for every model; the default run takes one model of each structure (the cheapest
+by the recorded protocol time in zoo/status.json; models that differ only in depth or width share a structure,
+``helpers.zoo_structure``), the rest is marked slow (CI runs it too).
 """
 
 from __future__ import annotations
 
-import statistics
-
 import pytest
 import torch
+from helpers import zoo_structure
 
 import metaformer_lab as ml
 from metaformer_lab.graph.cost import count_flops, graph_cost
@@ -18,14 +18,21 @@ from metaformer_lab.zoo.listing import recorded_status
 
 MODELS = list_models()
 RECORD = recorded_status()
-_TIMES = [row["seconds"] for row in RECORD.values() if "seconds" in row]
-MEDIAN_SECONDS = statistics.median(_TIMES) if _TIMES else 0.0
+
+
+def _one_per_structure() -> set[str]:
+    """The cheapest model of each structure (a model never timed counts as the dearest)."""
+    cheapest: dict[str, str] = {}
+    for name in sorted(MODELS, key=lambda n: (RECORD.get(n, {}).get("seconds", float("inf")), n)):
+        cheapest.setdefault(zoo_structure(name), name)
+    return set(cheapest.values())
+
+
+DEFAULT_RUN = _one_per_structure()
 
 
 def _params(name: str) -> pytest.param:  # type: ignore[valid-type]
-    seconds = RECORD.get(name, {}).get("seconds")
-    fast = seconds is not None and seconds <= MEDIAN_SECONDS
-    return pytest.param(name, marks=[pytest.mark.zoo] + ([] if fast else [pytest.mark.slow]), id=name)
+    return pytest.param(name, marks=[pytest.mark.zoo] + ([] if name in DEFAULT_RUN else [pytest.mark.slow]), id=name)
 
 
 @pytest.mark.parametrize("name", [_params(n) for n in MODELS])
@@ -36,8 +43,7 @@ def test_fixed_point(name: str) -> None:
     assert result.round_trip
 
 
-@pytest.mark.zoo
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", [_params(n) for n in MODELS])
 def test_flops_equal_timms(name: str) -> None:
     """Our FLOPs (from the graph alone) equal the same counter run on timm's module."""
     spec = ml.load_spec(name)
