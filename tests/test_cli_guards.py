@@ -61,3 +61,25 @@ def test_the_estimate_counts_the_parameters_the_module_has(path: Path) -> None:
     need = memory_need(graph)
     assert need.params_bytes == 4 * count_params(ml.build(graph))
     assert need.total_bytes > need.params_bytes and set(need.by_part) >= {"stem", "stages[0]", "head"}
+
+
+EXAMPLE = str(Path(__file__).resolve().parents[1] / "examples" / "tiny_caformer.yaml")
+
+
+def test_validate_warns_about_a_memory_bomb_and_still_exits_0(bomb: str) -> None:
+    result = CliRunner().invoke(app, ["validate", bomb])
+    assert result.exit_code == 0 and ": valid (bomb" in result.stdout
+    assert result.stderr.startswith("warning: stages[1]: the network needs about") and "refuse it" in result.stderr
+    quiet = CliRunner().invoke(app, ["validate", EXAMPLE])
+    assert quiet.exit_code == 0 and quiet.stderr == ""
+    # the cheap trigger never hides a real excess: a tiny limit makes the example too large as well
+    small = CliRunner().invoke(app, ["validate", EXAMPLE,
+                                                     "--max-memory", "1KB"])
+    assert small.exit_code == 0 and small.stderr.startswith("warning: ")
+
+
+def test_the_cheap_trigger_stays_small_for_ordinary_networks() -> None:
+    from metaformer_lab.graph.cost import dense_scale_bytes
+
+    graph = ml.to_graph("caformer_s18")
+    assert 0 < dense_scale_bytes(graph) < memory_need(graph).params_bytes

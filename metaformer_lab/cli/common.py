@@ -122,24 +122,38 @@ Deploy = Annotated[bool, typer.Option("--deploy", help="The deploy form: BatchNo
                                                          "folded into the neighbouring weights (same outputs, eval).")]
 
 
-def refuse_oversized(graph: Any, batch_size: int, max_memory: str | None, device: str = "cpu") -> None:
-    """Before any tensor exists: one ``path: message`` line naming the part that dominates, and exit 1, for a
-    network whose estimated memory (:func:`metaformer_lab.graph.cost.memory_need`) exceeds the limit."""
-    from metaformer_lab.graph.cost import memory_need
+def oversized(graph: Any, batch_size: int, max_memory: str | None, device: str = "cpu", *,
+              cheap_first: bool = False) -> tuple[str, str] | None:
+    """``(part, message)`` for a network whose estimated memory (:func:`metaformer_lab.graph.cost.memory_need`)
+    exceeds the limit (``max_memory``, else half of what is available now), naming the part that dominates;
+    None when it fits. ``cheap_first``: skip the estimate (seconds: it imports timm) when the network's
+    :func:`~metaformer_lab.graph.cost.dense_scale_bytes` is under 1 % of the limit."""
+    from metaformer_lab.graph.cost import dense_scale_bytes, memory_need
     from metaformer_lab.search.memory import available_bytes, format_bytes, parse_bytes
 
     try:
         limit = parse_bytes(max_memory) if max_memory else int(BUILD_SHARE * available_bytes(device))
     except ValueError as err:
         fail("--max-memory", str(err))
+    if cheap_first and dense_scale_bytes(graph) * 100 < limit:
+        return None
     need = memory_need(graph, batch_size)
-    if need.total_bytes > limit:
-        why = (f"--max-memory {max_memory}" if max_memory else
-               "half of the memory available now; --max-memory or MFL_MAX_MEMORY sets it")
-        part, part_bytes = need.dominant
-        fail(part, f"the network needs about {format_bytes(need.total_bytes)} to build and run "
-                   f"({format_bytes(need.params_bytes)} of parameters), more than the {format_bytes(limit)} allowed "
-                   f"({why}); {part} alone needs {format_bytes(part_bytes)}")
+    if need.total_bytes <= limit:
+        return None
+    why = (f"--max-memory {max_memory}" if max_memory else
+           "half of the memory available now; --max-memory or MFL_MAX_MEMORY sets it")
+    part, part_bytes = need.dominant
+    return part, (f"the network needs about {format_bytes(need.total_bytes)} to build and run "
+                  f"({format_bytes(need.params_bytes)} of parameters), more than the {format_bytes(limit)} allowed "
+                  f"({why}); {part} alone needs {format_bytes(part_bytes)}")
+
+
+def refuse_oversized(graph: Any, batch_size: int, max_memory: str | None, device: str = "cpu") -> None:
+    """Before any tensor exists: one ``path: message`` line naming the part that dominates, and exit 1, for a
+    network too large for the machine (:func:`oversized`)."""
+    found = oversized(graph, batch_size, max_memory, device)
+    if found is not None:
+        fail(*found)
 
 
 def check_output_file(option: str, path: Path) -> Path:

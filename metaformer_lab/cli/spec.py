@@ -23,6 +23,7 @@ from metaformer_lab.cli.common import (
     exit_with,
     human,
     output_file,
+    oversized,
     refuse_oversized,
     writing,
 )
@@ -30,17 +31,23 @@ from metaformer_lab.core.errors import MetaformerLabError
 
 
 @app.command()
-def validate(spec: SpecArg, block_dir: BlockDirs = []) -> None:  # noqa: B006 - typer reads the default
-    """Check a spec: exit 0 when valid, else 1 with one `path: message` line per problem.
+def validate(spec: SpecArg, block_dir: BlockDirs = [],  # noqa: B006 - typer reads the default
+             max_memory: MaxMemory = None) -> None:
+    """Check a spec: exit 0 when valid, else 1 with one `path: message` line per problem. A valid spec too large
+    for the machine (what `build` would refuse, --max-memory) gets a warning, and still exits 0.
 
     Example: metaformer-lab validate examples/tiny_caformer.yaml
     """
-    from metaformer_lab.api import load_spec
+    from metaformer_lab.api import load_spec, to_graph
     try:
         arch = load_spec(spec, block_dirs=block_dir)
+        found = oversized(to_graph(arch), 1, max_memory, cheap_first=True)
     except MetaformerLabError as err:
         exit_with(err)
     typer.echo(f"{spec}: valid ({arch.name}, {len(arch.stages)} stages, {arch.num_blocks} blocks)")
+    if found is not None:
+        part, message = found
+        typer.echo(f"warning: {part}: {message}; build, export and latency refuse it", err=True)
 
 
 @app.command()

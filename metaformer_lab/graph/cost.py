@@ -120,6 +120,18 @@ def memory_need(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Memor
     return MemoryNeed(params, peak, by_part)
 
 
+def dense_scale_bytes(graph: ArchGraph, dtype_bytes: int = 4) -> int:
+    """A cheap scale of a network's weights, no module built: every op counted as one dense layer from its input
+    width to its output width. Not a parameter count (pooling has none, an MLP has several such layers): a
+    trigger that says when :func:`memory_need`, which builds each distinct op on the meta device (and imports
+    timm to do so), is worth its seconds."""
+    total = 0
+    for name, node in graph.nodes(data=True):
+        if node["kind"] in LEAF_KINDS and not graph.is_composite(name) and node["out"] is not None:
+            total += node["in_type"].channels * node["out"].channels * dtype_bytes
+    return total
+
+
 def _meta_input(x: TensorType, batch: int) -> Tensor:
     return torch.empty(x.shape(batch), device="meta")
 
