@@ -85,14 +85,13 @@ def latency_of(
     Examples: metaformer-lab latency poolformer_s12 --input-size 64;
     metaformer-lab latency vit_small_patch16_224 --device h100 --no-measure --dtype float16
     """
-    from metaformer_lab.api import load_spec
-    from metaformer_lab.latency.predict import as_graph
+    from metaformer_lab.api import to_graph
     from metaformer_lab.latency.source import LatencySource
     from metaformer_lab.latency.target import LatencyTarget
 
     try:
-        arch = load_spec(spec, block_dirs=block_dir)
-        graph = as_graph(arch, input_size)
+        graph = to_graph(spec, input_size=input_size, block_dirs=block_dir)
+        arch = graph.spec
         target = LatencyTarget(device=device.lower(), dtype=dtype,
                                batch_size=batch_size, threads=threads, channels_last=channels_last,
                                deploy=deploy).at(graph)

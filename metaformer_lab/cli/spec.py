@@ -38,10 +38,11 @@ def validate(spec: SpecArg, block_dir: BlockDirs = [],  # noqa: B006 - typer rea
 
     Example: metaformer-lab validate examples/tiny_caformer.yaml
     """
-    from metaformer_lab.api import load_spec, to_graph
+    from metaformer_lab.api import to_graph
     try:
-        arch = load_spec(spec, block_dirs=block_dir)
-        found = oversized(to_graph(arch), 1, max_memory, cheap_first=True)
+        graph = to_graph(spec, block_dirs=block_dir)  # the checks load_spec makes, lowering once
+        arch = graph.spec
+        found = oversized(graph, 1, max_memory, cheap_first=True)
     except MetaformerLabError as err:
         exit_with(err)
     typer.echo(f"{spec}: valid ({arch.name}, {len(arch.stages)} stages, {arch.num_blocks} blocks)")
