@@ -14,7 +14,7 @@ def _entrypoint(name: str) -> Any:
         return _create_model(name, pretrained=pretrained, **kwargs)
 
     entry.__name__ = entry.__qualname__ = name
-    entry.__doc__ = f"metaformer-lab's {name} (the zoo's fixed point of timm's {name})."
+    entry.__doc__ = f"metaformer-lab's {name} (zoo model)."
     return entry
 
 

@@ -48,7 +48,7 @@ def zoo_list(
         typer.echo(json.dumps([row.to_json() for row in rows]))
         return
     table = Table(title=f"metaformer-lab zoo: {len(rows)} models", title_justify="left")
-    for column in ("name", "family", "token mixers", "params", "GFLOPs", "input", "fixed point"):
+    for column in ("name", "family", "token mixers", "params", "GFLOPs", "input", "checked"):
         table.add_column(column, justify="right" if column in ("params", "GFLOPs", "input") else "left",
                          no_wrap=column != "token mixers", min_width=20 if column == "name" else None)
     for row in rows:
@@ -113,14 +113,16 @@ def zoo_check(
     = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON list.")] = False,
 ) -> None:
-    """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|.
+    """Run the fixed-point protocol against the installed timm: params, keys loaded, max |Δlogit|. A paper model
+    (one timm does not have) is checked against its paper instead: params = the authors' code, GMACs = the paper's.
 
-    Example: metaformer-lab zoo check poolformer_s12 deit_tiny_patch16_224
+    Example: metaformer-lab zoo check poolformer_s12 deit_tiny_patch16_224 pvt_tiny
     """
     from rich.progress import Progress
 
     from metaformer_lab.core.errors import Issue, SpecError
     from metaformer_lab.zoo import check, get, list_models
+    from metaformer_lab.zoo.papers import check_paper
     from metaformer_lab.zoo.report import write_record
 
     if check_all == bool(names):
@@ -140,7 +142,7 @@ def zoo_check(
         for name in targets:
             progress.update(task, description=f"checking {name}")
             try:
-                results.append(check(name))
+                results.append(check(name) if get(name).fixed_point else check_paper(name))
             except MetaformerLabError as err:
                 failures.append((name, err))
             progress.advance(task)
@@ -157,6 +159,14 @@ def zoo_check(
 
 
 def _print_checks(results: list, failures: list) -> None:  # type: ignore[type-arg]
+    from metaformer_lab.zoo.papers import PaperResult
+
+    papers = [r for r in results if isinstance(r, PaperResult)]
+    results = [r for r in results if not isinstance(r, PaperResult)]
+    if papers:
+        _print_paper_checks(papers)
+        if not results and not failures:
+            return
     table = Table(title="fixed-point protocol (timm weights + N(0, .02) noise, batch 2, eval)", title_justify="left")
     for column in ("model", "params (= timm)", "keys", "max |Δlogit|", "back to timm", "passed"):
         table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True,
@@ -167,4 +177,17 @@ def _print_checks(results: list, failures: list) -> None:  # type: ignore[type-a
                       "[green]yes[/]" if r.passed else "[red]NO[/]")
     for name, err in failures:
         table.add_row(name, "-", "-", "-", "-", f"[red]{err.issues[0]}[/]")
+    console.print(table)
+
+
+def _print_paper_checks(results: list) -> None:  # type: ignore[type-arg]
+    table = Table(title="paper models (params: the authors' code, within 1%; GMACs: the paper's, within 5%)",
+                  title_justify="left")
+    for column in ("model", "arXiv", "params", "authors' code", "GMACs", "paper", "passed"):
+        table.add_column(column, justify="left" if column == "model" else "right", no_wrap=True,
+                         min_width=20 if column == "model" else None)
+    for r in results:
+        table.add_row(r.name, r.arxiv, f"{r.params:,}", f"{r.authors_params:,} ({r.params_error:+.2%})",
+                      f"{r.gmacs:.2f}", f"{r.paper_gmacs:g} ({r.gmacs_error:+.1%})",
+                      "[green]yes[/]" if r.passed else "[red]NO[/]")
     console.print(table)

@@ -179,8 +179,8 @@ Groups = tuple[dict[str, int], dict[str, int]]
 def adopt_timm_conventions(net: Network, spec: ArchSpec) -> Network:
     """For a zoo model's spec (its class count aside): timm's pretrained config for it, timm's feature taps and
     timm's parameter grouping (layer-wise lr decay) on ``net``; any other spec keeps the defaults."""
-    if spec.name not in catalog() or _spec(spec.name, spec.num_classes) != spec:
-        return net
+    if spec.name not in catalog() or not get(spec.name).fixed_point or _spec(spec.name, spec.num_classes) != spec:
+        return net  # not a zoo model, a paper model (no timm module to take conventions from), or changed
     modules, cfg, groups = _timm_conventions(spec.name)
     net.set_feature_modules(modules)
     if groups is not None:

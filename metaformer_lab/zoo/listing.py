@@ -24,7 +24,7 @@ STATUS_FILE = ZOO_DIR / "status.json"
 
 @dataclass(frozen=True)
 class ModelRow:
-    """One zoo model as listed; ``status`` is the recorded fixed-point result."""
+    """One zoo model as listed; ``status`` is the recorded fixed-point (or paper) check result."""
 
     name: str
     family: str
@@ -50,6 +50,8 @@ def status_text(row: dict[str, Any] | None) -> str:
         return "not recorded"
     if not row.get("passed"):
         return "FAILED"
+    if row.get("paper"):
+        return f"paper (GMACs {row['gmacs'] / row['paper_gmacs'] - 1:+.0%})"
     diff = row["max_abs_diff"]
     return f"yes (Δ {diff:.1e})" if diff else "yes (Δ 0)"
 

@@ -8,7 +8,7 @@ from typing import Any
 
 import timm
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from torch import nn
 
 from metaformer_lab.core.errors import Issue, SpecError
@@ -19,8 +19,20 @@ from metaformer_lab.zoo.keymap import KeyMap
 from metaformer_lab.zoo.references import REFERENCES
 
 
+class Paper(BaseModel):
+    """A published model timm does not have: what its zoo YAML is checked against instead of timm's module."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    arxiv: str = Field(pattern=r"^\d{4}\.\d{4,5}$", description="the paper's arXiv id")
+    code: str = Field(description="the authors' official implementation (URL)")
+    params: int = Field(gt=0, description="parameters of the authors' model, built by their code")
+    gmacs: float = Field(gt=0.0, description="multiply-adds (1e9) in the paper's table, at the model's input size")
+    note: str = Field("", description="where the YAML follows the code rather than the paper, and why")
+
+
 class ModelEntry(BaseModel):
-    """One zoo model's link to timm."""
+    """One zoo model's link to timm (a fixed point), or to its paper."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -30,6 +42,14 @@ class ModelEntry(BaseModel):
     tolerance: float = Field(1e-5, gt=0.0, description="max |logit difference| of the fixed-point check")
     key_map: list[tuple[str, str | None]] = Field(
         default_factory=list, description="extra rules applied after the family's, for this model only")
+    paper: Paper | None = Field(None, description="a model timm does not have: checked against its paper and its "
+                                                  "authors' code instead (no timm link, no reference)")
+
+    @model_validator(mode="after")
+    def _one_link(self) -> ModelEntry:
+        if self.paper is not None and (self.timm or self.reference or self.kwargs or self.key_map):
+            raise ValueError("a paper model has no timm link: leave out timm, reference, kwargs and key_map")
+        return self
 
 
 class FamilyFile(BaseModel):
@@ -38,7 +58,8 @@ class FamilyFile(BaseModel):
     family: str
     description: str = ""
     models: dict[str, ModelEntry]
-    key_map: list[tuple[str, str | None]] = Field(description="timm key -> our key, applied in order")
+    key_map: list[tuple[str, str | None]] = Field(default_factory=list,
+                                                  description="timm key -> our key, applied in order")
 
 
 class ZooModel(BaseModel):
@@ -57,10 +78,18 @@ class ZooModel(BaseModel):
 
     @property
     def in_timm_registry(self) -> bool:
-        return self.entry.reference is None
+        return self.entry.reference is None and self.entry.paper is None
+
+    @property
+    def fixed_point(self) -> bool:
+        """Checked against timm's module (weights in and out); False: against its paper (``entry.paper``)."""
+        return self.entry.paper is None
 
     def reference(self, **kwargs: Any) -> nn.Module:
         """timm's module for this model (random weights; never downloads)."""
+        if self.entry.paper is not None:
+            raise SpecError.single(self.name, f"has no timm module: it is checked against its paper "
+                                              f"(arXiv {self.entry.paper.arxiv}) and its authors' code")
         args = {**self.entry.kwargs, **kwargs}
         if self.entry.reference is not None:
             return REFERENCES[self.entry.reference](**args)
@@ -113,6 +142,7 @@ def get(name: str) -> ZooModel:
     return models[name]
 
 
-def list_models(family: str | None = None) -> list[str]:
-    """Zoo model names, sorted (optionally of one family)."""
-    return sorted(n for n, m in catalog().items() if family is None or m.family == family)
+def list_models(family: str | None = None, *, fixed_points: bool = False) -> list[str]:
+    """Zoo model names, sorted (optionally of one family; with ``fixed_points``, only those checked against timm)."""
+    return sorted(n for n, m in catalog().items()
+                  if (family is None or m.family == family) and (m.fixed_point or not fixed_points))

@@ -306,7 +306,7 @@ FAST = ["poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18", 
         "randformer_s12", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "cait_xxs24_224",
         "convit_tiny", "convnext_atto", "swin_tiny_patch4_window7_224", "pvt_v2_b0", "pvt_v2_b2_li",
         "twins_svt_small", "mixer_s16_224", "resmlp_12_224", "efficientformer_l1", "efficientvit_b0",
-        "coatnet_0_rw_224", "focalnet_tiny_srf"]
+        "coatnet_0_rw_224", "focalnet_tiny_srf", "pvt_tiny"]
 """A few zoo models, every family among them (a test checks), each at a small input where its spec allows."""
 
 

@@ -134,7 +134,7 @@ def test_feature_info_and_attributes_equal_timms(name: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.zoo
-@pytest.mark.parametrize("name", ml.zoo.list_models())
+@pytest.mark.parametrize("name", ml.zoo.list_models(fixed_points=True))
 def test_feature_info_of_every_zoo_model_equals_timms(name: str) -> None:
     reference, net = _meta_pair(name)
     assert [(f["num_chs"], f["reduction"]) for f in net.feature_info] == [

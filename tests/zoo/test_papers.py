@@ -1,0 +1,70 @@
+"""Paper models: zoo models timm does not have, against the authors' code and the paper.
+
+The parameter counts below were read off the authors' official code, each model built with its defaults
+(``sum(p.numel() for p in model.parameters())``); they are written here, apart from the family files, so that a
+change to a YAML or to a family file's record cannot move both sides at once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import metaformer_lab as ml
+from metaformer_lab.cli import app
+from metaformer_lab.core.errors import SpecError
+from metaformer_lab.zoo import catalog, get, list_models
+from metaformer_lab.zoo.papers import check_paper
+
+AUTHORS_PARAMS = {
+    "pvt_tiny": 13_229_288,  # github.com/whai362/PVT classification/pvt.py, pvt_tiny()
+    "pvt_small": 24_485_864,  # pvt_small()
+}
+PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
+runner = CliRunner()
+
+
+def test_every_paper_model_has_its_authors_count_here() -> None:
+    assert sorted(AUTHORS_PARAMS) == PAPERS
+    assert not set(PAPERS) & set(list_models(fixed_points=True))
+
+
+@pytest.mark.parametrize("name", PAPERS)
+def test_a_paper_model_has_the_authors_parameters_and_the_papers_gmacs(name: str) -> None:
+    result = check_paper(name)
+    assert get(name).entry.paper.params == AUTHORS_PARAMS[name]  # the family file's record
+    assert abs(result.params / AUTHORS_PARAMS[name] - 1) <= 0.01
+    assert abs(result.gmacs_error) <= 0.05 and result.passed
+    with torch.device("meta"):
+        net = ml.create_model(name)
+    assert sum(p.numel() for p in net.parameters()) == result.params  # the module, not only the graph
+
+
+def test_zoo_check_runs_the_paper_check_for_a_paper_model() -> None:
+    result = runner.invoke(app, ["zoo", "check", "pvt_tiny", "--json"])
+    assert result.exit_code == 0, result.stderr
+    (row,) = json.loads(result.stdout)
+    assert row["paper"] and row["passed"] and row["authors_params"] == AUTHORS_PARAMS["pvt_tiny"]
+
+
+def test_a_paper_model_has_no_timm_module_and_says_so() -> None:
+    with pytest.raises(SpecError, match="checked against its paper"):
+        get("pvt_tiny").reference()
+    net = ml.create_model("pvt_tiny", num_classes=10)  # builds; no timm conventions to adopt
+    with torch.no_grad():
+        assert net(torch.zeros(1, 3, 224, 224)).shape == (1, 10)
+
+
+def test_a_paper_entry_cannot_also_link_to_timm() -> None:
+    from pydantic import ValidationError
+
+    from metaformer_lab.zoo.models import ModelEntry
+
+    paper = {"arxiv": "2102.12122", "code": "https://github.com/whai362/PVT", "params": 1, "gmacs": 1.0}
+    with pytest.raises(ValidationError, match="no timm link"):
+        ModelEntry.model_validate({"paper": paper, "timm": "pvt_v2_b0"})
+    with pytest.raises(ValidationError, match="arxiv"):
+        ModelEntry.model_validate({"paper": {**paper, "arxiv": "PVT"}})
