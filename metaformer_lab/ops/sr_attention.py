@@ -1,5 +1,10 @@
 """Spatial-reduction attention: PVT (Wang et al., 2021) and PVTv2 (Wang et al., 2022), also Twins' global
-sub-sampled attention. Queries come from every grid token, keys and values from a reduced grid."""
+sub-sampled attention. Queries come from every grid token, keys and values from a reduced grid.
+
+The reduction is also a depthwise conv (CMT, Guo et al. 2022; CvT's ``dw_bn`` projections, Wu et al. 2021, with
+``q_conv``) or a bare average pool (LITv2's Lo-Fi, Pan et al. 2022); ``local_conv`` adds a depthwise conv of the
+values (LePE: CSWin, Dong et al. 2022; Shunted, Ren et al. 2022).
+"""
 
 from __future__ import annotations
 
@@ -12,9 +17,22 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import Groups, OpSpec, PosInt, Prob, require_groups, require_layout, require_no_prefix
+from metaformer_lab.ops.common import (
+    Groups,
+    OddKernel,
+    OpSpec,
+    PosInt,
+    Prob,
+    conv_on_heads,
+    require_groups,
+    require_layout,
+    require_no_prefix,
+)
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
+
+Reduction = Literal["conv", "pool", "dwconv", "avgpool"]
+LocalConvAdd = Literal["output", "value"]
 
 
 class SrAttentionSpec(OpSpec):
@@ -24,13 +42,18 @@ class SrAttentionSpec(OpSpec):
     ``conv``: a ``sr_ratio`` x ``sr_ratio`` strided conv then ``norm`` (no reduction when ``sr_ratio`` is 1).
     ``pool``: PVTv2-li's adaptive average pool to ``pool_size``, 1x1 conv, ``norm``, GELU, whatever
     ``sr_ratio`` says (timm ``linear_attn=True``).
+    ``dwconv``: a depthwise conv of stride ``sr_ratio`` then ``norm`` (CMT: kernel = stride, BatchNorm; CvT's
+    ``dw_bn``: 3x3, padding 1, BatchNorm, no bias, with ``q_conv``).
+    ``avgpool``: a ``sr_ratio`` x ``sr_ratio`` average pool of stride ``sr_ratio``, no conv, norm or activation
+    (LITv2's Lo-Fi).
     """
 
     type: Literal["sr_attention"] = "sr_attention"
     num_heads: PosInt | None = Field(None, description=NUM_HEADS_DOC)
     head_dim: PosInt | None = head_dim_field(64)
-    sr_ratio: PosInt = Field(1, description="conv reduction: kernel and stride; must divide H and W")
-    reduction: Literal["conv", "pool"] = Field("conv", description="pool: PVTv2-li, ignores sr_ratio")
+    sr_ratio: PosInt = Field(1, description="conv, avgpool: kernel and stride; dwconv: stride; must divide H and W")
+    reduction: Reduction = Field("conv", description="pool: PVTv2-li, ignores sr_ratio; dwconv: CMT, CvT; "
+                                                     "avgpool: LITv2's Lo-Fi")
     pool_size: PosInt = Field(7, description="pool reduction: side of the pooled grid")
     norm: NormSpec | None = Field(default_factory=lambda: LayerNormSpec(eps=1e-5, affine=True, bias=True),
                                   description="after the reduction conv; PVTv2 uses nn.LayerNorm (eps 1e-5)")
@@ -39,25 +62,44 @@ class SrAttentionSpec(OpSpec):
     proj_drop: Prob = 0.0
     fused: bool = Field(True, description="F.scaled_dot_product_attention; false: explicit softmax(q kᵀ)")
     groups: Groups = Field(1, description="groups of the reduction conv (1: a full conv); must divide the width")
+    kernel: OddKernel | None = Field(None, description="dwconv reduction: kernel, padding kernel // 2 (CvT: 3); "
+                                                       "null: sr_ratio, no padding (CMT)")
+    sr_bias: bool = Field(True, description="bias of the reduction conv (and of q_conv's); CvT's dw_bn has none")
+    q_conv: bool = Field(False, description="dwconv reduction: q from its own depthwise conv (kernel, stride 1) "
+                                            "and norm (CvT's conv_proj_q)")
+    local_conv: OddKernel | None = Field(None, description="kernel of a depthwise conv of the value map (LePE, "
+                                                           "Shunted's local_conv); null: none")
+    local_conv_add: LocalConvAdd = Field(
+        "output", description="local conv added to the attention output (CSWin, Shunted at sr_ratio 1; values "
+                              "on the query grid) or to the values before attention (Shunted with a reduction)")
 
-    key_optional = frozenset({"groups"})
+    key_optional = frozenset({"groups", "kernel", "sr_bias", "q_conv", "local_conv", "local_conv_add"})
 
 
 def reduced(spec: SrAttentionSpec, x: TensorType) -> TensorType | None:
     """The grid keys and values come from, or None when there is no reduction."""
     if spec.reduction == "pool":
         return x.with_grid(spec.pool_size, spec.pool_size)
-    if spec.sr_ratio == 1:
+    if spec.sr_ratio == 1 and spec.reduction != "dwconv":
         return None
     return x.with_grid(x.height // spec.sr_ratio, x.width // spec.sr_ratio)
 
 
+def _dwconv(dim: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
+    """Depthwise conv; an odd kernel pads kernel // 2, so a stride that divides the map divides its size."""
+    return nn.Conv2d(dim, dim, kernel, stride=stride, padding=kernel // 2 if kernel != stride else 0, groups=dim,
+                     bias=bias)
+
+
 class SrAttention(nn.Module):
-    """Parameter names follow timm's PVTv2 ``Attention`` (q, kv, proj, sr, norm); ``kv`` holds k then v."""
+    """Parameter names follow timm's PVTv2 ``Attention`` (q, kv, proj, sr, norm); ``kv`` holds k then v. CvT's
+    q projection is ``q_sr`` and ``q_norm``; Shunted's value conv is ``local_conv``."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, sr_ratio: int, pool_size: int | None,
                  norm: nn.Module, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool,
-                 groups: int = 1) -> None:
+                 groups: int = 1, reduction: Reduction | None = None, kernel: int | None = None,
+                 sr_bias: bool = True, q_norm: nn.Module | None = None, local_conv: int | None = None,
+                 local_conv_add: LocalConvAdd = "output") -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         inner = num_heads * head_dim
@@ -67,24 +109,51 @@ class SrAttention(nn.Module):
         self.proj = nn.Linear(inner, dim)
         self.proj_drop = nn.Dropout(proj_drop)
         pool = pool_size is not None
-        kernel = 1 if pool else sr_ratio
-        self.pool = nn.AdaptiveAvgPool2d(pool_size) if pool else nn.Identity()
-        self.sr = nn.Conv2d(dim, dim, kernel, stride=kernel, groups=groups) if pool or sr_ratio > 1 else None
-        self.norm = norm  # nn.Identity without a reduction or a norm spec
+        reduction = reduction or ("pool" if pool else "conv")
+        self.reduces = pool or sr_ratio > 1 or reduction == "dwconv"
+        self.pool: nn.Module = nn.Identity()
+        self.sr: nn.Conv2d | None = None
+        if reduction == "pool":
+            self.pool = nn.AdaptiveAvgPool2d(pool_size)
+            self.sr = nn.Conv2d(dim, dim, 1, groups=groups)
+        elif reduction == "avgpool" and self.reduces:
+            self.pool = nn.AvgPool2d(sr_ratio, stride=sr_ratio)
+        elif reduction == "dwconv":
+            self.sr = _dwconv(dim, kernel or sr_ratio, sr_ratio, sr_bias)
+        elif self.reduces:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, groups=groups)
+        self.norm = norm if reduction != "avgpool" else nn.Identity()  # nn.Identity without a reduction or a norm
         self.act = nn.GELU() if pool else nn.Identity()
+        self.q_sr = _dwconv(dim, kernel or 1, 1, sr_bias) if q_norm is not None else None
+        self.q_norm = q_norm
+        self.local_conv = _dwconv(inner, local_conv, 1, True) if local_conv is not None else None
+        self.local_conv_to_values = local_conv_add == "value"
 
     def reduce(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, h, w, C)
-        if self.sr is None:
+        if not self.reduces:
             return x
-        x = self.sr(self.pool(x.permute(0, 3, 1, 2)))  # (B, C, H, W) -> (B, C, h, w)
+        x = self.pool(x.permute(0, 3, 1, 2))  # (B, C, H, W) -> (B, C, h, w)
+        if self.sr is not None:
+            x = self.sr(x)
         return self.act(self.norm(x.permute(0, 2, 3, 1)))  # (B, h, w, C)
 
+    def project_q(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+        if self.q_sr is None or self.q_norm is None:
+            return x
+        return self.q_norm(self.q_sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # through (B, C, H, W)
+
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
-        q = self.q(x).flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim))  # (B, H*W, heads, d)
-        kv = self.kv(self.reduce(x)).flatten(1, 2)  # (B, h, w, 2*inner) -> (B, h*w, 2*inner)
+        q = self.q(self.project_q(x)).flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim))  # (B, H*W, heads, d)
+        small = self.reduce(x)  # (B, h, w, C)
+        kv = self.kv(small).flatten(1, 2)  # (B, h, w, 2*inner) -> (B, h*w, 2*inner)
         kv = kv.unflatten(-1, (2, self.num_heads, self.head_dim))  # (B, h*w, 2, heads, d)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, h*w, d): k first, as timm
+        local = None if self.local_conv is None else conv_on_heads(self.local_conv, v, small.shape[1:3])
+        if local is not None and self.local_conv_to_values:
+            v, local = v + local, None  # Shunted: the values themselves get the local conv
         y = attend(q.transpose(1, 2), k, v, bias=None, drop=self.attn_drop, fused=self.fused)  # (B, heads, H*W, d)
+        if local is not None:
+            y = y + local  # LePE: added to the attention output
         y = y.transpose(1, 2).flatten(2).unflatten(1, x.shape[1:3])  # (B, heads, H*W, d) -> (B, H, W, inner)
         return self.proj_drop(self.proj(y))
 
@@ -93,9 +162,20 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
     require_layout(x, "tokens", op="sr_attention")
     require_no_prefix(x, op="sr_attention")
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
-    if spec.reduction == "conv" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
+    if spec.reduction != "pool" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
         raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
+    if spec.kernel is not None and spec.reduction != "dwconv":
+        raise ShapeIssue("kernel", f"sets the dwconv reduction's kernel, but the reduction is {spec.reduction}")
+    if spec.kernel is None and spec.reduction == "dwconv" and spec.q_conv:
+        raise ShapeIssue("kernel", "q_conv needs an odd kernel (the q conv has stride 1; CvT: 3)")
+    if spec.q_conv and spec.reduction != "dwconv":
+        raise ShapeIssue("q_conv", f"needs reduction dwconv, but the reduction is {spec.reduction}")
+    if spec.reduction == "dwconv" and spec.groups != 1:
+        raise ShapeIssue("groups", f"{spec.groups} sets the groups of a full reduction conv; dwconv is depthwise")
     small = reduced(spec, x)
+    if spec.local_conv is not None and spec.local_conv_add == "output" and small is not None and small != x:
+        raise ShapeIssue("local_conv_add", f"output needs values on the {x.height}x{x.width} query grid, but the "
+                                           f"reduction gives {small.height}x{small.width}; use value")
     if small is not None:
         require_groups(spec.groups, input=x.channels)
         check_norm(spec.norm, small, "norm")
@@ -107,21 +187,29 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
     num_heads, head_dim = r["num_heads"], r["head_dim"]
     small = reduced(spec, x)
     norm = build_norm(spec.norm, small) if small is not None else nn.Identity()
+    q_norm = build_norm(spec.norm, x) if spec.q_conv else None
     return SrAttention(x.channels, num_heads=num_heads, head_dim=head_dim, sr_ratio=spec.sr_ratio,
                        pool_size=spec.pool_size if spec.reduction == "pool" else None, norm=norm,
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
-                       groups=spec.groups)
+                       groups=spec.groups, reduction=spec.reduction, kernel=spec.kernel, sr_bias=spec.sr_bias,
+                       q_norm=q_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:
-    """q reads the input, and so does kv or the reduction conv (kernel = stride, no padding: a shift folds
-    exactly), but not through a pooling (PVTv2-li); the reduction's norm folds into kv where no activation
-    comes between."""
+    """q (or CvT's q conv) reads the input, and so does kv or the reduction conv (without padding a shift folds
+    exactly; the fold itself refuses a padded one), but not through a pooling (PVTv2-li, LITv2); the reduction's
+    norm folds into kv where no activation comes between, the q conv's norm into q."""
     if not isinstance(module, SrAttention):
         return None
-    reduce = module.kv if module.sr is None else module.sr if isinstance(module.pool, nn.Identity) else None
-    return Folding(reads=(module.q, reduce) if reduce is not None else (), writes=module.proj,
-                   deploy=lambda: fold_parts(module, ("norm", "act", "kv")))
+    reduce = module.kv if not module.reduces else module.sr if isinstance(module.pool, nn.Identity) else None
+    q = module.q if module.q_sr is None else module.q_sr
+
+    def deploy() -> nn.Module:
+        if module.q_sr is not None:
+            fold_parts(module, ("q_sr", "q_norm", "q"))
+        return fold_parts(module, ("norm", "act", "kv"))
+
+    return Folding(reads=(q, reduce) if reduce is not None else (), writes=module.proj, deploy=deploy)
 
 
 SR_ATTENTION = OpDef(
@@ -137,5 +225,14 @@ SR_ATTENTION = OpDef(
              id="pvt-li"),
         Case({"sr_ratio": 2, "num_heads": 1, "norm": None}, TensorType("tokens", 8, 4, 4), id="no-norm"),
         Case({"sr_ratio": 2, "head_dim": 8, "groups": 4}, TensorType("tokens", 16, 4, 4), id="grouped"),
+        Case({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": {"type": "batchnorm"}},
+             TensorType("tokens", 16, 4, 6), id="cmt"),
+        Case({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "sr_bias": False, "num_heads": 2,
+              "qkv_bias": False, "norm": {"type": "batchnorm"}}, TensorType("tokens", 16, 6, 4), id="cvt"),
+        Case({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "qkv_bias": False, "fused": False},
+             TensorType("tokens", 16, 4, 4), id="lofi"),
+        Case({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 3, 4), id="lepe"),
+        Case({"sr_ratio": 2, "num_heads": 2, "local_conv": 3, "local_conv_add": "value"},
+             TensorType("tokens", 16, 4, 4), id="shunted"),
     ),
 )

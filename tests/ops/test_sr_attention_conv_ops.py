@@ -1,0 +1,207 @@
+"""sr_attention's conv projections against a slow reference written here (one channel and one head at a time,
+an explicit softmax, float64): CMT's and CvT's depthwise-conv reductions, LITv2's Lo-Fi average pool, the local
+conv of the values (LePE, Shunted); shape rules, gradients, latency keys."""
+
+from __future__ import annotations
+
+import copy
+import json
+from functools import partial
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import build_op, max_diff, perturbed
+from torch import Tensor, nn
+
+from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops import TOKEN_MIXERS
+from metaformer_lab.ops.common import LATENCY_KEY
+from metaformer_lab.ops.sr_attention import SrAttention, SrAttentionSpec
+
+TOL = 1e-5
+B = 2
+
+_op = partial(build_op, TOKEN_MIXERS)
+
+
+def depthwise(maps: Tensor, conv: nn.Conv2d) -> Tensor:
+    """A depthwise conv one channel at a time: (B, C, H, W) -> (B, C, h, w)."""
+    out = []
+    for c in range(maps.shape[1]):
+        bias = None if conv.bias is None else conv.bias[c:c + 1]
+        out.append(F.conv2d(maps[:, c:c + 1], conv.weight[c:c + 1], bias, stride=conv.stride, padding=conv.padding))
+    return torch.cat(out, dim=1)
+
+
+def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
+    """The module's maths written out on a float64 copy: (B, H, W, C) -> (B, H, W, C)."""
+    m = copy.deepcopy(m).double()
+    x = x.double()
+    B_, H, W, C = x.shape
+    maps = x.permute(0, 3, 1, 2)  # (B, C, H, W)
+    q_in = x if m.q_sr is None else m.q_norm(depthwise(maps, m.q_sr).permute(0, 2, 3, 1))
+    if isinstance(m.pool, nn.AvgPool2d):  # LITv2: mean of each s x s patch
+        s = m.pool.kernel_size
+        small = maps.unflatten(3, (W // s, s)).unflatten(2, (H // s, s)).mean(dim=(3, 5))
+    elif m.sr is not None:
+        small = depthwise(maps, m.sr) if m.sr.groups == C else m.sr(maps)  # PVT's full conv: tested against timm
+    else:
+        small = maps
+    small = m.norm(small.permute(0, 2, 3, 1))  # (B, h, w, C)
+    h, w = small.shape[1:3]
+    q = q_in.reshape(B_, H * W, C) @ m.q.weight.T + (0 if m.q.bias is None else m.q.bias)
+    kv = small.reshape(B_, h * w, C) @ m.kv.weight.T + (0 if m.kv.bias is None else m.kv.bias)
+    d, inner = m.head_dim, m.num_heads * m.head_dim
+    k, v = kv[..., :inner], kv[..., inner:]
+    out = []
+    for head in range(m.num_heads):
+        part = slice(head * d, (head + 1) * d)
+        qh, kh, vh = q[..., part], k[..., part], v[..., part]
+        local = 0
+        if m.local_conv is not None:
+            conv = copy.deepcopy(m.local_conv)
+            conv.weight, conv.bias = nn.Parameter(conv.weight[part]), nn.Parameter(conv.bias[part])
+            v_map = vh.transpose(1, 2).reshape(B_, d, h, w)
+            local = depthwise(v_map, conv).flatten(2).transpose(1, 2)  # (B, h*w, d)
+            if m.local_conv_to_values:
+                vh, local = vh + local, 0
+        logits = (qh @ kh.transpose(1, 2)) * d ** -0.5  # (B, H*W, h*w)
+        attn = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
+        out.append(attn @ vh + local)
+    y = torch.cat(out, dim=-1) @ m.proj.weight.T + m.proj.bias  # (B, H*W, C)
+    return y.reshape(B_, H, W, C).float()
+
+
+_BN = {"type": "batchnorm"}
+_REFERENCE = [
+    pytest.param({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": _BN}, (4, 6), id="cmt"),
+    pytest.param({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "sr_bias": False,
+                  "qkv_bias": False, "num_heads": 2, "norm": _BN}, (6, 4), id="cvt"),
+    pytest.param({"reduction": "dwconv", "sr_ratio": 1, "kernel": 5, "q_conv": True, "num_heads": 4}, (5, 5),
+                 id="conv-projection-layernorm"),
+    pytest.param({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "qkv_bias": False}, (4, 6), id="lofi"),
+    pytest.param({"reduction": "avgpool", "sr_ratio": 1, "num_heads": 2}, (3, 3), id="lofi-sr1"),
+    pytest.param({"num_heads": 2, "local_conv": 3}, (3, 5), id="lepe"),
+    pytest.param({"num_heads": 4, "local_conv": 5, "reduction": "dwconv", "kernel": 3}, (4, 4), id="lepe-cvt"),
+    pytest.param({"sr_ratio": 2, "num_heads": 2, "local_conv": 3, "local_conv_add": "value"}, (4, 4),
+                 id="shunted"),
+    pytest.param({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 1, "local_conv": 3, "local_conv_add": "value"},
+                 (4, 6), id="lofi-value-conv"),
+]
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("config", "grid"), _REFERENCE)
+def test_sr_attention_options_match_a_slow_reference(config: dict[str, Any], grid: tuple[int, int],
+                                                     fused: bool) -> None:
+    x_type = TensorType("tokens", 16, *grid)
+    ours = perturbed(_op("sr_attention", {**config, "fused": fused}, x_type))
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        assert max_diff(ours(x), naive_sr_attention(ours, x)) <= TOL
+
+
+def test_cmt_reduction_is_a_depthwise_conv_of_kernel_sr_ratio() -> None:
+    """CMT's ``sr``: Conv2d(dim, dim, sr_ratio, stride=sr_ratio, groups=dim, bias=True) then BatchNorm2d."""
+    m = _op("sr_attention", {"reduction": "dwconv", "sr_ratio": 4, "num_heads": 2, "norm": _BN},
+            TensorType("tokens", 16, 8, 8))
+    assert (m.sr.kernel_size, m.sr.stride, m.sr.padding, m.sr.groups) == ((4, 4), (4, 4), (0, 0), 16)
+    assert m.sr.bias is not None and m.q_sr is None
+
+
+def test_cvt_projection_has_its_q_conv_and_no_conv_bias() -> None:
+    """CvT's ``dw_bn``: 3x3 depthwise, padding 1, no bias, BatchNorm; stride 1 for q, 2 for k and v."""
+    m = _op("sr_attention", {"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "sr_bias": False,
+                             "num_heads": 2, "norm": _BN}, TensorType("tokens", 16, 8, 8))
+    for conv, stride in ((m.q_sr, 1), (m.sr, 2)):
+        assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == ((3, 3), (stride,) * 2, (1, 1), 16)
+        assert conv.bias is None
+    assert isinstance(m.norm, nn.Module) and isinstance(m.q_norm, nn.Module) and m.norm is not m.q_norm
+
+
+def test_lofi_reduction_has_no_conv_norm_or_activation() -> None:
+    """LITv2's Lo-Fi: AvgPool2d(sr_ratio, sr_ratio) alone; the parameters are q, kv and proj."""
+    m = _op("sr_attention", {"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2}, TensorType("tokens", 16, 4, 4))
+    assert {name.split(".")[0] for name, _ in m.named_parameters()} == {"q", "kv", "proj"}
+
+
+def test_shunted_values_get_the_local_conv_before_attention() -> None:
+    """Added to the values, the conv's output goes through the softmax's average: with a uniform attention (q = 0)
+    every query sees the mean of v + conv(v)."""
+    x_type = TensorType("tokens", 8, 4, 4)
+    m = perturbed(_op("sr_attention", {"sr_ratio": 2, "num_heads": 1, "local_conv": 3, "local_conv_add": "value",
+                                       "norm": None}, x_type))
+    with torch.no_grad():
+        m.q.weight.zero_(), m.q.bias.zero_()
+        x = torch.randn(x_type.shape(B))
+        v = m.kv(m.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))[..., 8:]  # (B, 2, 2, C)
+        v = v + m.local_conv(v.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+        expected = m.proj(v.mean(dim=(1, 2)))[:, None, None].expand(x.shape)
+        assert max_diff(m(x), expected) <= TOL
+
+
+_TOK = TensorType("tokens", 64, 8, 8)
+_BAD = [
+    ({"reduction": "dwconv", "sr_ratio": 3}, _TOK, "sr_ratio", "3 does not divide the 8x8 feature map"),
+    ({"reduction": "avgpool", "sr_ratio": 3}, _TOK, "sr_ratio", "3 does not divide the 8x8 feature map"),
+    ({"kernel": 3, "sr_ratio": 2}, _TOK, "kernel", "the reduction is conv"),
+    ({"q_conv": True, "sr_ratio": 2}, _TOK, "q_conv", "needs reduction dwconv"),
+    ({"q_conv": True, "reduction": "dwconv", "sr_ratio": 2}, _TOK, "kernel", "q_conv needs an odd kernel"),
+    ({"reduction": "dwconv", "sr_ratio": 2, "groups": 2}, _TOK, "groups", "dwconv is depthwise"),
+    ({"local_conv": 3, "sr_ratio": 2}, _TOK, "local_conv_add", "output needs values on the 8x8 query grid, but the "
+                                                              "reduction gives 4x4; use value"),
+    ({"local_conv": 3, "reduction": "pool", "pool_size": 2}, _TOK, "local_conv_add", "reduction gives 2x2"),
+    ({"reduction": "dwconv", "kernel": 3, "q_conv": True}, TensorType("tokens", 64, 4, 4, prefix=1), "type",
+     "1 prefix token(s)"),
+]
+
+
+@pytest.mark.parametrize(("config", "x_type", "field", "message"), _BAD,
+                         ids=[f"{b[2]}-{i}" for i, b in enumerate(_BAD)])
+def test_shape_rule_names_the_field(config: dict[str, Any], x_type: TensorType, field: str, message: str) -> None:
+    opdef = TOKEN_MIXERS.get("sr_attention")
+    with pytest.raises(ShapeIssue) as err:
+        opdef.resolve(SrAttentionSpec.model_validate(config), x_type)
+    assert err.value.field == field
+    assert message in err.value.message
+
+
+@pytest.mark.parametrize("config", [{"kernel": 4}, {"local_conv": 2}, {"reduction": "maxpool"}],
+                         ids=["even-kernel", "even-local-conv", "unknown-reduction"])
+def test_field_limits_are_checked_by_the_config(config: dict[str, Any]) -> None:
+    with pytest.raises(ValueError):
+        SrAttentionSpec.model_validate(config)
+
+
+def test_new_options_at_their_defaults_leave_the_latency_key_unchanged() -> None:
+    key = json.loads(SrAttentionSpec(sr_ratio=2).model_dump_json(context={LATENCY_KEY: True}))
+    assert not {"kernel", "sr_bias", "q_conv", "local_conv", "local_conv_add"} & set(key)
+    assert key["reduction"] == "conv"
+    cvt = SrAttentionSpec(reduction="dwconv", kernel=3, q_conv=True)
+    assert {"kernel", "q_conv"} <= set(json.loads(cvt.model_dump_json(context={LATENCY_KEY: True})))
+
+
+_TRAIN = [
+    ({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "num_heads": 2, "norm": _BN,
+      "local_conv": 3, "local_conv_add": "value"}, TensorType("tokens", 16, 4, 4)),
+    ({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "attn_drop": 0.1}, TensorType("tokens", 16, 4, 4)),
+    ({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 4, 4)),
+]
+
+
+@pytest.mark.parametrize(("config", "x_type"), _TRAIN, ids=["cvt-shunted", "lofi", "lepe"])
+def test_every_parameter_gets_a_gradient(config: dict[str, Any], x_type: TensorType) -> None:
+    module = _op("sr_attention", config, x_type).train()
+    module(torch.randn(x_type.shape(B))).square().sum().backward()
+    for name, p in module.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+@pytest.mark.parametrize(("config", "x_type"), _TRAIN, ids=["cvt-shunted", "lofi", "lepe"])
+def test_builds_and_runs_on_the_meta_device(config: dict[str, Any], x_type: TensorType) -> None:
+    with torch.device("meta"):
+        module = _op("sr_attention", config, x_type)
+    assert module(torch.empty(x_type.shape(B), device="meta")).shape == x_type.shape(B)
