@@ -8,8 +8,11 @@ values (LePE: CSWin, Dong et al. 2022; Shunted, Ren et al. 2022).
 
 from __future__ import annotations
 
+import copy
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -43,7 +46,7 @@ class SrAttentionSpec(OpSpec):
     ``pool``: PVTv2-li's adaptive average pool to ``pool_size``, 1x1 conv, ``norm``, GELU, whatever
     ``sr_ratio`` says (timm ``linear_attn=True``).
     ``dwconv``: a depthwise conv of stride ``sr_ratio`` then ``norm`` (CMT: kernel = stride, BatchNorm; CvT's
-    ``dw_bn``: 3x3, padding 1, BatchNorm, no bias, with ``q_conv``).
+    ``dw_bn``: 3x3, padding 1, BatchNorm, no bias, with ``q_conv`` and ``split_kv``).
     ``avgpool``: a ``sr_ratio`` x ``sr_ratio`` average pool of stride ``sr_ratio``, no conv, norm or activation
     (LITv2's Lo-Fi).
     """
@@ -67,13 +70,15 @@ class SrAttentionSpec(OpSpec):
     sr_bias: bool = Field(True, description="bias of the reduction conv (and of q_conv's); CvT's dw_bn has none")
     q_conv: bool = Field(False, description="dwconv reduction: q from its own depthwise conv (kernel, stride 1) "
                                             "and norm (CvT's conv_proj_q)")
+    split_kv: bool = Field(False, description="dwconv reduction: k and v each from their own conv and norm (CvT's "
+                                              "conv_proj_k, conv_proj_v); false: one reduction for both (CMT)")
     local_conv: OddKernel | None = Field(None, description="kernel of a depthwise conv of the value map (LePE, "
                                                            "Shunted's local_conv); null: none")
     local_conv_add: LocalConvAdd = Field(
         "output", description="local conv added to the attention output (CSWin, Shunted at sr_ratio 1; values "
                               "on the query grid) or to the values before attention (Shunted with a reduction)")
 
-    key_optional = frozenset({"groups", "kernel", "sr_bias", "q_conv", "local_conv", "local_conv_add"})
+    key_optional = frozenset({"groups", "kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add"})
 
 
 def reduced(spec: SrAttentionSpec, x: TensorType) -> TensorType | None:
@@ -93,12 +98,14 @@ def _dwconv(dim: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
 
 class SrAttention(nn.Module):
     """Parameter names follow timm's PVTv2 ``Attention`` (q, kv, proj, sr, norm); ``kv`` holds k then v. CvT's
-    q projection is ``q_sr`` and ``q_norm``; Shunted's value conv is ``local_conv``."""
+    q projection is ``q_sr`` and ``q_norm``, its own v projection ``v_sr`` and ``v_norm`` (``sr`` and ``norm`` then
+    serve k alone); Shunted's value conv is ``local_conv``."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, sr_ratio: int, pool_size: int | None,
                  norm: nn.Module, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool,
                  groups: int = 1, reduction: Reduction | None = None, kernel: int | None = None,
-                 sr_bias: bool = True, q_norm: nn.Module | None = None, local_conv: int | None = None,
+                 sr_bias: bool = True, q_norm: nn.Module | None = None, v_norm: nn.Module | None = None,
+                 local_conv: int | None = None,
                  local_conv_add: LocalConvAdd = "output") -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
@@ -126,6 +133,8 @@ class SrAttention(nn.Module):
         self.act = nn.GELU() if pool else nn.Identity()
         self.q_sr = _dwconv(dim, kernel or 1, 1, sr_bias) if q_norm is not None else None
         self.q_norm = q_norm
+        self.v_sr = copy.deepcopy(self.sr) if v_norm is not None else None
+        self.v_norm = v_norm
         self.local_conv = _dwconv(inner, local_conv, 1, True) if local_conv is not None else None
         self.local_conv_to_values = local_conv_add == "value"
 
@@ -137,6 +146,15 @@ class SrAttention(nn.Module):
             x = self.sr(x)
         return self.act(self.norm(x.permute(0, 2, 3, 1)))  # (B, h, w, C)
 
+    def keys_values(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, h, w, 2*inner), k then v
+        small = self.reduce(x)
+        if self.v_sr is None or self.v_norm is None:
+            return self.kv(small)
+        v_small = self.v_norm(self.v_sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # through (B, C, h, w)
+        w_k, w_v = self.kv.weight.chunk(2)  # kv holds k then v: CvT's proj_k, proj_v
+        b_k, b_v = (None, None) if self.kv.bias is None else self.kv.bias.chunk(2)
+        return torch.cat([F.linear(small, w_k, b_k), F.linear(v_small, w_v, b_v)], dim=-1)
+
     def project_q(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
         if self.q_sr is None or self.q_norm is None:
             return x
@@ -144,11 +162,12 @@ class SrAttention(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
         q = self.q(self.project_q(x)).flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim))  # (B, H*W, heads, d)
-        small = self.reduce(x)  # (B, h, w, C)
-        kv = self.kv(small).flatten(1, 2)  # (B, h, w, 2*inner) -> (B, h*w, 2*inner)
+        kv = self.keys_values(x)  # (B, h, w, 2*inner)
+        grid = kv.shape[1:3]
+        kv = kv.flatten(1, 2)  # (B, h, w, 2*inner) -> (B, h*w, 2*inner)
         kv = kv.unflatten(-1, (2, self.num_heads, self.head_dim))  # (B, h*w, 2, heads, d)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, h*w, d): k first, as timm
-        local = None if self.local_conv is None else conv_on_heads(self.local_conv, v, small.shape[1:3])
+        local = None if self.local_conv is None else conv_on_heads(self.local_conv, v, grid)
         if local is not None and self.local_conv_to_values:
             v, local = v + local, None  # Shunted: the values themselves get the local conv
         y = attend(q.transpose(1, 2), k, v, bias=None, drop=self.attn_drop, fused=self.fused)  # (B, heads, H*W, d)
@@ -168,8 +187,9 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
         raise ShapeIssue("kernel", f"sets the dwconv reduction's kernel, but the reduction is {spec.reduction}")
     if spec.kernel is None and spec.reduction == "dwconv" and spec.q_conv:
         raise ShapeIssue("kernel", "q_conv needs an odd kernel (the q conv has stride 1; CvT: 3)")
-    if spec.q_conv and spec.reduction != "dwconv":
-        raise ShapeIssue("q_conv", f"needs reduction dwconv, but the reduction is {spec.reduction}")
+    for field in ("q_conv", "split_kv"):
+        if getattr(spec, field) and spec.reduction != "dwconv":
+            raise ShapeIssue(field, f"needs reduction dwconv, but the reduction is {spec.reduction}")
     if spec.reduction == "dwconv" and spec.groups != 1:
         raise ShapeIssue("groups", f"{spec.groups} sets the groups of a full reduction conv; dwconv is depthwise")
     small = reduced(spec, x)
@@ -188,28 +208,34 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
     small = reduced(spec, x)
     norm = build_norm(spec.norm, small) if small is not None else nn.Identity()
     q_norm = build_norm(spec.norm, x) if spec.q_conv else None
+    v_norm = build_norm(spec.norm, small) if spec.split_kv and small is not None else None
     return SrAttention(x.channels, num_heads=num_heads, head_dim=head_dim, sr_ratio=spec.sr_ratio,
                        pool_size=spec.pool_size if spec.reduction == "pool" else None, norm=norm,
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
                        groups=spec.groups, reduction=spec.reduction, kernel=spec.kernel, sr_bias=spec.sr_bias,
-                       q_norm=q_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add)
+                       q_norm=q_norm, v_norm=v_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:
-    """q (or CvT's q conv) reads the input, and so does kv or the reduction conv (without padding a shift folds
-    exactly; the fold itself refuses a padded one), but not through a pooling (PVTv2-li, LITv2); the reduction's
-    norm folds into kv where no activation comes between, the q conv's norm into q."""
+    """q (or CvT's q conv) reads the input, and so does kv or the reduction conv (and CvT's v conv; without
+    padding a shift folds exactly, the fold itself refuses a padded one), but not through a pooling (PVTv2-li,
+    LITv2); the reduction's norm folds into kv where no activation comes between, the q conv's norm into q, CvT's
+    separate k and v norms into their convs."""
     if not isinstance(module, SrAttention):
         return None
     reduce = module.kv if not module.reduces else module.sr if isinstance(module.pool, nn.Identity) else None
     q = module.q if module.q_sr is None else module.q_sr
+    v = () if module.v_sr is None else (module.v_sr,)
 
     def deploy() -> nn.Module:
         if module.q_sr is not None:
             fold_parts(module, ("q_sr", "q_norm", "q"))
+        if module.v_sr is not None:
+            fold_parts(module, ("v_sr", "v_norm"))
+            return fold_parts(module, ("sr", "norm"))
         return fold_parts(module, ("norm", "act", "kv"))
 
-    return Folding(reads=(q, reduce) if reduce is not None else (), writes=module.proj, deploy=deploy)
+    return Folding(reads=(q, reduce, *v) if reduce is not None else (), writes=module.proj, deploy=deploy)
 
 
 SR_ATTENTION = OpDef(
@@ -227,8 +253,11 @@ SR_ATTENTION = OpDef(
         Case({"sr_ratio": 2, "head_dim": 8, "groups": 4}, TensorType("tokens", 16, 4, 4), id="grouped"),
         Case({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": {"type": "batchnorm"}},
              TensorType("tokens", 16, 4, 6), id="cmt"),
-        Case({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "sr_bias": False, "num_heads": 2,
-              "qkv_bias": False, "norm": {"type": "batchnorm"}}, TensorType("tokens", 16, 6, 4), id="cvt"),
+        Case({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True, "sr_bias": False,
+              "num_heads": 2, "qkv_bias": False, "norm": {"type": "batchnorm"}}, TensorType("tokens", 16, 6, 4),
+             id="cvt"),
+        Case({"reduction": "dwconv", "sr_ratio": 1, "kernel": 3, "split_kv": True, "head_dim": 8},
+             TensorType("tokens", 16, 3, 3), id="split-kv-layernorm"),
         Case({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "qkv_bias": False, "fused": False},
              TensorType("tokens", 16, 4, 4), id="lofi"),
         Case({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 3, 4), id="lepe"),

@@ -51,11 +51,13 @@ def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
     else:
         small = maps
     small = m.norm(small.permute(0, 2, 3, 1))  # (B, h, w, C)
+    v_small = small if m.v_sr is None else m.v_norm(depthwise(maps, m.v_sr).permute(0, 2, 3, 1))  # CvT
     h, w = small.shape[1:3]
     q = q_in.reshape(B_, H * W, C) @ m.q.weight.T + (0 if m.q.bias is None else m.q.bias)
-    kv = small.reshape(B_, h * w, C) @ m.kv.weight.T + (0 if m.kv.bias is None else m.kv.bias)
     d, inner = m.head_dim, m.num_heads * m.head_dim
-    k, v = kv[..., :inner], kv[..., inner:]
+    kv_bias = torch.zeros(2 * inner, dtype=x.dtype) if m.kv.bias is None else m.kv.bias
+    k = small.reshape(B_, h * w, C) @ m.kv.weight[:inner].T + kv_bias[:inner]
+    v = v_small.reshape(B_, h * w, C) @ m.kv.weight[inner:].T + kv_bias[inner:]
     out = []
     for head in range(m.num_heads):
         part = slice(head * d, (head + 1) * d)
@@ -78,8 +80,10 @@ def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
 _BN = {"type": "batchnorm"}
 _REFERENCE = [
     pytest.param({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": _BN}, (4, 6), id="cmt"),
-    pytest.param({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "sr_bias": False,
-                  "qkv_bias": False, "num_heads": 2, "norm": _BN}, (6, 4), id="cvt"),
+    pytest.param({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True,
+                  "sr_bias": False, "qkv_bias": False, "num_heads": 2, "norm": _BN}, (6, 4), id="cvt"),
+    pytest.param({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "split_kv": True, "num_heads": 2}, (4, 4),
+                 id="split-kv-qkv-bias"),
     pytest.param({"reduction": "dwconv", "sr_ratio": 1, "kernel": 5, "q_conv": True, "num_heads": 4}, (5, 5),
                  id="conv-projection-layernorm"),
     pytest.param({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "qkv_bias": False}, (4, 6), id="lofi"),
@@ -112,14 +116,16 @@ def test_cmt_reduction_is_a_depthwise_conv_of_kernel_sr_ratio() -> None:
     assert m.sr.bias is not None and m.q_sr is None
 
 
-def test_cvt_projection_has_its_q_conv_and_no_conv_bias() -> None:
-    """CvT's ``dw_bn``: 3x3 depthwise, padding 1, no bias, BatchNorm; stride 1 for q, 2 for k and v."""
-    m = _op("sr_attention", {"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "sr_bias": False,
-                             "num_heads": 2, "norm": _BN}, TensorType("tokens", 16, 8, 8))
-    for conv, stride in ((m.q_sr, 1), (m.sr, 2)):
+def test_cvt_projection_has_its_q_k_v_convs_and_no_conv_bias() -> None:
+    """CvT's ``dw_bn``: 3x3 depthwise, padding 1, no bias, BatchNorm; stride 1 for q, 2 for k and v, each its own."""
+    m = _op("sr_attention", {"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True,
+                             "sr_bias": False, "num_heads": 2, "norm": _BN}, TensorType("tokens", 16, 8, 8))
+    for conv, stride in ((m.q_sr, 1), (m.sr, 2), (m.v_sr, 2)):
         assert (conv.kernel_size, conv.stride, conv.padding, conv.groups) == ((3, 3), (stride,) * 2, (1, 1), 16)
         assert conv.bias is None
-    assert isinstance(m.norm, nn.Module) and isinstance(m.q_norm, nn.Module) and m.norm is not m.q_norm
+    assert len({id(m) for m in (m.q_sr, m.sr, m.v_sr, m.q_norm, m.norm, m.v_norm)}) == 6
+    assert all(isinstance(norm, nn.BatchNorm2d) or "batch" in type(norm).__name__.lower()
+               for norm in (m.q_norm, m.norm, m.v_norm))
 
 
 def test_lofi_reduction_has_no_conv_norm_or_activation() -> None:
@@ -149,6 +155,7 @@ _BAD = [
     ({"reduction": "avgpool", "sr_ratio": 3}, _TOK, "sr_ratio", "3 does not divide the 8x8 feature map"),
     ({"kernel": 3, "sr_ratio": 2}, _TOK, "kernel", "the reduction is conv"),
     ({"q_conv": True, "sr_ratio": 2}, _TOK, "q_conv", "needs reduction dwconv"),
+    ({"split_kv": True, "reduction": "avgpool"}, _TOK, "split_kv", "the reduction is avgpool"),
     ({"q_conv": True, "reduction": "dwconv", "sr_ratio": 2}, _TOK, "kernel", "q_conv needs an odd kernel"),
     ({"reduction": "dwconv", "sr_ratio": 2, "groups": 2}, _TOK, "groups", "dwconv is depthwise"),
     ({"local_conv": 3, "sr_ratio": 2}, _TOK, "local_conv_add", "output needs values on the 8x8 query grid, but the "
@@ -178,14 +185,14 @@ def test_field_limits_are_checked_by_the_config(config: dict[str, Any]) -> None:
 
 def test_new_options_at_their_defaults_leave_the_latency_key_unchanged() -> None:
     key = json.loads(SrAttentionSpec(sr_ratio=2).model_dump_json(context={LATENCY_KEY: True}))
-    assert not {"kernel", "sr_bias", "q_conv", "local_conv", "local_conv_add"} & set(key)
+    assert not {"kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add"} & set(key)
     assert key["reduction"] == "conv"
     cvt = SrAttentionSpec(reduction="dwconv", kernel=3, q_conv=True)
     assert {"kernel", "q_conv"} <= set(json.loads(cvt.model_dump_json(context={LATENCY_KEY: True})))
 
 
 _TRAIN = [
-    ({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "num_heads": 2, "norm": _BN,
+    ({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True, "num_heads": 2, "norm": _BN,
       "local_conv": 3, "local_conv_add": "value"}, TensorType("tokens", 16, 4, 4)),
     ({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "attn_drop": 0.1}, TensorType("tokens", 16, 4, 4)),
     ({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 4, 4)),
