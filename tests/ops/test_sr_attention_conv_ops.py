@@ -1,6 +1,7 @@
-"""sr_attention's conv projections against a slow reference written here (one channel and one head at a time,
-an explicit softmax, float64): CMT's and CvT's depthwise-conv reductions, LITv2's Lo-Fi average pool, the local
-conv of the values (LePE, Shunted); shape rules, gradients, latency keys."""
+"""Conv projections in attention against a slow reference written here (one channel, head and window at a time,
+an explicit softmax, float64): sr_attention's depthwise-conv reductions (CMT, CvT), LITv2's Lo-Fi average pool, the
+local conv of the values (LePE, Shunted) in sr_attention, attention and window_attention; shape rules, gradients,
+latency keys."""
 
 from __future__ import annotations
 
@@ -36,6 +37,34 @@ def depthwise(maps: Tensor, conv: nn.Conv2d) -> Tensor:
     return torch.cat(out, dim=1)
 
 
+def head_slice(conv: nn.Conv2d, part: slice) -> nn.Conv2d:
+    """The depthwise conv restricted to the channels ``part``."""
+    out = copy.deepcopy(conv)
+    out.weight, out.bias = nn.Parameter(conv.weight[part]), nn.Parameter(conv.bias[part])
+    return out
+
+
+def naive_heads(q: Tensor, k: Tensor, v: Tensor, heads: int, grid: tuple[int, int], conv: nn.Conv2d | None,
+                to_values: bool = False) -> Tensor:
+    """(B, N, heads*d) q and (B, M, heads*d) k, v (M = h*w of ``grid``) -> (B, N, heads*dv), one head at a time;
+    ``conv``: the local conv of each head's value map, added to the output (or to the values)."""
+    d, dv = q.shape[-1] // heads, v.shape[-1] // heads
+    out = []
+    for head in range(heads):
+        qh, kh = q[..., head * d:(head + 1) * d], k[..., head * d:(head + 1) * d]
+        part = slice(head * dv, (head + 1) * dv)
+        vh, local = v[..., part], 0
+        if conv is not None:
+            v_map = vh.transpose(1, 2).reshape(vh.shape[0], dv, *grid)
+            local = depthwise(v_map, head_slice(conv, part)).flatten(2).transpose(1, 2)  # (B, M, dv)
+            if to_values:
+                vh, local = vh + local, 0
+        logits = (qh @ kh.transpose(1, 2)) * d ** -0.5  # (B, N, M)
+        attn = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
+        out.append(attn @ vh + local)
+    return torch.cat(out, dim=-1)
+
+
 def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
     """The module's maths written out on a float64 copy: (B, H, W, C) -> (B, H, W, C)."""
     m = copy.deepcopy(m).double()
@@ -54,26 +83,12 @@ def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
     v_small = small if m.v_sr is None else m.v_norm(depthwise(maps, m.v_sr).permute(0, 2, 3, 1))  # CvT
     h, w = small.shape[1:3]
     q = q_in.reshape(B_, H * W, C) @ m.q.weight.T + (0 if m.q.bias is None else m.q.bias)
-    d, inner = m.head_dim, m.num_heads * m.head_dim
+    inner = m.num_heads * m.head_dim
     kv_bias = torch.zeros(2 * inner, dtype=x.dtype) if m.kv.bias is None else m.kv.bias
     k = small.reshape(B_, h * w, C) @ m.kv.weight[:inner].T + kv_bias[:inner]
     v = v_small.reshape(B_, h * w, C) @ m.kv.weight[inner:].T + kv_bias[inner:]
-    out = []
-    for head in range(m.num_heads):
-        part = slice(head * d, (head + 1) * d)
-        qh, kh, vh = q[..., part], k[..., part], v[..., part]
-        local = 0
-        if m.local_conv is not None:
-            conv = copy.deepcopy(m.local_conv)
-            conv.weight, conv.bias = nn.Parameter(conv.weight[part]), nn.Parameter(conv.bias[part])
-            v_map = vh.transpose(1, 2).reshape(B_, d, h, w)
-            local = depthwise(v_map, conv).flatten(2).transpose(1, 2)  # (B, h*w, d)
-            if m.local_conv_to_values:
-                vh, local = vh + local, 0
-        logits = (qh @ kh.transpose(1, 2)) * d ** -0.5  # (B, H*W, h*w)
-        attn = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
-        out.append(attn @ vh + local)
-    y = torch.cat(out, dim=-1) @ m.proj.weight.T + m.proj.bias  # (B, H*W, C)
+    y = naive_heads(q, k, v, m.num_heads, (h, w), m.local_conv, m.local_conv_to_values)
+    y = y @ m.proj.weight.T + m.proj.bias  # (B, H*W, C)
     return y.reshape(B_, H, W, C).float()
 
 
@@ -106,6 +121,72 @@ def test_sr_attention_options_match_a_slow_reference(config: dict[str, Any], gri
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         assert max_diff(ours(x), naive_sr_attention(ours, x)) <= TOL
+
+
+def naive_window_attention(m: nn.Module, x: Tensor) -> Tensor:
+    """Unshifted, unbiased window attention one window at a time, float64: (B, H, W, C) -> (B, H, W, C)."""
+    m = copy.deepcopy(m).double()
+    x = x.double()
+    w = m.window
+    y = torch.zeros(*x.shape[:3], m.proj.out_features, dtype=x.dtype)
+    for i in range(0, x.shape[1], w):
+        for j in range(0, x.shape[2], w):
+            tokens = x[:, i:i + w, j:j + w].flatten(1, 2)  # (B, w*w, C)
+            q, k, v = (tokens @ m.qkv.weight.T + m.qkv.bias).chunk(3, dim=-1)
+            out = naive_heads(q, k, v, m.num_heads, (w, w), m.local_conv)
+            y[:, i:i + w, j:j + w] = (out @ m.proj.weight.T + m.proj.bias).unflatten(1, (w, w))
+    return y.float()
+
+
+def naive_attention(m: nn.Module, x: Tensor) -> Tensor:
+    """Global attention on a (B, H, W, C) grid, float64, through the module's own q, k, v split."""
+    m = copy.deepcopy(m).double()
+    tokens = x.double().flatten(1, 2)  # (B, N, C)
+    q, k, v = (t.transpose(1, 2).flatten(2) for t in m.split_qkv(m.qkv(tokens)))  # (B, N, heads*d) each
+    out = naive_heads(q, k, v, m.num_heads, x.shape[1:3], m.local_conv)
+    return (out @ m.proj.weight.T + m.proj.bias).unflatten(1, x.shape[1:3]).float()
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("config", "grid"), [({"window": 2, "num_heads": 2, "local_conv": 3}, (4, 6)),
+                                              ({"window": 3, "num_heads": 1, "local_conv": 5}, (6, 3))],
+                         ids=["w2", "w3"])
+def test_window_attention_local_conv_matches_a_slow_reference(config: dict[str, Any], grid: tuple[int, int],
+                                                              fused: bool) -> None:
+    """CSWin's LePE: each window's values convolved on their own (zeros beyond the window), added to the output."""
+    x_type = TensorType("tokens", 16, *grid)
+    ours = perturbed(_op("window_attention", {**config, "rel_pos_bias": False, "fused": fused}, x_type))
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        assert max_diff(ours(x), naive_window_attention(ours, x)) <= TOL
+
+
+def test_shifted_window_attention_with_a_zero_local_conv_is_window_attention() -> None:
+    x_type = TensorType("tokens", 16, 6, 6)
+    config = {"window": 3, "shift": True, "num_heads": 2}
+    ours = perturbed(_op("window_attention", {**config, "local_conv": 3}, x_type))
+    plain = _op("window_attention", config, x_type)
+    plain.load_state_dict({k: v for k, v in ours.state_dict().items() if not k.startswith("local_conv")})
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        ours.local_conv.weight.zero_(), ours.local_conv.bias.zero_()
+        assert max_diff(ours(x), plain.eval()(x)) <= TOL
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("config", "layout"), [
+    ({"num_heads": 2, "local_conv": 3}, "tokens"),
+    ({"num_heads": 2, "attn_ratio": 2.0, "local_conv": 5}, "maps"),
+    ({"head_dim": 4, "qkv_layout": "heads_qkv", "local_conv": 3}, "tokens"),
+], ids=["tokens", "maps-wide-values", "heads-qkv"])
+def test_attention_local_conv_matches_a_slow_reference(config: dict[str, Any], layout: str, fused: bool) -> None:
+    """BiFormer / Agent attention's LePE: the value map's depthwise conv added to the attention output."""
+    x_type = TensorType(layout, 16, 3, 4)
+    ours = perturbed(_op("attention", {**config, "qkv_bias": True, "fused": fused}, x_type))
+    x = torch.randn(B, 3, 4, 16)  # (B, H, W, C)
+    with torch.no_grad():
+        out = ours(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1) if layout == "maps" else ours(x)
+        assert max_diff(out, naive_attention(ours, x)) <= TOL
 
 
 def test_cmt_reduction_is_a_depthwise_conv_of_kernel_sr_ratio() -> None:
@@ -164,6 +245,22 @@ _BAD = [
     ({"reduction": "dwconv", "kernel": 3, "q_conv": True}, TensorType("tokens", 64, 4, 4, prefix=1), "type",
      "1 prefix token(s)"),
 ]
+_BAD_ELSEWHERE = [
+    ("attention", {"local_conv": 3}, TensorType("tokens", 64, 4, 4, prefix=1), "local_conv",
+     "needs the token grid only, but the input has 1 prefix token(s)"),
+    ("window_attention", {"window": 4, "local_conv": 3}, TensorType("tokens", 64, 4, 4, prefix=1), "type",
+     "1 prefix token(s)"),
+]
+
+
+@pytest.mark.parametrize(("tag", "config", "x_type", "field", "message"), _BAD_ELSEWHERE,
+                         ids=[b[0] for b in _BAD_ELSEWHERE])
+def test_local_conv_elsewhere_refuses_prefix_tokens(tag: str, config: dict[str, Any], x_type: TensorType,
+                                                    field: str, message: str) -> None:
+    opdef = TOKEN_MIXERS.get(tag)
+    with pytest.raises(ShapeIssue) as err:
+        opdef.resolve(opdef.spec.model_validate(config), x_type)
+    assert (err.value.field, message in err.value.message) == (field, True)
 
 
 @pytest.mark.parametrize(("config", "x_type", "field", "message"), _BAD,
@@ -186,6 +283,9 @@ def test_field_limits_are_checked_by_the_config(config: dict[str, Any]) -> None:
 def test_new_options_at_their_defaults_leave_the_latency_key_unchanged() -> None:
     key = json.loads(SrAttentionSpec(sr_ratio=2).model_dump_json(context={LATENCY_KEY: True}))
     assert not {"kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add"} & set(key)
+    for tag in ("attention", "window_attention"):
+        spec = TOKEN_MIXERS.get(tag).spec()
+        assert "local_conv" not in json.loads(spec.model_dump_json(context={LATENCY_KEY: True}))
     assert key["reduction"] == "conv"
     cvt = SrAttentionSpec(reduction="dwconv", kernel=3, q_conv=True)
     assert {"kernel", "q_conv"} <= set(json.loads(cvt.model_dump_json(context={LATENCY_KEY: True})))
@@ -197,11 +297,17 @@ _TRAIN = [
     ({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "attn_drop": 0.1}, TensorType("tokens", 16, 4, 4)),
     ({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 4, 4)),
 ]
+_TRAIN_ELSEWHERE = [
+    ("attention", {"num_heads": 2, "local_conv": 3}, TensorType("maps", 16, 4, 4)),
+    ("window_attention", {"window": 2, "shift": True, "num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 4, 4)),
+]
 
 
-@pytest.mark.parametrize(("config", "x_type"), _TRAIN, ids=["cvt-shunted", "lofi", "lepe"])
-def test_every_parameter_gets_a_gradient(config: dict[str, Any], x_type: TensorType) -> None:
-    module = _op("sr_attention", config, x_type).train()
+@pytest.mark.parametrize(("tag", "config", "x_type"),
+                         [("sr_attention", *t) for t in _TRAIN] + _TRAIN_ELSEWHERE,
+                         ids=["cvt-shunted", "lofi", "lepe", "attention-lepe", "window-lepe"])
+def test_every_parameter_gets_a_gradient(tag: str, config: dict[str, Any], x_type: TensorType) -> None:
+    module = _op(tag, config, x_type).train()
     module(torch.randn(x_type.shape(B))).square().sum().backward()
     for name, p in module.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
