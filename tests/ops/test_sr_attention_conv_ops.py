@@ -318,3 +318,21 @@ def test_builds_and_runs_on_the_meta_device(config: dict[str, Any], x_type: Tens
     with torch.device("meta"):
         module = _op("sr_attention", config, x_type)
     assert module(torch.empty(x_type.shape(B), device="meta")).shape == x_type.shape(B)
+
+
+def test_the_options_are_choices_in_a_search_space() -> None:
+    """Every option is a field: a space chooses among them, and the shape rule rejects a bad combination."""
+    from metaformer_lab.space.decode import sample
+    from metaformer_lab.space.load import load_space
+
+    mixer = {"type": "sr_attention", "num_heads": 2, "sr_ratio": {"choice": [1, 2]},
+             "reduction": {"choice": ["conv", "dwconv", "avgpool"]}, "kernel": {"choice": [None, 3]},
+             "local_conv": {"choice": [None, 3]}, "local_conv_add": {"choice": ["output", "value"]}}
+    space = load_space({"name": "conv_projections", "input": {"channels": 3, "size": 32}, "num_classes": 10,
+                        "stem": {"type": "patchify", "patch": 4}, "head": {"type": "pool_norm_linear"},
+                        "stages": [{"depth": 1, "dim": 16, "layout": "tokens", "block": {"token_mixer": mixer}}]})
+    drawn = sample(space, 12, seed=0)
+    mixers = [p.spec.stages[0].block[0].token_mixer for p in drawn.points]
+    assert {m.reduction for m in mixers} == {"conv", "dwconv", "avgpool"}
+    assert all(m.kernel is None or m.reduction == "dwconv" for m in mixers)
+    assert drawn.invalid > 0 and any("kernel" in reason for reason in drawn.reasons)
