@@ -8,7 +8,6 @@ values (LePE: CSWin, Dong et al. 2022; Shunted, Ren et al. 2022).
 
 from __future__ import annotations
 
-import copy
 from typing import Literal
 
 import torch
@@ -59,7 +58,8 @@ class SrAttentionSpec(OpSpec):
                                                      "avgpool: LITv2's Lo-Fi")
     pool_size: PosInt = Field(7, description="pool reduction: side of the pooled grid")
     norm: NormSpec | None = Field(default_factory=lambda: LayerNormSpec(eps=1e-5, affine=True, bias=True),
-                                  description="after the reduction conv; PVTv2 uses nn.LayerNorm (eps 1e-5)")
+                                  description="after the reduction conv and CvT's q and v convs (none after avgpool); "
+                                              "PVTv2 uses nn.LayerNorm (eps 1e-5)")
     qkv_bias: bool = True
     attn_drop: Prob = 0.0
     proj_drop: Prob = 0.0
@@ -133,7 +133,7 @@ class SrAttention(nn.Module):
         self.act = nn.GELU() if pool else nn.Identity()
         self.q_sr = _dwconv(dim, kernel or 1, 1, sr_bias) if q_norm is not None else None
         self.q_norm = q_norm
-        self.v_sr = copy.deepcopy(self.sr) if v_norm is not None else None
+        self.v_sr = _dwconv(dim, kernel or sr_ratio, sr_ratio, sr_bias) if v_norm is not None else None
         self.v_norm = v_norm
         self.local_conv = _dwconv(inner, local_conv, 1, True) if local_conv is not None else None
         self.local_conv_to_values = local_conv_add == "value"
