@@ -26,9 +26,11 @@ from metaformer_lab.ops.common import (
     PosInt,
     Prob,
     conv_on_heads,
+    join_prefix,
+    require_grid,
     require_groups,
     require_layout,
-    require_no_prefix,
+    split_prefix,
 )
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
@@ -48,6 +50,7 @@ class SrAttentionSpec(OpSpec):
     ``dw_bn``: 3x3, padding 1, BatchNorm, no bias, with ``q_conv`` and ``split_kv``).
     ``avgpool``: a ``sr_ratio`` x ``sr_ratio`` average pool of stride ``sr_ratio``, no conv, norm or activation
     (LITv2's Lo-Fi).
+    Prefix tokens bypass the reduction and the convs, and join queries, keys and values (CvT's class token).
     """
 
     type: Literal["sr_attention"] = "sr_attention"
@@ -99,16 +102,18 @@ def _dwconv(dim: int, kernel: int, stride: int, bias: bool) -> nn.Conv2d:
 class SrAttention(nn.Module):
     """Parameter names follow timm's PVTv2 ``Attention`` (q, kv, proj, sr, norm); ``kv`` holds k then v. CvT's
     q projection is ``q_sr`` and ``q_norm``, its own v projection ``v_sr`` and ``v_norm`` (``sr`` and ``norm`` then
-    serve k alone); Shunted's value conv is ``local_conv``."""
+    serve k alone); Shunted's value conv is ``local_conv``. With ``prefix`` tokens the input is (B, P + H*W, C)
+    on a ``grid`` of H x W, else (B, H, W, C)."""
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, sr_ratio: int, pool_size: int | None,
                  norm: nn.Module, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool,
                  groups: int = 1, reduction: Reduction | None = None, kernel: int | None = None,
                  sr_bias: bool = True, q_norm: nn.Module | None = None, v_norm: nn.Module | None = None,
-                 local_conv: int | None = None,
-                 local_conv_add: LocalConvAdd = "output") -> None:
+                 local_conv: int | None = None, local_conv_add: LocalConvAdd = "output", prefix: int = 0,
+                 grid: tuple[int, int] = (0, 0)) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
+        self.prefix, self.grid = prefix, grid
         inner = num_heads * head_dim
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
@@ -146,40 +151,46 @@ class SrAttention(nn.Module):
             x = self.sr(x)
         return self.act(self.norm(x.permute(0, 2, 3, 1)))  # (B, h, w, C)
 
-    def keys_values(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, h, w, 2*inner), k then v
-        small = self.reduce(x)
-        if self.v_sr is None or self.v_norm is None:
-            return self.kv(small)
-        v_small = self.v_norm(self.v_sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # through (B, C, h, w)
-        w_k, w_v = self.kv.weight.chunk(2)  # kv holds k then v: CvT's proj_k, proj_v
-        b_k, b_v = (None, None) if self.kv.bias is None else self.kv.bias.chunk(2)
-        return torch.cat([F.linear(small, w_k, b_k), F.linear(v_small, w_v, b_v)], dim=-1)
-
     def project_q(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
         if self.q_sr is None or self.q_norm is None:
             return x
         return self.q_norm(self.q_sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # through (B, C, H, W)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
-        q = self.q(self.project_q(x)).flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim))  # (B, H*W, heads, d)
-        kv = self.keys_values(x)  # (B, h, w, 2*inner)
-        grid = kv.shape[1:3]
-        kv = kv.flatten(1, 2)  # (B, h, w, 2*inner) -> (B, h*w, 2*inner)
-        kv = kv.unflatten(-1, (2, self.num_heads, self.head_dim))  # (B, h*w, 2, heads, d)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, h*w, d): k first, as timm
-        local = None if self.local_conv is None else conv_on_heads(self.local_conv, v, grid)
+    def keys_values(self, x: Tensor, prefix: Tensor | None) -> tuple[Tensor, tuple[int, int]]:
+        """(B, H, W, C) grid and (B, P, C) prefix tokens -> (B, P + h*w, 2*inner) keys then values, and (h, w)."""
+        small = self.reduce(x)  # (B, h, w, C)
+        grid = (small.shape[1], small.shape[2])
+        if self.v_sr is None or self.v_norm is None:
+            return self.kv(join_prefix(prefix, small).flatten(1, -2)), grid  # (B, P + h*w, C) in
+        v_small = self.v_norm(self.v_sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))  # through (B, C, h, w)
+        w_k, w_v = self.kv.weight.chunk(2)  # kv holds k then v: CvT's proj_k, proj_v
+        b_k, b_v = (None, None) if self.kv.bias is None else self.kv.bias.chunk(2)
+        k = F.linear(join_prefix(prefix, small).flatten(1, -2), w_k, b_k)  # (B, P + h*w, inner)
+        v = F.linear(join_prefix(prefix, v_small).flatten(1, -2), w_v, b_v)
+        return torch.cat([k, v], dim=-1), grid
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C), or (B, P + H*W, C) -> (B, P + H*W, C)
+        prefix, grid_x = split_prefix(x, self.prefix, self.grid)  # (B, P, C) or None, (B, H, W, C)
+        q = self.q(join_prefix(prefix, self.project_q(grid_x)).flatten(1, -2))  # (B, P + H*W, inner)
+        q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, heads, P + H*W, d)
+        kv, grid = self.keys_values(grid_x, prefix)  # (B, P + h*w, 2*inner)
+        kv = kv.unflatten(-1, (2, self.num_heads, self.head_dim))  # (B, P + h*w, 2, heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, heads, P + h*w, d): k first, as timm
+        local = None
+        if self.local_conv is not None:  # on the grid's values; prefix tokens get zeros
+            local = F.pad(conv_on_heads(self.local_conv, v[:, :, self.prefix:], grid), (0, 0, self.prefix, 0))
         if local is not None and self.local_conv_to_values:
             v, local = v + local, None  # Shunted: the values themselves get the local conv
-        y = attend(q.transpose(1, 2), k, v, bias=None, drop=self.attn_drop, fused=self.fused)  # (B, heads, H*W, d)
+        y = attend(q, k, v, bias=None, drop=self.attn_drop, fused=self.fused)  # (B, heads, P + H*W, d)
         if local is not None:
             y = y + local  # LePE: added to the attention output
-        y = y.transpose(1, 2).flatten(2).unflatten(1, x.shape[1:3])  # (B, heads, H*W, d) -> (B, H, W, inner)
+        y = y.transpose(1, 2).flatten(2).reshape(*x.shape[:-1], -1)  # (B, heads, N, d) -> x's shape with inner
         return self.proj_drop(self.proj(y))
 
 
 def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="sr_attention")
-    require_no_prefix(x, op="sr_attention")
+    require_grid(x, op="sr_attention")
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
     if spec.reduction != "pool" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
         raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
@@ -213,7 +224,8 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
                        pool_size=spec.pool_size if spec.reduction == "pool" else None, norm=norm,
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
                        groups=spec.groups, reduction=spec.reduction, kernel=spec.kernel, sr_bias=spec.sr_bias,
-                       q_norm=q_norm, v_norm=v_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add)
+                       q_norm=q_norm, v_norm=v_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add,
+                       prefix=x.prefix, grid=x.grid)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:
@@ -226,16 +238,22 @@ def fold_sr_attention(module: nn.Module) -> Folding | None:
     reduce = module.kv if not module.reduces else module.sr if isinstance(module.pool, nn.Identity) else None
     q = module.q if module.q_sr is None else module.q_sr
     v = () if module.v_sr is None else (module.v_sr,)
+    # prefix tokens reach q and kv straight from the input, the grid through the convs and their norms: neither
+    # an affine on the input nor a norm's affine folds into q or kv then
+    bypass = module.prefix > 0
+    exact = reduce is not None and not (bypass and (module.reduces or module.q_sr is not None))
 
     def deploy() -> nn.Module:
         if module.q_sr is not None:
-            fold_parts(module, ("q_sr", "q_norm", "q"))
+            fold_parts(module, ("q_sr", "q_norm") if bypass else ("q_sr", "q_norm", "q"))
         if module.v_sr is not None:
             fold_parts(module, ("v_sr", "v_norm"))
             return fold_parts(module, ("sr", "norm"))
+        if bypass:
+            return fold_parts(module, ("sr", "norm", "act")) if module.sr is not None else module
         return fold_parts(module, ("norm", "act", "kv"))
 
-    return Folding(reads=(q, reduce, *v) if reduce is not None else (), writes=module.proj, deploy=deploy)
+    return Folding(reads=(q, reduce, *v) if exact else (), writes=module.proj, deploy=deploy)
 
 
 SR_ATTENTION = OpDef(
@@ -261,6 +279,12 @@ SR_ATTENTION = OpDef(
         Case({"reduction": "avgpool", "sr_ratio": 2, "num_heads": 2, "qkv_bias": False, "fused": False},
              TensorType("tokens", 16, 4, 4), id="lofi"),
         Case({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 3, 4), id="lepe"),
+        Case({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True, "num_heads": 2,
+              "norm": {"type": "batchnorm"}, "local_conv": 3, "local_conv_add": "value"},
+             TensorType("tokens", 16, 4, 2, prefix=1), id="cvt-class-token"),
+        Case({"sr_ratio": 2, "num_heads": 2, "local_conv": 3, "local_conv_add": "value"},
+             TensorType("tokens", 16, 4, 4, prefix=2), id="prefixed"),
+        Case({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 2, 3, prefix=1), id="prefixed-lepe"),
         Case({"sr_ratio": 2, "num_heads": 2, "local_conv": 3, "local_conv_add": "value"},
              TensorType("tokens", 16, 4, 4), id="shunted"),
     ),

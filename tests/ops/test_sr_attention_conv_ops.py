@@ -45,9 +45,10 @@ def head_slice(conv: nn.Conv2d, part: slice) -> nn.Conv2d:
 
 
 def naive_heads(q: Tensor, k: Tensor, v: Tensor, heads: int, grid: tuple[int, int], conv: nn.Conv2d | None,
-                to_values: bool = False) -> Tensor:
-    """(B, N, heads*d) q and (B, M, heads*d) k, v (M = h*w of ``grid``) -> (B, N, heads*dv), one head at a time;
-    ``conv``: the local conv of each head's value map, added to the output (or to the values)."""
+                to_values: bool = False, prefix: int = 0) -> Tensor:
+    """(B, N, heads*d) q and (B, M, heads*d) k, v (M = prefix + h*w of ``grid``) -> (B, N, heads*dv), one head at
+    a time; ``conv``: the local conv of each head's value map (not of the prefix tokens' values), added to the
+    output (or to the values)."""
     d, dv = q.shape[-1] // heads, v.shape[-1] // heads
     out = []
     for head in range(heads):
@@ -55,8 +56,9 @@ def naive_heads(q: Tensor, k: Tensor, v: Tensor, heads: int, grid: tuple[int, in
         part = slice(head * dv, (head + 1) * dv)
         vh, local = v[..., part], 0
         if conv is not None:
-            v_map = vh.transpose(1, 2).reshape(vh.shape[0], dv, *grid)
-            local = depthwise(v_map, head_slice(conv, part)).flatten(2).transpose(1, 2)  # (B, M, dv)
+            v_map = vh[:, prefix:].transpose(1, 2).reshape(vh.shape[0], dv, *grid)
+            local = depthwise(v_map, head_slice(conv, part)).flatten(2).transpose(1, 2)  # (B, h*w, dv)
+            local = torch.cat([torch.zeros_like(vh[:, :prefix]), local], dim=1)  # (B, M, dv)
             if to_values:
                 vh, local = vh + local, 0
         logits = (qh @ kh.transpose(1, 2)) * d ** -0.5  # (B, N, M)
@@ -66,9 +68,14 @@ def naive_heads(q: Tensor, k: Tensor, v: Tensor, heads: int, grid: tuple[int, in
 
 
 def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
-    """The module's maths written out on a float64 copy: (B, H, W, C) -> (B, H, W, C)."""
+    """The module's maths written out on a float64 copy: (B, H, W, C) -> (B, H, W, C), or with the module's prefix
+    tokens (B, P + H*W, C) -> (B, P + H*W, C), the prefix tokens kept out of every conv and norm (CvT)."""
     m = copy.deepcopy(m).double()
-    x = x.double()
+    x, P = x.double(), m.prefix
+    if P:
+        cls, x = x[:, :P], x[:, P:].unflatten(1, m.grid)  # (B, P, C), (B, H, W, C)
+    else:
+        cls = x.new_zeros(x.shape[0], 0, x.shape[-1])  # (B, 0, C)
     B_, H, W, C = x.shape
     maps = x.permute(0, 3, 1, 2)  # (B, C, H, W)
     q_in = x if m.q_sr is None else m.q_norm(depthwise(maps, m.q_sr).permute(0, 2, 3, 1))
@@ -82,14 +89,15 @@ def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
     small = m.norm(small.permute(0, 2, 3, 1))  # (B, h, w, C)
     v_small = small if m.v_sr is None else m.v_norm(depthwise(maps, m.v_sr).permute(0, 2, 3, 1))  # CvT
     h, w = small.shape[1:3]
-    q = q_in.reshape(B_, H * W, C) @ m.q.weight.T + (0 if m.q.bias is None else m.q.bias)
+    q_in, small, v_small = (torch.cat([cls, t.reshape(B_, -1, C)], dim=1) for t in (q_in, small, v_small))
+    q = q_in @ m.q.weight.T + (0 if m.q.bias is None else m.q.bias)  # (B, P + H*W, inner)
     inner = m.num_heads * m.head_dim
     kv_bias = torch.zeros(2 * inner, dtype=x.dtype) if m.kv.bias is None else m.kv.bias
-    k = small.reshape(B_, h * w, C) @ m.kv.weight[:inner].T + kv_bias[:inner]
-    v = v_small.reshape(B_, h * w, C) @ m.kv.weight[inner:].T + kv_bias[inner:]
-    y = naive_heads(q, k, v, m.num_heads, (h, w), m.local_conv, m.local_conv_to_values)
-    y = y @ m.proj.weight.T + m.proj.bias  # (B, H*W, C)
-    return y.reshape(B_, H, W, C).float()
+    k = small @ m.kv.weight[:inner].T + kv_bias[:inner]  # (B, P + h*w, inner)
+    v = v_small @ m.kv.weight[inner:].T + kv_bias[inner:]
+    y = naive_heads(q, k, v, m.num_heads, (h, w), m.local_conv, m.local_conv_to_values, prefix=P)
+    y = y @ m.proj.weight.T + m.proj.bias  # (B, P + H*W, C)
+    return (y if P else y.reshape(B_, H, W, C)).float()
 
 
 _BN = {"type": "batchnorm"}
@@ -112,11 +120,12 @@ _REFERENCE = [
 ]
 
 
+@pytest.mark.parametrize("prefix", [0, 1], ids=["grid", "class-token"])
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize(("config", "grid"), _REFERENCE)
-def test_sr_attention_options_match_a_slow_reference(config: dict[str, Any], grid: tuple[int, int],
-                                                     fused: bool) -> None:
-    x_type = TensorType("tokens", 16, *grid)
+def test_sr_attention_options_match_a_slow_reference(config: dict[str, Any], grid: tuple[int, int], fused: bool,
+                                                     prefix: int) -> None:
+    x_type = TensorType("tokens", 16, *grid, prefix=prefix)
     ours = perturbed(_op("sr_attention", {**config, "fused": fused}, x_type))
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
@@ -242,8 +251,8 @@ _BAD = [
     ({"local_conv": 3, "sr_ratio": 2}, _TOK, "local_conv_add", "output needs values on the 8x8 query grid, but the "
                                                               "reduction gives 4x4; use value"),
     ({"local_conv": 3, "reduction": "pool", "pool_size": 2}, _TOK, "local_conv_add", "reduction gives 2x2"),
-    ({"reduction": "dwconv", "kernel": 3, "q_conv": True}, TensorType("tokens", 64, 4, 4, prefix=1), "type",
-     "1 prefix token(s)"),
+    ({"reduction": "dwconv", "kernel": 3, "q_conv": True}, TensorType("tokens", 64, 0, 0, prefix=1), "type",
+     "needs the token grid, but it gets the prefix tokens only"),
 ]
 _BAD_ELSEWHERE = [
     ("attention", {"local_conv": 3}, TensorType("tokens", 64, 4, 4, prefix=1), "local_conv",
