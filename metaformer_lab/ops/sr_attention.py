@@ -70,7 +70,8 @@ class SrAttentionSpec(OpSpec):
     groups: Groups = Field(1, description="groups of the reduction conv (1: a full conv); must divide the width")
     kernel: OddKernel | None = Field(None, description="dwconv reduction: kernel, padding kernel // 2 (CvT: 3); "
                                                        "null: sr_ratio, no padding (CMT)")
-    sr_bias: bool = Field(True, description="bias of the reduction conv (and of q_conv's); CvT's dw_bn has none")
+    sr_bias: bool = Field(True, description="bias of the reduction conv (and of CvT's q and v convs); CvT's dw_bn has "
+                                            "none")
     q_conv: bool = Field(False, description="dwconv reduction: q from its own depthwise conv (kernel, stride 1) "
                                             "and norm (CvT's conv_proj_q)")
     split_kv: bool = Field(False, description="dwconv reduction: k and v each from their own conv and norm (CvT's "
@@ -127,13 +128,13 @@ class SrAttention(nn.Module):
         self.sr: nn.Conv2d | None = None
         if reduction == "pool":
             self.pool = nn.AdaptiveAvgPool2d(pool_size)
-            self.sr = nn.Conv2d(dim, dim, 1, groups=groups)
+            self.sr = nn.Conv2d(dim, dim, 1, groups=groups, bias=sr_bias)
         elif reduction == "avgpool" and self.reduces:
             self.pool = nn.AvgPool2d(sr_ratio, stride=sr_ratio)
         elif reduction == "dwconv":
             self.sr = _dwconv(dim, kernel or sr_ratio, sr_ratio, sr_bias)
         elif self.reduces:
-            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, groups=groups)
+            self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, groups=groups, bias=sr_bias)
         self.norm = norm if reduction != "avgpool" else nn.Identity()  # nn.Identity without a reduction or a norm
         self.act = nn.GELU() if pool else nn.Identity()
         self.q_sr = _dwconv(dim, kernel or 1, 1, sr_bias) if q_norm is not None else None
@@ -203,8 +204,8 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
             raise ShapeIssue(field, f"needs reduction dwconv, but the reduction is {spec.reduction}")
     if spec.reduction == "dwconv" and spec.groups != 1:
         raise ShapeIssue("groups", f"{spec.groups} sets the groups of a full reduction conv; dwconv is depthwise")
-    small = reduced(spec, x)
-    if spec.local_conv is not None and spec.local_conv_add == "output" and small is not None and small != x:
+    small = reduced(spec, x.with_prefix(0))  # the convs and norms see the grid alone
+    if spec.local_conv is not None and spec.local_conv_add == "output" and small is not None and small.grid != x.grid:
         raise ShapeIssue("local_conv_add", f"output needs values on the {x.height}x{x.width} query grid, but the "
                                            f"reduction gives {small.height}x{small.width}; use value")
     if small is not None:
@@ -216,9 +217,9 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
 def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
     x = r.in_type
     num_heads, head_dim = r["num_heads"], r["head_dim"]
-    small = reduced(spec, x)
+    small = reduced(spec, x.with_prefix(0))  # the convs and norms see the grid alone
     norm = build_norm(spec.norm, small) if small is not None else nn.Identity()
-    q_norm = build_norm(spec.norm, x) if spec.q_conv else None
+    q_norm = build_norm(spec.norm, x.with_prefix(0)) if spec.q_conv else None
     v_norm = build_norm(spec.norm, small) if spec.split_kv and small is not None else None
     return SrAttention(x.channels, num_heads=num_heads, head_dim=head_dim, sr_ratio=spec.sr_ratio,
                        pool_size=spec.pool_size if spec.reduction == "pool" else None, norm=norm,

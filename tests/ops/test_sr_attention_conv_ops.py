@@ -345,3 +345,11 @@ def test_the_options_are_choices_in_a_search_space() -> None:
     assert {m.reduction for m in mixers} == {"conv", "dwconv", "avgpool"}
     assert all(m.kernel is None or m.reduction == "dwconv" for m in mixers)
     assert drawn.invalid > 0 and any("kernel" in reason for reason in drawn.reasons)
+
+
+@pytest.mark.parametrize("config", [{"sr_ratio": 2}, {"reduction": "pool", "pool_size": 2},
+                                    {"reduction": "dwconv", "sr_ratio": 2, "split_kv": True}],
+                         ids=["conv", "pool", "dwconv"])
+def test_sr_bias_false_drops_every_reduction_conv_bias(config: dict[str, Any]) -> None:
+    m = _op("sr_attention", {**config, "num_heads": 2, "sr_bias": False}, TensorType("tokens", 16, 4, 4))
+    assert [conv.bias for conv in (m.sr, m.v_sr) if conv is not None] == [None] * (1 + (m.v_sr is not None))
