@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, Ratio, require_layout
+from metaformer_lab.ops.common import OddKernel, OpSpec, PosInt, Prob, Ratio, conv_on_heads, require_layout
 
 ScaleOrder = Literal["before", "after"]
 QkvLayout = Literal["qkv_heads", "heads_qkv"]
@@ -120,6 +120,11 @@ class AttentionSpec(HeadsSpec):
     attention_bias: bool = Field(
         False, description="learned bias per head and grid offset (|dy|, |dx|) added to the attention logits "
                            "(LeViT's attention_biases); ties the op to its grid size, no prefix tokens")
+    local_conv: OddKernel | None = Field(
+        None, description="kernel of a depthwise conv of the value map, added to the attention output (LePE: "
+                          "BiFormer, Agent attention); no prefix tokens; null: none")
+
+    key_optional = frozenset({"local_conv"})
 
 
 def offset_index(grid: tuple[int, int]) -> Tensor:
@@ -134,7 +139,7 @@ def offset_index(grid: tuple[int, int]) -> Tensor:
 class Attention(SequenceMixer):
     """Parameter names follow timm's ViT ``Attention`` (qkv, q_norm, k_norm, proj) and, for the learned
     bias, timm's LeViT/EfficientFormer attention (``attention_biases`` table, ``attention_bias_idxs``
-    index: a persistent buffer, as in timm's state_dict)."""
+    index: a persistent buffer, as in timm's state_dict); the value conv is ``local_conv``."""
 
     attention_biases: nn.Parameter | None
     attention_bias_idxs: Tensor | None
@@ -142,7 +147,8 @@ class Attention(SequenceMixer):
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool, proj_bias: bool, qk_norm: bool,
                  attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder, maps: bool,
                  value_dim: int | None = None, qkv_layout: QkvLayout = "qkv_heads",
-                 bias_grid: tuple[int, int] | None = None) -> None:
+                 bias_grid: tuple[int, int] | None = None, local_conv: int | None = None,
+                 grid: tuple[int, int] | None = None) -> None:
         super().__init__(maps)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.value_dim = head_dim if value_dim is None else value_dim
@@ -154,6 +160,10 @@ class Attention(SequenceMixer):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(num_heads * self.value_dim, dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
+        values = num_heads * self.value_dim
+        self.grid = grid
+        self.local_conv = None if local_conv is None else nn.Conv2d(values, values, local_conv,
+                                                                    padding=local_conv // 2, groups=values)
         if bias_grid is not None:
             self.attention_biases = nn.Parameter(torch.zeros(num_heads, bias_grid[0] * bias_grid[1]))
             self.register_buffer("attention_bias_idxs", offset_index(bias_grid), persistent=True)
@@ -185,6 +195,8 @@ class Attention(SequenceMixer):
         if self.attention_biases is not None:
             bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
         y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order)
+        if self.local_conv is not None and self.grid is not None:
+            y = y + conv_on_heads(self.local_conv, v, self.grid)  # LePE: (B, heads, N, dv)
         y = y.transpose(1, 2).flatten(2)  # (B, heads, N, dv) -> (B, N, heads*dv)
         return self.proj_drop(self.proj(y))
 
@@ -194,8 +206,9 @@ def attention_shape(spec: AttentionSpec, x: TensorType, out_dim: int | None) -> 
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
     if int(spec.attn_ratio * head_dim) < 1:
         raise ShapeIssue("attn_ratio", f"{spec.attn_ratio} times head_dim {head_dim} leaves no value channel")
-    if spec.attention_bias and x.prefix:
-        raise ShapeIssue("attention_bias", f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
+    for field in ("attention_bias", "local_conv"):
+        if getattr(spec, field) and x.prefix:
+            raise ShapeIssue(field, f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
     return x, {"num_heads": num_heads, "head_dim": head_dim}
 
 
@@ -206,7 +219,7 @@ def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
                      proj_bias=spec.proj_bias, qk_norm=spec.qk_norm, attn_drop=spec.attn_drop,
                      proj_drop=spec.proj_drop, fused=spec.fused, scale_order=spec.scale_order,
                      maps=x.layout == "maps", value_dim=int(spec.attn_ratio * head_dim), qkv_layout=spec.qkv_layout,
-                     bias_grid=x.grid if spec.attention_bias else None)
+                     bias_grid=x.grid if spec.attention_bias else None, local_conv=spec.local_conv, grid=x.grid)
 
 
 def fold_attention(module: nn.Module) -> Folding | None:
@@ -234,5 +247,7 @@ ATTENTION = OpDef(
              id="levit-bias"),
         Case({"num_heads": 2, "attn_ratio": 0.5, "attention_bias": True}, TensorType("maps", 16, 4, 3),
              id="narrow-values-fused"),
+        Case({"num_heads": 2, "attn_ratio": 2.0, "local_conv": 3}, TensorType("maps", 16, 3, 4), id="lepe"),
+        Case({"head_dim": 8, "local_conv": 5, "fused": False}, TensorType("tokens", 16, 4, 4), id="lepe-tokens"),
     ),
 )

@@ -263,3 +263,13 @@ def init_weights(module: nn.Module) -> None:
         truncated_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+
+
+def conv_on_heads(conv: nn.Module, v: Tensor, grid: tuple[int, int]) -> Tensor:
+    """A depthwise conv over the value map (LePE, local context enhancement): (B, heads, h*w, d) values ->
+    the conv of their (B, heads*d, h, w) map, back in the values' shape; channels are head-major, as in CSWin's
+    and Shunted's ``v.transpose(1, 2).reshape(B, N, C)``."""
+    heads, d = v.shape[1], v.shape[3]
+    maps = v.transpose(1, 2).flatten(2).transpose(1, 2).unflatten(2, grid)  # (B, heads*d, h, w)
+    out = conv(maps).flatten(2).transpose(1, 2)  # (B, h*w, heads*d)
+    return out.unflatten(-1, (heads, d)).transpose(1, 2)  # (B, heads, h*w, d)

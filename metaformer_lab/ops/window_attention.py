@@ -13,7 +13,15 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.common import (
+    OddKernel,
+    OpSpec,
+    PosInt,
+    Prob,
+    conv_on_heads,
+    require_layout,
+    require_no_prefix,
+)
 
 MASKED = -100.0
 """Bias between tokens of one shifted window that come from different regions (timm's value, not -inf)."""
@@ -34,6 +42,10 @@ class WindowAttentionSpec(OpSpec):
     attn_drop: Prob = 0.0
     proj_drop: Prob = 0.0
     fused: bool = Field(True, description="F.scaled_dot_product_attention; false: explicit softmax(q kᵀ)")
+    local_conv: OddKernel | None = Field(None, description="kernel of a depthwise conv of each window's value map, "
+                                                           "added to the attention output (LePE, CSWin); null: none")
+
+    key_optional = frozenset({"local_conv"})
 
 
 def partition(x: Tensor, window: int) -> Tensor:
@@ -78,14 +90,16 @@ def shift_sizes(grid: tuple[int, int], window: int, shift: bool) -> tuple[int, i
 
 
 class WindowAttention(nn.Module):
-    """Parameter names follow timm's Swin ``WindowAttention`` (qkv, proj, relative_position_bias_table)."""
+    """Parameter names follow timm's Swin ``WindowAttention`` (qkv, proj, relative_position_bias_table); the value
+    conv is ``local_conv``, zero-padded at each window's border as CSWin's ``get_lepe``."""
 
     relative_position_bias_table: nn.Parameter | None
     relative_position_index: Tensor | None
     attn_mask: Tensor | None
 
     def __init__(self, dim: int, grid: tuple[int, int], window: int, shift: bool, num_heads: int, head_dim: int,
-                 rel_pos_bias: bool, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool) -> None:
+                 rel_pos_bias: bool, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool,
+                 local_conv: int | None = None) -> None:
         super().__init__()
         self.grid, self.window, self.fused = grid, window, fused
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -94,6 +108,9 @@ class WindowAttention(nn.Module):
         self.attn_drop = nn.Dropout(attn_drop)
         self.proj = nn.Linear(num_heads * head_dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        inner = num_heads * head_dim
+        self.local_conv = None if local_conv is None else nn.Conv2d(inner, inner, local_conv, padding=local_conv // 2,
+                                                                    groups=inner)
         if rel_pos_bias:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
             from timm.layers import trunc_normal_
@@ -127,6 +144,8 @@ class WindowAttention(nn.Module):
         qkv = self.qkv(windows).unflatten(-1, (3, self.num_heads, self.head_dim))  # (B*nW, w*w, 3, heads, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, heads, w*w, d)
         y = attend(q, k, v, bias=self._bias(x.shape[0]), drop=self.attn_drop, fused=self.fused)
+        if self.local_conv is not None:
+            y = y + conv_on_heads(self.local_conv, v, (self.window, self.window))  # LePE: (B*nW, heads, w*w, d)
         # An explicit copy, not a view: torch.onnx.export (torch 2.14) swaps SDPA-with-bias for a kernel whose
         # output strides differ from the traced ones, and a view there fails (timm's fused Swin fails the same way).
         y = y.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B*nW, w*w, heads, d)
@@ -152,7 +171,8 @@ def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAtt
     num_heads, head_dim = r["num_heads"], r["head_dim"]
     return WindowAttention(x.channels, grid=x.grid, window=spec.window, shift=spec.shift, num_heads=num_heads,
                            head_dim=head_dim, rel_pos_bias=spec.rel_pos_bias, qkv_bias=spec.qkv_bias,
-                           attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)
+                           attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
+                           local_conv=spec.local_conv)
 
 
 def fold_window_attention(module: nn.Module) -> Folding | None:
@@ -175,5 +195,7 @@ WINDOW_ATTENTION = OpDef(
              id="shifted"),
         Case({"window": 2, "shift": True, "head_dim": 8}, TensorType("tokens", 16, 2, 4), id="shift-one-axis"),
         Case({"window": 2, "rel_pos_bias": False, "num_heads": 2}, TensorType("tokens", 16, 4, 4), id="twins-lsa"),
+        Case({"window": 3, "shift": True, "num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 6, 6),
+             id="lepe"),
     ),
 )

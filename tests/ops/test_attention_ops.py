@@ -214,7 +214,7 @@ _BAD = [
     ("sr_attention", {"sr_ratio": 3}, _TOK, "sr_ratio", "3 does not divide the 8x8 feature map"),
     ("sr_attention", {"sr_ratio": 2, "norm": {"type": "groupnorm", "groups": 3}}, _TOK, "norm.groups",
      "3 does not divide 320 channels"),
-    ("sr_attention", {}, TensorType("tokens", 64, 4, 4, prefix=1), "type", "prefix token(s)"),
+    ("sr_attention", {}, TensorType("tokens", 64, 0, 0, prefix=1), "type", "the prefix tokens only"),
     ("linear_attention", {"num_heads": 6}, TensorType("maps", 320, 4, 4), "num_heads", "6 does not divide dim 320"),
 ]
 
