@@ -35,11 +35,14 @@ RelPosBias = bool | Literal["mlp", "dpb"]
 
 
 class WindowAttentionSpec(OpSpec):
-    """Multi-head self-attention inside non-overlapping windows, optionally shifted by half a window
-    (timm ``swin_transformer.WindowAttention`` + ``SwinTransformerBlock._attn``; with
-    ``rel_pos_bias: false`` and no shift, timm ``twins.LocallyGroupedAttn``); or inside strided groups
-    (``partition: grid``, timm ``maxxvit`` grid attention), with Swin V2's cosine attention and continuous
-    position bias as options."""
+    """Multi-head self-attention inside non-overlapping windows, optionally shifted by half a window, or inside
+    strided groups of tokens (timm ``swin_transformer.WindowAttention`` + ``SwinTransformerBlock._attn``; with
+    ``rel_pos_bias: false`` and no shift, timm ``twins.LocallyGroupedAttn``).
+
+    ``partition: grid`` is timm's ``maxxvit`` grid attention (``shuffle``, Shuffle Transformer's spatial shuffle,
+    groups the tokens the same way; ``dilated`` is CrossFormer's long-distance attention). ``cosine: true``,
+    ``rel_pos_bias: mlp`` and ``k_bias: false`` make timm's ``swin_transformer_v2.WindowAttention``;
+    ``rel_pos_bias: dpb`` is CrossFormer's dynamic position bias."""
 
     type: Literal["window_attention"] = "window_attention"
     window: PosInt = Field(7, description="tokens along a window's (group's) side; must divide H and W")
