@@ -245,9 +245,12 @@ class WindowAttention(nn.Module):
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = partition(x, self.window, self.dilation)  # (B*nW, w*w, C)
-        qkv = self.qkv(windows)  # (B*nW, w*w, 3 * heads * d)
-        if self.q_bias is not None:
-            qkv = qkv + torch.cat((self.q_bias, self.k_bias, self.v_bias))
+        if self.q_bias is None:
+            qkv = self.qkv(windows)  # (B*nW, w*w, 3 * heads * d)
+        else:  # timm's Swin V2: one F.linear with the q, zero k and v biases (plus a bias a norm folded into)
+            bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
+            bias = bias if self.qkv.bias is None else bias + self.qkv.bias
+            qkv = F.linear(windows, self.qkv.weight, bias)  # (B*nW, w*w, 3 * heads * d)
         qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))  # (B*nW, w*w, 3, heads, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, heads, w*w, d)
         bias = self._bias(x.shape[0])
