@@ -73,7 +73,7 @@ def partition(x: Tensor, window: int, dilation: tuple[int, int] = (1, 1)) -> Ten
 
     Dilation (1, 1) gives windows of adjacent tokens (timm ``window_partition``); (H/w, W/w) the strided grid
     (timm ``maxxvit.grid_partition``); in between, the map is cut into regions of w * dilation tokens,
-    each split into dilation groups (CrossFormer's long-distance attention).
+    each split into dh x dw groups (CrossFormer's long-distance attention).
     """
     B, H, W, C = x.shape
     dh, dw = dilation
