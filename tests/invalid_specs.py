@@ -93,6 +93,10 @@ INVALID = [
     pytest.param(doc(stages=stages(block("{token_mixer: {type: window_attention, window: 3, num_heads: 2}}",
                                          "depth: 1, dim: 16, layout: tokens"))),
                  "stages[0].block.token_mixer.window", "3 does not divide the 8x8 feature map", id="window"),
+    pytest.param(doc(stages=stages(block("{token_mixer: {type: window_attention, partition: grid, window: 2, "
+                                         "shift: true, num_heads: 2}}", "depth: 1, dim: 16, layout: tokens"))),
+                 "stages[0].block.token_mixer.shift", "only with partition: window; grid groups are not shifted",
+                 id="grid-shifted"),
     pytest.param(doc(stages=stages(block(POOL, "depth: 1, dim: 16, layout: tokens"))),
                  "stages[0].block.token_mixer.type", "pooling needs layout 'maps', but it gets 'tokens'",
                  id="pooling-on-tokens"),

@@ -57,19 +57,23 @@ class PatchMergingSpec(OpSpec):
     type: Literal["patch_merging"] = "patch_merging"
     norm: NormSpec | None = Field(default_factory=lambda: LayerNormSpec(eps=1e-5))
     bias: bool = False
+    norm_after: NormSpec | None = Field(None, description="norm after the Linear (Swin V2, with norm: null)")
+
+    key_optional = frozenset({"norm_after"})
 
 
 class PatchMerging(nn.Module):
-    def __init__(self, dim: int, out_dim: int, norm: nn.Module, bias: bool) -> None:
+    def __init__(self, dim: int, out_dim: int, norm: nn.Module, bias: bool, norm_after: nn.Module) -> None:
         super().__init__()
         self.norm = norm
         self.reduction = nn.Linear(4 * dim, out_dim, bias=bias)
+        self.norm_after = norm_after
 
     def forward(self, x: Tensor) -> Tensor:
         B, H, W, C = x.shape
         # timm's channel order: (row offset, col offset) = (0,0), (1,0), (0,1), (1,1)
         x = x.reshape(B, H // 2, 2, W // 2, 2, C).permute(0, 1, 3, 4, 2, 5).flatten(3)  # (B, H/2, W/2, 4C)
-        return self.reduction(self.norm(x))
+        return self.norm_after(self.reduction(self.norm(x)))
 
 
 def _patch_merging_shape(spec: PatchMergingSpec, x: TensorType, dim: int) -> TensorType:
@@ -78,12 +82,15 @@ def _patch_merging_shape(spec: PatchMergingSpec, x: TensorType, dim: int) -> Ten
     if x.height % 2 or x.width % 2:
         raise ShapeIssue("type", f"patch_merging needs an even grid, got {x.height}x{x.width}")
     check_norm(spec.norm, x.with_channels(4 * x.channels), "norm")
-    return x.with_channels(dim).with_grid(x.height // 2, x.width // 2)
+    out = x.with_channels(dim).with_grid(x.height // 2, x.width // 2)
+    check_norm(spec.norm_after, out, "norm_after")
+    return out
 
 
 def _build_patch_merging(spec: PatchMergingSpec, r: Resolved) -> nn.Module:
     x, dim = r.in_type, r.out_dim
-    return PatchMerging(x.channels, dim, build_norm(spec.norm, x.with_channels(4 * x.channels)), spec.bias)
+    return PatchMerging(x.channels, dim, build_norm(spec.norm, x.with_channels(4 * x.channels)), spec.bias,
+                        build_norm(spec.norm_after, r.out_type))
 
 
 class PoolDownSpec(OpSpec):
@@ -131,7 +138,8 @@ def fold_downsampler(module: nn.Module) -> Folding | None:
     """Patch merging's norm folds into its reduction, pooling's 1x1 conv takes the BatchNorm after it (conv
     downsamplers fold as conv stems do)."""
     if isinstance(module, PatchMerging):
-        return Folding(writes=module.reduction, deploy=lambda: fold_parts(module, ("norm", "reduction")))
+        writes = module.reduction if isinstance(module.norm_after, nn.Identity) else module.norm_after
+        return Folding(writes=writes, deploy=lambda: fold_parts(module, ("norm", "reduction", "norm_after")))
     if isinstance(module, PoolDown):
         writes = module.proj if isinstance(module.norm, nn.Identity) and isinstance(module.proj, nn.Conv2d) else None
         return Folding(writes=writes, deploy=lambda: fold_parts(module, ("proj", "norm")))
@@ -145,7 +153,9 @@ CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("ma
                          Case({"groups": 8}, _MAPS, 16, id="grouped")))
 PATCH_MERGING = OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging, accepts=("tokens",),
                       fold=fold_downsampler,
-                      cases=(Case({}, _TOKENS, 16),))
+                      cases=(Case({}, _TOKENS, 16),
+                             Case({"norm": None, "norm_after": {"type": "layernorm", "eps": 1e-5}}, _TOKENS, 16,
+                                  id="swin-v2")))
 POOL_DOWN = OpDef(PoolDownSpec, _pool_down_shape, _build_pool_down, accepts=("maps",), fold=fold_downsampler,
                   cases=(Case({}, _MAPS, 16), Case({"mode": "max", "kernel": 3}, _MAPS, 8, id="max-k3"),
                          Case({"bias": False}, _MAPS, 16, id="no-bias")))

@@ -16,6 +16,7 @@ import torch
 from helpers import max_diff, perturbed, port
 from timm.models.pvt_v2 import MlpWithDepthwiseConv, OverlapPatchEmbed
 from timm.models.swin_transformer import PatchMerging as TimmPatchMerging
+from timm.models.swin_transformer_v2 import PatchMerging as TimmPatchMergingV2
 from timm.models.twins import PatchEmbed as TwinsPatchEmbed
 from timm.models.twins import PosConv
 from torch import Tensor, nn
@@ -83,6 +84,18 @@ def test_patch_merging_matches_timm_swin() -> None:
     assert opdef.resolve(spec, x_type, 32).out_type == TensorType("tokens", 32, 3, 4)
     ref = TimmPatchMerging(16, 32)
     ours = port(ref, opdef.make(spec, x_type, 32))
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        assert max_diff(ours(x), ref(x)) <= TOL
+
+
+def test_patch_merging_with_the_norm_after_matches_timm_swin_v2() -> None:
+    """Swin V2 normalises after the reduction (timm ``swin_transformer_v2.PatchMerging``)."""
+    x_type = TensorType("tokens", 16, 6, 8)
+    opdef = DOWNSAMPLERS.get("patch_merging")
+    spec = opdef.spec.model_validate({"norm": None, "norm_after": {"type": "layernorm", "eps": 1e-5}})
+    ref = TimmPatchMergingV2(16, 32)
+    ours = port(ref, opdef.make(spec, x_type, 32), renames=[(r"^norm\.", "norm_after.")])
     x = torch.randn(x_type.shape(B))
     with torch.no_grad():
         assert max_diff(ours(x), ref(x)) <= TOL

@@ -67,6 +67,7 @@ PAPER_GMACS = {
     "swin_tiny_patch4_window7_224": 4.5,  # Swin, Table 1
     "swin_small_patch4_window7_224": 8.7,
     "swin_base_patch4_window7_224": 15.4,
+    "swinv2_tiny_window8_256": 5.9,  # Swin V2 (the authors' model table: SwinV2-T, 256, window 8)
     "pvt_v2_b0": 0.6,  # PVTv2, Table 1
     "pvt_v2_b1": 2.1,
     "pvt_v2_b2": 4.0,
