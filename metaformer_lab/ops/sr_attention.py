@@ -12,12 +12,13 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import Groups, OpSpec, PosInt, Prob, require_groups, require_layout, require_no_prefix
+from metaformer_lab.ops.common import Groups, PosInt, Prob, require_groups, require_layout, require_no_prefix
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 
-class SrAttentionSpec(OpSpec):
+class SrAttentionSpec(GridOpSpec):
     """Attention with keys and values from a reduced grid (timm ``pvt_v2.Attention``; with ``reduction:
     conv`` also timm ``twins.GlobalSubSampleAttn``).
 
@@ -124,7 +125,7 @@ def fold_sr_attention(module: nn.Module) -> Folding | None:
                    deploy=lambda: fold_parts(module, ("norm", "act", "kv")))
 
 
-SR_ATTENTION = OpDef(
+SR_ATTENTION = around_prefix(OpDef(
     SrAttentionSpec,
     infer=sr_attention_shape,
     build=_build_sr_attention,
@@ -138,4 +139,4 @@ SR_ATTENTION = OpDef(
         Case({"sr_ratio": 2, "num_heads": 1, "norm": None}, TensorType("tokens", 8, 4, 4), id="no-norm"),
         Case({"sr_ratio": 2, "head_dim": 8, "groups": 4}, TensorType("tokens", 16, 4, 4), id="grouped"),
     ),
-)
+))

@@ -13,13 +13,14 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import OpSpec, PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.common import PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 MASKED = -100.0
 """Bias between tokens of one shifted window that come from different regions (timm's value, not -inf)."""
 
 
-class WindowAttentionSpec(OpSpec):
+class WindowAttentionSpec(GridOpSpec):
     """Multi-head self-attention inside non-overlapping windows, optionally shifted by half a window
     (timm ``swin_transformer.WindowAttention`` + ``SwinTransformerBlock._attn``; with
     ``rel_pos_bias: false`` and no shift, timm ``twins.LocallyGroupedAttn``)."""
@@ -163,7 +164,7 @@ def fold_window_attention(module: nn.Module) -> Folding | None:
     return None
 
 
-WINDOW_ATTENTION = OpDef(
+WINDOW_ATTENTION = around_prefix(OpDef(
     WindowAttentionSpec,
     infer=window_attention_shape,
     build=_build_window_attention,
@@ -176,4 +177,4 @@ WINDOW_ATTENTION = OpDef(
         Case({"window": 2, "shift": True, "head_dim": 8}, TensorType("tokens", 16, 2, 4), id="shift-one-axis"),
         Case({"window": 2, "rel_pos_bias": False, "num_heads": 2}, TensorType("tokens", 16, 4, 4), id="twins-lsa"),
     ),
-)
+))
