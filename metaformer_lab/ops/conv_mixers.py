@@ -85,7 +85,8 @@ DWCONV = around_prefix(OpDef(
     preserves_type=True,
     fold=fold_dwconv,
     cases=(Case({}, _MAPS), Case({"kernel": [1, 5], "bias": False}, _TOKENS, id="tokens-1x5"),
-           Case({"groups": 2}, _MAPS, id="grouped"), Case({"kernel": 3, "groups": 1}, _TOKENS, id="full-tokens")),
+           Case({"groups": 2}, _MAPS, id="grouped"), Case({"kernel": 3, "groups": 1}, _TOKENS, id="full-tokens"),
+           Case({"kernel": 3, "prefix": "linear"}, _TOKENS.with_prefix(1), id="prefix-linear")),
 ))
 
 

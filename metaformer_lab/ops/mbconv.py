@@ -218,5 +218,6 @@ MBCONV = around_prefix(OpDef(
               "act": "gelu"}, _MAPS, id="expand-out-se-late"),
         Case({"groups": 4, "dw_residual": True}, _MAPS, id="grouped-inner-residual"),
         Case({**_COATNET, "dw_residual": True, "groups": 8}, _MAPS, id="pooled-inner-residual"),
+        Case({**_COATNET, "prefix": "linear"}, TensorType("tokens", 8, 6, 6, prefix=1), id="prefix-linear"),
     ),
 ), layout="maps")

@@ -52,5 +52,6 @@ POOLING = around_prefix(OpDef(
     build=lambda spec, r: PoolMinusInput(spec.pool_size),
     preserves_type=True,
     fold=fold_pooling,
-    cases=(Case({}, TensorType("maps", 8, 5, 6)), Case({"pool_size": 5}, TensorType("maps", 8, 7, 7), id="k5")),
+    cases=(Case({}, TensorType("maps", 8, 5, 6)), Case({"pool_size": 5}, TensorType("maps", 8, 7, 7), id="k5"),
+           Case({"prefix": "pass"}, TensorType("tokens", 8, 5, 6, prefix=2), id="prefix-pass")),
 ), layout="maps")

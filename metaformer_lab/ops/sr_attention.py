@@ -138,5 +138,7 @@ SR_ATTENTION = around_prefix(OpDef(
              id="pvt-li"),
         Case({"sr_ratio": 2, "num_heads": 1, "norm": None}, TensorType("tokens", 8, 4, 4), id="no-norm"),
         Case({"sr_ratio": 2, "head_dim": 8, "groups": 4}, TensorType("tokens", 16, 4, 4), id="grouped"),
+        Case({"sr_ratio": 2, "head_dim": 8, "prefix": "zero"}, TensorType("tokens", 16, 4, 4, prefix=1),
+             id="prefix-zero"),
     ),
 ))

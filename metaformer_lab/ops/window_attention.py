@@ -176,5 +176,7 @@ WINDOW_ATTENTION = around_prefix(OpDef(
              id="shifted"),
         Case({"window": 2, "shift": True, "head_dim": 8}, TensorType("tokens", 16, 2, 4), id="shift-one-axis"),
         Case({"window": 2, "rel_pos_bias": False, "num_heads": 2}, TensorType("tokens", 16, 4, 4), id="twins-lsa"),
+        Case({"window": 2, "head_dim": 8, "prefix": "pass"}, TensorType("tokens", 16, 4, 4, prefix=1),
+             id="prefix-pass"),
     ),
 ))

@@ -185,3 +185,25 @@ def test_an_unknown_mode_is_a_schema_error() -> None:
     spec = _leff_vit("both")
     with pytest.raises(ml.MetaformerLabError, match=r"stages\[0\]\.block\.channel_mixer"):
         ml.to_graph(spec)
+
+
+def test_a_downsampling_block_routes_the_class_token_through_its_mixer_and_shortcut() -> None:
+    """A CoAtNet-style MBConv block opening a stage (stride 2, a pooled shortcut) in a stage with a class token:
+    both branches see the grid as maps, both take the class token to the new width through a Linear."""
+    spec = _leff_vit("pass")
+    spec["stem"] = {"type": "patchify", "patch": 4}
+    first = {"base": "coatnet_mbconv", "layout": "tokens",
+             "token_mixer": {"stride": 2, "out_dim": 64, "prefix": "linear"},
+             "shortcut": {"type": "pool", "bias": False, "prefix": "linear"}}
+    spec["stages"].append({"depth": 2, "dim": 64, "layout": "tokens",
+                           "block": {"first": first, "cycle": [{**spec["stages"][0]["block"],
+                                                              "token_mixer": {"type": "attention", "head_dim": 16}}]}})
+    graph = ml.to_graph(spec)
+    assert graph.nodes["stages.1.blocks.0.shortcut"]["out"] == TensorType("tokens", 64, 4, 4, prefix=1)
+    assert "stages.1.blocks.0.shortcut_layout" not in graph.nodes
+    net = ml.build(graph).eval()
+    assert net(torch.randn(B, 3, 32, 32)).shape == (B, 10)
+    assert graph_cost(graph).params == sum(p.numel() for p in net.parameters())
+    x = torch.randn(B, 3, 32, 32)
+    with torch.no_grad():
+        assert max_diff(ml.deploy(net)(x), net(x)) < 1e-4
