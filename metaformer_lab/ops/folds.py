@@ -27,9 +27,8 @@ _LAYERS = (nn.Linear, nn.Conv2d)
 @functools.cache
 def _hooks() -> tuple[FoldHook, ...]:
     from metaformer_lab.ops import REGISTRIES  # the package imports this file's users
-    from metaformer_lab.ops.prefix import fold_prefix_routed
 
-    hooks: dict[FoldHook, None] = {fold_layer_scale: None, fold_prefix_routed: None}  # glue, no registry ops
+    hooks: dict[FoldHook, None] = {fold_layer_scale: None}  # the scale glue is no registry op
     for registry in REGISTRIES.values():
         hooks.update({d.fold: None for d in registry if d.fold is not None})
     return tuple(hooks)

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
-from metaformer_lab.core.registry import Folding, OpDef, Resolved, Settings
+from metaformer_lab.core.registry import FoldHook, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import Layout, TensorType
 from metaformer_lab.ops.common import OpSpec, join_prefix, require_grid, split_prefix
 from metaformer_lab.ops.folds import folding_of
@@ -92,6 +92,17 @@ def fold_prefix_routed(module: nn.Module) -> Folding | None:
     return Folding()
 
 
+def _routed_fold(fold: FoldHook | None) -> FoldHook:
+    """The op's own ``fold`` hook, answering for the op's modules wrapped in :class:`PrefixRouted` too."""
+
+    def hook(module: nn.Module) -> Folding | None:
+        if isinstance(module, PrefixRouted):
+            return fold_prefix_routed(module)
+        return fold(module) if fold is not None else None
+
+    return hook
+
+
 def _grid_layout(x: TensorType, opdef: OpDef[Any], layout: Layout | None) -> Layout:
     if layout is not None:
         return layout
@@ -135,7 +146,7 @@ def around_prefix(opdef: OpDef[Any], layout: Layout | None = None) -> OpDef[Any]
         proj = nn.Linear(r.in_type.channels, r.out_type.channels) if route.mode == "linear" else None
         return PrefixRouted(opdef.build(spec, route.grid), route, proj)
 
-    return replace(opdef, infer=infer, build=build)
+    return replace(opdef, infer=infer, build=build, fold=_routed_fold(opdef.fold))
 
 
 __all__ = ["ROUTE", "GridOpSpec", "PrefixMode", "PrefixRoute", "PrefixRouted", "around_prefix",

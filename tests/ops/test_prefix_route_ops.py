@@ -146,8 +146,12 @@ def test_example_deploys_to_the_same_outputs() -> None:
                 module.weight.uniform_(0.5, 1.5)
                 module.bias.uniform_(-0.5, 0.5)
     x = torch.randn(B, 3, 32, 32)
+    deployed = ml.deploy(net)
     with torch.no_grad():
-        assert max_diff(ml.deploy(net)(x), net(x)) < 1e-4
+        assert max_diff(deployed(x), net(x)) < 1e-4
+    # the norm before a FFN the class token skips (zero) folds into fc1; before one it passes (pass), it stays
+    assert deployed.stages[1].blocks[0].norm2.weight is None
+    assert deployed.stages[0].blocks[0].norm2.weight is not None
 
 
 # --- refused --------------------------------------------------------------------------------------------
