@@ -20,6 +20,7 @@ from metaformer_lab.core.types import Layout, TensorType
 from metaformer_lab.graph.plan import BlockPlan, BranchPlan, NetworkPlan, StagePlan
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import layout_change_problem
+from metaformer_lab.ops.prefix import routes_prefix
 from metaformer_lab.spec.arch import ArchSpec, BlockSpec, StageSpec
 from metaformer_lab.spec.templates import (
     MIXER_FIELDS,
@@ -42,7 +43,9 @@ class ArchGraph(nx.DiGraph):
     ``resolved`` (registry ops: what the op's shape rule settled, the builder's input),
     ``group`` (``input``, ``stem``, ``stages.i``, ``head``) and ``inside`` (the composite mixer whose
     branches hold it, or None). Scale nodes also carry ``init``, prefix nodes ``count``, composite mixers
-    ``fork`` and ``branches`` (the fork node and each branch's last node). Edge attribute: ``type``.
+    ``fork`` and ``branches`` (the fork node and each branch's last node). A grid-only op with prefix tokens
+    routed around it (its ``prefix`` field, ``ops/prefix.py``) keeps the prefixed types as ``in_type`` and ``out``
+    and a :class:`~metaformer_lab.ops.prefix.PrefixRoute` in its ``resolved`` settings. Edge attribute: ``type``.
     Graph attributes: ``spec``, ``input``, ``output``, ``plan`` (the :class:`~.plan.NetworkPlan`).
     Nothing reads structure out of a node's name: it is all in these attributes.
     """
@@ -226,7 +229,7 @@ class _Lowering:
 
         if stage.downsample is not None:
             accepts = REGISTRIES["downsample"].of_spec(stage.downsample)
-            if isinstance(accepts, OpDef) and accepts.accepts:
+            if isinstance(accepts, OpDef) and accepts.accepts and not routes_prefix(stage.downsample, self.out(x)):
                 x = added("downsample_layout", self.layout(f"{name}.downsample_layout", "downsample_layout", x,
                                                            accepts.accepts[0], f"{path}.downsample.type"), x)
             x = added("downsample", self.op(f"{name}.downsample", "downsample", "downsample", stage.downsample,
@@ -368,7 +371,7 @@ class _Lowering:
             x = self.scale(f"{name}.{part}", part, src, value, f"{path}.{field}")
         elif role == "downsample":
             opdef = REGISTRIES[role].of_spec(value)
-            if isinstance(opdef, OpDef) and opdef.accepts:
+            if isinstance(opdef, OpDef) and opdef.accepts and not routes_prefix(value, self.out(src)):
                 converted = self.layout(f"{name}.{part}_layout", f"{part}_layout", src, opdef.accepts[0],
                                         f"{path}.{field}.type")
                 if converted != src:

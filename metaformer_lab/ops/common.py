@@ -43,7 +43,7 @@ class OpSpec(BaseModel):
 
     ``key_optional`` lists options added after the shipped latency profiles were recorded: a latency key
     (serialised with the :data:`LATENCY_KEY` context) leaves them out while they hold their default, so an
-    existing config keeps its key and the profiles still match it.
+    existing config keeps its key and the profiles still match it. A base class's list holds in its subclasses.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
@@ -52,12 +52,20 @@ class OpSpec(BaseModel):
     @model_serializer(mode="wrap")
     def _serialise(self, handler: SerializerFunctionWrapHandler, info: SerializationInfo) -> Any:
         data = handler(self)
-        if isinstance(data, dict) and self.key_optional and (info.context or {}).get(LATENCY_KEY):
+        optional = _key_optional(type(self))
+        if isinstance(data, dict) and optional and (info.context or {}).get(LATENCY_KEY):
             fields = type(self).model_fields
-            for name in self.key_optional:
+            for name in optional:
                 if getattr(self, name) == fields[name].get_default(call_default_factory=True):
                     data.pop(name, None)
         return data
+
+
+@functools.cache
+def _key_optional(cls: type[OpSpec]) -> frozenset[str]:
+    """``key_optional`` of a config class and of its bases (a base's options stay optional in a subclass that
+    lists its own)."""
+    return frozenset().union(*(c.__dict__.get("key_optional", ()) for c in cls.__mro__))
 
 
 def _odd(value: int) -> int:

@@ -15,7 +15,6 @@ from metaformer_lab.ops.common import (
     Act,
     DwGroups,
     Kernel2d,
-    OpSpec,
     Ratio,
     make_act,
     pair,
@@ -23,12 +22,13 @@ from metaformer_lab.ops.common import (
     require_layout,
     require_no_prefix,
 )
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 _MAPS = TensorType("maps", 8, 6, 5)
 _TOKENS = TensorType("tokens", 8, 6, 5)
 
 
-class DwConvSpec(OpSpec):
+class DwConvSpec(GridOpSpec):
     """Depthwise convolution, stride 1, same padding (ConvNeXt's 7x7, InceptionNeXt's 1x11 and 11x1)."""
 
     type: Literal["dwconv"] = "dwconv"
@@ -77,7 +77,7 @@ def fold_dwconv(module: nn.Module) -> Folding | None:
     return None
 
 
-DWCONV = OpDef(
+DWCONV = around_prefix(OpDef(
     DwConvSpec,
     infer=dwconv_shape,
     build=lambda spec, r: DepthwiseConv(r.in_type.channels, pair(spec.kernel), spec.bias, r.in_type.layout == "tokens",
@@ -85,11 +85,12 @@ DWCONV = OpDef(
     preserves_type=True,
     fold=fold_dwconv,
     cases=(Case({}, _MAPS), Case({"kernel": [1, 5], "bias": False}, _TOKENS, id="tokens-1x5"),
-           Case({"groups": 2}, _MAPS, id="grouped"), Case({"kernel": 3, "groups": 1}, _TOKENS, id="full-tokens")),
-)
+           Case({"groups": 2}, _MAPS, id="grouped"), Case({"kernel": 3, "groups": 1}, _TOKENS, id="full-tokens"),
+           Case({"kernel": 3, "prefix": "linear"}, _TOKENS.with_prefix(1), id="prefix-linear")),
+))
 
 
-class SepConvSpec(OpSpec):
+class SepConvSpec(GridOpSpec):
     """Inverted separable conv from MobileNetV2: pointwise up, act, depthwise, pointwise down
     (timm ``metaformer.SepConv``)."""
 
@@ -143,7 +144,7 @@ def fold_sepconv(module: nn.Module) -> Folding | None:
     return None
 
 
-SEPCONV = OpDef(
+SEPCONV = around_prefix(OpDef(
     SepConvSpec,
     infer=sepconv_shape,
     build=lambda spec, r: SeparableConv(r.in_type.channels, spec, r.in_type.layout == "tokens"),
@@ -151,4 +152,4 @@ SEPCONV = OpDef(
     fold=fold_sepconv,
     cases=(Case({}, _MAPS), Case({"kernel": 3, "act": "gelu", "bias": True}, _TOKENS, id="tokens"),
            Case({"kernel": 3, "groups": 4}, _TOKENS, id="grouped")),
-)
+))

@@ -10,16 +10,18 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import Groups, KernelInt, OpSpec, require_layout, require_no_prefix
+from metaformer_lab.ops.common import Groups, KernelInt, require_layout, require_no_prefix
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 from metaformer_lab.ops.stems import ConvEmbed, default_padding, fold_conv_embed, strided_conv_shape
 
 _MAPS = TensorType("maps", 8, 8, 6)
 _TOKENS = TensorType("tokens", 8, 8, 6)
+_PREFIXED = TensorType("tokens", 8, 8, 6, prefix=1)
 
 
-class ConvDownSpec(OpSpec):
+class ConvDownSpec(GridOpSpec):
     """Strided conv with optional norms around it (PoolFormer, ConvNeXt, PVTv2 downsamplers)."""
 
     type: Literal["conv"] = "conv"
@@ -51,7 +53,7 @@ def _build_conv_down(spec: ConvDownSpec, r: Resolved) -> nn.Module:
     return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out))
 
 
-class PatchMergingSpec(OpSpec):
+class PatchMergingSpec(GridOpSpec):
     """Swin's patch merging: 2x2 neighbours concatenated (4C), normed, projected by a Linear."""
 
     type: Literal["patch_merging"] = "patch_merging"
@@ -93,7 +95,7 @@ def _build_patch_merging(spec: PatchMergingSpec, r: Resolved) -> nn.Module:
                         build_norm(spec.norm_after, r.out_type))
 
 
-class PoolDownSpec(OpSpec):
+class PoolDownSpec(GridOpSpec):
     """Pooling, then a 1x1 conv when the width changes (and an optional norm). With the defaults, timm
     ``maxxvit.Downsample2d`` (``avg2``), the shortcut of CoAtNet's downsampling blocks."""
 
@@ -146,16 +148,21 @@ def fold_downsampler(module: nn.Module) -> Folding | None:
     return None
 
 
-CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("maps",), fold=fold_conv_embed,
-                  cases=(Case({}, _MAPS, 16), Case({"kernel": 2, "norm_before": {"type": "layernorm"}}, _MAPS, 16,
-                                                   id="convnext"),
-                         Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post"),
-                         Case({"groups": 8}, _MAPS, 16, id="grouped")))
-PATCH_MERGING = OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging, accepts=("tokens",),
-                      fold=fold_downsampler,
-                      cases=(Case({}, _TOKENS, 16),
-                             Case({"norm": None, "norm_after": {"type": "layernorm", "eps": 1e-5}}, _TOKENS, 16,
-                                  id="swin-v2")))
-POOL_DOWN = OpDef(PoolDownSpec, _pool_down_shape, _build_pool_down, accepts=("maps",), fold=fold_downsampler,
-                  cases=(Case({}, _MAPS, 16), Case({"mode": "max", "kernel": 3}, _MAPS, 8, id="max-k3"),
-                         Case({"bias": False}, _MAPS, 16, id="no-bias")))
+CONV_DOWN = around_prefix(OpDef(
+    ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("maps",), fold=fold_conv_embed,
+    cases=(Case({}, _MAPS, 16), Case({"kernel": 2, "norm_before": {"type": "layernorm"}}, _MAPS, 16, id="convnext"),
+           Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post"),
+           Case({"groups": 8}, _MAPS, 16, id="grouped"),
+           Case({"padding": 1, "groups": 8, "prefix": "linear"}, _PREFIXED, 16, id="pit-class-token"),
+           Case({"norm_after": {"type": "layernorm"}, "prefix": "pass"}, _PREFIXED, 8, id="prefix-pass"))))
+PATCH_MERGING = around_prefix(OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging,
+                                    accepts=("tokens",), fold=fold_downsampler,
+                                    cases=(Case({}, _TOKENS, 16),
+                                           Case({"norm": None, "norm_after": {"type": "layernorm", "eps": 1e-5}},
+                                                _TOKENS, 16, id="swin-v2"),
+                                           Case({"prefix": "linear"}, _PREFIXED, 16, id="prefix-linear"))))
+POOL_DOWN = around_prefix(OpDef(PoolDownSpec, _pool_down_shape, _build_pool_down, accepts=("maps",),
+                                fold=fold_downsampler,
+                                cases=(Case({}, _MAPS, 16), Case({"mode": "max", "kernel": 3}, _MAPS, 8, id="max-k3"),
+                                       Case({"bias": False}, _MAPS, 16, id="no-bias"),
+                                       Case({"prefix": "zero"}, _PREFIXED, 16, id="prefix-zero"))))

@@ -18,13 +18,13 @@ from metaformer_lab.ops.common import (
     MAX_KERNEL,
     Act,
     OddKernel,
-    OpSpec,
     Prob,
     make_act,
     require_layout,
     require_no_prefix,
 )
 from metaformer_lab.ops.norms import NormSpec, build_norm, check_norm
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 
 def _even(value: int) -> int:
@@ -36,7 +36,7 @@ def _even(value: int) -> int:
 EvenInt = Annotated[int, Field(ge=0, le=MAX_KERNEL), AfterValidator(_even)]
 
 
-class FocalModulationSpec(OpSpec):
+class FocalModulationSpec(GridOpSpec):
     """Focal modulation (timm ``focalnet.FocalModulation``).
 
     A 1x1 projection gives the query q, the context z_0 and L + 1 gates. Level l (0-based) applies a
@@ -145,7 +145,7 @@ def fold_focal_modulation(module: nn.Module) -> Folding | None:
     return None
 
 
-FOCAL_MODULATION = OpDef(
+FOCAL_MODULATION = around_prefix(OpDef(
     FocalModulationSpec,
     infer=focal_modulation_shape,
     build=_build_focal_modulation,
@@ -157,4 +157,4 @@ FOCAL_MODULATION = OpDef(
               "post_norm": {"type": "layernorm", "eps": 1e-5}}, TensorType("maps", 8, 6, 5), id="lrf-post-norm"),
         Case({"focal_level": 1, "bias": False, "act": "relu"}, TensorType("tokens", 8, 4, 5), id="tokens"),
     ),
-)
+))

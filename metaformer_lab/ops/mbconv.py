@@ -22,7 +22,6 @@ from metaformer_lab.ops.common import (
     DwGroups,
     KernelInt,
     OddKernel,
-    OpSpec,
     PosInt,
     Ratio,
     act_layer,
@@ -32,6 +31,7 @@ from metaformer_lab.ops.common import (
 )
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 from metaformer_lab.ops.stems import conv_out
 
 _MAPS = TensorType("maps", 8, 6, 6)
@@ -39,7 +39,7 @@ _MAPS = TensorType("maps", 8, 6, 6)
 SeRatio = Annotated[float, Field(gt=0.0, le=1.0)]
 
 
-class MbConvSpec(OpSpec):
+class MbConvSpec(GridOpSpec):
     """MBConv on maps: ``out_norm(project(SE(act(norm(dw(act(norm(expand(pool(pre_act(pre_norm(x))))))))))))``
     (timm ``maxxvit.MbConvBlock`` without its shortcut; timm ``efficientvit_mit.MBConv`` and ``DSConv``).
 
@@ -203,7 +203,7 @@ _COATNET = {"stride": 2, "out_dim": 16, "stride_mode": "pool", "divisor": 8, "pr
 _EFFICIENTVIT = {"stride": 2, "out_dim": 16, "kernel": 5, "norm": None, "hidden_bias": True, "act": "hardswish",
                  "out_norm": {"type": "batchnorm"}}
 
-MBCONV = OpDef(
+MBCONV = around_prefix(OpDef(
     MbConvSpec,
     infer=mbconv_shape,
     build=_build_mbconv,
@@ -218,5 +218,6 @@ MBCONV = OpDef(
               "act": "gelu"}, _MAPS, id="expand-out-se-late"),
         Case({"groups": 4, "dw_residual": True}, _MAPS, id="grouped-inner-residual"),
         Case({**_COATNET, "dw_residual": True, "groups": 8}, _MAPS, id="pooled-inner-residual"),
+        Case({**_COATNET, "prefix": "linear"}, TensorType("tokens", 8, 6, 6, prefix=1), id="prefix-linear"),
     ),
-)
+), layout="maps")

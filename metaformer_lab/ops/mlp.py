@@ -26,6 +26,7 @@ from metaformer_lab.ops.common import (
 )
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import NormSpec, build_norm, check_norm
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 _MAPS = TensorType("maps", 8, 4, 5)
 _TOKENS = TensorType("tokens", 8, 4, 5)
@@ -112,7 +113,7 @@ MLP = OpDef(MlpSpec, _mlp_shape, _build_mlp, preserves_type=True, fold=fold_mlp,
                    Case({"hidden_norm": {"type": "layernorm"}, "act": "star_relu"}, _PREFIXED, id="hidden-ln")))
 
 
-class ConvFfnSpec(OpSpec):
+class ConvFfnSpec(GridOpSpec):
     """FFN with a depthwise conv after the first layer (PVTv2's ``MlpWithDepthwiseConv``)."""
 
     type: Literal["conv_ffn"] = "conv_ffn"
@@ -170,12 +171,15 @@ def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType, out_dim: int | None) -> Te
     return x
 
 
-CONV_FFN = OpDef(ConvFfnSpec, _conv_ffn_shape, lambda spec, r: ConvFfn(r.in_type.channels, spec, r.in_type),
-                 preserves_type=True, fold=fold_mlp,
-                 cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
-                        Case({}, _PREFIXED, id="prefixed"),
-                        Case({"groups": 4, "dw_residual": True}, _PREFIXED, id="grouped-inner-residual"),
-                        Case({"dw_residual": True}, _MAPS, id="maps-inner-residual")))
+CONV_FFN = around_prefix(OpDef(
+    ConvFfnSpec, _conv_ffn_shape, lambda spec, r: ConvFfn(r.in_type.channels, spec, r.in_type), preserves_type=True,
+    fold=fold_mlp,
+    cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
+           Case({}, _PREFIXED, id="prefixed"),
+           Case({"groups": 4, "dw_residual": True}, _PREFIXED, id="grouped-inner-residual"),
+           Case({"dw_residual": True}, _MAPS, id="maps-inner-residual"),
+           Case({"prefix": "pass"}, _PREFIXED, id="leff-prefix-pass"),
+           Case({"prefix": "zero", "dw_residual": True}, _PREFIXED, id="localvit-prefix-zero"))))
 
 
 class GluSpec(OpSpec):

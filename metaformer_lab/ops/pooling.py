@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from metaformer_lab.core.registry import Case, Folding, OpDef
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import OddKernel, OpSpec, require_layout
+from metaformer_lab.ops.common import OddKernel, require_layout
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 
-class PoolingSpec(OpSpec):
+class PoolingSpec(GridOpSpec):
     """Average pooling minus the input (timm ``metaformer.Pooling``)."""
 
     type: Literal["pooling"] = "pooling"
@@ -45,11 +46,12 @@ def fold_pooling(module: nn.Module) -> Folding | None:
     return Folding(commutes=True) if isinstance(module, PoolMinusInput) else None
 
 
-POOLING = OpDef(
+POOLING = around_prefix(OpDef(
     PoolingSpec,
     infer=pooling_shape,
     build=lambda spec, r: PoolMinusInput(spec.pool_size),
     preserves_type=True,
     fold=fold_pooling,
-    cases=(Case({}, TensorType("maps", 8, 5, 6)), Case({"pool_size": 5}, TensorType("maps", 8, 7, 7), id="k5")),
-)
+    cases=(Case({}, TensorType("maps", 8, 5, 6)), Case({"pool_size": 5}, TensorType("maps", 8, 7, 7), id="k5"),
+           Case({"prefix": "pass"}, TensorType("tokens", 8, 5, 6, prefix=2), id="prefix-pass")),
+), layout="maps")

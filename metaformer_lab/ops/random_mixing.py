@@ -9,10 +9,11 @@ from torch import Tensor, nn
 
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import OpSpec, require_layout, require_no_prefix
+from metaformer_lab.ops.common import require_layout, require_no_prefix
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 
-class RandomMixingSpec(OpSpec):
+class RandomMixingSpec(GridOpSpec):
     """Mixes the N tokens with a frozen, row-softmaxed random N x N matrix; N is fixed by the input."""
 
     type: Literal["random_mixing"] = "random_mixing"
@@ -45,10 +46,10 @@ def random_mixing_shape(spec: RandomMixingSpec, x: TensorType, out_dim: int | No
     return x
 
 
-RANDOM_MIXING = OpDef(
+RANDOM_MIXING = around_prefix(OpDef(
     RandomMixingSpec,
     infer=random_mixing_shape,
     build=lambda spec, r: RandomMixing(r.in_type.height * r.in_type.width, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, TensorType("maps", 8, 4, 5)), Case({}, TensorType("tokens", 8, 4, 5), id="tokens")),
-)
+))

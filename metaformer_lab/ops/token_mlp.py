@@ -10,6 +10,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, OpSpec, Ratio, act_layer, require_layout, require_no_prefix
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 _TOKENS = TensorType("tokens", 8, 4, 5)
 _MAPS = TensorType("maps", 8, 4, 5)
@@ -39,7 +40,7 @@ class TokenMixing(nn.Module):
         raise NotImplementedError
 
 
-class TokenMlpSpec(OpSpec):
+class TokenMlpSpec(GridOpSpec):
     """MLP-Mixer's token-mixing MLP (timm ``MixerBlock.mlp_tokens``), applied across the N tokens."""
 
     type: Literal["token_mlp"] = "token_mlp"
@@ -62,7 +63,7 @@ class TokenMlp(TokenMixing):
         return self._mix(x, self.channels_last)
 
 
-class TokenLinearSpec(OpSpec):
+class TokenLinearSpec(GridOpSpec):
     """ResMLP's token mixer: one Linear layer across the N tokens (timm ``ResBlock.linear_tokens``)."""
 
     type: Literal["token_linear"] = "token_linear"
@@ -82,18 +83,18 @@ class TokenLinear(TokenMixing):
         return self._mix(x, self.channels_last)
 
 
-TOKEN_MLP = OpDef(
+TOKEN_MLP = around_prefix(OpDef(
     TokenMlpSpec,
     infer=_fixed_tokens_shape("token_mlp"),
     build=lambda spec, r: TokenMlp(r.in_type.height * r.in_type.width, int(spec.ratio * r.in_type.channels),
                                    spec.act, spec.bias, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, _TOKENS), Case({"ratio": 2.0, "act": "silu"}, _MAPS, id="maps")),
-)
-TOKEN_LINEAR = OpDef(
+))
+TOKEN_LINEAR = around_prefix(OpDef(
     TokenLinearSpec,
     infer=_fixed_tokens_shape("token_linear"),
     build=lambda spec, r: TokenLinear(r.in_type.height * r.in_type.width, spec.bias, r.in_type.layout == "tokens"),
     preserves_type=True,
     cases=(Case({}, _TOKENS), Case({"bias": False}, _MAPS, id="maps")),
-)
+))

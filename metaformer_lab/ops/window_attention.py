@@ -23,13 +23,13 @@ from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import (
     OddKernel,
-    OpSpec,
     PosInt,
     Prob,
     conv_on_heads,
     require_layout,
     require_no_prefix,
 )
+from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 MASKED = -100.0
 """Bias between tokens of one shifted window that come from different regions (timm's value, not -inf)."""
@@ -42,7 +42,7 @@ Partition = Literal["window", "grid", "shuffle", "dilated"]
 RelPosBias = bool | Literal["mlp", "dpb"]
 
 
-class WindowAttentionSpec(OpSpec):
+class WindowAttentionSpec(GridOpSpec):
     """Multi-head self-attention inside non-overlapping windows, optionally shifted by half a window, or inside
     strided groups of tokens (timm ``swin_transformer.WindowAttention`` + ``SwinTransformerBlock._attn``; with
     ``rel_pos_bias: false`` and no shift, timm ``twins.LocallyGroupedAttn``).
@@ -317,7 +317,7 @@ def fold_window_attention(module: nn.Module) -> Folding | None:
     return None
 
 
-WINDOW_ATTENTION = OpDef(
+WINDOW_ATTENTION = around_prefix(OpDef(
     WindowAttentionSpec,
     infer=window_attention_shape,
     build=_build_window_attention,
@@ -340,5 +340,7 @@ WINDOW_ATTENTION = OpDef(
              TensorType("tokens", 16, 4, 6), id="swin-v2"),
         Case({"window": 2, "cosine": True, "rel_pos_bias": "mlp", "num_heads": 2, "fused": False},
              TensorType("tokens", 16, 4, 4), id="swin-v2-explicit"),
+        Case({"window": 2, "head_dim": 8, "prefix": "pass"}, TensorType("tokens", 16, 4, 4, prefix=1),
+             id="prefix-pass"),
     ),
-)
+))
