@@ -8,6 +8,7 @@ from metaformer_lab.ops import (
     attention,
     class_attention,
     composite,
+    concat,
     conv_mixers,
     downsamplers,
     focal_modulation,
@@ -53,6 +54,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     composite.PARALLEL,
     composite.SPLIT,
     gated.GATED,
+    concat.CONCAT,
 ])
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)

@@ -76,7 +76,7 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dro
 
 class SequenceMixer(nn.Module):
     """Runs :meth:`mix` on a (B, N, C) sequence for maps (B, C, H, W) and tokens (B, H, W, C) or
-    (B, P + H*W, C); the output comes back in the input's layout."""
+    (B, P + H*W, C); the output comes back in the input's layout (its width may differ: ``out_dim``)."""
 
     def __init__(self, maps: bool) -> None:
         super().__init__()
@@ -87,9 +87,9 @@ class SequenceMixer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.maps:
-            y = self.mix(x.flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, H*W, C)
-            return y.transpose(1, 2).reshape(x.shape)  # (B, H*W, C) -> (B, C, H, W)
-        return self.mix(x.flatten(1, -2)).reshape(x.shape)  # (B, H, W, C) or (B, N, C) -> (B, N, C) -> back
+            y = self.mix(x.flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, H*W, C')
+            return y.transpose(1, 2).unflatten(2, x.shape[2:])  # (B, H*W, C') -> (B, C', H, W)
+        return self.mix(x.flatten(1, -2)).reshape(*x.shape[:-1], -1)  # (B, H, W, C) or (B, N, C) -> (B, N, C') -> back
 
 
 class HeadsSpec(OpSpec):
@@ -142,7 +142,7 @@ class Attention(SequenceMixer):
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool, proj_bias: bool, qk_norm: bool,
                  attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder, maps: bool,
                  value_dim: int | None = None, qkv_layout: QkvLayout = "qkv_heads",
-                 bias_grid: tuple[int, int] | None = None) -> None:
+                 bias_grid: tuple[int, int] | None = None, out_dim: int | None = None) -> None:
         super().__init__(maps)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.value_dim = head_dim if value_dim is None else value_dim
@@ -152,7 +152,7 @@ class Attention(SequenceMixer):
         self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * self.value_dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(num_heads * self.value_dim, out_dim or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         if bias_grid is not None:
             self.attention_biases = nn.Parameter(torch.zeros(num_heads, bias_grid[0] * bias_grid[1]))
@@ -191,12 +191,13 @@ class Attention(SequenceMixer):
 
 def attention_shape(spec: AttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", "tokens", op="attention")
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    out = x if out_dim is None else x.with_channels(out_dim)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if int(spec.attn_ratio * head_dim) < 1:
         raise ShapeIssue("attn_ratio", f"{spec.attn_ratio} times head_dim {head_dim} leaves no value channel")
     if spec.attention_bias and x.prefix:
         raise ShapeIssue("attention_bias", f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
-    return x, {"num_heads": num_heads, "head_dim": head_dim}
+    return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
 def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
@@ -206,7 +207,7 @@ def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
                      proj_bias=spec.proj_bias, qk_norm=spec.qk_norm, attn_drop=spec.attn_drop,
                      proj_drop=spec.proj_drop, fused=spec.fused, scale_order=spec.scale_order,
                      maps=x.layout == "maps", value_dim=int(spec.attn_ratio * head_dim), qkv_layout=spec.qkv_layout,
-                     bias_grid=x.grid if spec.attention_bias else None)
+                     bias_grid=x.grid if spec.attention_bias else None, out_dim=r.out_type.channels)
 
 
 def fold_attention(module: nn.Module) -> Folding | None:

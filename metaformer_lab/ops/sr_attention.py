@@ -57,14 +57,14 @@ class SrAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, sr_ratio: int, pool_size: int | None,
                  norm: nn.Module, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool,
-                 groups: int = 1) -> None:
+                 groups: int = 1, out_dim: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         inner = num_heads * head_dim
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(inner, dim)
+        self.proj = nn.Linear(inner, out_dim or dim)
         self.proj_drop = nn.Dropout(proj_drop)
         pool = pool_size is not None
         kernel = 1 if pool else sr_ratio
@@ -79,7 +79,7 @@ class SrAttention(nn.Module):
         x = self.sr(self.pool(x.permute(0, 3, 1, 2)))  # (B, C, H, W) -> (B, C, h, w)
         return self.act(self.norm(x.permute(0, 2, 3, 1)))  # (B, h, w, C)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
         q = self.q(x).flatten(1, 2).unflatten(-1, (self.num_heads, self.head_dim))  # (B, H*W, heads, d)
         kv = self.kv(self.reduce(x)).flatten(1, 2)  # (B, h, w, 2*inner) -> (B, h*w, 2*inner)
         kv = kv.unflatten(-1, (2, self.num_heads, self.head_dim))  # (B, h*w, 2, heads, d)
@@ -92,14 +92,15 @@ class SrAttention(nn.Module):
 def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="sr_attention")
     require_no_prefix(x, op="sr_attention")
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    out = x if out_dim is None else x.with_channels(out_dim)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if spec.reduction == "conv" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
         raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
     small = reduced(spec, x)
     if small is not None:
         require_groups(spec.groups, input=x.channels)
         check_norm(spec.norm, small, "norm")
-    return x, {"num_heads": num_heads, "head_dim": head_dim}
+    return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
 def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
@@ -110,7 +111,7 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
     return SrAttention(x.channels, num_heads=num_heads, head_dim=head_dim, sr_ratio=spec.sr_ratio,
                        pool_size=spec.pool_size if spec.reduction == "pool" else None, norm=norm,
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
-                       groups=spec.groups)
+                       groups=spec.groups, out_dim=r.out_type.channels)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:

@@ -85,14 +85,15 @@ class WindowAttention(nn.Module):
     attn_mask: Tensor | None
 
     def __init__(self, dim: int, grid: tuple[int, int], window: int, shift: bool, num_heads: int, head_dim: int,
-                 rel_pos_bias: bool, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool) -> None:
+                 rel_pos_bias: bool, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool,
+                 out_dim: int | None = None) -> None:
         super().__init__()
         self.grid, self.window, self.fused = grid, window, fused
         self.num_heads, self.head_dim = num_heads, head_dim
         self.shift = shift_sizes(grid, window, shift)
         self.qkv = nn.Linear(dim, 3 * num_heads * head_dim, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * head_dim, dim)
+        self.proj = nn.Linear(num_heads * head_dim, out_dim or dim)
         self.proj_drop = nn.Dropout(proj_drop)
         if rel_pos_bias:
             self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
@@ -120,7 +121,7 @@ class WindowAttention(nn.Module):
             bias = bias.expand(batch, *bias.shape).flatten(0, 1)  # (B*nW, heads or 1, w*w, w*w)
         return bias
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = partition(x, self.window)  # (B*nW, w*w, C)
@@ -130,8 +131,8 @@ class WindowAttention(nn.Module):
         # An explicit copy, not a view: torch.onnx.export (torch 2.14) swaps SDPA-with-bias for a kernel whose
         # output strides differ from the traced ones, and a view there fails (timm's fused Swin fails the same way).
         y = y.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B*nW, w*w, heads, d)
-        y = self.proj_drop(self.proj(y.flatten(2)))  # (B*nW, w*w, C)
-        y = merge(y, self.grid, self.window)  # (B, H, W, C)
+        y = self.proj_drop(self.proj(y.flatten(2)))  # (B*nW, w*w, C')
+        y = merge(y, self.grid, self.window)  # (B, H, W, C')
         if any(self.shift):
             y = torch.roll(y, shifts=self.shift, dims=(1, 2))
         return y
@@ -141,10 +142,11 @@ def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
                            out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="window_attention")
     require_no_prefix(x, op="window_attention")
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    out = x if out_dim is None else x.with_channels(out_dim)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if x.height % spec.window or x.width % spec.window:
         raise ShapeIssue("window", f"{spec.window} does not divide the {x.height}x{x.width} feature map")
-    return x, {"num_heads": num_heads, "head_dim": head_dim}
+    return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
 def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAttention:
@@ -152,7 +154,8 @@ def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAtt
     num_heads, head_dim = r["num_heads"], r["head_dim"]
     return WindowAttention(x.channels, grid=x.grid, window=spec.window, shift=spec.shift, num_heads=num_heads,
                            head_dim=head_dim, rel_pos_bias=spec.rel_pos_bias, qkv_bias=spec.qkv_bias,
-                           attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)
+                           attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
+                           out_dim=r.out_type.channels)
 
 
 def fold_window_attention(module: nn.Module) -> Folding | None:
