@@ -7,6 +7,7 @@ resolution, :func:`attend` (softmax attention, fused or explicit) and :class:`Se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,7 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import OpSpec, PosInt, Prob, Ratio, require_layout
+from metaformer_lab.ops.folds import fold_parts
 
 ScaleOrder = Literal["before", "after"]
 QkvLayout = Literal["qkv_heads", "heads_qkv"]
@@ -54,12 +56,13 @@ def resolve_heads(num_heads: int | None, head_dim: int | None, dim: int) -> tupl
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dropout, fused: bool,
-           scale_order: ScaleOrder = "before") -> Tensor:
+           scale_order: ScaleOrder = "before", post: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``softmax(q kᵀ / sqrt(d) + bias) v`` over (..., N, d) queries and (..., M, d) keys and values.
 
     ``fused`` calls ``F.scaled_dot_product_attention``; otherwise the attention matrix is explicit, and
     ``scale_order`` says where the scale goes: timm's ViT scales q before ``q @ kᵀ``, timm's MetaFormer
-    scales the product after. The two round differently; the order matters for exact parity.
+    scales the product after. The two round differently; the order matters for exact parity. ``post``
+    (explicit path only) transforms the attention weights after the softmax and dropout, before they meet v.
     """
     p = drop.p if drop.training else 0.0
     if bias is not None:
@@ -71,7 +74,10 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dro
     attn = (q * scale) @ k.transpose(-2, -1) if before else (q @ k.transpose(-2, -1)) * scale  # (..., N, M)
     if bias is not None:
         attn = attn + bias
-    return drop(attn.softmax(dim=-1)) @ v  # (..., N, d)
+    weights = drop(attn.softmax(dim=-1))
+    if post is not None:
+        weights = post(weights)
+    return weights @ v  # (..., N, d)
 
 
 class SequenceMixer(nn.Module):
@@ -120,6 +126,11 @@ class AttentionSpec(HeadsSpec):
     attention_bias: bool = Field(
         False, description="learned bias per head and grid offset (|dy|, |dx|) added to the attention logits "
                            "(LeViT's attention_biases); ties the op to its grid size, no prefix tokens")
+    reattention: bool = Field(
+        False, description="DeepViT's re-attention: the softmaxed maps mixed across heads by a learned 1x1 conv "
+                           "(heads x heads, with bias), then a BatchNorm over the heads; needs fused: false")
+
+    key_optional = frozenset({"reattention"})
 
 
 def offset_index(grid: tuple[int, int]) -> Tensor:
@@ -132,17 +143,20 @@ def offset_index(grid: tuple[int, int]) -> Tensor:
 
 
 class Attention(SequenceMixer):
-    """Parameter names follow timm's ViT ``Attention`` (qkv, q_norm, k_norm, proj) and, for the learned
-    bias, timm's LeViT/EfficientFormer attention (``attention_biases`` table, ``attention_bias_idxs``
-    index: a persistent buffer, as in timm's state_dict)."""
+    """Parameter names follow timm's ViT ``Attention`` (qkv, q_norm, k_norm, proj), for the learned
+    bias timm's LeViT/EfficientFormer attention (``attention_biases`` table, ``attention_bias_idxs``
+    index: a persistent buffer, as in timm's state_dict), and for re-attention DeepViT's ``ReAttention``
+    (``reatten_matrix``, ``var_norm``)."""
 
     attention_biases: nn.Parameter | None
     attention_bias_idxs: Tensor | None
+    reatten_matrix: nn.Conv2d | None
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool, proj_bias: bool, qk_norm: bool,
                  attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder, maps: bool,
                  value_dim: int | None = None, qkv_layout: QkvLayout = "qkv_heads",
-                 bias_grid: tuple[int, int] | None = None, out_dim: int | None = None) -> None:
+                 bias_grid: tuple[int, int] | None = None, out_dim: int | None = None,
+                 reattention: bool = False) -> None:
         super().__init__(maps)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.value_dim = head_dim if value_dim is None else value_dim
@@ -160,6 +174,17 @@ class Attention(SequenceMixer):
         else:
             self.register_parameter("attention_biases", None)
             self.attention_bias_idxs = None
+        # re-attention: (B, heads, N, N) maps as a heads-channel image, mixed by a 1x1 conv and batch-normalised
+        self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1) if reattention else None
+        self.var_norm = nn.BatchNorm2d(num_heads) if reattention else nn.Identity()
+
+    def init_weights(self) -> None:
+        """DeepViT leaves ``reatten_matrix`` at PyTorch's default init (its ViT init touches Linear layers only)."""
+        if self.reatten_matrix is not None:
+            self.reatten_matrix.reset_parameters()
+
+    def reattend(self, weights: Tensor) -> Tensor:  # (B, heads, N, N) -> (B, heads, N, N)
+        return self.var_norm(self.reatten_matrix(weights))  # type: ignore[misc]
 
     def no_weight_decay(self) -> set[str]:
         """Local parameter names kept out of weight decay (timm's EfficientFormer: ``attention_biases``)."""
@@ -184,7 +209,8 @@ class Attention(SequenceMixer):
         bias = None
         if self.attention_biases is not None:
             bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
-        y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order)
+        post = self.reattend if self.reatten_matrix is not None else None
+        y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order, post=post)
         y = y.transpose(1, 2).flatten(2)  # (B, heads, N, dv) -> (B, N, heads*dv)
         return self.proj_drop(self.proj(y))
 
@@ -197,6 +223,9 @@ def attention_shape(spec: AttentionSpec, x: TensorType, out_dim: int | None) -> 
         raise ShapeIssue("attn_ratio", f"{spec.attn_ratio} times head_dim {head_dim} leaves no value channel")
     if spec.attention_bias and x.prefix:
         raise ShapeIssue("attention_bias", f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
+    if spec.reattention and spec.fused:
+        raise ShapeIssue("reattention", "mixes the attention maps, which the fused kernel never forms; set "
+                                        "fused: false")
     return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
@@ -207,15 +236,19 @@ def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
                      proj_bias=spec.proj_bias, qk_norm=spec.qk_norm, attn_drop=spec.attn_drop,
                      proj_drop=spec.proj_drop, fused=spec.fused, scale_order=spec.scale_order,
                      maps=x.layout == "maps", value_dim=int(spec.attn_ratio * head_dim), qkv_layout=spec.qkv_layout,
-                     bias_grid=x.grid if spec.attention_bias else None, out_dim=r.out_type.channels)
+                     bias_grid=x.grid if spec.attention_bias else None, out_dim=r.out_type.channels,
+                     reattention=spec.reattention)
 
 
 def fold_attention(module: nn.Module) -> Folding | None:
     """Attention reads its input with qkv alone and writes with proj: a norm before it folds into qkv, a layer
-    scale after it into proj."""
-    if isinstance(module, Attention):
+    scale after it into proj; re-attention's BatchNorm folds into its head-mixing conv."""
+    if not isinstance(module, Attention):
+        return None
+    if module.reatten_matrix is None:
         return Folding(reads=(module.qkv,), writes=module.proj)
-    return None
+    return Folding(reads=(module.qkv,), writes=module.proj,
+                   deploy=lambda: fold_parts(module, ("reatten_matrix", "var_norm")))
 
 
 ATTENTION = OpDef(
@@ -235,5 +268,9 @@ ATTENTION = OpDef(
              id="levit-bias"),
         Case({"num_heads": 2, "attn_ratio": 0.5, "attention_bias": True}, TensorType("maps", 16, 4, 3),
              id="narrow-values-fused"),
+        Case({"num_heads": 4, "reattention": True, "fused": False, "scale_order": "after", "attn_drop": 0.1},
+             TensorType("tokens", 16, 3, 3, prefix=1), id="reattention"),
+        Case({"head_dim": 4, "reattention": True, "fused": False}, TensorType("maps", 8, 3, 4),
+             id="reattention-maps"),
     ),
 )
