@@ -62,7 +62,7 @@ STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK])
 DOWNSAMPLERS = Registry.of("downsampler", [downsamplers.CONV_DOWN, downsamplers.PATCH_MERGING,
                                            downsamplers.POOL_DOWN])
 HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD, heads.CONV_MLP_HEAD])
-POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.PEG])
+POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.SINUSOIDAL_POS, position.PEG])
 
 REGISTRIES: dict[str, Registry] = {
     "token_mixer": TOKEN_MIXERS,
