@@ -129,8 +129,11 @@ class AttentionSpec(HeadsSpec):
     reattention: bool = Field(
         False, description="DeepViT's re-attention: the softmaxed maps mixed across heads by a learned 1x1 conv "
                            "(heads x heads, with bias), then a BatchNorm over the heads; needs fused: false")
+    reattention_scale: bool = Field(
+        False, description="re-attention's maps times head_dim^-0.5 after the BatchNorm (DeepViT's "
+                           "transform_scale, on in its DeepViT-S and -L)")
 
-    key_optional = frozenset({"reattention"})
+    key_optional = frozenset({"reattention", "reattention_scale"})
 
 
 def offset_index(grid: tuple[int, int]) -> Tensor:
@@ -156,7 +159,7 @@ class Attention(SequenceMixer):
                  attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder, maps: bool,
                  value_dim: int | None = None, qkv_layout: QkvLayout = "qkv_heads",
                  bias_grid: tuple[int, int] | None = None, out_dim: int | None = None,
-                 reattention: bool = False) -> None:
+                 reattention: bool = False, reattention_scale: float = 1.0) -> None:
         super().__init__(maps)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.value_dim = head_dim if value_dim is None else value_dim
@@ -177,6 +180,7 @@ class Attention(SequenceMixer):
         # re-attention: (B, heads, N, N) maps as a heads-channel image, mixed by a 1x1 conv and batch-normalised
         self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1) if reattention else None
         self.var_norm = nn.BatchNorm2d(num_heads) if reattention else nn.Identity()
+        self.reattention_scale = reattention_scale
 
     def init_weights(self) -> None:
         """DeepViT leaves ``reatten_matrix`` at PyTorch's default init (its ViT init touches Linear layers only)."""
@@ -184,7 +188,8 @@ class Attention(SequenceMixer):
             self.reatten_matrix.reset_parameters()
 
     def reattend(self, weights: Tensor) -> Tensor:  # (B, heads, N, N) -> (B, heads, N, N)
-        return self.var_norm(self.reatten_matrix(weights))  # type: ignore[misc]
+        weights = self.var_norm(self.reatten_matrix(weights))  # type: ignore[misc]
+        return weights * self.reattention_scale if self.reattention_scale != 1.0 else weights
 
     def no_weight_decay(self) -> set[str]:
         """Local parameter names kept out of weight decay (timm's EfficientFormer: ``attention_biases``)."""
@@ -223,6 +228,8 @@ def attention_shape(spec: AttentionSpec, x: TensorType, out_dim: int | None) -> 
         raise ShapeIssue("attn_ratio", f"{spec.attn_ratio} times head_dim {head_dim} leaves no value channel")
     if spec.attention_bias and x.prefix:
         raise ShapeIssue("attention_bias", f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
+    if spec.reattention_scale and not spec.reattention:
+        raise ShapeIssue("reattention_scale", "scales re-attention's maps; set reattention: true")
     if spec.reattention and spec.fused:
         raise ShapeIssue("reattention", "mixes the attention maps, which the fused kernel never forms; set "
                                         "fused: false")
@@ -237,7 +244,8 @@ def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
                      proj_drop=spec.proj_drop, fused=spec.fused, scale_order=spec.scale_order,
                      maps=x.layout == "maps", value_dim=int(spec.attn_ratio * head_dim), qkv_layout=spec.qkv_layout,
                      bias_grid=x.grid if spec.attention_bias else None, out_dim=r.out_type.channels,
-                     reattention=spec.reattention)
+                     reattention=spec.reattention,
+                     reattention_scale=head_dim**-0.5 if spec.reattention_scale else 1.0)
 
 
 def fold_attention(module: nn.Module) -> Folding | None:
@@ -270,7 +278,7 @@ ATTENTION = OpDef(
              id="narrow-values-fused"),
         Case({"num_heads": 4, "reattention": True, "fused": False, "scale_order": "after", "attn_drop": 0.1},
              TensorType("tokens", 16, 3, 3, prefix=1), id="reattention"),
-        Case({"head_dim": 4, "reattention": True, "fused": False}, TensorType("maps", 8, 3, 4),
-             id="reattention-maps"),
+        Case({"head_dim": 4, "reattention": True, "reattention_scale": True, "fused": False},
+             TensorType("maps", 8, 3, 4), id="reattention-maps"),
     ),
 )

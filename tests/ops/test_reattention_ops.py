@@ -20,11 +20,11 @@ class _ReAttentionReference(nn.Module):
     """DeepViT's re-attention written out head by head: ``softmax(q kᵀ * scale)``, each head's new map a weighted
     sum of all heads' maps plus a bias, normalised per head with batch statistics (training) or running ones
     (eval), then applied to v. Parameter names are the authors' (``qkv``, ``reatten_matrix``, ``var_norm``,
-    ``proj``)."""
+    ``proj``); ``transform_scale`` multiplies the normalised maps by ``head_dim^-0.5``."""
 
-    def __init__(self, dim: int, heads: int) -> None:
+    def __init__(self, dim: int, heads: int, transform_scale: bool) -> None:
         super().__init__()
-        self.heads = heads
+        self.heads, self.transform_scale = heads, transform_scale
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.reatten_matrix = nn.Conv2d(heads, heads, 1)
         self.var_norm = nn.BatchNorm2d(heads)
@@ -46,15 +46,18 @@ class _ReAttentionReference(nn.Module):
         shape = (1, self.heads, 1, 1)
         mixed = (mixed - mean.view(shape)) / (var.view(shape) + norm.eps).sqrt() * norm.weight.view(shape) \
             + norm.bias.view(shape)
+        if self.transform_scale:
+            mixed = mixed * d**-0.5
         return self.proj((mixed @ v).transpose(1, 2).reshape(B, N, C))
 
 
+@pytest.mark.parametrize("transform_scale", [False, True], ids=["plain", "transform-scale"])
 @pytest.mark.parametrize("train", [False, True], ids=["eval", "train"])
-def test_reattention_matches_the_written_out_reference(train: bool) -> None:
+def test_reattention_matches_the_written_out_reference(train: bool, transform_scale: bool) -> None:
     x = TensorType("tokens", 16, 3, 3, prefix=1)
-    reference = perturbed(_ReAttentionReference(16, 4))
+    reference = perturbed(_ReAttentionReference(16, 4, transform_scale))
     ours = build_op(TOKEN_MIXERS, "attention", {"num_heads": 4, "reattention": True, "fused": False,
-                                                "scale_order": "after"}, x)
+                                                "scale_order": "after", "reattention_scale": transform_scale}, x)
     ours.load_state_dict(reference.state_dict(), strict=True)  # the authors' names, as they are
     reference.train(train)
     ours.train(train)
@@ -81,18 +84,23 @@ def test_reattention_folds_its_batchnorm_into_the_head_mix() -> None:
         assert max_diff(deployed(x), net(x)) < 1e-4
 
 
-def test_reattention_refuses_the_fused_kernel() -> None:
-    spec = op_spec(TOKEN_MIXERS, "attention", {"num_heads": 2, "reattention": True})
+@pytest.mark.parametrize(("config", "field", "message"), [
+    ({"reattention": True}, "reattention",
+     "mixes the attention maps, which the fused kernel never forms; set fused: false"),
+    ({"reattention_scale": True, "fused": False}, "reattention_scale",
+     "scales re-attention's maps; set reattention: true"),
+], ids=["fused", "scale-alone"])
+def test_reattention_refusals_name_the_field(config: dict[str, bool], field: str, message: str) -> None:
+    spec = op_spec(TOKEN_MIXERS, "attention", {"num_heads": 2, **config})
     with pytest.raises(ShapeIssue) as err:
         TOKEN_MIXERS.get("attention").resolve(spec, TensorType("tokens", 16, 2, 2))
-    assert (err.value.field, err.value.message) == (
-        "reattention", "mixes the attention maps, which the fused kernel never forms; set fused: false")
+    assert (err.value.field, err.value.message) == (field, message)
 
 
 def test_reattention_is_left_out_of_the_latency_key_at_its_default() -> None:
     from metaformer_lab.ops.common import LATENCY_KEY
 
     spec = op_spec(TOKEN_MIXERS, "attention", {"num_heads": 2})
-    assert "reattention" not in spec.model_dump_json(context={LATENCY_KEY: True})
+    assert "reattention" not in spec.model_dump_json(context={LATENCY_KEY: True})  # nor reattention_scale
     on = op_spec(TOKEN_MIXERS, "attention", {"num_heads": 2, "reattention": True, "fused": False})
     assert '"reattention":true' in on.model_dump_json(context={LATENCY_KEY: True})
