@@ -148,7 +148,9 @@ class CompositeDef(Generic[S]):
 
     ``split(spec, x)`` gives each branch's input type (raises ShapeIssue), ``join(spec, x, outs)`` the
     output type from the branches' output types, ``build(spec, resolved, children)`` the module around
-    the already-built children; ``fold`` as for :class:`OpDef`.
+    the already-built children; ``fold`` as for :class:`OpDef`. ``out_dims(spec, x)``, where given, is the
+    output width each branch is asked for (its shape rule's ``out_dim``; raises ShapeIssue); without it
+    every branch gets None, and keeps its width.
     """
 
     spec: type[S]
@@ -159,6 +161,7 @@ class CompositeDef(Generic[S]):
     cases: tuple[Case, ...] = ()
     preserves_type: bool = True
     fold: FoldHook | None = None
+    out_dims: Callable[[S, TensorType], list[int | None]] | None = None
 
     @property
     def tag(self) -> str:
@@ -167,6 +170,12 @@ class CompositeDef(Generic[S]):
     @property
     def description(self) -> str:
         return description_of(self.spec)
+
+    def branch_inputs(self, spec: S, x: TensorType) -> list[tuple[TensorType, int | None]]:
+        """Each branch's input type and requested output width (raises ShapeIssue)."""
+        types = self.split(spec, x)
+        dims = self.out_dims(spec, x) if self.out_dims is not None else [None] * len(types)
+        return list(zip(types, dims, strict=True))
 
 
 AnyDef = OpDef[Any] | CompositeDef[Any]

@@ -19,7 +19,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
-from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
+from metaformer_lab.graph.nodes import LEAF_KINDS, build_node, build_with_branches
 
 
 def _cpu_flash_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
@@ -103,13 +103,13 @@ def memory_need(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Memor
         out: TensorType | None = node["out"]
         acts = out.numel(batch) * dtype_bytes if out is not None else 0
         count = 0
-        if node["kind"] in LEAF_KINDS and not graph.is_composite(name) or node["kind"] in ("scale", "prefix"):
+        if node["kind"] in LEAF_KINDS or node["kind"] in ("scale", "prefix"):
             spec = node.get("spec")
-            key = (node["kind"], None if spec is None else spec.model_dump_json(), node["in_type"], out,
+            key = (node["kind"], None if spec is None else spec.model_dump_json(), input_type(graph, name), out,
                    node.get("count"))
             if key not in params_of:
-                with torch.device("meta"):
-                    params_of[key] = count_params(build_node(graph, name))
+                params_of[key] = node_cost(graph, name).params if graph.is_composite(name) else \
+                    _meta_params(graph, name)
             count = params_of[key]
         params += count * dtype_bytes
         peak = max(peak, acts)
@@ -136,8 +136,20 @@ def _meta_input(x: TensorType, batch: int) -> Tensor:
     return torch.empty(x.shape(batch), device="meta")
 
 
+def _meta_params(graph: ArchGraph, name: str) -> int:
+    with torch.device("meta"):
+        return count_params(build_node(graph, name))
+
+
+def input_type(graph: ArchGraph, name: str) -> TensorType | None:
+    """The type node ``name`` reads: a composite mixer's join reads what its fork reads."""
+    node = graph.nodes[name]
+    return graph.nodes[node["fork"]]["in_type"] if graph.is_composite(name) else node["in_type"]
+
+
 def node_cost(graph: ArchGraph, name: str, batch: int = 1, dtype_bytes: int = 4) -> NodeCost:
-    """Cost of one node at ``batch``; composite mixers count 0 (their branches are nodes)."""
+    """Cost of one node at ``batch``; composite mixers count what they run besides their branches (``concat``'s
+    projection), the branches being nodes of their own."""
     node = graph.nodes[name]
     out: TensorType | None = node["out"]
     kind = node["kind"]
@@ -147,13 +159,15 @@ def node_cost(graph: ArchGraph, name: str, batch: int = 1, dtype_bytes: int = 4)
         return NodeCost(out.channels, 0, activations)  # type: ignore[union-attr]
     if kind == "prefix":
         return NodeCost(node["count"] * out.channels, 0, activations)  # type: ignore[union-attr]
-    if kind not in LEAF_KINDS or graph.is_composite(name):
+    if kind not in LEAF_KINDS:
         return NodeCost(0, 0, activations)
     with torch.device("meta"):
-        module = build_node(graph, name)
+        module, branches = build_with_branches(graph, name)
     module.eval()
-    flops, _ = count_flops(lambda: module(_meta_input(node["in_type"], batch)))
-    return NodeCost(count_params(module), flops, activations)
+    flops, per_module = count_flops(lambda: module(_meta_input(input_type(graph, name), batch)))  # type: ignore[arg-type]
+    paths = {id(m): path for path, m in module.named_modules()}
+    flops -= sum(per_module.get(paths[id(b)], 0) for b in branches)
+    return NodeCost(count_params(module) - sum(count_params(b) for b in branches), flops, activations)
 
 
 _NODE_COSTS: dict[tuple[Any, ...], NodeCost] = {}
@@ -166,8 +180,8 @@ def _cached_node_cost(graph: ArchGraph, name: str, batch: int, dtype_bytes: int)
     node = graph.nodes[name]
     spec = node.get("spec")
     key = (node["kind"], None if spec is None else (type(spec).__qualname__, spec.model_dump_json()),
-           node["in_type"], node["out"], node.get("init") is not None, node.get("count"), graph.is_composite(name)
-           if node["kind"] in LEAF_KINDS else None, batch, dtype_bytes)
+           input_type(graph, name), node["out"], node.get("init") is not None, node.get("count"),
+           graph.is_composite(name) if node["kind"] in LEAF_KINDS else None, batch, dtype_bytes)
     cost = _NODE_COSTS.get(key)
     if cost is None:
         cost = node_cost(graph, name, batch, dtype_bytes)

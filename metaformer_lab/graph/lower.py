@@ -125,7 +125,8 @@ class _Lowering:
     def op(self, name: str, part: str, role: str, spec: BaseModel, path: str, src: str, out_dim: int | None = None,
            x: TensorType | None = None) -> str:
         """A leaf op from registry ``role``; ``out_dim`` is the output width of stems and downsamplers, the
-        number of classes of heads. The node keeps what the op's shape rule resolved (``resolved``)."""
+        number of classes of heads, the width a composite asks of a branch (``concat``).
+        The node keeps what the op's shape rule resolved (``resolved``)."""
         x = self.out(src) if x is None else x
         if path in self.unknown:  # a config that failed validation: no shape rule, its type passed on or lost
             out = x if self.unknown[path] else None
@@ -142,7 +143,7 @@ class _Lowering:
                 out = resolved.out_type
             except ShapeIssue as issue:
                 self.issues.append(Issue(_at(path, issue.field), issue.message))
-                out = x if opdef.preserves_type else None
+                out = x if opdef.preserves_type and out_dim is None else None  # a width asked for: unknown
         self.node(name, role, [(src, x)], out, path, spec, role, part)
         self.g.nodes[name]["resolved"] = resolved
         return name
@@ -150,16 +151,17 @@ class _Lowering:
     def composite(self, name: str, part: str, opdef: CompositeDef[Any], spec: BaseModel, path: str, src: str,
                   x: TensorType | None) -> str:
         """A fork node, one subgraph per branch, and the join node that stands for the whole mixer."""
-        branch_types: list[TensorType | None] = [None] * len(opdef.branches(spec))
+        inputs: list[tuple[TensorType | None, int | None]] = [(None, None)] * len(opdef.branches(spec))
         if x is not None:
             try:
-                branch_types = list(opdef.split(spec, x))
+                inputs = list(opdef.branch_inputs(spec, x))
             except ShapeIssue as issue:
                 self.issues.append(Issue(_at(path, issue.field), issue.message))
         fork = self.node(f"{name}.fork", "fork", [(src, x)], x, path, spec)
         outer, self.inside = self.inside, name
-        ends = [self.op(f"{name}.branches.{k}", str(k), "token_mixer", child, f"{path}.branches[{k}]", fork, x=t)
-                for k, (child, t) in enumerate(zip(opdef.branches(spec), branch_types, strict=True))]
+        ends = [self.op(f"{name}.branches.{k}", str(k), "token_mixer", child, f"{path}.branches[{k}]", fork, dim,
+                        x=t)
+                for k, (child, (t, dim)) in enumerate(zip(opdef.branches(spec), inputs, strict=True))]
         self.inside = outer
         outs = [self.out(e) for e in ends]
         out = None

@@ -32,7 +32,14 @@ def build_node(graph: ArchGraph, name: str | None) -> nn.Module:
         return PrefixTokens(node["count"], node["out"].channels, had_prefix=node["in_type"].prefix > 0)
     if kind not in LEAF_KINDS:
         raise ValueError(f"node {name} of kind {kind} has no module of its own")
-    opdef = REGISTRIES[kind].of_spec(node["spec"])
+    return build_with_branches(graph, name)[0]
+
+
+def build_with_branches(graph: ArchGraph, name: str) -> tuple[nn.Module, list[nn.Module]]:
+    """The module of registry op node ``name`` and, for a composite mixer, its branch modules inside it."""
+    node = graph.nodes[name]
+    opdef = REGISTRIES[node["kind"]].of_spec(node["spec"])
     if isinstance(opdef, CompositeDef):
-        return opdef.build(node["spec"], node["resolved"], [build_node(graph, end) for end in node["branches"]])
-    return opdef.build(node["spec"], node["resolved"])
+        children = [build_node(graph, end) for end in node["branches"]]
+        return opdef.build(node["spec"], node["resolved"], children), children
+    return opdef.build(node["spec"], node["resolved"]), []

@@ -55,6 +55,7 @@ from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
 from metaformer_lab.latency.measure import DTYPES
 from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
+from metaformer_lab.ops.concat import ConcatSpec, concat_proj
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
 
 UNCALIBRATED = "uncalibrated estimate"
@@ -500,12 +501,18 @@ def _prefix_records(node: dict[str, Any], batch: int, es: int, param_es: int) ->
                          + out.numel(batch) * wide)), wide
 
 
-def _join_records(graph: ArchGraph, name: str, batch: int, es: int) -> tuple[KernelRecord, ...]:
-    """A composite mixer's join: ``parallel`` sums its branches, ``split`` concatenates them, any other
-    composite is taken as one pass over its branch outputs."""
+def _join_records(graph: ArchGraph, name: str, batch: int, dtype: str, es: int,
+                  amp: bool) -> tuple[KernelRecord, ...]:
+    """A composite mixer's join: ``parallel`` sums its branches, ``split`` concatenates them, ``concat``
+    concatenates them and runs its projection, any other composite is taken as one pass over its branch outputs."""
     node = graph.nodes[name]
     spec, out = node["spec"], node["out"].numel(batch)
     branches = graph.in_degree(name)
+    if isinstance(spec, ConcatSpec):
+        with torch.device("meta"):
+            proj, joined = concat_proj(spec, graph.nodes[node["fork"]]["in_type"])
+        cat = _elementwise("aten.cat", joined.numel(batch), 2, es)
+        return (cat, *_module_run(proj, joined.shape(batch), dtype=dtype, amp=amp, in_size=es)[0])
     if isinstance(spec, ParallelSpec):
         return tuple(_elementwise("aten.add", out, 3, es) for _ in range(branches - 1))
     if isinstance(spec, SplitSpec):
@@ -529,7 +536,7 @@ def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str, amp: 
     if kind == "layout":
         return (_elementwise("aten.clone", node["out"].numel(batch), 2, es),), es
     if kind in LEAF_KINDS and graph.is_composite(name):
-        return _join_records(graph, name, batch, es), es
+        return _join_records(graph, name, batch, dtype, es, amp), es
     if kind in LEAF_KINDS or kind == "scale":
         with torch.device("meta"):
             module = build_node(graph, name)

@@ -8,6 +8,7 @@ from metaformer_lab.ops import (
     attention,
     class_attention,
     composite,
+    concat,
     conv_mixers,
     downsamplers,
     focal_modulation,
@@ -53,6 +54,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     composite.PARALLEL,
     composite.SPLIT,
     gated.GATED,
+    concat.CONCAT,
 ])
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)
@@ -60,7 +62,7 @@ STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK])
 DOWNSAMPLERS = Registry.of("downsampler", [downsamplers.CONV_DOWN, downsamplers.PATCH_MERGING,
                                            downsamplers.POOL_DOWN])
 HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD, heads.CONV_MLP_HEAD])
-POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.PEG])
+POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.SINUSOIDAL_POS, position.PEG])
 
 REGISTRIES: dict[str, Registry] = {
     "token_mixer": TOKEN_MIXERS,

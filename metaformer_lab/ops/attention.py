@@ -7,6 +7,7 @@ resolution, :func:`attend` (softmax attention, fused or explicit) and :class:`Se
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -18,6 +19,7 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import OddKernel, OpSpec, PosInt, Prob, Ratio, conv_on_heads, require_layout
+from metaformer_lab.ops.folds import fold_parts
 
 ScaleOrder = Literal["before", "after"]
 QkvLayout = Literal["qkv_heads", "heads_qkv"]
@@ -54,12 +56,13 @@ def resolve_heads(num_heads: int | None, head_dim: int | None, dim: int) -> tupl
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dropout, fused: bool,
-           scale_order: ScaleOrder = "before") -> Tensor:
+           scale_order: ScaleOrder = "before", post: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """``softmax(q kᵀ / sqrt(d) + bias) v`` over (..., N, d) queries and (..., M, d) keys and values.
 
     ``fused`` calls ``F.scaled_dot_product_attention``; otherwise the attention matrix is explicit, and
     ``scale_order`` says where the scale goes: timm's ViT scales q before ``q @ kᵀ``, timm's MetaFormer
-    scales the product after. The two round differently; the order matters for exact parity.
+    scales the product after. The two round differently; the order matters for exact parity. ``post``
+    (explicit path only) transforms the attention weights after the softmax and dropout, before they meet v.
     """
     p = drop.p if drop.training else 0.0
     if bias is not None:
@@ -71,12 +74,15 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dro
     attn = (q * scale) @ k.transpose(-2, -1) if before else (q @ k.transpose(-2, -1)) * scale  # (..., N, M)
     if bias is not None:
         attn = attn + bias
-    return drop(attn.softmax(dim=-1)) @ v  # (..., N, d)
+    weights = drop(attn.softmax(dim=-1))
+    if post is not None:
+        weights = post(weights)
+    return weights @ v  # (..., N, d)
 
 
 class SequenceMixer(nn.Module):
     """Runs :meth:`mix` on a (B, N, C) sequence for maps (B, C, H, W) and tokens (B, H, W, C) or
-    (B, P + H*W, C); the output comes back in the input's layout."""
+    (B, P + H*W, C); the output comes back in the input's layout (its width may differ: ``out_dim``)."""
 
     def __init__(self, maps: bool) -> None:
         super().__init__()
@@ -87,9 +93,9 @@ class SequenceMixer(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.maps:
-            y = self.mix(x.flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, H*W, C)
-            return y.transpose(1, 2).reshape(x.shape)  # (B, H*W, C) -> (B, C, H, W)
-        return self.mix(x.flatten(1, -2)).reshape(x.shape)  # (B, H, W, C) or (B, N, C) -> (B, N, C) -> back
+            y = self.mix(x.flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, H*W, C')
+            return y.transpose(1, 2).unflatten(2, x.shape[2:])  # (B, H*W, C') -> (B, C', H, W)
+        return self.mix(x.flatten(1, -2)).reshape(*x.shape[:-1], -1)  # (B, H, W, C) or (B, N, C) -> (B, N, C') -> back
 
 
 class HeadsSpec(OpSpec):
@@ -123,8 +129,14 @@ class AttentionSpec(HeadsSpec):
     local_conv: OddKernel | None = Field(
         None, description="kernel of a depthwise conv of the value map, added to the attention output (LePE: "
                           "BiFormer, Agent attention); no prefix tokens; null: none")
+    reattention: bool = Field(
+        False, description="DeepViT's re-attention: the softmaxed maps mixed across heads by a learned 1x1 conv "
+                           "(heads x heads, with bias), then a BatchNorm over the heads; needs fused: false")
+    reattention_scale: bool = Field(
+        False, description="re-attention's maps times head_dim^-0.5 after the BatchNorm (DeepViT's "
+                           "transform_scale, on in its DeepViT-S and -L)")
 
-    key_optional = frozenset({"local_conv"})
+    key_optional = frozenset({"local_conv", "reattention", "reattention_scale"})
 
 
 def offset_index(grid: tuple[int, int]) -> Tensor:
@@ -137,18 +149,21 @@ def offset_index(grid: tuple[int, int]) -> Tensor:
 
 
 class Attention(SequenceMixer):
-    """Parameter names follow timm's ViT ``Attention`` (qkv, q_norm, k_norm, proj) and, for the learned
-    bias, timm's LeViT/EfficientFormer attention (``attention_biases`` table, ``attention_bias_idxs``
-    index: a persistent buffer, as in timm's state_dict); the value conv is ``local_conv``."""
+    """Parameter names follow timm's ViT ``Attention`` (qkv, q_norm, k_norm, proj), for the learned
+    bias timm's LeViT/EfficientFormer attention (``attention_biases`` table, ``attention_bias_idxs``
+    index: a persistent buffer, as in timm's state_dict), and for re-attention DeepViT's ``ReAttention``
+    (``reatten_matrix``, ``var_norm``); the value conv is ``local_conv``."""
 
     attention_biases: nn.Parameter | None
     attention_bias_idxs: Tensor | None
+    reatten_matrix: nn.Conv2d | None
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, qkv_bias: bool, proj_bias: bool, qk_norm: bool,
                  attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder, maps: bool,
                  value_dim: int | None = None, qkv_layout: QkvLayout = "qkv_heads",
                  bias_grid: tuple[int, int] | None = None, local_conv: int | None = None,
-                 grid: tuple[int, int] | None = None) -> None:
+                 grid: tuple[int, int] | None = None, out_dim: int | None = None,
+                 reattention: bool = False, reattention_scale: float = 1.0) -> None:
         super().__init__(maps)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.value_dim = head_dim if value_dim is None else value_dim
@@ -158,7 +173,7 @@ class Attention(SequenceMixer):
         self.q_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(head_dim, eps=1e-6) if qk_norm else nn.Identity()
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(num_heads * self.value_dim, dim, bias=proj_bias)
+        self.proj = nn.Linear(num_heads * self.value_dim, out_dim or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         values = num_heads * self.value_dim
         self.grid = grid
@@ -170,6 +185,19 @@ class Attention(SequenceMixer):
         else:
             self.register_parameter("attention_biases", None)
             self.attention_bias_idxs = None
+        # re-attention: (B, heads, N, N) maps as a heads-channel image, mixed by a 1x1 conv and batch-normalised
+        self.reatten_matrix = nn.Conv2d(num_heads, num_heads, 1) if reattention else None
+        self.var_norm = nn.BatchNorm2d(num_heads) if reattention else nn.Identity()
+        self.reattention_scale = reattention_scale
+
+    def init_weights(self) -> None:
+        """DeepViT leaves ``reatten_matrix`` at PyTorch's default init (its ViT init touches Linear layers only)."""
+        if self.reatten_matrix is not None:
+            self.reatten_matrix.reset_parameters()
+
+    def reattend(self, weights: Tensor) -> Tensor:  # (B, heads, N, N) -> (B, heads, N, N)
+        weights = self.var_norm(self.reatten_matrix(weights))  # type: ignore[misc]
+        return weights * self.reattention_scale if self.reattention_scale != 1.0 else weights
 
     def no_weight_decay(self) -> set[str]:
         """Local parameter names kept out of weight decay (timm's EfficientFormer: ``attention_biases``)."""
@@ -194,7 +222,8 @@ class Attention(SequenceMixer):
         bias = None
         if self.attention_biases is not None:
             bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
-        y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order)
+        post = self.reattend if self.reatten_matrix is not None else None
+        y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order, post=post)
         if self.local_conv is not None and self.grid is not None:
             y = y + conv_on_heads(self.local_conv, v, self.grid)  # LePE: (B, heads, N, dv)
         y = y.transpose(1, 2).flatten(2)  # (B, heads, N, dv) -> (B, N, heads*dv)
@@ -203,13 +232,19 @@ class Attention(SequenceMixer):
 
 def attention_shape(spec: AttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "maps", "tokens", op="attention")
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    out = x if out_dim is None else x.with_channels(out_dim)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if int(spec.attn_ratio * head_dim) < 1:
         raise ShapeIssue("attn_ratio", f"{spec.attn_ratio} times head_dim {head_dim} leaves no value channel")
     for field in ("attention_bias", "local_conv"):
         if getattr(spec, field) and x.prefix:
             raise ShapeIssue(field, f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
-    return x, {"num_heads": num_heads, "head_dim": head_dim}
+    if spec.reattention_scale and not spec.reattention:
+        raise ShapeIssue("reattention_scale", "scales re-attention's maps; set reattention: true")
+    if spec.reattention and spec.fused:
+        raise ShapeIssue("reattention", "mixes the attention maps, which the fused kernel never forms; set "
+                                        "fused: false")
+    return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
 def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
@@ -219,15 +254,20 @@ def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
                      proj_bias=spec.proj_bias, qk_norm=spec.qk_norm, attn_drop=spec.attn_drop,
                      proj_drop=spec.proj_drop, fused=spec.fused, scale_order=spec.scale_order,
                      maps=x.layout == "maps", value_dim=int(spec.attn_ratio * head_dim), qkv_layout=spec.qkv_layout,
-                     bias_grid=x.grid if spec.attention_bias else None, local_conv=spec.local_conv, grid=x.grid)
+                     bias_grid=x.grid if spec.attention_bias else None, local_conv=spec.local_conv, grid=x.grid,
+                     out_dim=r.out_type.channels, reattention=spec.reattention,
+                     reattention_scale=head_dim**-0.5 if spec.reattention_scale else 1.0)
 
 
 def fold_attention(module: nn.Module) -> Folding | None:
     """Attention reads its input with qkv alone and writes with proj: a norm before it folds into qkv, a layer
-    scale after it into proj."""
-    if isinstance(module, Attention):
+    scale after it into proj; re-attention's BatchNorm folds into its head-mixing conv."""
+    if not isinstance(module, Attention):
+        return None
+    if module.reatten_matrix is None:
         return Folding(reads=(module.qkv,), writes=module.proj)
-    return None
+    return Folding(reads=(module.qkv,), writes=module.proj,
+                   deploy=lambda: fold_parts(module, ("reatten_matrix", "var_norm")))
 
 
 ATTENTION = OpDef(
@@ -249,5 +289,9 @@ ATTENTION = OpDef(
              id="narrow-values-fused"),
         Case({"num_heads": 2, "attn_ratio": 2.0, "local_conv": 3}, TensorType("maps", 16, 3, 4), id="lepe"),
         Case({"head_dim": 8, "local_conv": 5, "fused": False}, TensorType("tokens", 16, 4, 4), id="lepe-tokens"),
+        Case({"num_heads": 4, "reattention": True, "fused": False, "scale_order": "after", "attn_drop": 0.1},
+             TensorType("tokens", 16, 3, 3, prefix=1), id="reattention"),
+        Case({"head_dim": 4, "reattention": True, "reattention_scale": True, "fused": False},
+             TensorType("maps", 8, 3, 4), id="reattention-maps"),
     ),
 )

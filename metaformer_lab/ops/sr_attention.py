@@ -111,7 +111,7 @@ class SrAttention(nn.Module):
                  groups: int = 1, reduction: Reduction | None = None, kernel: int | None = None,
                  sr_bias: bool = True, q_norm: nn.Module | None = None, v_norm: nn.Module | None = None,
                  local_conv: int | None = None, local_conv_add: LocalConvAdd = "output", prefix: int = 0,
-                 grid: tuple[int, int] = (0, 0)) -> None:
+                 grid: tuple[int, int] = (0, 0), out_dim: int | None = None) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         self.prefix, self.grid = prefix, grid
@@ -119,7 +119,7 @@ class SrAttention(nn.Module):
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(inner, dim)
+        self.proj = nn.Linear(inner, out_dim or dim)
         self.proj_drop = nn.Dropout(proj_drop)
         pool = pool_size is not None
         reduction = reduction or ("pool" if pool else "conv")
@@ -170,7 +170,7 @@ class SrAttention(nn.Module):
         v = F.linear(join_prefix(prefix, v_small).flatten(1, -2), w_v, b_v)
         return torch.cat([k, v], dim=-1), grid
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C), or (B, P + H*W, C) -> (B, P + H*W, C)
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C'), or (B, P + H*W, C) -> (B, P + H*W, C')
         prefix, grid_x = split_prefix(x, self.prefix, self.grid)  # (B, P, C) or None, (B, H, W, C)
         q = self.q(join_prefix(prefix, self.project_q(grid_x)).flatten(1, -2))  # (B, P + H*W, inner)
         q = q.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, heads, P + H*W, d)
@@ -192,7 +192,8 @@ class SrAttention(nn.Module):
 def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="sr_attention")
     require_grid(x, op="sr_attention")
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    out = x if out_dim is None else x.with_channels(out_dim)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if spec.reduction != "pool" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
         raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
     if spec.kernel is not None and spec.reduction != "dwconv":
@@ -211,7 +212,7 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
     if small is not None:
         require_groups(spec.groups, input=x.channels)
         check_norm(spec.norm, small, "norm")
-    return x, {"num_heads": num_heads, "head_dim": head_dim}
+    return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
 def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
@@ -226,7 +227,7 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
                        groups=spec.groups, reduction=spec.reduction, kernel=spec.kernel, sr_bias=spec.sr_bias,
                        q_norm=q_norm, v_norm=v_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add,
-                       prefix=x.prefix, grid=x.grid)
+                       prefix=x.prefix, grid=x.grid, out_dim=r.out_type.channels)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:

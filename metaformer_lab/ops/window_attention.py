@@ -179,7 +179,8 @@ class WindowAttention(nn.Module):
 
     def __init__(self, dim: int, grid: tuple[int, int], window: int, dilation: tuple[int, int], shift: bool,
                  num_heads: int, head_dim: int, rel_pos_bias: RelPosBias, cosine: bool, qkv_bias: bool, k_bias: bool,
-                 attn_drop: float, proj_drop: float, fused: bool, local_conv: int | None = None) -> None:
+                 attn_drop: float, proj_drop: float, fused: bool, local_conv: int | None = None,
+                 out_dim: int | None = None) -> None:
         super().__init__()
         self.grid, self.window, self.dilation, self.fused = grid, window, dilation, fused
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -192,7 +193,7 @@ class WindowAttention(nn.Module):
         self.register_buffer("k_bias", torch.zeros(inner) if separate else None, persistent=False)
         self.logit_scale = nn.Parameter(torch.full((num_heads, 1, 1), math.log(10.0))) if cosine else None
         self.attn_drop = nn.Dropout(attn_drop)
-        self.proj = nn.Linear(inner, dim)
+        self.proj = nn.Linear(inner, out_dim or dim)
         self.proj_drop = nn.Dropout(proj_drop)
         self.local_conv = None if local_conv is None else nn.Conv2d(inner, inner, local_conv, padding=local_conv // 2,
                                                                     groups=inner)
@@ -254,7 +255,7 @@ class WindowAttention(nn.Module):
             attn = attn + bias
         return self.attn_drop(attn.softmax(dim=-1)) @ v  # (B*nW, heads, w*w, d)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C)
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
         if any(self.shift):
             x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
         windows = partition(x, self.window, self.dilation)  # (B*nW, w*w, C)
@@ -276,8 +277,8 @@ class WindowAttention(nn.Module):
         # An explicit copy, not a view: torch.onnx.export (torch 2.14) swaps SDPA-with-bias for a kernel whose
         # output strides differ from the traced ones, and a view there fails (timm's fused Swin fails the same way).
         y = y.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B*nW, w*w, heads, d)
-        y = self.proj_drop(self.proj(y.flatten(2)))  # (B*nW, w*w, C)
-        y = merge(y, self.grid, self.window, self.dilation)  # (B, H, W, C)
+        y = self.proj_drop(self.proj(y.flatten(2)))  # (B*nW, w*w, C')
+        y = merge(y, self.grid, self.window, self.dilation)  # (B, H, W, C')
         if any(self.shift):
             y = torch.roll(y, shifts=self.shift, dims=(1, 2))
         return y
@@ -287,7 +288,8 @@ def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
                            out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="window_attention")
     require_no_prefix(x, op="window_attention")
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
+    out = x if out_dim is None else x.with_channels(out_dim)
+    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if spec.shift and spec.partition != "window":
         raise ShapeIssue("shift", f"only with partition: window; {spec.partition} groups are not shifted")
     if spec.interval is not None and spec.partition != "dilated":
@@ -297,7 +299,7 @@ def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
     span = spec.window * (spec.interval or 1)
     if x.height % span or x.width % span:
         raise ShapeIssue("interval", f"window * interval = {span} does not divide the {x.height}x{x.width} feature map")
-    return x, {"num_heads": num_heads, "head_dim": head_dim}
+    return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
 def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAttention:
@@ -306,7 +308,8 @@ def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAtt
     return WindowAttention(x.channels, grid=x.grid, window=spec.window, dilation=dilation_of(spec, x.grid),
                            shift=spec.shift, num_heads=num_heads, head_dim=head_dim, rel_pos_bias=spec.rel_pos_bias,
                            cosine=spec.cosine, qkv_bias=spec.qkv_bias, k_bias=spec.k_bias, attn_drop=spec.attn_drop,
-                           proj_drop=spec.proj_drop, fused=spec.fused, local_conv=spec.local_conv)
+                           proj_drop=spec.proj_drop, fused=spec.fused, local_conv=spec.local_conv,
+                           out_dim=r.out_type.channels)
 
 
 def fold_window_attention(module: nn.Module) -> Folding | None:

@@ -231,8 +231,8 @@ def _case_module(opdef: Any, case: Case) -> nn.Module:
         from pydantic import TypeAdapter
 
         spec = TypeAdapter(TokenMixerSpec).validate_python({"type": opdef.tag, **case.config})
-        children = [TOKEN_MIXERS.of_spec(c).make(c, t) for c, t in
-                    zip(opdef.branches(spec), opdef.split(spec, case.input), strict=True)]
+        children = [TOKEN_MIXERS.of_spec(c).make(c, t, dim) for c, (t, dim) in
+                    zip(opdef.branches(spec), opdef.branch_inputs(spec, case.input), strict=True)]
         return opdef.build(spec, Resolved(case.input, case.input), children)
     spec = opdef.spec.model_validate({"type": opdef.tag, **case.config})
     return opdef.make(spec, case.input, case.out_dim)

@@ -30,12 +30,11 @@ def _build(role: str, opdef: Any, spec: Any, case: Case) -> tuple[nn.Module, Ten
     """The op's module and its declared output type (composites built from their branches)."""
     x = case.input
     if isinstance(opdef, CompositeDef):
-        branch_types = opdef.split(spec, x)
         children, outs = [], []
-        for child, t in zip(opdef.branches(spec), branch_types, strict=True):
+        for child, (t, dim) in zip(opdef.branches(spec), opdef.branch_inputs(spec, x), strict=True):
             child_def = TOKEN_MIXERS.of_spec(child)
-            children.append(child_def.make(child, t))
-            outs.append(child_def.resolve(child, t).out_type)
+            children.append(child_def.make(child, t, dim))
+            outs.append(child_def.resolve(child, t, dim).out_type)
         out = opdef.join(spec, x, outs)
         return opdef.build(spec, Resolved(x, out), children), out
     resolved = opdef.resolve(spec, x, case.out_dim)
