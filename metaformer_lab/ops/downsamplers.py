@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import Groups, KernelInt, OpSpec, require_layout, require_no_prefix
+from metaformer_lab.ops.common import Act, Groups, KernelInt, OpSpec, make_act, require_layout, require_no_prefix
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.stems import ConvEmbed, default_padding, fold_conv_embed, strided_conv_shape
@@ -20,7 +20,7 @@ _TOKENS = TensorType("tokens", 8, 8, 6)
 
 
 class ConvDownSpec(OpSpec):
-    """Strided conv with optional norms around it (PoolFormer, ConvNeXt, PVTv2 downsamplers)."""
+    """Strided conv with optional norms around it and an activation after (PoolFormer, ConvNeXt, PVTv2, FastViT)."""
 
     type: Literal["conv"] = "conv"
     kernel: KernelInt = 3
@@ -30,8 +30,9 @@ class ConvDownSpec(OpSpec):
     norm_before: NormSpec | None = None
     norm_after: NormSpec | None = None
     groups: Groups = Field(1, description="conv groups (1: a full conv); must divide the input and output widths")
+    act: Act = Field("identity", description="after the conv and norm_after (FastViT's GELU)")
 
-    key_optional = frozenset({"groups"})
+    key_optional = frozenset({"groups", "act"})
 
 
 def _padding(spec: ConvDownSpec) -> int:
@@ -48,7 +49,7 @@ def _build_conv_down(spec: ConvDownSpec, r: Resolved) -> nn.Module:
     out = r.out_type
     conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias,
                      groups=spec.groups)
-    return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out))
+    return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out), make_act(spec.act))
 
 
 class PatchMergingSpec(OpSpec):
@@ -142,7 +143,8 @@ CONV_DOWN = OpDef(ConvDownSpec, _conv_down_shape, _build_conv_down, accepts=("ma
                   cases=(Case({}, _MAPS, 16), Case({"kernel": 2, "norm_before": {"type": "layernorm"}}, _MAPS, 16,
                                                    id="convnext"),
                          Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post"),
-                         Case({"groups": 8}, _MAPS, 16, id="grouped")))
+                         Case({"groups": 8}, _MAPS, 16, id="grouped"),
+                         Case({"norm_after": {"type": "batchnorm"}, "act": "gelu"}, _MAPS, 16, id="act")))
 PATCH_MERGING = OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging, accepts=("tokens",),
                       fold=fold_downsampler,
                       cases=(Case({}, _TOKENS, 16),))

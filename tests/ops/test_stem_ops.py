@@ -1,0 +1,160 @@
+"""Stems and downsamplers beyond a single conv: the conv stack's per-conv kernels, act/norm order and max-pool
+(against timm's Visformer, LeViT and ResNet stems, and CMT's stem written out), the conv downsampler's activation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import build_op, max_diff, op_spec, perturbed, port
+from torch import Tensor, nn
+
+import metaformer_lab
+from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops import REGISTRIES
+from metaformer_lab.ops.common import LATENCY_KEY
+
+TOL = 1e-5
+B = 2
+IMAGE = TensorType("maps", 3, 32, 32)
+
+
+def _run(module: nn.Module, x: Tensor) -> Tensor:
+    with torch.no_grad():
+        return module(x)
+
+
+# --- conv stack -------------------------------------------------------------------------------------
+
+def test_conv_stack_matches_timm_visformer_stem() -> None:
+    """Visformer's stem: one 7x7 stride-2 conv, BatchNorm, ReLU (``init_channels``)."""
+    from timm.models.visformer import Visformer
+
+    ref = Visformer(img_size=32, init_channels=16, embed_dim=32, depth=3, num_heads=2, num_classes=0).stem
+    config = {"strides": [2], "kernels": [7], "act": "relu"}
+    ours = port(ref, build_op("stem", "conv_stack", config, IMAGE, 16),
+                [(r"^0\.", "0.conv."), (r"^1\.", "0.norm.")])
+    x = torch.randn(IMAGE.shape(B))
+    assert max_diff(_run(ours, x), _run(ref, x)) <= TOL
+
+
+def test_conv_stack_matches_timm_levit_stem() -> None:
+    """LeViT's Stem16: four 3x3 stride-2 conv + BatchNorm, Hardswish between them, none after the last."""
+    from timm.models.levit import Stem16
+
+    ref = Stem16(3, 32, act_layer=nn.Hardswish)
+    config = {"strides": [2, 2, 2, 2], "widths": [4, 8, 16], "act": "hardswish", "last_act": False}
+    renames = [(rf"^conv{i + 1}\.linear\.", f"{i}.conv.") for i in range(4)]
+    renames += [(rf"^conv{i + 1}\.bn\.", f"{i}.norm.") for i in range(4)]
+    ours = port(ref, build_op("stem", "conv_stack", config, IMAGE, 32), renames)
+    x = torch.randn(IMAGE.shape(B))
+    assert max_diff(_run(ours, x), _run(ref, x)) <= TOL
+
+
+def test_conv_stack_pool_matches_timm_resnet_stem() -> None:
+    """ResNet's stem: 7x7 stride-2 conv, BatchNorm, ReLU, then a 3x3 stride-2 max-pool (padding 1)."""
+    from timm.models.resnet import BasicBlock, ResNet
+
+    net = ResNet(BasicBlock, [1, 1, 1, 1], num_classes=0)
+    ref = nn.Sequential(net.conv1, net.bn1, net.act1, net.maxpool)
+    config = {"strides": [2], "kernels": [7], "pool": {"kernel": 3, "stride": 2}}
+    ours = port(ref, build_op("stem", "conv_stack", config, IMAGE, 64), [(r"^0\.", "0.conv."), (r"^1\.", "0.norm.")])
+    x = torch.randn(IMAGE.shape(B))
+    out = _run(ours, x)
+    assert out.shape == (B, 64, 8, 8)
+    assert max_diff(out, _run(ref, x)) <= TOL
+
+
+def test_conv_stack_act_norm_matches_cmt_stem() -> None:
+    """CMT's stem (not in timm): 3x3 conv stride 2, GELU, BatchNorm, then twice the same with stride 1."""
+    config = {"strides": [2, 1, 1], "widths": [8, 8], "bias": True, "act": "gelu", "order": "act_norm"}
+    ours = perturbed(build_op("stem", "conv_stack", config, IMAGE, 8))
+    x = torch.randn(IMAGE.shape(B))
+    expected = x
+    for layer, stride in zip(ours, [2, 1, 1], strict=True):
+        conv, bn = layer.conv, layer.norm
+        expected = F.conv2d(expected, conv.weight, conv.bias, stride=stride, padding=1)
+        expected = F.batch_norm(F.gelu(expected), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
+    assert max_diff(_run(ours, x), expected) <= TOL
+
+
+def test_conv_stack_kernels_default_to_kernel_and_keep_the_module() -> None:
+    """Leaving the new options out builds what was built before: same parameters, same names, same outputs."""
+    config = {"strides": [2, 2], "kernel": 5}
+    old = build_op("stem", "conv_stack", config, IMAGE, 16)
+    new = build_op("stem", "conv_stack", {**config, "kernels": [5, 5], "order": "norm_act"}, IMAGE, 16)
+    assert [(k, v.shape) for k, v in old.state_dict().items()] == [(k, v.shape) for k, v in new.state_dict().items()]
+    new.load_state_dict(old.state_dict())
+    x = torch.randn(IMAGE.shape(B))
+    assert max_diff(_run(old, x), _run(new, x)) == 0
+
+
+def test_act_norm_stack_deploys_without_folding_across_the_activation() -> None:
+    config = {"strides": [2, 1], "widths": [8], "act": "gelu", "order": "act_norm", "pool": {}}
+    module = perturbed(build_op("stem", "conv_stack", config, IMAGE, 8))
+    deployed = metaformer_lab.deploy(module)
+    x = torch.randn(IMAGE.shape(B))
+    assert max_diff(_run(deployed, x), _run(module, x)) <= 1e-4
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in deployed.modules()) == 2
+
+
+# --- conv downsampler's activation ------------------------------------------------------------------
+
+def test_conv_downsampler_act_follows_its_norm_and_survives_deploy() -> None:
+    x_type = TensorType("maps", 8, 8, 8)
+    config = {"norm_after": {"type": "batchnorm"}, "act": "gelu"}
+    module = perturbed(build_op("downsample", "conv", config, x_type, 16))
+    x = torch.randn(x_type.shape(B))
+    bn = module.norm
+    with torch.no_grad():
+        expected = F.gelu(F.batch_norm(module.conv(x), bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps))
+    assert max_diff(_run(module, x), expected) <= TOL
+    deployed = metaformer_lab.deploy(module)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in deployed.modules())  # the BatchNorm went into the conv
+    assert max_diff(_run(deployed, x), expected) <= 1e-4
+
+
+# --- what the shape rules refuse --------------------------------------------------------------------
+
+@pytest.mark.parametrize(("role", "tag", "config", "x", "out_dim", "field", "message"), [
+    pytest.param("stem", "conv_stack", {"strides": [2, 2], "kernels": [3]}, IMAGE, 16, "kernels",
+                 "needs 2 entries (one per conv), got 1", id="kernels-count"),
+    pytest.param("stem", "conv_stack", {"strides": [8, 8], "kernels": [3, 7]}, IMAGE, 16, "kernels[1]",
+                 "7 is larger than the padded 4x4 input", id="kernel-too-large"),
+    pytest.param("stem", "conv_stack", {"strides": [2], "pool": {"kernel": 3, "padding": 2}}, IMAGE, 16,
+                 "pool.padding", "2 is more than half the kernel 3", id="pool-padding"),
+    pytest.param("stem", "conv_stack", {"strides": [8, 4], "pool": {"kernel": 3, "padding": 0}}, IMAGE, 16,
+                 "pool.kernel", "3 is larger than the padded 1x1 input", id="pool-too-large"),
+])
+def test_shape_rules_reject(role: str, tag: str, config: dict[str, Any], x: TensorType, out_dim: int, field: str,
+                            message: str) -> None:
+    with pytest.raises(ShapeIssue) as err:
+        REGISTRIES[role].get(tag).resolve(op_spec(role, tag, config), x, out_dim)
+    assert (err.value.field, err.value.message.split(";")[0]) == (field, message)
+
+
+def test_a_spec_reports_the_path_of_a_bad_kernel() -> None:
+    spec = {"name": "bad", "input": {"channels": 3, "size": 32}, "num_classes": 5,
+            "stem": {"type": "conv_stack", "strides": [8, 8], "kernels": [3, 7]},
+            "stages": [{"depth": 1, "dim": 16, "block": {"token_mixer": {"type": "pooling"}}}],
+            "head": {"type": "pool_norm_linear"}}
+    with pytest.raises(metaformer_lab.SpecError) as err:
+        metaformer_lab.build(spec)
+    assert [(i.path, i.message) for i in err.value.issues] == [("stem.kernels[1]",
+                                                                "7 is larger than the padded 4x4 input")]
+
+
+# --- latency keys -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("role", "tag", "options"), [
+    ("stem", "conv_stack", {"kernels": [3, 3], "order": "act_norm", "pool": {}}),
+    ("downsample", "conv", {"act": "gelu"}),
+])
+def test_latency_keys_leave_out_new_options_at_their_defaults(role: str, tag: str, options: dict[str, Any]) -> None:
+    key = op_spec(role, tag, {}).model_dump_json(context={LATENCY_KEY: True})
+    assert not any(f'"{name}"' in key for name in options)
+    for name, value in options.items():
+        assert op_spec(role, tag, {name: value}).model_dump_json(context={LATENCY_KEY: True}) != key
