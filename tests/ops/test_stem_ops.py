@@ -1,5 +1,6 @@
-"""Stems and downsamplers beyond a single conv: the conv stack's per-conv kernels, act/norm order and max-pool
-(against timm's Visformer, LeViT and ResNet stems, and CMT's stem written out), the conv downsampler's activation."""
+"""Stems, downsamplers and embeddings beyond a single conv: the conv stack's per-conv kernels, act/norm order and
+max-pool (against timm's Visformer, LeViT and ResNet stems, and CMT's stem written out), the conv downsampler's
+activation, CrossFormer's cross-scale embedding and T2T-ViT's soft split (against references written here)."""
 
 from __future__ import annotations
 
@@ -117,6 +118,93 @@ def test_conv_downsampler_act_follows_its_norm_and_survives_deploy() -> None:
     assert max_diff(_run(deployed, x), expected) <= 1e-4
 
 
+# --- cross-scale embedding (CrossFormer) ------------------------------------------------------------
+
+def _crossformer_widths(dim: int, n: int) -> list[int]:
+    """CrossFormer's split, as its PatchEmbed / PatchMerging loop computes it."""
+    return [dim // 2 ** i if i == n - 1 else dim // 2 ** (i + 1) for i in range(n)]
+
+
+def _crossformer_embed(x: Tensor, convs: list[nn.Conv2d], stride: int, kernels: list[int],
+                       norm: nn.LayerNorm | None) -> Tensor:
+    """CrossFormer's ``PatchEmbed.forward`` (norm after) on maps -> tokens (B, H*W, C), conv by conv."""
+    tokens = [F.conv2d(x, conv.weight, conv.bias, stride=stride, padding=(k - kernels[0]) // 2).flatten(2)
+              .transpose(1, 2) for conv, k in zip(convs, kernels, strict=True)]
+    out = torch.cat(tokens, dim=2)
+    return norm(out) if norm is not None else out
+
+
+def test_cross_scale_stem_matches_crossformer_patch_embed() -> None:
+    config = {"kernels": [4, 8, 16, 32], "norm_after": {"type": "layernorm", "eps": 1e-5}}
+    ours = perturbed(build_op("stem", "cross_scale", config, IMAGE, 48))
+    convs = list(ours.conv.projs)
+    assert [c.out_channels for c in convs] == _crossformer_widths(48, 4) == [24, 12, 6, 6]
+    norm = nn.LayerNorm(48)
+    norm.load_state_dict({"weight": ours.norm.weight, "bias": ours.norm.bias})
+    x = torch.randn(IMAGE.shape(B))
+    with torch.no_grad():
+        expected = _crossformer_embed(x, convs, 4, [4, 8, 16, 32], norm)
+    assert max_diff(_run(ours, x).flatten(2).transpose(1, 2), expected) <= TOL
+
+
+def test_cross_scale_downsampler_matches_crossformer_patch_merging() -> None:
+    """CrossFormer's PatchMerging: LayerNorm on the tokens first, then the convs (stride 2) concatenated."""
+    x_type = TensorType("maps", 8, 8, 8)
+    config = {"kernels": [2, 4], "norm_before": {"type": "layernorm", "eps": 1e-5}}
+    ours = perturbed(build_op("downsample", "cross_scale", config, x_type, 16))
+    convs = list(ours.conv.projs)
+    assert [c.out_channels for c in convs] == _crossformer_widths(16, 2) == [8, 8]
+    norm = nn.LayerNorm(8)
+    norm.load_state_dict({"weight": ours.norm.weight, "bias": ours.norm.bias})
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        normed = norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, H, W), normed over C
+        expected = _crossformer_embed(normed, convs, 2, [2, 4], None)
+    assert max_diff(_run(ours, x).flatten(2).transpose(1, 2), expected) <= TOL
+
+
+# --- soft split (T2T-ViT) ---------------------------------------------------------------------------
+
+def _soft_split_reference(x: Tensor, kernel: int, stride: int, padding: int) -> Tensor:
+    """Patch by patch: token (i, j) is the zero-padded window at (i*stride, j*stride), flattened (C, row, col)."""
+    padded = F.pad(x, (padding,) * 4)
+    rows = (padded.shape[2] - kernel) // stride + 1
+    cols = (padded.shape[3] - kernel) // stride + 1
+    out = torch.empty(x.shape[0], rows, cols, x.shape[1] * kernel * kernel)
+    for i in range(rows):
+        for j in range(cols):
+            window = padded[:, :, i * stride:i * stride + kernel, j * stride:j * stride + kernel]
+            out[:, i, j] = window.flatten(1)
+    return out  # (B, H', W', C*k*k)
+
+
+@pytest.mark.parametrize(("role", "kernel", "stride", "x_type"), [
+    pytest.param("stem", 7, 4, IMAGE, id="t2t-first"),
+    pytest.param("downsample", 3, 2, TensorType("maps", 4, 8, 6), id="t2t-later"),
+])
+def test_soft_split_matches_a_patch_by_patch_reference(role: str, kernel: int, stride: int,
+                                                       x_type: TensorType) -> None:
+    width = x_type.channels * kernel * kernel
+    module = build_op(role, "soft_split", {"kernel": kernel, "stride": stride}, x_type, width)
+    x = torch.randn(x_type.shape(B))
+    out = _run(module, x)
+    padding = (kernel - stride + 1) // 2  # T2T's 7/4/2 and 3/2/1
+    assert max_diff(out, _soft_split_reference(x, kernel, stride, padding)) == 0
+    unfolded = nn.Unfold(kernel, stride=stride, padding=padding)(x).transpose(1, 2)  # T2T's own call
+    assert max_diff(out.flatten(1, 2), unfolded) == 0
+
+
+def test_soft_split_projects_when_the_width_differs() -> None:
+    """T2T's last split: unfold, then ``project``, a Linear from C*k*k to the embedding width."""
+    x_type = TensorType("maps", 4, 8, 8)
+    module = build_op("downsample", "soft_split", {}, x_type, 24)
+    assert isinstance(module.proj, nn.Linear) and (module.proj.in_features, module.proj.out_features) == (36, 24)
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        expected = module.proj(_soft_split_reference(x, 3, 2, 1))
+    assert max_diff(_run(module, x), expected) <= TOL
+
+
 # --- what the shape rules refuse --------------------------------------------------------------------
 
 @pytest.mark.parametrize(("role", "tag", "config", "x", "out_dim", "field", "message"), [
@@ -128,6 +216,16 @@ def test_conv_downsampler_act_follows_its_norm_and_survives_deploy() -> None:
                  "pool.padding", "2 is more than half the kernel 3", id="pool-padding"),
     pytest.param("stem", "conv_stack", {"strides": [8, 4], "pool": {"kernel": 3, "padding": 0}}, IMAGE, 16,
                  "pool.kernel", "3 is larger than the padded 1x1 input", id="pool-too-large"),
+    pytest.param("stem", "cross_scale", {"kernels": [4, 8]}, IMAGE, 15, "widths",
+                 "the default split halves the width 1 times, but 2 does not divide 15", id="split"),
+    pytest.param("stem", "cross_scale", {"kernels": [4, 8], "widths": [8, 4]}, IMAGE, 16, "widths",
+                 "sum to 12, but the op's width is 16", id="widths-sum"),
+    pytest.param("downsample", "cross_scale", {"kernels": [2, 5]}, TensorType("maps", 8, 8, 8), 16, "kernels[1]",
+                 "5 minus the stride 2 is odd", id="odd-difference"),
+    pytest.param("downsample", "cross_scale", {"kernels": [4, 2]}, TensorType("maps", 8, 8, 8), 16, "kernels[1]",
+                 "2 is smaller than the stride 4", id="kernel-below-stride"),
+    pytest.param("downsample", "soft_split", {"kernel": 7, "padding": 0}, TensorType("maps", 8, 4, 4), 16,
+                 "kernel", "7 is larger than the padded 4x4 input", id="soft-split-kernel"),
 ])
 def test_shape_rules_reject(role: str, tag: str, config: dict[str, Any], x: TensorType, out_dim: int, field: str,
                             message: str) -> None:
