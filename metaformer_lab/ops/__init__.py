@@ -59,7 +59,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)
 STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK, cross_scale.CROSS_SCALE_STEM,
-                             soft_split.SOFT_SPLIT_STEM])
+                             soft_split.SOFT_SPLIT_STEM, soft_split.T2T])
 DOWNSAMPLERS = Registry.of("downsampler", [downsamplers.CONV_DOWN, downsamplers.PATCH_MERGING,
                                            downsamplers.POOL_DOWN, cross_scale.CROSS_SCALE_DOWN,
                                            soft_split.SOFT_SPLIT_DOWN])

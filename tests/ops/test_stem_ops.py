@@ -1,6 +1,7 @@
 """Stems, downsamplers and embeddings beyond a single conv: the conv stack's per-conv kernels, act/norm order and
 max-pool (against timm's Visformer, LeViT and ResNet stems, and CMT's stem written out), the conv downsampler's
-activation, CrossFormer's cross-scale embedding and T2T-ViT's soft split (against references written here)."""
+activation, CrossFormer's cross-scale embedding, T2T-ViT's soft split and its tokens-to-token module (against
+references written here)."""
 
 from __future__ import annotations
 
@@ -226,6 +227,10 @@ def test_soft_split_projects_when_the_width_differs() -> None:
                  "2 is smaller than the stride 4", id="kernel-below-stride"),
     pytest.param("downsample", "soft_split", {"kernel": 7, "padding": 0}, TensorType("maps", 8, 4, 4), 16,
                  "kernel", "7 is larger than the padded 4x4 input", id="soft-split-kernel"),
+    pytest.param("stem", "t2t", {"kernels": [3, 3, 3], "strides": [2, 2]}, IMAGE, 16, "strides",
+                 "needs 3 entries (one per kernel), got 2", id="t2t-strides"),
+    pytest.param("stem", "t2t", {"kernels": [7, 3, 3], "strides": [4, 8, 4]}, IMAGE, 16, "kernels[2]",
+                 "3 is larger than the padded 1x1 input", id="t2t-too-small"),
 ])
 def test_shape_rules_reject(role: str, tag: str, config: dict[str, Any], x: TensorType, out_dim: int, field: str,
                             message: str) -> None:
@@ -256,3 +261,82 @@ def test_latency_keys_leave_out_new_options_at_their_defaults(role: str, tag: st
     assert not any(f'"{name}"' in key for name in options)
     for name, value in options.items():
         assert op_spec(role, tag, {name: value}).model_dump_json(context={LATENCY_KEY: True}) != key
+
+
+# --- T2T-ViT's tokens-to-token module ---------------------------------------------------------------
+
+class _T2TAttention(nn.Module):
+    """T2T-ViT's token attention, as its code computes it: heads split out (one here), q scaled by the input
+    width, the residual around the values."""
+
+    def __init__(self, dim: int, in_dim: int) -> None:
+        super().__init__()
+        self.in_dim, self.scale = in_dim, dim**-0.5
+        self.qkv = nn.Linear(dim, in_dim * 3, bias=False)
+        self.proj = nn.Linear(in_dim, in_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, _ = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, 1, self.in_dim).permute(2, 0, 3, 1, 4)  # 3 x (B, 1, N, in_dim)
+        attn = ((q * self.scale) @ k.transpose(-2, -1)).softmax(dim=-1)
+        out = self.proj((attn @ v).transpose(1, 2).reshape(B, N, self.in_dim))
+        return v.squeeze(1) + out
+
+
+class _T2TTokenTransformer(nn.Module):
+    def __init__(self, dim: int, in_dim: int) -> None:
+        from timm.layers import Mlp
+
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(dim), _T2TAttention(dim, in_dim)
+        self.norm2, self.mlp = nn.LayerNorm(in_dim), Mlp(in_dim, in_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class _T2TModule(nn.Module):
+    """T2T-ViT's ``T2T_module`` (transformer variant): splits 7/4/2, 3/2/1, 3/2/1, two token transformers, a
+    projection; square maps rebuilt from the token count between the splits."""
+
+    def __init__(self, in_chans: int, token_dim: int, embed_dim: int) -> None:
+        super().__init__()
+        self.soft_split0 = nn.Unfold(7, stride=4, padding=2)
+        self.soft_split1 = nn.Unfold(3, stride=2, padding=1)
+        self.soft_split2 = nn.Unfold(3, stride=2, padding=1)
+        self.attention1 = _T2TTokenTransformer(in_chans * 49, token_dim)
+        self.attention2 = _T2TTokenTransformer(token_dim * 9, token_dim)
+        self.project = nn.Linear(token_dim * 9, embed_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        for split, attention in ((self.soft_split0, self.attention1), (self.soft_split1, self.attention2)):
+            x = attention(split(x).transpose(1, 2))
+            B, N, C = x.shape
+            side = int(N**0.5)
+            x = x.transpose(1, 2).reshape(B, C, side, side)
+        return self.project(self.soft_split2(x).transpose(1, 2))
+
+
+def test_t2t_stem_matches_the_t2t_module() -> None:
+    x_type = TensorType("maps", 3, 64, 64)
+    ref = _T2TModule(3, token_dim=16, embed_dim=24)
+    renames = [(r"^attention1\.", "attentions.0."), (r"^attention2\.", "attentions.1.")]
+    ours = port(ref, build_op("stem", "t2t", {"token_dim": 16}, x_type, 24), renames)
+    x = torch.randn(x_type.shape(B))
+    out = _run(ours, x)
+    assert out.shape == (B, 4, 4, 24)  # 64 / 4 / 2 / 2
+    assert max_diff(out.flatten(1, 2), _run(ref, x)) <= TOL
+
+
+def test_t2t_token_attention_changes_the_width_around_its_values() -> None:
+    """The token transformer's input is C*k*k wide, its output token_dim: the residual is ``v``, not the input."""
+    module = build_op("stem", "t2t", {"token_dim": 8}, TensorType("maps", 3, 64, 64), 16)
+    attn = module.attentions[0].attn
+    assert (attn.qkv.in_features, attn.qkv.out_features, attn.proj.out_features) == (147, 24, 8)
+    x = torch.randn(B, 5, 147)
+    with torch.no_grad():
+        v = attn.qkv(x)[..., 16:]
+        attn.proj.weight.zero_()
+        attn.proj.bias.zero_()
+        assert max_diff(attn(x), v) == 0
