@@ -115,8 +115,9 @@ class TokenAttention(nn.Module):
         self.scale = dim**-0.5
 
     def forward(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, N, C')
-        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, N, C')
-        return v + self.proj(F.scaled_dot_product_attention(q, k, v, scale=self.scale))
+        q, k, v = self.qkv(x).unflatten(-1, (3, 1, -1)).permute(2, 0, 3, 1, 4)  # 3 x (B, 1 head, N, C')
+        out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, 1, N, C')
+        return v.squeeze(1) + self.proj(out.squeeze(1))
 
 
 class TokenTransformer(nn.Module):

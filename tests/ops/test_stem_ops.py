@@ -10,12 +10,13 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import build_op, max_diff, op_spec, perturbed, port
+from helpers import ROOT, build_op, max_diff, op_spec, perturbed, port
 from torch import Tensor, nn
 
 import metaformer_lab
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.types import TensorType
+from metaformer_lab.latency.gpu import estimate_gpu
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import LATENCY_KEY
 
@@ -340,3 +341,10 @@ def test_t2t_token_attention_changes_the_width_around_its_values() -> None:
         attn.proj.weight.zero_()
         attn.proj.bias.zero_()
         assert max_diff(attn(x), v) == 0
+
+
+@pytest.mark.parametrize("name", ["tiny_cmt_style", "tiny_crossformer_style", "tiny_soft_split", "tiny_t2t_style"])
+def test_the_gpu_estimate_reads_the_new_stems(name: str) -> None:
+    """The estimator records every kernel on the meta device (the token attention's SDPA gets 4-D inputs)."""
+    estimate = estimate_gpu(ROOT / "examples" / f"{name}.yaml", "h100", input_size=32)
+    assert estimate.nodes_ms["stem"] > 0
