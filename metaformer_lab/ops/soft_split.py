@@ -121,15 +121,15 @@ class TokenAttention(nn.Module):
 
 
 class TokenTransformer(nn.Module):
-    """T2T's ``Token_transformer``: ``y = attn(norm1(x))`` (width C -> C', see :class:`TokenAttention`), then
-    ``y + mlp(norm2(y))``."""
+    """T2T's ``Token_transformer`` on tokens (B, H, W, C): ``y = attn(norm1(x))`` (width C -> C', see
+    :class:`TokenAttention`), then ``y + mlp(norm2(y))``."""
 
     def __init__(self, norm1: nn.Module, attn: TokenAttention, norm2: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, N, C')
-        x = self.attn(self.norm1(x))
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
+        x = self.attn(self.norm1(x).flatten(1, 2)).unflatten(1, x.shape[1:3])  # (B, H*W, C') -> (B, H, W, C')
         return x + self.mlp(self.norm2(x))
 
 
@@ -147,8 +147,8 @@ class T2TModule(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, H', W', C')
         for split, attention, grid in zip(self.soft_splits, self.attentions, self.grids, strict=False):
-            x = attention(split(x).transpose(1, 2))  # (B, C*k*k, h*w) -> (B, h*w, C*k*k) -> (B, h*w, token_dim)
-            x = x.transpose(1, 2).unflatten(2, grid)  # (B, token_dim, h, w)
+            x = split(x).transpose(1, 2).unflatten(1, grid)  # (B, C*k*k, h*w) -> (B, h, w, C*k*k)
+            x = attention(x).permute(0, 3, 1, 2)  # (B, h, w, token_dim) -> (B, token_dim, h, w)
         x = self.soft_splits[-1](x).transpose(1, 2)  # (B, H'*W', token_dim*k*k)
         return self.project(x).unflatten(1, self.grids[-1])  # (B, H', W', C')
 

@@ -40,7 +40,7 @@ class ConvEmbed(nn.Module):
         self.pre_norm = nn.Identity() if self.norm_first else pre
         self.conv = conv
         self.norm = pre if self.norm_first else post
-        self.act = act or nn.Identity()
+        self.act = nn.Identity() if act is None else act
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
         x = self.pre_norm(x)

@@ -343,6 +343,14 @@ def test_t2t_token_attention_changes_the_width_around_its_values() -> None:
         assert max_diff(attn(x), v) == 0
 
 
+@pytest.mark.parametrize("norm", ["layernorm", "batchnorm", "groupnorm", "rmsnorm", "affine"])
+def test_t2t_takes_any_norm_on_its_tokens(norm: str) -> None:
+    x_type = TensorType("maps", 3, 32, 32)
+    config = {"kernels": [7, 3], "strides": [4, 2], "token_dim": 8, "norm": {"type": norm}}
+    module = build_op("stem", "t2t", config, x_type, 16)
+    assert _run(module, torch.randn(x_type.shape(B))).shape == (B, 4, 4, 16)
+
+
 @pytest.mark.parametrize("name", ["tiny_cmt_style", "tiny_crossformer_style", "tiny_soft_split", "tiny_t2t_style"])
 def test_the_gpu_estimate_reads_the_new_stems(name: str) -> None:
     """The estimator records every kernel on the meta device (the token attention's SDPA gets 4-D inputs)."""
