@@ -78,12 +78,6 @@ def _build_soft_split(spec: SoftSplitSpec, r: Resolved) -> nn.Module:
     return SoftSplit(spec.kernel, spec.stride, _padding(spec), (out.height, out.width), proj)
 
 
-SOFT_SPLIT_STEM = OpDef(SoftSplitStemSpec, _soft_split_shape, _build_soft_split,
-                        cases=(Case({}, _IMAGE, 3 * 49), Case({"kernel": 4, "stride": 4}, _IMAGE, 16, id="proj")))
-SOFT_SPLIT_DOWN = OpDef(SoftSplitDownSpec, _soft_split_shape, _build_soft_split, accepts=("maps",),
-                        cases=(Case({}, _MAPS, 4 * 9), Case({"kernel": 2, "padding": 0}, _MAPS, 12, id="proj")))
-
-
 class T2TSpec(OpSpec):
     """T2T-ViT's tokens-to-token module: soft splits, each but the last followed by a token transformer that
     narrows the tokens to token_dim, the last one projected to the stem's width."""
@@ -146,14 +140,14 @@ class T2TModule(nn.Module):
         self.grids = grids
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, H', W', C')
-        for split, attention, grid in zip(self.soft_splits, self.attentions, self.grids, strict=False):
+        for split, attention, grid in zip(self.soft_splits[:-1], self.attentions, self.grids[:-1], strict=True):
             x = split(x).transpose(1, 2).unflatten(1, grid)  # (B, C*k*k, h*w) -> (B, h, w, C*k*k)
             x = attention(x).permute(0, 3, 1, 2)  # (B, h, w, token_dim) -> (B, token_dim, h, w)
         x = self.soft_splits[-1](x).transpose(1, 2)  # (B, H'*W', token_dim*k*k)
         return self.project(x).unflatten(1, self.grids[-1])  # (B, H', W', C')
 
 
-def _t2t_types(spec: T2TSpec, x: TensorType, dim: int) -> list[TensorType]:
+def _t2t_types(spec: T2TSpec, x: TensorType) -> list[TensorType]:
     """The tokens each soft split gives, at their full width C*k*k."""
     if len(spec.strides) != len(spec.kernels):
         raise ShapeIssue("strides", f"needs {len(spec.kernels)} entries (one per kernel), got {len(spec.strides)}")
@@ -174,24 +168,29 @@ def _t2t_types(spec: T2TSpec, x: TensorType, dim: int) -> list[TensorType]:
 
 
 def _t2t_shape(spec: T2TSpec, x: TensorType, dim: int) -> TensorType:
-    return _t2t_types(spec, x, dim)[-1].with_channels(dim)
+    return _t2t_types(spec, x)[-1].with_channels(dim)
 
 
 def _build_t2t(spec: T2TSpec, r: Resolved) -> nn.Module:
     from timm.layers import Mlp
 
-    types = _t2t_types(spec, r.in_type, r.out_dim)
-    splits = [nn.Unfold(k, stride=s, padding=default_padding(k, s)) for k, s in zip(spec.kernels, spec.strides,
-                                                                                    strict=True)]
+    types = _t2t_types(spec, r.in_type)
+    pairs = zip(spec.kernels, spec.strides, strict=True)
+    splits = [nn.Unfold(kernel, stride=stride, padding=default_padding(kernel, stride)) for kernel, stride in pairs]
     attentions = []
     for t in types[:-1]:
-        narrow = t.with_channels(spec.token_dim)
+        attn = TokenAttention(t.channels, spec.token_dim, spec.qkv_bias)
         mlp = Mlp(spec.token_dim, int(spec.mlp_ratio * spec.token_dim), act_layer=act_layer(spec.act))
-        attentions.append(TokenTransformer(build_norm(spec.norm, t), TokenAttention(t.channels, spec.token_dim,
-                                                                                    spec.qkv_bias),
-                                           build_norm(spec.norm, narrow), mlp))
+        norm2 = build_norm(spec.norm, t.with_channels(spec.token_dim))
+        attentions.append(TokenTransformer(build_norm(spec.norm, t), attn, norm2, mlp))
     project = nn.Linear(types[-1].channels, r.out_dim)
     return T2TModule(splits, attentions, project, [(t.height, t.width) for t in types])
+
+
+SOFT_SPLIT_STEM = OpDef(SoftSplitStemSpec, _soft_split_shape, _build_soft_split,
+                        cases=(Case({}, _IMAGE, 3 * 49), Case({"kernel": 4, "stride": 4}, _IMAGE, 16, id="proj")))
+SOFT_SPLIT_DOWN = OpDef(SoftSplitDownSpec, _soft_split_shape, _build_soft_split, accepts=("maps",),
+                        cases=(Case({}, _MAPS, 4 * 9), Case({"kernel": 2, "padding": 0}, _MAPS, 12, id="proj")))
 T2T = OpDef(T2TSpec, _t2t_shape, _build_t2t,
              cases=(Case({"token_dim": 8}, TensorType("maps", 3, 64, 64), 16),
                     Case({"kernels": [3, 3], "strides": [2, 2], "token_dim": 4, "mlp_ratio": 2.0, "qkv_bias": True},
