@@ -10,6 +10,7 @@ from metaformer_lab.ops import (
     composite,
     concat,
     conv_mixers,
+    cross_scale,
     downsamplers,
     focal_modulation,
     gated,
@@ -25,6 +26,7 @@ from metaformer_lab.ops import (
     position,
     random_mixing,
     rel_pos_attention,
+    soft_split,
     sr_attention,
     stems,
     talking_heads,
@@ -58,9 +60,11 @@ TOKEN_MIXERS = Registry.of("token mixer", [
 ])
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)
-STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK])
+STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK, cross_scale.CROSS_SCALE_STEM,
+                             soft_split.SOFT_SPLIT_STEM, soft_split.T2T])
 DOWNSAMPLERS = Registry.of("downsampler", [downsamplers.CONV_DOWN, downsamplers.PATCH_MERGING,
-                                           downsamplers.POOL_DOWN])
+                                           downsamplers.POOL_DOWN, cross_scale.CROSS_SCALE_DOWN,
+                                           soft_split.SOFT_SPLIT_DOWN])
 HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD, heads.CONV_MLP_HEAD])
 POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.SINUSOIDAL_POS, position.PEG])
 

@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import Groups, KernelInt, require_layout, require_no_prefix
+from metaformer_lab.ops.common import Act, Groups, KernelInt, make_act, require_layout, require_no_prefix
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
@@ -22,7 +22,7 @@ _PREFIXED = TensorType("tokens", 8, 8, 6, prefix=1)
 
 
 class ConvDownSpec(GridOpSpec):
-    """Strided conv with optional norms around it (PoolFormer, ConvNeXt, PVTv2 downsamplers)."""
+    """Strided conv with optional norms around it and an activation after (PoolFormer, ConvNeXt, PVTv2, FastViT)."""
 
     type: Literal["conv"] = "conv"
     kernel: KernelInt = 3
@@ -32,8 +32,9 @@ class ConvDownSpec(GridOpSpec):
     norm_before: NormSpec | None = None
     norm_after: NormSpec | None = None
     groups: Groups = Field(1, description="conv groups (1: a full conv); must divide the input and output widths")
+    act: Act = Field("identity", description="after the conv and norm_after (FastViT's GELU)")
 
-    key_optional = frozenset({"groups"})
+    key_optional = frozenset({"groups", "act"})
 
 
 def _padding(spec: ConvDownSpec) -> int:
@@ -50,7 +51,7 @@ def _build_conv_down(spec: ConvDownSpec, r: Resolved) -> nn.Module:
     out = r.out_type
     conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias,
                      groups=spec.groups)
-    return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out))
+    return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out), make_act(spec.act))
 
 
 class PatchMergingSpec(GridOpSpec):
@@ -153,6 +154,7 @@ CONV_DOWN = around_prefix(OpDef(
     cases=(Case({}, _MAPS, 16), Case({"kernel": 2, "norm_before": {"type": "layernorm"}}, _MAPS, 16, id="convnext"),
            Case({"norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="post"),
            Case({"groups": 8}, _MAPS, 16, id="grouped"),
+           Case({"norm_after": {"type": "batchnorm"}, "act": "gelu"}, _MAPS, 16, id="act"),
            Case({"padding": 1, "groups": 8, "prefix": "linear"}, _PREFIXED, 16, id="pit-class-token"),
            Case({"norm_after": {"type": "layernorm"}, "prefix": "pass"}, _PREFIXED, 8, id="prefix-pass"))))
 PATCH_MERGING = around_prefix(OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging,

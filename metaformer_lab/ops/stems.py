@@ -1,4 +1,4 @@
-"""Stems: patchify (ViT), overlapping conv (PoolFormer, PVTv2), conv stack (EfficientFormer, CoAtNet)."""
+"""Stems: patchify (ViT), overlapping conv (PoolFormer, PVTv2), conv stack (EfficientFormer, CoAtNet, CMT, ResNet)."""
 
 from __future__ import annotations
 
@@ -27,22 +27,25 @@ def default_padding(kernel: int, stride: int) -> int:
 
 
 class ConvEmbed(nn.Module):
-    """``post(conv(pre(x)))`` on maps: the shape of most stems and strided downsamplers.
+    """``act(post(conv(pre(x))))`` on maps: the shape of most stems and strided downsamplers.
 
     Named as timm names them: a single norm is ``norm`` whether it comes before the conv (MetaFormer's
     ``Downsampling``) or after it (its ``Stem``, PVTv2's patch embedding); with both, the first is ``pre_norm``.
+    ``conv`` is a Conv2d, or any module that reads the maps as one (CrossFormer's several convs).
     """
 
-    def __init__(self, pre: nn.Module, conv: nn.Conv2d, post: nn.Module) -> None:
+    def __init__(self, pre: nn.Module, conv: nn.Module, post: nn.Module, act: nn.Module | None = None) -> None:
         super().__init__()
         self.norm_first = isinstance(post, nn.Identity) and not isinstance(pre, nn.Identity)
         self.pre_norm = nn.Identity() if self.norm_first else pre
         self.conv = conv
         self.norm = pre if self.norm_first else post
+        self.act = nn.Identity() if act is None else act
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
         x = self.pre_norm(x)
-        return self.conv(self.norm(x)) if self.norm_first else self.norm(self.conv(x))
+        x = self.conv(self.norm(x)) if self.norm_first else self.norm(self.conv(x))
+        return self.act(x)
 
 
 def strided_conv_shape(x: TensorType, dim: int, kernel: int, stride: int, padding: int,
@@ -116,8 +119,18 @@ def _build_conv_stem(spec: ConvStemSpec, r: Resolved) -> nn.Module:
     return ConvEmbed(nn.Identity(), conv, build_norm(spec.norm_after, r.out_type))
 
 
+class StemPoolSpec(OpSpec):
+    """A max-pool after a stem's convs (ResNet's 3x3 stride 2, padding 1)."""
+
+    kernel: KernelInt = 3
+    stride: KernelInt = 2
+    padding: int | None = Field(None, ge=0, le=31, description="default: (kernel - stride + 1) // 2; at most "
+                                "half the kernel")
+
+
 class ConvStackSpec(OpSpec):
-    """A stack of convs, each followed by a norm and an activation (EfficientFormer, LeViT, CoAtNet)."""
+    """A stack of convs, each followed by a norm and an activation, then an optional max-pool (EfficientFormer,
+    LeViT, CoAtNet, CMT, Visformer, ResNet)."""
 
     type: Literal["conv_stack"] = "conv_stack"
     strides: list[KernelInt] = Field(default_factory=lambda: [2, 2], min_length=1, max_length=8,
@@ -125,25 +138,34 @@ class ConvStackSpec(OpSpec):
     widths: list[PosInt] | None = Field(None, description="output widths of all convs but the last "
                                         "(which gives the stem's width); default: half of it")
     kernel: KernelInt = 3
+    kernels: list[KernelInt] | None = Field(None, description="kernel of each conv (one entry per conv); "
+                                            "default: kernel for every conv")
     bias: bool = Field(False, description="conv bias (usually off, a norm follows)")
     norm: NormSpec | None = Field(default_factory=BatchNormSpec)
     act: Act = "relu"
+    order: Literal["norm_act", "act_norm"] = Field("norm_act", description="after each conv: its norm, then the "
+                                                   "activation; act_norm: the activation first (CMT)")
     last_norm: bool = True
     last_act: bool = True
+    pool: StemPoolSpec | None = Field(None, description="a max-pool after the convs (ResNet: {kernel: 3, stride: 2})")
     dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
     groups: list[Groups] | None = Field(None, description="groups of each conv (one entry per conv); "
                                         "default: 1, full convs")
 
-    key_optional = frozenset({"groups"})
+    key_optional = frozenset({"groups", "kernels", "order", "pool"})
 
 
 class ConvNormAct(nn.Module):
-    def __init__(self, conv: nn.Conv2d, norm: nn.Module, act: nn.Module) -> None:
+    """``act(norm(conv(x)))``, or ``norm(act(conv(x)))`` with ``act_first`` (CMT's stem)."""
+
+    def __init__(self, conv: nn.Conv2d, norm: nn.Module, act: nn.Module, act_first: bool = False) -> None:
         super().__init__()
         self.conv, self.norm, self.act = conv, norm, act
+        self.act_first = act_first
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C_in, H, W) -> (B, C_out, H', W')
-        return self.act(self.norm(self.conv(x)))
+        x = self.conv(x)
+        return self.norm(self.act(x)) if self.act_first else self.act(self.norm(x))
 
 
 def _stack_widths(spec: ConvStackSpec, dim: int) -> list[int]:
@@ -154,40 +176,63 @@ def _stack_widths(spec: ConvStackSpec, dim: int) -> list[int]:
     return [*hidden, dim]
 
 
-def _stack_groups(spec: ConvStackSpec) -> list[int]:
-    n = len(spec.strides)
-    if spec.groups is not None and len(spec.groups) != n:
-        raise ShapeIssue("groups", f"needs {n} entries (one per conv), got {len(spec.groups)}")
-    return spec.groups or [1] * n
+def _per_conv(spec: ConvStackSpec, field: str, default: int) -> list[int]:
+    """A per-conv list field (``groups``, ``kernels``), checked against ``strides``; ``default`` for every conv."""
+    n, values = len(spec.strides), getattr(spec, field)
+    if values is not None and len(values) != n:
+        raise ShapeIssue(field, f"needs {n} entries (one per conv), got {len(values)}")
+    return values or [default] * n
+
+
+def _stack_pool_padding(pool: StemPoolSpec) -> int:
+    padding = default_padding(pool.kernel, pool.stride) if pool.padding is None else pool.padding
+    if 2 * padding > pool.kernel:
+        raise ShapeIssue("pool.padding", f"{padding} is more than half the kernel {pool.kernel}")
+    return padding
 
 
 def _conv_stack_types(spec: ConvStackSpec, x: TensorType, dim: int) -> list[TensorType]:
+    """The output type of each conv, then of the pool when there is one."""
     types = []
-    layers = zip(spec.strides, _stack_widths(spec, dim), _stack_groups(spec), strict=True)
-    for i, (stride, width, groups) in enumerate(layers):
+    layers = zip(spec.strides, _per_conv(spec, "kernels", spec.kernel), _stack_widths(spec, dim),
+                 _per_conv(spec, "groups", 1), strict=True)
+    for i, (stride, kernel, width, groups) in enumerate(layers):
         try:
             require_groups(groups, f"groups[{i}]", input=x.channels, output=width)
-            x = strided_conv_shape(x, width, spec.kernel, stride, default_padding(spec.kernel, stride), {})
+            x = strided_conv_shape(x, width, kernel, stride, default_padding(kernel, stride), {})
         except ShapeIssue as issue:
-            raise ShapeIssue(issue.field if issue.field.startswith("groups") else f"strides[{i}]",
+            field = "kernels" if issue.field == "kernel" and spec.kernels else "strides"
+            raise ShapeIssue(issue.field if issue.field.startswith("groups") else f"{field}[{i}]",
                              issue.message) from None
         types.append(x)
     check_norm(spec.norm, types[-1], "norm")
+    if spec.pool is not None:
+        try:
+            types.append(strided_conv_shape(x, x.channels, spec.pool.kernel, spec.pool.stride,
+                                            _stack_pool_padding(spec.pool), {}))
+        except ShapeIssue as issue:
+            raise ShapeIssue(issue.field if issue.field.startswith("pool") else f"pool.{issue.field}",
+                             issue.message) from None
     return types
 
 
 def _build_conv_stack(spec: ConvStackSpec, r: Resolved) -> nn.Module:
     x, dim = r.in_type, r.out_dim
-    layers = []
+    layers: list[nn.Module] = []
     types = _conv_stack_types(spec, x, dim)
-    for i, (stride, groups, out) in enumerate(zip(spec.strides, _stack_groups(spec), types, strict=True)):
-        last = i == len(types) - 1
-        conv = nn.Conv2d(x.channels, out.channels, spec.kernel, stride=stride,
-                         padding=default_padding(spec.kernel, stride), bias=spec.bias, groups=groups)
+    n = len(spec.strides)
+    layers_in = zip(spec.strides, _per_conv(spec, "kernels", spec.kernel), _per_conv(spec, "groups", 1), types[:n],
+                    strict=True)
+    for i, (stride, kernel, groups, out) in enumerate(layers_in):
+        last = i == n - 1
+        conv = nn.Conv2d(x.channels, out.channels, kernel, stride=stride, padding=default_padding(kernel, stride),
+                         bias=spec.bias, groups=groups)
         norm = build_norm(spec.norm if (spec.last_norm or not last) else None, out)
         act = make_act(spec.act) if (spec.last_act or not last) else nn.Identity()
-        layers.append(ConvNormAct(conv, norm, act))
+        layers.append(ConvNormAct(conv, norm, act, act_first=spec.order == "act_norm"))
         x = out
+    if spec.pool is not None:
+        layers.append(nn.MaxPool2d(spec.pool.kernel, spec.pool.stride, padding=_stack_pool_padding(spec.pool)))
     return nn.Sequential(*layers)
 
 
@@ -197,10 +242,12 @@ def fold_conv_embed(module: nn.Module) -> Folding | None:
     (a res scale on a downsampling shortcut)."""
     if isinstance(module, ConvEmbed):
         names = ("pre_norm", "norm", "conv") if module.norm_first else ("pre_norm", "conv", "norm")
-        ends_in_conv = module.norm_first or isinstance(module.norm, nn.Identity)
+        ends_in_conv = ((module.norm_first or isinstance(module.norm, nn.Identity))
+                        and isinstance(module.act, nn.Identity) and isinstance(module.conv, nn.Conv2d))
         return Folding(writes=module.conv if ends_in_conv else None, deploy=lambda: fold_parts(module, names))
     if isinstance(module, ConvNormAct):
-        return Folding(deploy=lambda: fold_parts(module, ("conv", "norm")))
+        names = ("conv", "act", "norm") if module.act_first else ("conv", "norm")
+        return Folding(deploy=lambda: fold_parts(module, names))
     return None
 
 
@@ -216,4 +263,7 @@ CONV_STACK = OpDef(ConvStackSpec, lambda spec, x, dim: _conv_stack_types(spec, x
                    fold=fold_conv_embed,
                    cases=(Case({}, _IMAGE, 16), Case({"strides": [2, 1, 2], "widths": [8, 12], "act": "gelu",
                                                       "last_act": False}, _IMAGE, 16, id="three"),
-                          Case({"strides": [2, 1], "widths": [8], "groups": [1, 4]}, _IMAGE, 16, id="grouped")))
+                          Case({"strides": [2, 1], "widths": [8], "groups": [1, 4]}, _IMAGE, 16, id="grouped"),
+                          Case({"strides": [2, 1, 1], "widths": [8, 8], "act": "gelu", "order": "act_norm"}, _IMAGE,
+                               8, id="cmt"),
+                          Case({"strides": [2], "kernels": [7], "pool": {}}, _IMAGE, 8, id="resnet")))
