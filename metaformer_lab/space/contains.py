@@ -28,6 +28,7 @@ from metaformer_lab.spec.arch import (
     BlockSpec,
     FirstThenCycleSpec,
     StageSpec,
+    inherit_fields,
     map_blocks,
 )
 from metaformer_lab.spec.load import compact, read_spec, spec_to_dict
@@ -139,7 +140,7 @@ class _Matcher:
                     return None
                 return [self.normalise(loc, v, w) for v, w in zip(items, want, strict=True)]
             def inherit(block: Any, _path: str) -> Any:
-                return {**self.inherited(), **block} if isinstance(block, dict) else block
+                return inherit_fields(block, self.inherited())
 
             if isinstance(want, BlockSpec) and isinstance(value, dict):
                 value = inherit(value, "")
