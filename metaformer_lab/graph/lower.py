@@ -286,8 +286,8 @@ class _Lowering:
         x = self.layout(f"{name}.layout", "layout", x, block.layout or stage.layout, f"{path}.layout")
         layout = x if x != start else None
         branches, prefix = [], 0
-        self.unused_parts(path, block)
-        for branch in kept_branches(block):
+        wired = self.unused_parts(path, block)
+        for branch in kept_branches(block) if wired else ():
             x, plan, view = self.branch(name, path, block, branch, x)
             branches.append(plan)
             if view is not None and (t := self.out(view)) is not None:
@@ -295,11 +295,12 @@ class _Lowering:
         self.last = x
         return BlockPlan(layout=layout, branches=tuple(branches), prefix=prefix)
 
-    def unused_parts(self, path: str, block: BlockSpec) -> None:
-        """A block left without a branch computes nothing, and a shortcut op no kept branch runs is a mistake."""
+    def unused_parts(self, path: str, block: BlockSpec) -> bool:
+        """A block left without a branch computes nothing, and a shortcut op no kept branch runs is a mistake.
+        Returns whether the block's branches can be lowered (its steps' module names are unique)."""
         if block.steps is not None:
-            self.step_issues(path, block)
-        elif not kept_branches(block):
+            return self.step_issues(path, block)
+        if not kept_branches(block):
             fields = {PART_FIELDS[p] for b in TEMPLATES[block.template] for p in b.parts} & set(MIXER_FIELDS)
             wanted = " or a ".join(f.replace("_", " ") for f in MIXER_FIELDS if f in fields)
             self.issues.append(Issue(f"{path}.token_mixer", f"null leaves the '{block.template}' block without a "
@@ -308,10 +309,11 @@ class _Lowering:
             why = "its branch is left out (token_mixer: null)" if block.token_mixer is None else \
                 f"the '{block.template}' template has no shortcut"
             self.issues.append(Issue(f"{path}.shortcut", f"is unused: {why}"))
+        return True
 
-    def step_issues(self, path: str, block: BlockSpec) -> None:
+    def step_issues(self, path: str, block: BlockSpec) -> bool:
         """A block wired by its steps: each step runs one mixer, module names are unique, and the template's
-        fields are left out."""
+        fields are left out. Returns whether the names are unique."""
         for field in ("token_mixer", "channel_mixer", "shortcut"):
             if getattr(block, field) is not None:
                 self.issues.append(Issue(f"{path}.{field}", "is unused: the block is wired by its steps"))
@@ -319,6 +321,7 @@ class _Lowering:
             self.issues.append(Issue(f"{path}.template", "is unused: the block is wired by its steps"))
         steps = block.steps or {}
         adds = [f"add_{key}" for key, step in steps.items() if step.residual]
+        unique = True
         names = [n for own in step_part_names(block) for n in own] + adds
         for key, step in steps.items():
             at = f"{path}.steps.{key}"
@@ -332,6 +335,8 @@ class _Lowering:
                 self.issues.append(Issue(at, f"'{key}' is taken: the block's module names must be unique (its "
                                              f"norms and scales are numbered norm1, layer_scale1, ...; reserved: "
                                              f"{reserved})"))
+                unique = False
+        return unique
 
     def branch(self, name: str, path: str, block: BlockSpec, branch: Branch,
                x: str) -> tuple[str, BranchPlan, str | None]:

@@ -7,10 +7,12 @@ spec is lowered to the typed graph, where each problem keeps its spec path.
 from __future__ import annotations
 
 import copy
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
 from metaformer_lab.core.registry import CompositeDef, Registry
 from metaformer_lab.ops import CHANNEL_MIXERS, DOWNSAMPLERS, HEADS, POSITIONS, STEMS, TOKEN_MIXERS
@@ -45,7 +47,14 @@ class SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
-StepName = Annotated[str, Field(min_length=1, max_length=32, pattern=r"^[a-z][a-z0-9_]*$")]
+def _module_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", value):
+        raise PydanticCustomError("module_name", "'{value}' is not a module name: up to 32 lower-case letters, digits "
+                                  "and '_', starting with a letter", {"value": value})
+    return value
+
+
+StepName = Annotated[str, AfterValidator(_module_name)]
 """A step's key: the module name of its mixer in the compiled block (the authors' name: attn, local, mlp)."""
 
 
