@@ -246,6 +246,7 @@ def _plain(value: Any) -> Any:
         out = _compact(value, INHERITED_BLOCK_FIELDS)
         if value.steps is not None:  # the mixers come from the steps (``token_mixer: null`` goes without saying)
             out = {k: v for k, v in out.items() if k not in ("token_mixer", "channel_mixer") or v is not None}
+            out["steps"] = {name: _step(step, value) for name, step in value.steps.items()}
         return out
     if isinstance(value, StepSpec):  # inherited fields written out: reading back must not inherit them anew
         return _compact(value, INHERITED_BLOCK_FIELDS)
@@ -256,6 +257,12 @@ def _plain(value: Any) -> Any:
     if isinstance(value, dict):  # a block's steps
         return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _step(step: BaseModel, block: BaseModel) -> dict[str, Any]:
+    """A step without the fields it inherits from ``block`` unchanged (reading back fills them again)."""
+    return {k: v for k, v in _compact(step, INHERITED_BLOCK_FIELDS).items()
+            if k not in INHERITED_BLOCK_FIELDS or getattr(step, k) != getattr(block, k)}
 
 
 def compact(value: Any) -> Any:

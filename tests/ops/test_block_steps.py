@@ -17,7 +17,7 @@ from metaformer_lab.core.errors import SpecError
 from metaformer_lab.graph.cost import graph_cost
 from metaformer_lab.graph.render import to_dot
 from metaformer_lab.latency.keys import default_out_mem, walk_keys
-from metaformer_lab.space import load_space, sample
+from metaformer_lab.space import contains, load_space, sample
 from metaformer_lab.spec.yaml_io import parse_yaml
 
 B, DIM = 2, 32
@@ -162,6 +162,7 @@ def test_steps_round_trip_and_inherit_the_blocks_fields() -> None:
     assert {s.layer_scale for s in steps.values()} == {0.1}  # from defaults, through the block
     text = ml.dump_spec(spec)
     assert "token_mixer: null" not in text
+    assert text.count("layer_scale: 0.1") == 2  # in defaults and on the block; its steps inherit it again
     again = ml.load_spec(parse_yaml(text))
     assert again == spec and ml.dump_spec(again) == text
 
@@ -225,7 +226,9 @@ stages:
         local: {token_mixer: {kernel: {choice: [3, 5]}}}
 """
     (tmp_path / "space.yaml").write_text(text)
-    points = sample(load_space(tmp_path / "space.yaml"), 4, seed=0).points
+    space = load_space(tmp_path / "space.yaml")
+    points = sample(space, 4, seed=0).points
     chosen = {(p.spec.stages[0].block[0].steps["attn"].token_mixer.window,
                p.spec.stages[0].block[0].steps["local"].token_mixer.kernel) for p in points}
     assert chosen == {(2, 3), (2, 5), (4, 3), (4, 5)}
+    assert all(contains(space, p.spec).found for p in points)
