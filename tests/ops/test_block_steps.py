@@ -19,6 +19,7 @@ from metaformer_lab.graph.render import to_dot
 from metaformer_lab.latency.keys import default_out_mem, walk_keys
 from metaformer_lab.space import contains, load_space, sample
 from metaformer_lab.spec.yaml_io import parse_yaml
+from metaformer_lab.zoo.listing import token_mixer_tags
 
 B, DIM = 2, 32
 
@@ -143,6 +144,7 @@ def test_steps_block_deploys_to_the_same_outputs(block: dict[str, Any]) -> None:
 
 
 def test_steps_costs_keys_and_rendering_cover_every_step() -> None:
+    assert token_mixer_tags(ml.load_spec(_net(_cmt()))) == ["dwconv", "sr_attention"]
     graph = ml.to_graph(_net(_cmt(), depth=2))
     net = ml.build(graph)
     assert graph_cost(graph).params == sum(p.numel() for p in net.parameters())
