@@ -110,13 +110,13 @@ def _step_mixer(step: Any) -> tuple[str, str] | None:
 
 def _step_names(block: Any) -> list[dict[str, str]]:
     """Each step's part names by field: ``{"mixer": "attn", "norm": "norm1", "layer_scale": "layer_scale1"}``
-    (fields the step leaves null have no name)."""
+    (fields the step leaves null have no name, nor a res scale without a residual to scale)."""
     counts = dict.fromkeys((f for f, _ in STEP_PARTS), 0)
     names = []
     for key, step in block.steps.items():
         own = {"mixer": key}
         for f, _ in STEP_PARTS:
-            if getattr(step, f) is not None:
+            if getattr(step, f) is not None and (step.residual or f != "res_scale"):
                 counts[f] += 1
                 own[f] = f"{f}{counts[f]}"
         names.append(own)
@@ -127,7 +127,7 @@ def step_branch(step: Any, names: dict[str, str]) -> Branch:
     """One step as a branch: ``x = rs*x + drop_path(ls*mixer(norm(x)))`` (``x = ls*mixer(norm(x))`` without its
     residual)."""
     parts = tuple(names[f] for f in ("norm", "mixer", "layer_scale") if f in names)
-    shortcut = (names["res_scale"],) if "res_scale" in names and step.residual else ()
+    shortcut = (names["res_scale"],) if "res_scale" in names else ()
     return Branch(names["mixer"], parts, shortcut, residual=step.residual, drop_path=step.drop_path)
 
 

@@ -171,12 +171,16 @@ def test_steps_round_trip_and_inherit_the_blocks_fields() -> None:
 
 def test_a_step_without_a_residual_may_change_the_type() -> None:
     down = {"token_mixer": {"type": "mbconv", "stride": 2, "out_dim": 64}, "norm": None, "residual": False}
-    spec = _net({"layout": "maps", "steps": {"down": down, "mlp": {"channel_mixer": {"type": "mlp"}}}})
+    block = {"layout": "maps", "res_scale": 1.0, "steps": {"down": down, "mlp": {"channel_mixer": {"type": "mlp"}}}}
+    spec = _net(block)  # the block's res scale reaches the steps with a residual to scale
     spec["stages"][0].update(dim=64, layout="maps")
     graph = ml.to_graph(spec)
     assert graph.stage_types[0].shape(1) == (1, 64, 4, 4)
+    net = ml.build(graph).eval()
+    assert [n for n, _ in net.stages[0].blocks[0].named_children()] == ["layout_in", "down", "norm1", "mlp",
+                                                                        "res_scale1", "drop_path"]
     with torch.no_grad():
-        assert ml.build(graph).eval()(torch.randn(1, 3, 32, 32)).shape == (1, 5)
+        assert net(torch.randn(1, 3, 32, 32)).shape == (1, 5)
 
 
 @pytest.mark.parametrize(("block", "path", "message"), [
