@@ -31,7 +31,7 @@ class _Compiler:
                 parts[self.g.nodes[node]["part"]] = self.module(node)
             names = [[self.g.nodes[node]["part"] for node in group] for group in (branch.parts, branch.shortcut)]
             branches.append(BranchPlan(*names, reads_prefix=branch.reads_prefix, writes_prefix=branch.writes_prefix,
-                                       residual=branch.residual))
+                                       residual=branch.residual, drop_path=branch.drop_path))
         return Block(layout_in=self.module(plan.layout), parts=parts, branches=branches, drop_path=self.drop_path[k],
                      prefix=plan.prefix)
 

@@ -15,7 +15,7 @@ import copy
 import torch
 from torch import nn
 
-from metaformer_lab.compile.network import Block, BranchPlan
+from metaformer_lab.compile.network import Block
 from metaformer_lab.ops.folds import fold_chain, folding_of
 
 
@@ -36,8 +36,7 @@ def _fold_branch(block: Block, names: list[str]) -> list[str]:
 
 def _fold_block(block: Block) -> Block:
     block.branches = [
-        BranchPlan(_fold_branch(block, list(b.parts)), _fold_branch(block, list(b.shortcut)),
-                   reads_prefix=b.reads_prefix, writes_prefix=b.writes_prefix, residual=b.residual)
+        b._replace(parts=_fold_branch(block, list(b.parts)), shortcut=_fold_branch(block, list(b.shortcut)))
         for b in block.branches]
     return block
 

@@ -24,6 +24,7 @@ class BranchPlan(NamedTuple):
     reads_prefix: bool = False
     writes_prefix: bool = False
     residual: bool = True  # False: x = parts(x), no shortcut, no sum, no drop path (``Branch.residual``)
+    drop_path: bool = True  # False: the sum takes parts(x) as is (CMT's LPU, Shuffle's neighbour conv)
 
 
 class Block(nn.Module):
@@ -33,7 +34,9 @@ class Block(nn.Module):
 
     A branch that reads the prefix tokens only runs its parts on ``x[:, :prefix]``; one that writes them
     only computes ``x_cls = shortcut(x_cls) + drop_path(parts(.))`` and puts it back in front of the
-    unchanged grid tokens (CaiT's class-attention blocks). A branch without a residual is ``x = parts(x)``.
+    unchanged grid tokens (CaiT's class-attention blocks). A branch without a residual is ``x = parts(x)``; one
+    without ``drop_path`` adds its parts' output without stochastic depth. A block written as ``steps`` is such
+    a list of branches, one per step, its modules named as the steps say (``proj``, ``norm1``, ``attn``, ...).
     """
 
     def __init__(self, *, layout_in: nn.Module, parts: dict[str, nn.Module],
@@ -56,7 +59,7 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         x = self.layout_in(x)
-        for parts, shortcut, reads_prefix, writes_prefix, residual in self.branches:
+        for parts, shortcut, reads_prefix, writes_prefix, residual, drop_path in self.branches:
             h = x[:, : self.prefix] if reads_prefix else x  # (B, P, C) prefix tokens, or all of x
             for name in parts:
                 h = self._modules[name](h)  # type: ignore[misc]
@@ -66,7 +69,7 @@ class Block(nn.Module):
             s = x[:, : self.prefix] if writes_prefix else x
             for name in shortcut:
                 s = self._modules[name](s)  # type: ignore[misc]
-            s = s + self.drop_path(h)
+            s = s + (self.drop_path(h) if drop_path else h)
             x = torch.cat([s, x[:, self.prefix :]], dim=1) if writes_prefix else s  # (B, P + H*W, C) or as x
         return x
 

@@ -9,6 +9,7 @@ every violation is collected, and :class:`SpecError` lists them all.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import replace
 from typing import Any
 
 import networkx as nx
@@ -25,11 +26,14 @@ from metaformer_lab.spec.arch import ArchSpec, BlockSpec, StageSpec
 from metaformer_lab.spec.templates import (
     MIXER_FIELDS,
     PART_FIELDS,
-    PART_ROLES,
+    RESERVED_NAMES,
     TEMPLATES,
     Branch,
+    Source,
     kept_branches,
     mixer_fields,
+    part_sources,
+    step_part_names,
     used_fields,
 )
 
@@ -287,8 +291,8 @@ class _Lowering:
         x = self.layout(f"{name}.layout", "layout", x, block.layout or stage.layout, f"{path}.layout")
         layout = x if x != start else None
         branches, prefix = [], 0
-        self.unused_parts(path, block)
-        for branch in kept_branches(block):
+        wired = self.unused_parts(path, block)
+        for branch in kept_branches(block) if wired else ():
             x, plan, view = self.branch(name, path, block, branch, x)
             branches.append(plan)
             if view is not None and (t := self.out(view)) is not None:
@@ -296,8 +300,11 @@ class _Lowering:
         self.last = x
         return BlockPlan(layout=layout, branches=tuple(branches), prefix=prefix)
 
-    def unused_parts(self, path: str, block: BlockSpec) -> None:
-        """A block left without a branch computes nothing, and a shortcut op no kept branch runs is a mistake."""
+    def unused_parts(self, path: str, block: BlockSpec) -> bool:
+        """A block left without a branch computes nothing, and a shortcut op no kept branch runs is a mistake.
+        Returns whether the block's branches can be lowered (its steps' module names are unique)."""
+        if block.steps is not None:
+            return self.step_issues(path, block)
         if not kept_branches(block):
             fields = {PART_FIELDS[p] for b in TEMPLATES[block.template] for p in b.parts} & set(MIXER_FIELDS)
             wanted = " or a ".join(f.replace("_", " ") for f in MIXER_FIELDS if f in fields)
@@ -307,6 +314,34 @@ class _Lowering:
             why = "its branch is left out (token_mixer: null)" if block.token_mixer is None else \
                 f"the '{block.template}' template has no shortcut"
             self.issues.append(Issue(f"{path}.shortcut", f"is unused: {why}"))
+        return True
+
+    def step_issues(self, path: str, block: BlockSpec) -> bool:
+        """A block wired by its steps: each step runs one mixer, module names are unique, and the template's
+        fields are left out. Returns whether the names are unique."""
+        for field in ("token_mixer", "channel_mixer", "shortcut"):
+            if getattr(block, field) is not None:
+                self.issues.append(Issue(f"{path}.{field}", "is unused: the block is wired by its steps"))
+        if "template" in block.model_fields_set:
+            self.issues.append(Issue(f"{path}.template", "is unused: the block is wired by its steps"))
+        steps = block.steps or {}
+        adds = [f"add_{key}" for key, step in steps.items() if step.residual]
+        unique = True
+        names = [n for own in step_part_names(block) for n in own] + adds
+        for key, step in steps.items():
+            at = f"{path}.steps.{key}"
+            if step.token_mixer is None and step.channel_mixer is None:
+                self.issues.append(Issue(at, "has no mixer; give it a token_mixer or a channel_mixer"))
+            elif step.token_mixer is not None and step.channel_mixer is not None:
+                self.issues.append(Issue(f"{at}.channel_mixer", "a step runs one mixer, and this one has a "
+                                                                "token_mixer too"))
+            if key in RESERVED_NAMES or names.count(key) > 1 or names.count(f"add_{key}") > 1:
+                reserved = ", ".join(sorted(RESERVED_NAMES))
+                self.issues.append(Issue(at, f"'{key}' is taken: the block's module names must be unique (its "
+                                             f"norms and scales are numbered norm1, layer_scale1, ...; reserved: "
+                                             f"{reserved})"))
+                unique = False
+        return unique
 
     def branch(self, name: str, path: str, block: BlockSpec, branch: Branch,
                x: str) -> tuple[str, BranchPlan, str | None]:
@@ -317,17 +352,19 @@ class _Lowering:
         start = view if branch.writes == "prefix" else x
         h = view if branch.reads == "prefix" else x
         parts: list[str] = []
+        sources = part_sources(block)
         for part in branch.parts:
-            h = self.part(name, path, block, part, h, parts)
+            h = self.part(name, path, sources[part], part, h, parts)
         plan = BranchPlan(tuple(parts), (), reads_prefix=branch.reads == "prefix",
-                          writes_prefix=branch.writes == "prefix", residual=branch.residual)
+                          writes_prefix=branch.writes == "prefix", residual=branch.residual,
+                          drop_path=branch.drop_path)
         if not branch.residual:
             return h, plan, view
         s, target = start, self.out(h)
         shortcut: list[str] = []
         for part in branch.shortcut:
-            s = self.part(name, path, block, part, s, shortcut, target.channels if target else None)
-        plan = BranchPlan(plan.parts, tuple(shortcut), plan.reads_prefix, plan.writes_prefix, plan.residual)
+            s = self.part(name, path, sources[part], part, s, shortcut, target.channels if target else None)
+        plan = replace(plan, shortcut=tuple(shortcut))
         kept, mixer = self.out(s), mixer_fields(branch, block)[0]
         if kept is not None and target is not None and kept != target:
             if s != start:
@@ -361,14 +398,12 @@ class _Lowering:
                                                              "with prefix_tokens"))
         return self.node(f"{name}.{branch.main}_prefix", "prefix_view", [(x, t)], out, path)
 
-    def part(self, name: str, path: str, block: BlockSpec, part: str, src: str, added: list[str],
+    def part(self, name: str, path: str, source: Source, part: str, src: str, added: list[str],
              dim: int | None = None) -> str:
         """The node(s) of one part (a shortcut op may need a layout conversion first), appended to ``added``."""
-        field = PART_FIELDS[part]
-        value = getattr(block, field)
+        field, role, value = source.field, source.role, source.value
         if value is None:
             return src
-        role = PART_ROLES.get(field)
         if role is None:  # a layer scale or res scale: its value is the init
             x = self.scale(f"{name}.{part}", part, src, value, f"{path}.{field}")
         elif role == "downsample":

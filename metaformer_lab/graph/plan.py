@@ -15,13 +15,15 @@ from dataclasses import dataclass
 @dataclass(frozen=True)
 class BranchPlan:
     """One residual branch of a block: the nodes its parts and its shortcut run, in order (layout
-    conversions included), and which tokens it reads and writes (see ``spec.templates.Branch``)."""
+    conversions included), which tokens it reads and writes, whether it has a residual and whether its sum takes
+    stochastic depth (see ``spec.templates.Branch``)."""
 
     parts: tuple[str, ...]
     shortcut: tuple[str, ...]
     reads_prefix: bool = False
     writes_prefix: bool = False
     residual: bool = True
+    drop_path: bool = True
 
 
 @dataclass(frozen=True)

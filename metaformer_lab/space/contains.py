@@ -28,6 +28,8 @@ from metaformer_lab.spec.arch import (
     BlockSpec,
     FirstThenCycleSpec,
     StageSpec,
+    StepSpec,
+    inherit_fields,
     map_blocks,
 )
 from metaformer_lab.spec.load import compact, read_spec, spec_to_dict
@@ -47,6 +49,11 @@ def value_at(obj: Any, loc: str) -> Any:
                 if len(obj) != 1:
                     return MISSING
                 obj = obj[0]
+            if isinstance(obj, dict):  # a block's steps, by name
+                obj = obj.get(name, MISSING)
+                if obj is MISSING:
+                    return MISSING
+                continue
             if not (isinstance(obj, BaseModel) and name in type(obj).model_fields):
                 return MISSING
             obj = getattr(obj, name)
@@ -120,6 +127,14 @@ class _Matcher:
         return ok
 
     def agrees(self, loc: str, value: Any, want: Any) -> tuple[bool, str]:
+        if isinstance(want, dict):  # a block's steps: each by name
+            if not isinstance(value, dict) or list(value) != list(want):
+                return False, f"the spec has steps {list(want)}; the space gives {_describe(value)}"
+            for key, item in value.items():
+                ok, why = self.agrees(f"{loc}.{key}", item, want[key])
+                if not ok:
+                    return ok, f"{key}: {why}"
+            return True, ""
         if isinstance(want, BaseModel) or (isinstance(want, list) and want and isinstance(want[0], BaseModel)):
             got = self.normalise(loc, value, want)
             if got is None:
@@ -139,7 +154,7 @@ class _Matcher:
                     return None
                 return [self.normalise(loc, v, w) for v, w in zip(items, want, strict=True)]
             def inherit(block: Any, _path: str) -> Any:
-                return {**self.inherited(), **block} if isinstance(block, dict) else block
+                return inherit_fields(block, self.inherited())
 
             if isinstance(want, BlockSpec) and isinstance(value, dict):
                 value = inherit(value, "")
@@ -147,6 +162,11 @@ class _Matcher:
                 value = map_blocks(value, "", inherit)
             if isinstance(want, StageSpec) and isinstance(value, dict):
                 value = {**value, "block": map_blocks(value.get("block"), "", inherit)}
+            if isinstance(want, StepSpec) and isinstance(value, dict):  # the fields it leaves out: its block's
+                block = value_at(self.target, loc.rpartition(".steps.")[0])
+                block = block[0] if isinstance(block, list) and len(block) == 1 else block
+                if isinstance(block, BlockSpec):
+                    value = {**{k: _plain(getattr(block, k)) for k in INHERITED_BLOCK_FIELDS}, **value}
             return type(want).model_validate(value)
         except (ValidationError, TypeError, ValueError):
             return None

@@ -6,10 +6,13 @@ spec is lowered to the typed graph, where each problem keeps its spec path.
 
 from __future__ import annotations
 
+import copy
+import re
 from collections.abc import Callable
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
 
 from metaformer_lab.core.registry import CompositeDef, Registry
 from metaformer_lab.ops import CHANNEL_MIXERS, DOWNSAMPLERS, HEADS, POSITIONS, STEMS, TOKEN_MIXERS
@@ -44,6 +47,35 @@ class SpecModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
+def _module_name(value: str) -> str:
+    if not re.fullmatch(r"[a-z][a-z0-9_]{0,31}", value):
+        raise PydanticCustomError("module_name", "'{value}' is not a module name: up to 32 lower-case letters, digits "
+                                  "and '_', starting with a letter", {"value": value})
+    return value
+
+
+StepName = Annotated[str, AfterValidator(_module_name)]
+"""A step's key: the module name of its mixer in the compiled block (the authors' name: attn, local, mlp)."""
+
+
+class StepSpec(SpecModel):
+    """One residual step of a block: ``x = rs*x + drop_path(ls*Mixer(norm(x)))``; the mixer is a token mixer or
+    a channel mixer (one of the two). Its modules: the mixer is named by the step's key in ``steps``; the norm,
+    layer scale and res scale are ``norm{k}``, ``layer_scale{k}``, ``res_scale{k}``, numbered among the block's
+    steps that have one (CMT: ``proj``, ``norm1``, ``attn``, ``norm2``, ``mlp``)."""
+
+    token_mixer: TokenMixerSpec | None = Field(None, description="the step's mixer, if a token mixer")
+    channel_mixer: ChannelMixerSpec | None = Field(None, description="the step's mixer, if a channel mixer")
+    norm: NormSpec | None = Field(default_factory=LayerNormSpec,
+                                  description="norm before the mixer; null: none; left out: the block's norm")
+    layer_scale: float | None = Field(None, ge=0.0, le=10.0, description="init value of layer scale; null: off; "
+                                      "left out: the block's")
+    res_scale: float | None = Field(None, ge=0.0, le=10.0, description="init value of res scale; null: off; "
+                                    "left out: the block's")
+    residual: bool = Field(True, description="false: x = ls*Mixer(norm(x)), no shortcut and no sum")
+    drop_path: bool = Field(True, description="false: no stochastic depth on this step (CMT's LPU)")
+
+
 class BlockSpec(SpecModel):
     """One block, wired by its template (see :mod:`metaformer_lab.spec.templates`):
 
@@ -59,6 +91,10 @@ class BlockSpec(SpecModel):
       (CaiT's class-attention blocks; the grid tokens pass through);
     - ``plain``: ``x = ls*TokenMixer(norm(x))``, no residual (a layer that changes the tensor type on its own,
       EfficientViT's strided MBConv opening a stage; ``channel_mixer`` and ``shortcut`` are unused).
+
+    A block with ``steps`` is wired by them instead: one residual step after another, each with its own norm,
+    mixer and scales (CMT's LPU, attention and IRFFN; Shuffle's attention, neighbour conv and MLP); ``token_mixer``
+    and ``channel_mixer`` are then left out.
     """
 
     template: Literal["metaformer", "convnext", "postnorm", "class_attention", "plain"] = "metaformer"
@@ -71,10 +107,34 @@ class BlockSpec(SpecModel):
     layout: StageLayout | None = Field(None, description="overrides the stage's layout for this block")
     shortcut: DownsampleSpec | None = Field(None, description="op on the first residual's shortcut, for a token "
                                             "mixer that changes width or resolution (a downsampling block)")
+    steps: Annotated[dict[StepName, StepSpec], Field(min_length=1, max_length=16)] | None = Field(
+        None, description="residual steps run in order in place of the template, keyed by the module name of "
+                          "their mixer (attn: {token_mixer: ..., norm: ...})")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _mixers_from_steps(cls, data: Any) -> Any:
+        """A block with ``steps`` takes its mixers from them: ``token_mixer`` and ``channel_mixer`` default to null."""
+        if isinstance(data, dict) and data.get("steps") is not None:
+            return {"token_mixer": None, "channel_mixer": None, **data}
+        return data
 
 
 INHERITED_BLOCK_FIELDS = ("norm", "layer_scale", "res_scale")
-"""Block fields that ``defaults`` can set for every block that leaves them out."""
+"""Block fields that ``defaults`` can set for every block that leaves them out (and a block for its steps)."""
+
+
+def inherit_fields(block: Any, inherited: dict[str, Any]) -> Any:
+    """A raw block mapping with ``inherited`` (copied) filling the fields it leaves out, and its own inherited
+    fields filling its steps' (anything else is returned as is)."""
+    if not isinstance(block, dict):
+        return block
+    block = {**copy.deepcopy(inherited), **block}
+    if isinstance(block.get("steps"), dict):
+        own = {k: block[k] for k in INHERITED_BLOCK_FIELDS if k in block}
+        block["steps"] = {name: {**copy.deepcopy(own), **step} if isinstance(step, dict) else step
+                          for name, step in block["steps"].items()}
+    return block
 
 
 def _as_list(value: Any) -> Any:

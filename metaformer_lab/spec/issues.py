@@ -94,6 +94,8 @@ def types_at(root: type[BaseModel], loc: Sequence[int | str]) -> list[Any]:
                     nxt.append(cand)
             elif typing.get_origin(cand) is list and isinstance(seg, int):
                 nxt.extend(_members(typing.get_args(cand)[0]))
+            elif typing.get_origin(cand) is dict and isinstance(seg, str):  # a block's steps, by name
+                nxt.extend(_members(typing.get_args(cand)[1]))
             elif isinstance(cand, _Tagged) and cand.tag == seg:
                 nxt.extend(cand.members)
         if not nxt:

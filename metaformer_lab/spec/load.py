@@ -15,7 +15,7 @@ from pydantic import BaseModel, ValidationError
 
 from metaformer_lab.core.errors import Issue, SpecError
 from metaformer_lab.core.names import closest
-from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec, map_blocks
+from metaformer_lab.spec.arch import INHERITED_BLOCK_FIELDS, ArchSpec, inherit_fields, map_blocks
 from metaformer_lab.spec.issues import issues_from, show
 from metaformer_lab.spec.partial import PartialSpec, partial_spec
 from metaformer_lab.spec.yaml_io import dump_yaml, load_yaml_file
@@ -140,8 +140,7 @@ def resolve(data: dict[str, Any], block_dirs: Sequence[Path] = ()) -> tuple[dict
     stages = data.get("stages")
 
     def resolved(item: Any, path: str) -> Any:
-        block = resolver.item(item, path)
-        return {**copy.deepcopy(inherited), **block} if isinstance(block, dict) else block
+        return inherit_fields(resolver.item(item, path), inherited)
 
     for i, stage in enumerate(stages if isinstance(stages, list) else []):
         if isinstance(stage, dict) and "block" in stage:
@@ -234,7 +233,7 @@ def _compact(model: BaseModel, keep: Sequence[str] = ()) -> dict[str, Any]:
 
 
 def _plain(value: Any) -> Any:
-    from metaformer_lab.spec.arch import BlockSpec, FirstThenCycleSpec, StageSpec
+    from metaformer_lab.spec.arch import BlockSpec, FirstThenCycleSpec, StageSpec, StepSpec
 
     if isinstance(value, StageSpec):
         return {**_compact(value), "block": _plain(value.block)}
@@ -244,12 +243,26 @@ def _plain(value: Any) -> Any:
         blocks = [_plain(b) for b in value]  # a list of one block is written as the block
         return blocks[0] if len(blocks) == 1 else blocks
     if isinstance(value, BlockSpec):
+        out = _compact(value, INHERITED_BLOCK_FIELDS)
+        if value.steps is not None:  # the mixers come from the steps (``token_mixer: null`` goes without saying)
+            out = {k: v for k, v in out.items() if k not in ("token_mixer", "channel_mixer") or v is not None}
+            out["steps"] = {name: _step(step, value) for name, step in value.steps.items()}
+        return out
+    if isinstance(value, StepSpec):  # inherited fields written out: reading back must not inherit them anew
         return _compact(value, INHERITED_BLOCK_FIELDS)
     if isinstance(value, BaseModel):
         return _compact(value)
     if isinstance(value, list):
         return [_plain(v) for v in value]
+    if isinstance(value, dict):  # a block's steps
+        return {k: _plain(v) for k, v in value.items()}
     return value
+
+
+def _step(step: BaseModel, block: BaseModel) -> dict[str, Any]:
+    """A step without the fields it inherits from ``block`` unchanged (reading back fills them again)."""
+    return {k: v for k, v in _compact(step, INHERITED_BLOCK_FIELDS).items()
+            if k not in INHERITED_BLOCK_FIELDS or getattr(step, k) != getattr(block, k)}
 
 
 def compact(value: Any) -> Any:

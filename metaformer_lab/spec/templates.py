@@ -9,6 +9,11 @@ a branch whose mixer parts (token mixer, channel mixer) are all null is dropped 
 and shortcut (a MetaFormer block with ``channel_mixer: null`` is a single-residual block, one with
 ``token_mixer: null`` an FFN-only block); a branch with ``residual=False`` is ``x = parts(x)``. The graph lowering and
 the compiled ``Block`` both read these tables, so a new wiring is a new entry here, not new code.
+
+A block with ``steps`` writes its wiring itself: each step is one branch of the same form (:func:`step_branch`),
+its parts named after the step (its mixer by the step's key, its norm and scales numbered among the steps that
+have one: ``norm1``, ``layer_scale1``, ``res_scale1``). :func:`part_sources` says, for every part name a block's
+branches use, which spec field configures it; nothing else tells templates and steps apart.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class Branch:
     reads: Tokens = "all"
     writes: Tokens = "all"
     residual: bool = True  # False: no shortcut and no sum, x = parts(x) (the ``plain`` template)
+    drop_path: bool = True  # False: the sum takes the parts' output as is, without stochastic depth
 
 
 TEMPLATES: dict[str, tuple[Branch, ...]] = {
@@ -80,17 +86,90 @@ MIXER_FIELDS = ("token_mixer", "channel_mixer")
 """Block fields that make a branch: a branch none of whose parts is a set mixer is dropped."""
 
 
+@dataclass(frozen=True)
+class Source:
+    """What configures a part: its spec field, relative to the block (``norm``, ``steps.attn.token_mixer``),
+    its registry role (None: a layer or res scale, whose value is its init) and its value (None: absent)."""
+
+    field: str
+    role: str | None
+    value: Any
+
+
+STEP_PARTS = (("norm", "norm"), ("layer_scale", None), ("res_scale", None))
+"""A step's numbered parts: its field (also the module-name stem, ``norm1``) and registry role."""
+
+RESERVED_NAMES = frozenset({"layout", "layout_in", "drop_path", "branches", "prefix"})
+"""Names a step cannot take: the block's own attributes and the block's layout node."""
+
+
+def _step_mixer(step: Any) -> tuple[str, str] | None:
+    """The mixer field a step sets and its role (the token mixer if it sets both), or None."""
+    return next(((f, f) for f in MIXER_FIELDS if getattr(step, f) is not None), None)
+
+
+def _step_names(block: Any) -> list[dict[str, str]]:
+    """Each step's part names by field: ``{"mixer": "attn", "norm": "norm1", "layer_scale": "layer_scale1"}``
+    (fields the step leaves null have no name, nor a res scale without a residual to scale)."""
+    counts = dict.fromkeys((f for f, _ in STEP_PARTS), 0)
+    names = []
+    for key, step in block.steps.items():
+        own = {"mixer": key}
+        for f, _ in STEP_PARTS:
+            if getattr(step, f) is not None and (step.residual or f != "res_scale"):
+                counts[f] += 1
+                own[f] = f"{f}{counts[f]}"
+        names.append(own)
+    return names
+
+
+def step_branch(step: Any, names: dict[str, str]) -> Branch:
+    """One step as a branch: ``x = rs*x + drop_path(ls*mixer(norm(x)))`` (``x = ls*mixer(norm(x))`` without its
+    residual)."""
+    parts = tuple(names[f] for f in ("norm", "mixer", "layer_scale") if f in names)
+    shortcut = (names["res_scale"],) if "res_scale" in names else ()
+    return Branch(names["mixer"], parts, shortcut, residual=step.residual, drop_path=step.drop_path)
+
+
+def part_sources(block: Any) -> dict[str, Source]:
+    """Part name -> what configures it, for every part ``block``'s branches can name."""
+    if block.steps is None:
+        return {p: Source(f, PART_ROLES.get(f), getattr(block, f)) for p, f in PART_FIELDS.items()}
+    sources = {}
+    for (key, step), names in zip(block.steps.items(), _step_names(block), strict=True):
+        mixer = _step_mixer(step)
+        if mixer is not None:
+            sources[names["mixer"]] = Source(f"steps.{key}.{mixer[0]}", mixer[1], getattr(step, mixer[0]))
+        for f, role in STEP_PARTS:
+            if f in names:
+                sources[names[f]] = Source(f"steps.{key}.{f}", role, getattr(step, f))
+    return sources
+
+
+def step_part_names(block: Any) -> list[list[str]]:
+    """The module names each step of ``block`` adds, in step order (mixer first)."""
+    return [list(names.values()) for names in _step_names(block)]
+
+
 def mixer_fields(branch: Branch, block: Any) -> list[str]:
-    """The mixer fields of ``branch`` that ``block`` sets (``block``: a ``BlockSpec``), in part order."""
-    fields = [PART_FIELDS[p] for p in branch.parts if PART_FIELDS[p] in MIXER_FIELDS]
-    return [f for f in fields if getattr(block, f) is not None]
+    """The mixer fields of ``branch`` that ``block`` sets (``block``: a ``BlockSpec``), in part order, relative
+    to the block (``token_mixer``, ``steps.mlp.channel_mixer``)."""
+    sources = part_sources(block)
+    found = [sources[p] for p in branch.parts if p in sources]
+    return [s.field for s in found if s.role in MIXER_FIELDS and s.value is not None]
 
 
 def kept_branches(block: Any) -> tuple[Branch, ...]:
-    """The branches of ``block``'s template that it keeps: those with at least one mixer set."""
+    """The branches of ``block``'s wiring that it keeps: those with at least one mixer set (a block with ``steps``:
+    one branch per step that has a mixer)."""
+    if block.steps is not None:
+        steps = block.steps.values()
+        return tuple(step_branch(step, names) for step, names in zip(steps, _step_names(block), strict=True)
+                     if _step_mixer(step) is not None)
     return tuple(b for b in TEMPLATES[block.template] if mixer_fields(b, block))
 
 
 def used_fields(block: Any) -> set[str]:
-    """The block fields its kept branches read."""
-    return {PART_FIELDS[p] for b in kept_branches(block) for p in (*b.parts, *b.shortcut)}
+    """The block fields its kept branches read (relative to the block: ``norm``, ``steps.attn.norm``)."""
+    sources = part_sources(block)
+    return {sources[p].field for b in kept_branches(block) for p in (*b.parts, *b.shortcut)}

@@ -81,8 +81,8 @@ def token_mixer_tags(spec: BaseModel) -> list[str]:
                 found[value.type] = None  # type: ignore[attr-defined]
             for name in type(value).model_fields:
                 walk(getattr(value, name))
-        elif isinstance(value, list):
-            for item in value:
+        elif isinstance(value, (list, dict)):  # lists of blocks and branches; a block's steps by name
+            for item in value.values() if isinstance(value, dict) else value:
                 walk(item)
 
     walk(spec)
