@@ -56,8 +56,10 @@ def resolve_heads(num_heads: int | None, head_dim: int | None, dim: int) -> tupl
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dropout, fused: bool,
-           scale_order: ScaleOrder = "before", post: Callable[[Tensor], Tensor] | None = None) -> Tensor:
-    """``softmax(q kᵀ / sqrt(d) + bias) v`` over (..., N, d) queries and (..., M, d) keys and values.
+           scale_order: ScaleOrder = "before", post: Callable[[Tensor], Tensor] | None = None,
+           scale: float | None = None) -> Tensor:
+    """``softmax(q kᵀ / sqrt(d) + bias) v`` over (..., N, d) queries and (..., M, d) keys and values; ``scale``
+    replaces ``1 / sqrt(d)`` (CvT scales by the width of all heads together).
 
     ``fused`` calls ``F.scaled_dot_product_attention``; otherwise the attention matrix is explicit, and
     ``scale_order`` says where the scale goes: timm's ViT scales q before ``q @ kᵀ``, timm's MetaFormer
@@ -68,8 +70,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dro
     if bias is not None:
         bias = bias.to(q.dtype)
     if fused:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p)
-    scale = q.shape[-1] ** -0.5
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=p, scale=scale)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
     before = scale_order == "before"
     attn = (q * scale) @ k.transpose(-2, -1) if before else (q @ k.transpose(-2, -1)) * scale  # (..., N, M)
     if bias is not None:

@@ -37,6 +37,7 @@ from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_
 
 Reduction = Literal["conv", "pool", "dwconv", "avgpool"]
 LocalConvAdd = Literal["output", "value"]
+ScaleWidth = Literal["head", "inner"]
 
 
 class SrAttentionSpec(OpSpec):
@@ -81,8 +82,12 @@ class SrAttentionSpec(OpSpec):
     local_conv_add: LocalConvAdd = Field(
         "output", description="local conv added to the attention output (CSWin, Shunted at sr_ratio 1; values "
                               "on the query grid) or to the values before attention (Shunted with a reduction)")
+    scale_width: ScaleWidth = Field(
+        "head", description="softmax scale 1/sqrt(width): of one head (timm), or of all heads together, "
+                            "num_heads * head_dim (CvT's dim_out ** -0.5)")
 
-    key_optional = frozenset({"groups", "kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add"})
+    key_optional = frozenset({"groups", "kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add",
+                              "scale_width"})
 
 
 def reduced(spec: SrAttentionSpec, x: TensorType) -> TensorType | None:
@@ -111,11 +116,13 @@ class SrAttention(nn.Module):
                  groups: int = 1, reduction: Reduction | None = None, kernel: int | None = None,
                  sr_bias: bool = True, q_norm: nn.Module | None = None, v_norm: nn.Module | None = None,
                  local_conv: int | None = None, local_conv_add: LocalConvAdd = "output", prefix: int = 0,
-                 grid: tuple[int, int] = (0, 0), out_dim: int | None = None) -> None:
+                 grid: tuple[int, int] = (0, 0), out_dim: int | None = None,
+                 scale_width: ScaleWidth = "head") -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         self.prefix, self.grid = prefix, grid
         inner = num_heads * head_dim
+        self.scale = inner**-0.5 if scale_width == "inner" else None  # None: attend's head_dim ** -0.5
         self.q = nn.Linear(dim, inner, bias=qkv_bias)
         self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
         self.attn_drop = nn.Dropout(attn_drop)
@@ -182,7 +189,7 @@ class SrAttention(nn.Module):
             local = F.pad(conv_on_heads(self.local_conv, v[:, :, self.prefix:], grid), (0, 0, self.prefix, 0))
         if local is not None and self.local_conv_to_values:
             v, local = v + local, None  # Shunted: the values themselves get the local conv
-        y = attend(q, k, v, bias=None, drop=self.attn_drop, fused=self.fused)  # (B, heads, P + H*W, d)
+        y = attend(q, k, v, bias=None, drop=self.attn_drop, fused=self.fused, scale=self.scale)  # (B, heads, N, d)
         if local is not None:
             y = y + local  # LePE: added to the attention output
         y = y.transpose(1, 2).flatten(2).reshape(*x.shape[:-1], -1)  # (B, heads, N, d) -> x's shape with inner
@@ -227,7 +234,7 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
                        groups=spec.groups, reduction=spec.reduction, kernel=spec.kernel, sr_bias=spec.sr_bias,
                        q_norm=q_norm, v_norm=v_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add,
-                       prefix=x.prefix, grid=x.grid, out_dim=r.out_type.channels)
+                       prefix=x.prefix, grid=x.grid, out_dim=r.out_type.channels, scale_width=spec.scale_width)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:
@@ -284,6 +291,9 @@ SR_ATTENTION = OpDef(
         Case({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True, "num_heads": 2,
               "norm": {"type": "batchnorm"}, "local_conv": 3, "local_conv_add": "value"},
              TensorType("tokens", 16, 4, 2, prefix=1), id="cvt-class-token"),
+        Case({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True, "num_heads": 2,
+              "norm": {"type": "batchnorm"}, "sr_bias": False, "scale_width": "inner", "fused": False},
+             TensorType("tokens", 16, 4, 4, prefix=1), id="cvt-scale-inner"),
         Case({"sr_ratio": 2, "num_heads": 2, "local_conv": 3, "local_conv_add": "value"},
              TensorType("tokens", 16, 4, 4, prefix=2), id="prefixed"),
         Case({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 2, 3, prefix=1), id="prefixed-lepe"),

@@ -45,10 +45,10 @@ def head_slice(conv: nn.Conv2d, part: slice) -> nn.Conv2d:
 
 
 def naive_heads(q: Tensor, k: Tensor, v: Tensor, heads: int, grid: tuple[int, int], conv: nn.Conv2d | None,
-                to_values: bool = False, prefix: int = 0) -> Tensor:
+                to_values: bool = False, prefix: int = 0, scale: float | None = None) -> Tensor:
     """(B, N, heads*d) q and (B, M, heads*d) k, v (M = prefix + h*w of ``grid``) -> (B, N, heads*dv), one head at
     a time; ``conv``: the local conv of each head's value map (not of the prefix tokens' values), added to the
-    output (or to the values)."""
+    output (or to the values); ``scale``: the softmax scale (default d ** -0.5)."""
     d, dv = q.shape[-1] // heads, v.shape[-1] // heads
     out = []
     for head in range(heads):
@@ -61,7 +61,7 @@ def naive_heads(q: Tensor, k: Tensor, v: Tensor, heads: int, grid: tuple[int, in
             local = torch.cat([torch.zeros_like(vh[:, :prefix]), local], dim=1)  # (B, M, dv)
             if to_values:
                 vh, local = vh + local, 0
-        logits = (qh @ kh.transpose(1, 2)) * d ** -0.5  # (B, N, M)
+        logits = (qh @ kh.transpose(1, 2)) * (d ** -0.5 if scale is None else scale)  # (B, N, M)
         attn = logits.exp() / logits.exp().sum(dim=-1, keepdim=True)
         out.append(attn @ vh + local)
     return torch.cat(out, dim=-1)
@@ -95,7 +95,7 @@ def naive_sr_attention(m: SrAttention, x: Tensor) -> Tensor:
     kv_bias = torch.zeros(2 * inner, dtype=x.dtype) if m.kv.bias is None else m.kv.bias
     k = small @ m.kv.weight[:inner].T + kv_bias[:inner]  # (B, P + h*w, inner)
     v = v_small @ m.kv.weight[inner:].T + kv_bias[inner:]
-    y = naive_heads(q, k, v, m.num_heads, (h, w), m.local_conv, m.local_conv_to_values, prefix=P)
+    y = naive_heads(q, k, v, m.num_heads, (h, w), m.local_conv, m.local_conv_to_values, prefix=P, scale=m.scale)
     y = y @ m.proj.weight.T + m.proj.bias  # (B, P + H*W, C)
     return (y if P else y.reshape(B_, H, W, C)).float()
 
@@ -105,6 +105,10 @@ _REFERENCE = [
     pytest.param({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": _BN}, (4, 6), id="cmt"),
     pytest.param({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True,
                   "sr_bias": False, "qkv_bias": False, "num_heads": 2, "norm": _BN}, (6, 4), id="cvt"),
+    pytest.param({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "q_conv": True, "split_kv": True,
+                  "sr_bias": False, "num_heads": 4, "norm": _BN, "scale_width": "inner"}, (4, 4), id="cvt-scale-inner"),
+    pytest.param({"sr_ratio": 2, "num_heads": 2, "head_dim": 4, "scale_width": "inner"}, (4, 4),
+                 id="pvt-scale-inner"),
     pytest.param({"reduction": "dwconv", "sr_ratio": 2, "kernel": 3, "split_kv": True, "num_heads": 2}, (4, 4),
                  id="split-kv-qkv-bias"),
     pytest.param({"reduction": "dwconv", "sr_ratio": 1, "kernel": 5, "q_conv": True, "num_heads": 4}, (5, 5),
@@ -291,7 +295,7 @@ def test_field_limits_are_checked_by_the_config(config: dict[str, Any]) -> None:
 
 def test_new_options_at_their_defaults_leave_the_latency_key_unchanged() -> None:
     key = json.loads(SrAttentionSpec(sr_ratio=2).model_dump_json(context={LATENCY_KEY: True}))
-    assert not {"kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add"} & set(key)
+    assert not {"kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add", "scale_width"} & set(key)
     for tag in ("attention", "window_attention"):
         spec = TOKEN_MIXERS.get(tag).spec()
         assert "local_conv" not in json.loads(spec.model_dump_json(context={LATENCY_KEY: True}))
@@ -353,3 +357,18 @@ def test_the_options_are_choices_in_a_search_space() -> None:
 def test_sr_bias_false_drops_every_reduction_conv_bias(config: dict[str, Any]) -> None:
     m = _op("sr_attention", {**config, "num_heads": 2, "sr_bias": False}, TensorType("tokens", 16, 4, 4))
     assert [conv.bias for conv in (m.sr, m.v_sr) if conv is not None] == [None] * (1 + (m.v_sr is not None))
+
+
+def test_scale_width_inner_scales_by_the_width_of_all_heads() -> None:
+    """CvT's ``dim_out ** -0.5``: with heads of width d, the inner scale is the head scale of q times 1/sqrt(heads)."""
+    x_type = TensorType("tokens", 16, 4, 4)
+    cvt = perturbed(_op("sr_attention", {"num_heads": 4, "sr_ratio": 2, "scale_width": "inner"}, x_type))
+    assert cvt.scale == 16 ** -0.5
+    plain = _op("sr_attention", {"num_heads": 4, "sr_ratio": 2}, x_type)
+    plain.load_state_dict(cvt.state_dict())
+    assert plain.scale is None
+    with torch.no_grad():
+        plain.q.weight.mul_(0.5)
+        plain.q.bias.mul_(0.5)  # sqrt(4 / 16): the head scale 4 ** -0.5 becomes 16 ** -0.5
+        x = torch.randn(x_type.shape(B))
+        assert max_diff(cvt(x), plain(x)) <= TOL
