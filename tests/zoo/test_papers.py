@@ -22,6 +22,8 @@ from metaformer_lab.zoo.papers import check_paper
 AUTHORS_PARAMS = {
     "pvt_tiny": 13_229_288,  # github.com/whai362/PVT classification/pvt.py, pvt_tiny()
     "pvt_small": 24_485_864,  # pvt_small()
+    "cvt_13": 19_997_480,  # github.com/microsoft/CvT lib/models/cls_cvt.py, get_cls_model(), cvt-13-224x224.yaml
+    "cvt_21": 31_622_696,  # get_cls_model() with experiments/imagenet/cvt/cvt-21-224x224.yaml
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
