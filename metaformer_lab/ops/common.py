@@ -98,7 +98,7 @@ def pair(value: int | list[int]) -> tuple[int, int]:
 # activations
 
 Act = Literal[
-    "gelu", "gelu_tanh", "quick_gelu", "relu", "relu6", "silu", "hardswish", "sigmoid", "tanh",
+    "gelu", "gelu_tanh", "quick_gelu", "relu", "relu6", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh",
     "mish", "star_relu", "squared_relu", "identity",
 ]
 
@@ -116,6 +116,7 @@ def _acts() -> dict[str, Callable[[], nn.Module]]:
         "relu6": nn.ReLU6,
         "silu": nn.SiLU,
         "hardswish": nn.Hardswish,
+        "hardsigmoid": nn.Hardsigmoid,  # relu6(x + 3) / 6 (MobileNetV3's h_sigmoid)
         "sigmoid": nn.Sigmoid,
         "tanh": nn.Tanh,
         "mish": nn.Mish,

@@ -77,13 +77,14 @@ class MbConvSpec(GridOpSpec):
         "hidden", description="the width se_ratio multiplies: the hidden width (timm's rw CoAtNet), the input's "
                               "(EfficientNet) or the output's (timm's MaxxVit with expand_output)")
     se_act: Act = Field("relu", description="activation inside the SE (timm's rw CoAtNet: relu)")
+    se_gate: Act = Field("sigmoid", description="the SE's gate (LocalViT's FFN: hardsigmoid)")
     se_early: bool = Field(False, description="SE between the depthwise conv and its norm (timm attn_early), "
                                               "instead of after the norm and activation")
     groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
     dw_residual: bool = Field(False, description="an inner residual around the kxk conv: y + dw(y) (it must keep "
                                                  "the grid: stride 1, or stride_mode pool)")
 
-    key_optional = frozenset({"groups", "dw_residual"})
+    key_optional = frozenset({"groups", "dw_residual", "se_gate"})
 
 
 def hidden_width(spec: MbConvSpec, x: TensorType) -> int:
@@ -166,7 +167,8 @@ def _build_mbconv(spec: MbConvSpec, r: Resolved) -> MbConv:
     if spec.se_ratio is not None:
         base = {"hidden": width, "in": x.channels, "out": out.channels}[spec.se_from]
         from timm.layers import SEModule
-        se = SEModule(width, rd_channels=max(1, int(spec.se_ratio * base)), act_layer=act_layer(spec.se_act))
+        se = SEModule(width, rd_channels=max(1, int(spec.se_ratio * base)), act_layer=act_layer(spec.se_act),
+                      gate_layer=act_layer(spec.se_gate))
     return MbConv(
         pre_norm=build_norm(spec.pre_norm, x), pre_act=make_act(spec.pre_act),
         pool=nn.AvgPool2d(spec.stride, spec.stride) if pooled else nn.Identity(),
@@ -219,5 +221,7 @@ MBCONV = around_prefix(OpDef(
         Case({"groups": 4, "dw_residual": True}, _MAPS, id="grouped-inner-residual"),
         Case({**_COATNET, "dw_residual": True, "groups": 8}, _MAPS, id="pooled-inner-residual"),
         Case({**_COATNET, "prefix": "linear"}, TensorType("tokens", 8, 6, 6, prefix=1), id="prefix-linear"),
+        Case({"act": "hardswish", "out_norm": {"type": "batchnorm"}, "se_ratio": 0.125, "se_gate": "hardsigmoid",
+              "prefix": "zero"}, TensorType("tokens", 8, 6, 6, prefix=1), id="localvit-ffn"),
     ),
 ), layout="maps")

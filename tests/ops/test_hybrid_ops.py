@@ -135,6 +135,53 @@ def test_mbconv_is_also_a_channel_mixer() -> None:
     assert tuple(ours(torch.randn(x_type.shape(B))).shape) == x_type.shape(B)
 
 
+class _LocalityFfn(nn.Module):
+    """LocalViT's ``LocalityFeedForward`` branch (ofsoundof/LocalViT models/localvit.py, act 'hs+se'), on the
+    token grid of a sequence whose class token it leaves out (the authors' Block adds it back unchanged)."""
+
+    def __init__(self, dim: int, hidden: int, reduction: int) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(
+            nn.Conv2d(dim, hidden, 1, bias=False), nn.BatchNorm2d(hidden), nn.Hardswish(),
+            nn.Conv2d(hidden, hidden, 3, padding=1, groups=hidden, bias=False), nn.BatchNorm2d(hidden),
+            nn.Hardswish())
+        self.se = nn.Sequential(nn.Linear(hidden, hidden // reduction), nn.ReLU(), nn.Linear(hidden // reduction,
+                                                                                            hidden), nn.Hardsigmoid())
+        self.project = nn.Sequential(nn.Conv2d(hidden, dim, 1, bias=False), nn.BatchNorm2d(dim))
+
+    def forward(self, x: Tensor, side: int) -> Tensor:  # (B, 1 + side*side, C) -> same, class token zero
+        grid = x[:, 1:].transpose(1, 2).reshape(x.shape[0], x.shape[2], side, side)
+        y = self.conv(grid)
+        y = y * self.se(y.mean((2, 3)))[:, :, None, None]
+        y = self.project(y).flatten(2).transpose(1, 2)
+        return torch.cat([torch.zeros_like(x[:, :1]), y], dim=1)
+
+
+def test_mbconv_with_a_hardsigmoid_se_matches_localvits_ffn_around_the_class_token() -> None:
+    ref = _LocalityFfn(8, 32, reduction=8)
+    for bn in (m for m in ref.modules() if isinstance(m, nn.BatchNorm2d)):
+        bn.running_mean.uniform_(-0.5, 0.5)
+        bn.running_var.uniform_(0.5, 1.5)
+    ref.eval()
+    x_type = TensorType("tokens", 8, 5, 5, prefix=1)
+    config = {"prefix": "zero", "act": "hardswish", "out_norm": {"type": "batchnorm"}, "se_ratio": 0.125,
+              "se_gate": "hardsigmoid"}
+    ours, out = _op(CHANNEL_MIXERS, "mbconv", config, x_type)
+    assert out == x_type
+    keys = ("expand_conv", "expand_norm", "dw_conv", "dw_norm", "se.fc1", "se.fc2", "project_conv",
+            "project_norm")
+    refs = (ref.conv[0], ref.conv[1], ref.conv[3], ref.conv[4], ref.se[0], ref.se[2], ref.project[0],
+            ref.project[1])
+    mine = ours.state_dict()
+    with torch.no_grad():
+        for key, module in zip(keys, refs, strict=True):
+            for name, value in module.state_dict().items():
+                mine[f"op.{key}.{name}"].copy_(value.reshape(mine[f"op.{key}.{name}"].shape))
+        ours.eval()
+        x = torch.randn(x_type.shape(B))
+        assert max_diff(ours(x), ref(x, 5)) <= TOL
+
+
 @pytest.mark.parametrize(("config", "field"), [
     ({"expand": False, "ratio": 4.0}, "ratio"),
     ({"stride": 16, "stride_mode": "pool"}, "stride"),

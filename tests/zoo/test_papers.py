@@ -20,6 +20,7 @@ from metaformer_lab.zoo import catalog, get, list_models
 from metaformer_lab.zoo.papers import check_paper
 
 AUTHORS_PARAMS = {
+    "localvit_tiny": 5_908_696,  # github.com/ofsoundof/LocalViT models/localvit.py, localvit_tiny_mlp4_act3_r192()
     "pvt_tiny": 13_229_288,  # github.com/whai362/PVT classification/pvt.py, pvt_tiny()
     "pvt_small": 24_485_864,  # pvt_small()
     "cvt_13": 19_997_480,  # github.com/microsoft/CvT lib/models/cls_cvt.py, get_cls_model(), cvt-13-224x224.yaml
