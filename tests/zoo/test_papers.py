@@ -22,6 +22,7 @@ from metaformer_lab.zoo.papers import check_paper
 AUTHORS_PARAMS = {
     "pvt_tiny": 13_229_288,  # github.com/whai362/PVT classification/pvt.py, pvt_tiny()
     "pvt_small": 24_485_864,  # pvt_small()
+    "shuffle_tiny": 28_528_066,  # github.com/mulinmeng/Shuffle-Transformer shuffle_transformer.py, ShuffleTransformer()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
