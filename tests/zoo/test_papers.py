@@ -20,6 +20,7 @@ from metaformer_lab.zoo import catalog, get, list_models
 from metaformer_lab.zoo.papers import check_paper
 
 AUTHORS_PARAMS = {
+    "crossformer_tiny": 27_776_794,  # github.com/cheerss/CrossFormer models/crossformer.py, CrossFormer(tiny config)
     "pvt_tiny": 13_229_288,  # github.com/whai362/PVT classification/pvt.py, pvt_tiny()
     "pvt_small": 24_485_864,  # pvt_small()
     "shuffle_tiny": 28_528_066,  # github.com/mulinmeng/Shuffle-Transformer shuffle_transformer.py, ShuffleTransformer()
