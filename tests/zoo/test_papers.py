@@ -25,6 +25,8 @@ AUTHORS_PARAMS = {
     "pvt_small": 24_485_864,  # pvt_small()
     "cvt_13": 19_997_480,  # github.com/microsoft/CvT lib/models/cls_cvt.py, get_cls_model(), cvt-13-224x224.yaml
     "cvt_21": 31_622_696,  # get_cls_model() with experiments/imagenet/cvt/cvt-21-224x224.yaml
+    "crossformer_tiny": 27_776_794,  # github.com/cheerss/CrossFormer models/crossformer.py, CrossFormer(tiny config)
+    "shuffle_tiny": 28_528_066,  # github.com/mulinmeng/Shuffle-Transformer shuffle_transformer.py, ShuffleTransformer()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
