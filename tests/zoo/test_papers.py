@@ -23,6 +23,7 @@ AUTHORS_PARAMS = {
     "deepvit_small": 27_312_632,  # github.com/zhoudaquan/dvit_repo models/deep_vision_transformer.py, deepvit_S()
     "pvt_tiny": 13_229_288,  # github.com/whai362/PVT classification/pvt.py, pvt_tiny()
     "pvt_small": 24_485_864,  # pvt_small()
+    "t2t_vit_14": 21_545_550,  # github.com/yitu-opensource/T2T-ViT models/t2t_vit.py, t2t_vit_14()
     "t2t_vit_t_14": 21_541_070,  # github.com/yitu-opensource/T2T-ViT models/t2t_vit.py, t2t_vit_t_14()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
