@@ -4,8 +4,10 @@ tokens-to-token module as a stem: soft splits with the width-changing token tran
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
@@ -83,6 +85,7 @@ class T2TSpec(OpSpec):
     narrows the tokens to token_dim, the last one projected to the stem's width."""
 
     type: Literal["t2t"] = "t2t"
+    key_optional = frozenset({"attention", "kernel_ratio"})
     kernels: list[KernelInt] = Field(default_factory=lambda: [7, 3, 3], min_length=2, max_length=6,
                                      description="kernel of each soft split")
     strides: list[KernelInt] = Field(default_factory=lambda: [4, 2, 2], min_length=2, max_length=6,
@@ -90,6 +93,11 @@ class T2TSpec(OpSpec):
                                      "(kernel - stride + 1) // 2")
     token_dim: PosInt = Field(64, description="width of the tokens between the splits (the token transformers' "
                               "output)")
+    attention: Literal["transformer", "performer"] = Field(
+        "transformer", description="the token transformers' attention: transformer = softmax attention (T2T-ViT-t's "
+        "Token_transformer); performer = T2T's random-feature attention (Token_performer: its kqv Linear, in that "
+        "order, and a fixed orthogonal feature matrix w, a buffer)")
+    kernel_ratio: Ratio = Field(0.5, description="performer only: random features m = int(kernel_ratio * token_dim)")
     mlp_ratio: Ratio = Field(1.0, description="hidden width of the token transformers' MLP = int(ratio * token_dim)")
     act: Act = "gelu"
     qkv_bias: bool = False
@@ -114,11 +122,39 @@ class TokenAttention(nn.Module):
         return v.squeeze(1) + self.proj(out.squeeze(1))
 
 
-class TokenTransformer(nn.Module):
-    """T2T's ``Token_transformer`` on tokens (B, H, W, C): ``y = attn(norm1(x))`` (width C -> C', see
-    :class:`TokenAttention`), then ``y + mlp(norm2(y))``."""
+class TokenPerformer(nn.Module):
+    """T2T's single-head Performer attention (``Token_performer.single_attn``) whose values are narrower than its
+    input, with the residual around the values: ``v + proj(phi(q) (phi(k)ᵀ v) / (phi(q) sum_t phi(k) + 1e-8))``, with
+    the positive random features ``phi(x) = exp(x wᵀ - |x|² / 2) / sqrt(m)`` of a fixed (m, C') matrix ``w``
+    (orthogonal rows times sqrt(m), drawn at build, kept as a buffer: it is the model's, but no parameter)."""
 
-    def __init__(self, norm1: nn.Module, attn: TokenAttention, norm2: nn.Module, mlp: nn.Module) -> None:
+    def __init__(self, dim: int, out_dim: int, qkv_bias: bool, kernel_ratio: float) -> None:
+        super().__init__()
+        self.kqv = nn.Linear(dim, 3 * out_dim, bias=qkv_bias)
+        self.proj = nn.Linear(out_dim, out_dim)
+        self.m = max(1, int(out_dim * kernel_ratio))
+        w = torch.empty(self.m, out_dim)
+        if w.device.type != "meta":
+            w = nn.init.orthogonal_(w) * math.sqrt(self.m)
+        self.register_buffer("w", w)
+
+    def features(self, x: Tensor) -> Tensor:  # (B, N, C') -> (B, N, m)
+        return torch.exp(x @ self.w.t() - (x * x).sum(-1, keepdim=True) / 2) / math.sqrt(self.m)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, N, C) -> (B, N, C')
+        k, q, v = self.kqv(x).chunk(3, dim=-1)
+        kp, qp = self.features(k), self.features(q)  # (B, N, m)
+        norm = qp @ kp.sum(1).unsqueeze(-1)  # (B, N, 1)
+        y = qp @ (kp.transpose(1, 2) @ v) / (norm + 1e-8)  # (B, N, m) @ (B, m, C') -> (B, N, C')
+        return v + self.proj(y)
+
+
+class TokenTransformer(nn.Module):
+    """T2T's ``Token_transformer`` (or ``Token_performer``) on tokens (B, H, W, C): ``y = attn(norm1(x))`` (width
+    C -> C', see :class:`TokenAttention`, :class:`TokenPerformer`), then ``y + mlp(norm2(y))``."""
+
+    def __init__(self, norm1: nn.Module, attn: TokenAttention | TokenPerformer, norm2: nn.Module,
+                 mlp: nn.Module) -> None:
         super().__init__()
         self.norm1, self.attn, self.norm2, self.mlp = norm1, attn, norm2, mlp
 
@@ -179,7 +215,11 @@ def _build_t2t(spec: T2TSpec, r: Resolved) -> nn.Module:
     splits = [nn.Unfold(kernel, stride=stride, padding=default_padding(kernel, stride)) for kernel, stride in pairs]
     attentions = []
     for t in types[:-1]:
-        attn = TokenAttention(t.channels, spec.token_dim, spec.qkv_bias)
+        if spec.attention == "performer":
+            attn: TokenAttention | TokenPerformer = TokenPerformer(t.channels, spec.token_dim, spec.qkv_bias,
+                                                                   spec.kernel_ratio)
+        else:
+            attn = TokenAttention(t.channels, spec.token_dim, spec.qkv_bias)
         mlp = Mlp(spec.token_dim, int(spec.mlp_ratio * spec.token_dim), act_layer=act_layer(spec.act))
         norm2 = build_norm(spec.norm, t.with_channels(spec.token_dim))
         attentions.append(TokenTransformer(build_norm(spec.norm, t), attn, norm2, mlp))
@@ -194,4 +234,6 @@ SOFT_SPLIT_DOWN = OpDef(SoftSplitDownSpec, _soft_split_shape, _build_soft_split,
 T2T = OpDef(T2TSpec, _t2t_shape, _build_t2t,
              cases=(Case({"token_dim": 8}, TensorType("maps", 3, 64, 64), 16),
                     Case({"kernels": [3, 3], "strides": [2, 2], "token_dim": 4, "mlp_ratio": 2.0, "qkv_bias": True},
-                         _IMAGE, 12, id="two")))
+                         _IMAGE, 12, id="two"),
+                    Case({"kernels": [3, 3], "strides": [2, 2], "token_dim": 8, "attention": "performer",
+                          "qkv_bias": True}, _IMAGE, 12, id="performer")))

@@ -297,17 +297,47 @@ class _T2TTokenTransformer(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class _T2TModule(nn.Module):
-    """T2T-ViT's ``T2T_module`` (transformer variant): splits 7/4/2, 3/2/1, 3/2/1, two token transformers, a
-    projection; square maps rebuilt from the token count between the splits."""
+class _T2TPerformer(nn.Module):
+    """T2T-ViT's ``Token_performer`` (head_cnt 1, dropout left out), as its code computes it: kqv in that order,
+    positive random features of a fixed orthogonal w (a frozen parameter there), einsums, eps 1e-8."""
 
-    def __init__(self, in_chans: int, token_dim: int, embed_dim: int) -> None:
+    def __init__(self, dim: int, in_dim: int, kernel_ratio: float = 0.5) -> None:
+        super().__init__()
+        self.emb = in_dim
+        self.kqv = nn.Linear(dim, 3 * self.emb)
+        self.proj = nn.Linear(self.emb, self.emb)
+        self.norm1, self.norm2 = nn.LayerNorm(dim), nn.LayerNorm(self.emb)
+        self.mlp = nn.Sequential(nn.Linear(self.emb, self.emb), nn.GELU(), nn.Linear(self.emb, self.emb))
+        self.m = int(self.emb * kernel_ratio)
+        w = nn.init.orthogonal_(torch.randn(self.m, self.emb)) * self.m**0.5
+        self.w = nn.Parameter(w, requires_grad=False)
+
+    def prm_exp(self, x: Tensor) -> Tensor:
+        xd = (x * x).sum(dim=-1, keepdim=True).repeat(1, 1, self.m) / 2
+        return torch.exp(torch.einsum("bti,mi->btm", x, self.w) - xd) / self.m**0.5
+
+    def forward(self, x: Tensor) -> Tensor:
+        k, q, v = torch.split(self.kqv(self.norm1(x)), self.emb, dim=-1)
+        kp, qp = self.prm_exp(k), self.prm_exp(q)
+        D = torch.einsum("bti,bi->bt", qp, kp.sum(dim=1)).unsqueeze(dim=2)
+        kptv = torch.einsum("bin,bim->bnm", v, kp)
+        y = torch.einsum("bti,bni->btn", qp, kptv) / (D.repeat(1, 1, self.emb) + 1e-8)
+        x = v + self.proj(y)
+        return x + self.mlp(self.norm2(x))
+
+
+class _T2TModule(nn.Module):
+    """T2T-ViT's ``T2T_module`` (transformer or performer variant): splits 7/4/2, 3/2/1, 3/2/1, two token
+    transformers, a projection; square maps rebuilt from the token count between the splits."""
+
+    def __init__(self, in_chans: int, token_dim: int, embed_dim: int, performer: bool = False) -> None:
         super().__init__()
         self.soft_split0 = nn.Unfold(7, stride=4, padding=2)
         self.soft_split1 = nn.Unfold(3, stride=2, padding=1)
         self.soft_split2 = nn.Unfold(3, stride=2, padding=1)
-        self.attention1 = _T2TTokenTransformer(in_chans * 49, token_dim)
-        self.attention2 = _T2TTokenTransformer(token_dim * 9, token_dim)
+        block = _T2TPerformer if performer else _T2TTokenTransformer
+        self.attention1 = block(in_chans * 49, token_dim)
+        self.attention2 = block(token_dim * 9, token_dim)
         self.project = nn.Linear(token_dim * 9, embed_dim)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -328,6 +358,30 @@ def test_t2t_stem_matches_the_t2t_module() -> None:
     out = _run(ours, x)
     assert out.shape == (B, 4, 4, 24)  # 64 / 4 / 2 / 2
     assert max_diff(out.flatten(1, 2), _run(ref, x)) <= TOL
+
+
+def test_t2t_performer_stem_matches_the_performer_t2t_module() -> None:
+    """``attention: performer``: T2T-ViT-14's Token_performer, its fixed w loaded like a weight."""
+    x_type = TensorType("maps", 3, 64, 64)
+    ref = _T2TModule(3, token_dim=16, embed_dim=24, performer=True)
+    renames = [(r"^attention(\d)\.(kqv|proj|w)", r"attention\1.attn.\2"), (r"\.mlp\.0\.", ".mlp.fc1."),
+               (r"\.mlp\.2\.", ".mlp.fc2."), (r"^attention1\.", "attentions.0."), (r"^attention2\.", "attentions.1.")]
+    config = {"token_dim": 16, "attention": "performer", "qkv_bias": True}
+    ours = port(ref, build_op("stem", "t2t", config, x_type, 24), renames)
+    attn = ours.attentions[0].attn
+    assert attn.w.shape == (8, 16) and "w" not in dict(attn.named_parameters())  # a buffer, int(0.5 * 16) features
+    x = torch.randn(x_type.shape(B))
+    out = _run(ours, x)
+    assert out.shape == (B, 4, 4, 24)
+    assert max_diff(out.flatten(1, 2), _run(ref, x)) <= TOL
+
+
+def test_t2t_performer_features_are_fixed_and_orthogonal() -> None:
+    module = build_op("stem", "t2t", {"token_dim": 16, "attention": "performer", "kernel_ratio": 0.25},
+                      TensorType("maps", 3, 64, 64), 24)
+    w = module.attentions[1].attn.w
+    assert w.shape == (4, 16) and not w.requires_grad
+    assert max_diff(w @ w.t(), 4 * torch.eye(4)) <= 1e-5  # orthogonal rows times sqrt(m)
 
 
 def test_t2t_token_attention_changes_the_width_around_its_values() -> None:

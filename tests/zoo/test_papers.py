@@ -27,6 +27,9 @@ AUTHORS_PARAMS = {
     "cvt_21": 31_622_696,  # get_cls_model() with experiments/imagenet/cvt/cvt-21-224x224.yaml
     "crossformer_tiny": 27_776_794,  # github.com/cheerss/CrossFormer models/crossformer.py, CrossFormer(tiny config)
     "shuffle_tiny": 28_528_066,  # github.com/mulinmeng/Shuffle-Transformer shuffle_transformer.py, ShuffleTransformer()
+    "deepvit_small": 27_312_632,  # github.com/zhoudaquan/dvit_repo models/deep_vision_transformer.py, deepvit_S()
+    "t2t_vit_14": 21_545_550,  # github.com/yitu-opensource/T2T-ViT models/t2t_vit.py, t2t_vit_14()
+    "t2t_vit_t_14": 21_541_070,  # github.com/yitu-opensource/T2T-ViT models/t2t_vit.py, t2t_vit_t_14()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
