@@ -37,6 +37,7 @@ class _Compiler:
 
     def stage(self, plan: StagePlan, first_block: int) -> Stage:
         blocks = [self.block(b, first_block + j) for j, b in enumerate(plan.blocks)]
+        tie_in_stage(blocks)
         return Stage(downsample_layout=self.module(plan.downsample_layout), downsample=self.module(plan.downsample),
                      layout=self.module(plan.layout), prefix=self.module(plan.prefix),
                      pos_embed=self.module(plan.pos_embed), pos_after=plan.pos_after, blocks=blocks,
@@ -51,6 +52,18 @@ class _Compiler:
         return Network(name=self.g.spec.name, stem=self.module(plan.stem), stages=stages, head=self.module(plan.head),
                        input_type=self.g.input_type, output_type=self.g.output_type,
                        feature_types=self.g.stage_types)
+
+
+def tie_in_stage(blocks: list[Block]) -> None:
+    """Parameters that a block's part (not a branch inside a composite) names in its ``shared_in_stage`` (CMT's
+    position bias tables) become one per stage: each block's is the first block's of the same part name and
+    shape (the cost model counts them once per stage too: :func:`metaformer_lab.graph.cost.stage_shared_surplus`)."""
+    first: dict[tuple[str, str, tuple[int, ...]], nn.Parameter] = {}
+    for block in blocks:
+        for path, module in block.named_children():
+            for name in getattr(module, "shared_in_stage", ()):
+                param = getattr(module, name)
+                setattr(module, name, first.setdefault((path, name, tuple(param.shape)), param))
 
 
 def initialize(net: nn.Module) -> None:

@@ -191,6 +191,24 @@ def _cached_node_cost(graph: ArchGraph, name: str, batch: int, dtype_bytes: int)
     return cost
 
 
+def stage_shared_surplus(graph: ArchGraph) -> dict[str, int]:
+    """Per cost group, the parameter elements that the nodes count once per block but a stage's blocks share
+    (a block part whose spec has ``stage_shared_params``: CMT's position bias tables), as the compiler ties them
+    (:func:`metaformer_lab.compile.compiler.tie_in_stage`): one per stage, part name and size."""
+    seen: set[tuple[Any, ...]] = set()
+    surplus: dict[str, int] = {}
+    for _, node in graph.nodes(data=True):
+        shared = getattr(node.get("spec"), "stage_shared_params", None)
+        if node["kind"] not in LEAF_KINDS or shared is None or node["inside"] is not None or node["stage"] is None:
+            continue
+        count = shared(node["resolved"])
+        key = (node["stage"], node["part"], count)
+        if count and key in seen:
+            surplus[node["group"]] = surplus.get(node["group"], 0) + count
+        seen.add(key)
+    return surplus
+
+
 def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
     """Params, FLOPs and activation bytes of the whole graph, without building the network.
 
@@ -205,5 +223,7 @@ def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
         acc[1] += cost.flops
         acc[2] += cost.activation_bytes
     parts.pop("input", None)
+    for group, count in stage_shared_surplus(graph).items():
+        parts[group][0] -= count
     totals = [sum(v[i] for v in parts.values()) for i in range(3)]
     return Cost(totals[0], totals[1], totals[2], {k: NodeCost(*v) for k, v in parts.items()})

@@ -14,7 +14,17 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import Act, NonNegInt, OpSpec, PosInt, Prob, Ratio, make_act, require_layout
+from metaformer_lab.ops.common import (
+    Act,
+    NonNegInt,
+    OpSpec,
+    PosInt,
+    Prob,
+    Ratio,
+    layout_change,
+    make_act,
+    require_layout,
+)
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import BatchNormSpec, LayerNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.stems import ConvNormAct
@@ -353,8 +363,10 @@ class LinearNormAct(nn.Module):
 
 
 class ConvMlpHead(Head):
-    def __init__(self, conv: nn.Module, pool: GlobalPool, hidden: list[nn.Module], drop: float, fc: nn.Module) -> None:
+    def __init__(self, conv: nn.Module, pool: GlobalPool, hidden: list[nn.Module], drop: float, fc: nn.Module,
+                 to_maps: nn.Module | None = None) -> None:
         super().__init__()
+        self.to_maps = to_maps or nn.Identity()  # tokens (B, H, W, C) -> maps before the conv (CMT)
         self.conv, self.pool = conv, pool
         self.hidden = nn.Sequential(*hidden)
         self.drop, self.fc = nn.Dropout(drop), fc
@@ -365,7 +377,7 @@ class ConvMlpHead(Head):
         return self.fc
 
     def pre_logits(self, x: Tensor) -> Tensor:  # after the hidden layers (timm's EfficientViT head)
-        return self.drop(self.hidden(self.pool(self.conv(x))))
+        return self.drop(self.hidden(self.pool(self.conv(self.to_maps(x)))))
 
     def hidden_size(self, in_features: int) -> int:
         if len(self.hidden):
@@ -378,15 +390,17 @@ class ConvMlpHead(Head):
         self.fc = self._linear(self.hidden_size(in_features), num_classes, self.fc_bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or tokens -> (B, num_classes)
-        x = self.hidden(self.pool(self.conv(x)))  # (B, hidden[-1])
+        x = self.hidden(self.pool(self.conv(self.to_maps(x))))  # (B, hidden[-1])
         return self.fc(self.drop(x))
 
 
 def _conv_mlp_head_types(spec: ConvMlpHeadSpec, x: TensorType) -> list[TensorType]:
     """The conv's output type, then the pooled vector and each hidden layer's output."""
     if spec.conv_dim is not None:
-        require_layout(x, "maps", op="conv_mlp_head's conv")
-        x = x.with_channels(spec.conv_dim)
+        require_layout(x, "maps", "tokens", op="conv_mlp_head's conv")
+        if x.prefix:
+            raise ShapeIssue("conv_dim", f"the conv sees a map, but the input has {x.prefix} prefix token(s)")
+        x = x.to("maps").with_channels(spec.conv_dim)  # tokens are made a map first (CMT's head)
         check_norm(spec.conv_norm, x, "conv_norm")
     types = [x, _pooled_shape(x, None)]
     for width in spec.hidden:
@@ -404,6 +418,7 @@ def _build_conv_mlp_head(spec: ConvMlpHeadSpec, r: Resolved) -> nn.Module:
     x, num_classes = r.in_type, r.out_dim
     mapped, *vectors = _conv_mlp_head_types(spec, x)
     conv: nn.Module = nn.Identity()
+    to_maps = layout_change(x, "maps") if spec.conv_dim is not None and x.layout == "tokens" else None
     if spec.conv_dim is not None:
         conv = ConvNormAct(nn.Conv2d(x.channels, spec.conv_dim, 1, bias=spec.conv_bias),
                            build_norm(spec.conv_norm, mapped), make_act(spec.act))
@@ -413,7 +428,7 @@ def _build_conv_mlp_head(spec: ConvMlpHeadSpec, r: Resolved) -> nn.Module:
         for a, b in zip(vectors, vectors[1:], strict=False)]
     width = vectors[-1].channels
     fc = nn.Linear(width, num_classes, bias=spec.bias) if num_classes else nn.Identity()
-    return ConvMlpHead(conv, GlobalPool(spec.pool, mapped), hidden, spec.drop, fc)
+    return ConvMlpHead(conv, GlobalPool(spec.pool, mapped), hidden, spec.drop, fc, to_maps)
 
 
 def fold_hidden_layer(module: nn.Module) -> Folding | None:
@@ -427,6 +442,7 @@ def fold_hidden_layer(module: nn.Module) -> Folding | None:
 CONV_MLP_HEAD = OpDef(ConvMlpHeadSpec, _conv_mlp_head_shape, _build_conv_mlp_head, fold=fold_hidden_layer,
                       cases=(Case({"conv_dim": 32, "hidden": [24]}, _MAPS, 10),
                              Case({"conv_dim": 24}, _MAPS, 10, id="conv-only"),
+                             Case({"conv_dim": 24, "act": "silu"}, _TOKENS, 10, id="cmt-tokens"),
                              Case({"hidden": [32, 24], "hidden_norm": None, "hidden_bias": True, "act": "gelu"},
                                   _TOKENS, 10, id="mlp-tokens"),
                              Case({"conv_dim": 32, "hidden": [24]}, _MAPS, 0, id="features")))

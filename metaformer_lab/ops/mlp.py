@@ -101,7 +101,7 @@ def fold_mlp(module: nn.Module) -> Folding | None:
         writes = module.fc2 if isinstance(module.norm2, nn.Identity) else None
         return Folding(reads=(module.fc1,), writes=writes, deploy=deploy)
     if isinstance(module, ConvFfn):
-        return Folding(reads=(module.fc1,), writes=module.fc2)
+        return Folding(reads=(module.fc1,), writes=module.fc2 if isinstance(module.out_norm, nn.Identity) else None)
     return None
 
 
@@ -125,12 +125,16 @@ class ConvFfnSpec(GridOpSpec):
     drop: Prob = 0.0
     groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
     dw_residual: bool = Field(False, description="an inner residual around the kxk conv: y + dw(y) (CMT's IRFFN)")
+    hidden_norm: NormSpec | None = Field(None, description="norm after fc1 and hidden_act (CMT's conv1 BatchNorm)")
+    dw_norm: NormSpec | None = Field(None, description="norm after the kxk conv's activation (CMT's proj_bn)")
+    out_norm: NormSpec | None = Field(None, description="norm after fc2 (CMT's conv2 BatchNorm)")
 
-    key_optional = frozenset({"groups", "dw_residual"})
+    key_optional = frozenset({"groups", "dw_residual", "hidden_norm", "dw_norm", "out_norm"})
 
 
 class ConvFfn(nn.Module):
-    """fc1 -> [act] -> depthwise conv -> act -> fc2; prefix tokens skip the conv."""
+    """fc1 -> [act] -> [norm] -> depthwise conv -> act -> [norm] -> fc2 -> [norm]; prefix tokens skip the conv
+    (the norms see them)."""
 
     def __init__(self, dim: int, spec: ConvFfnSpec, x: TensorType) -> None:
         super().__init__()
@@ -145,6 +149,9 @@ class ConvFfn(nn.Module):
         self.act = make_act(spec.act)
         self.drop = nn.Dropout(spec.drop)
         self.fc2 = nn.Conv2d(hidden, dim, 1, bias=spec.bias) if self.maps else nn.Linear(hidden, dim, bias=spec.bias)
+        self.hidden_norm = build_norm(spec.hidden_norm, x.with_channels(hidden))
+        self.dw_norm = build_norm(spec.dw_norm, x.with_channels(hidden))
+        self.out_norm = build_norm(spec.out_norm, x)
 
     def dw(self, x: Tensor) -> Tensor:  # (B, hidden, H, W) -> same
         """The kxk conv, with its inner residual ``x + dwconv(x)`` when asked."""
@@ -152,20 +159,24 @@ class ConvFfn(nn.Module):
         return x + y if self.dw_residual else y
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.hidden_act(self.fc1(x))
+        x = self.hidden_norm(self.hidden_act(self.fc1(x)))
         if self.maps:
             x = self.dw(x)  # (B, hidden, H, W)
         else:
             prefix, grid = split_prefix(x, self.prefix, self.grid)  # grid: (B, H, W, hidden)
             grid = self.dw(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             x = join_prefix(prefix, grid)
-        x = self.drop(self.act(x))
-        return self.drop(self.fc2(x))
+        x = self.drop(self.dw_norm(self.act(x)))
+        return self.drop(self.out_norm(self.fc2(x)))
 
 
 def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType, out_dim: int | None) -> TensorType:
     require_layout(x, "maps", "tokens", op="conv_ffn")
     require_grid(x, op="conv_ffn")
+    hidden = x.with_channels(int(spec.ratio * x.channels))
+    check_norm(spec.hidden_norm, hidden, "hidden_norm")
+    check_norm(spec.dw_norm, hidden, "dw_norm")
+    check_norm(spec.out_norm, x, "out_norm")
     if spec.groups is not None:
         require_groups(spec.groups, hidden=int(spec.ratio * x.channels))
     return x
@@ -179,7 +190,11 @@ CONV_FFN = around_prefix(OpDef(
            Case({"groups": 4, "dw_residual": True}, _PREFIXED, id="grouped-inner-residual"),
            Case({"dw_residual": True}, _MAPS, id="maps-inner-residual"),
            Case({"prefix": "pass"}, _PREFIXED, id="leff-prefix-pass"),
-           Case({"prefix": "zero", "dw_residual": True}, _PREFIXED, id="localvit-prefix-zero"))))
+           Case({"prefix": "zero", "dw_residual": True}, _PREFIXED, id="localvit-prefix-zero"),
+           Case({"dw_residual": True, "hidden_act": "gelu", "hidden_norm": {"type": "batchnorm"},
+                 "dw_norm": {"type": "batchnorm"}, "out_norm": {"type": "batchnorm"}}, _TOKENS, id="cmt-irffn"),
+           Case({"dw_residual": True, "hidden_norm": {"type": "batchnorm"}, "dw_norm": {"type": "batchnorm"},
+                 "out_norm": {"type": "batchnorm"}}, _MAPS, id="maps-irffn"))))
 
 
 class GluSpec(OpSpec):

@@ -3,7 +3,8 @@ sub-sampled attention. Queries come from every grid token, keys and values from 
 
 The reduction is also a depthwise conv (CMT, Guo et al. 2022; CvT's ``dw_bn`` projections, Wu et al. 2021, with
 ``q_conv``) or a bare average pool (LITv2's Lo-Fi, Pan et al. 2022); ``local_conv`` adds a depthwise conv of the
-values (LePE: CSWin, Dong et al. 2022; Shunted, Ren et al. 2022).
+values (LePE: CSWin, Dong et al. 2022; Shunted, Ren et al. 2022); ``pos_bias`` adds a learned (heads, N, M) bias to
+the logits of the N queries and M keys (CMT's ``relative_pos``, one table per stage).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_
 Reduction = Literal["conv", "pool", "dwconv", "avgpool"]
 LocalConvAdd = Literal["output", "value"]
 ScaleWidth = Literal["head", "inner"]
+PosBias = Literal["block", "stage"]
 
 
 class SrAttentionSpec(OpSpec):
@@ -85,9 +87,19 @@ class SrAttentionSpec(OpSpec):
     scale_width: ScaleWidth = Field(
         "head", description="softmax scale 1/sqrt(width): of one head (timm), or of all heads together, "
                             "num_heads * head_dim (CvT's dim_out ** -0.5)")
+    pos_bias: PosBias | None = Field(
+        None, description="a learned (heads, H*W, h*w) bias added to the logits (CMT's relative_pos); block: one "
+                          "table per block; stage: one table shared by the stage's blocks (CMT); null: none")
 
     key_optional = frozenset({"groups", "kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add",
-                              "scale_width"})
+                              "scale_width", "pos_bias"})
+
+    def stage_shared_params(self, r: Resolved) -> int:
+        """Parameter elements that the stage's blocks share (counted once per stage, not per block)."""
+        if self.pos_bias != "stage":
+            return 0
+        small = reduced(self, r.in_type) or r.in_type
+        return r["num_heads"] * r.in_type.height * r.in_type.width * small.height * small.width
 
 
 def reduced(spec: SrAttentionSpec, x: TensorType) -> TensorType | None:
@@ -117,7 +129,8 @@ class SrAttention(nn.Module):
                  sr_bias: bool = True, q_norm: nn.Module | None = None, v_norm: nn.Module | None = None,
                  local_conv: int | None = None, local_conv_add: LocalConvAdd = "output", prefix: int = 0,
                  grid: tuple[int, int] = (0, 0), out_dim: int | None = None,
-                 scale_width: ScaleWidth = "head") -> None:
+                 scale_width: ScaleWidth = "head", pos_bias: tuple[int, int] | None = None,
+                 pos_bias_shared: bool = False) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         self.prefix, self.grid = prefix, grid
@@ -150,6 +163,14 @@ class SrAttention(nn.Module):
         self.v_norm = v_norm
         self.local_conv = _dwconv(inner, local_conv, 1, True) if local_conv is not None else None
         self.local_conv_to_values = local_conv_add == "value"
+        # (heads, N, M) logit bias for N = H*W queries and M = h*w keys; shared_in_stage: the compiler ties it
+        self.pos_bias = nn.Parameter(torch.zeros(num_heads, *pos_bias)) if pos_bias is not None else None
+        self.shared_in_stage = ("pos_bias",) if pos_bias is not None and pos_bias_shared else ()
+
+    def init_weights(self) -> None:
+        """CMT's ``torch.randn`` for the position bias table."""
+        if self.pos_bias is not None:
+            nn.init.normal_(self.pos_bias)
 
     def reduce(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, h, w, C)
         if not self.reduces:
@@ -189,7 +210,9 @@ class SrAttention(nn.Module):
             local = F.pad(conv_on_heads(self.local_conv, v[:, :, self.prefix:], grid), (0, 0, self.prefix, 0))
         if local is not None and self.local_conv_to_values:
             v, local = v + local, None  # Shunted: the values themselves get the local conv
-        y = attend(q, k, v, bias=None, drop=self.attn_drop, fused=self.fused, scale=self.scale)  # (B, heads, N, d)
+        # CMT: (q kᵀ) * scale + bias
+        y = attend(q, k, v, bias=self.pos_bias, drop=self.attn_drop, fused=self.fused, scale=self.scale,
+                   scale_order="after" if self.pos_bias is not None else "before")  # (B, heads, P + H*W, d)
         if local is not None:
             y = y + local  # LePE: added to the attention output
         y = y.transpose(1, 2).flatten(2).reshape(*x.shape[:-1], -1)  # (B, heads, N, d) -> x's shape with inner
@@ -213,6 +236,8 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
     if spec.reduction == "dwconv" and spec.groups != 1:
         raise ShapeIssue("groups", f"{spec.groups} sets the groups of a full reduction conv; dwconv is depthwise")
     small = reduced(spec, x.with_prefix(0))  # the convs and norms see the grid alone
+    if spec.pos_bias is not None and x.prefix:
+        raise ShapeIssue("pos_bias", f"covers the grid's tokens, but the input has {x.prefix} prefix tokens")
     if spec.local_conv is not None and spec.local_conv_add == "output" and small is not None and small.grid != x.grid:
         raise ShapeIssue("local_conv_add", f"output needs values on the {x.height}x{x.width} query grid, but the "
                                            f"reduction gives {small.height}x{small.width}; use value")
@@ -229,12 +254,15 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
     norm = build_norm(spec.norm, small) if small is not None else nn.Identity()
     q_norm = build_norm(spec.norm, x.with_prefix(0)) if spec.q_conv else None
     v_norm = build_norm(spec.norm, small) if spec.split_kv and small is not None else None
+    keys = small or x  # the grid the keys come from
     return SrAttention(x.channels, num_heads=num_heads, head_dim=head_dim, sr_ratio=spec.sr_ratio,
                        pool_size=spec.pool_size if spec.reduction == "pool" else None, norm=norm,
                        qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
                        groups=spec.groups, reduction=spec.reduction, kernel=spec.kernel, sr_bias=spec.sr_bias,
                        q_norm=q_norm, v_norm=v_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add,
-                       prefix=x.prefix, grid=x.grid, out_dim=r.out_type.channels, scale_width=spec.scale_width)
+                       prefix=x.prefix, grid=x.grid, out_dim=r.out_type.channels, scale_width=spec.scale_width,
+                       pos_bias=None if spec.pos_bias is None else (x.height * x.width, keys.height * keys.width),
+                       pos_bias_shared=spec.pos_bias == "stage")
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:
@@ -299,5 +327,8 @@ SR_ATTENTION = OpDef(
         Case({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 2, 3, prefix=1), id="prefixed-lepe"),
         Case({"sr_ratio": 2, "num_heads": 2, "local_conv": 3, "local_conv_add": "value"},
              TensorType("tokens", 16, 4, 4), id="shunted"),
+        Case({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": {"type": "batchnorm"}, "pos_bias": "stage",
+              "fused": False}, TensorType("tokens", 16, 4, 6), id="cmt-pos-bias"),
+        Case({"sr_ratio": 1, "num_heads": 2, "pos_bias": "block"}, TensorType("tokens", 16, 3, 3), id="pos-bias"),
     ),
 )
