@@ -24,7 +24,7 @@ AUTHORS_PARAMS = {
     "pvt_small": 24_485_864,  # pvt_small()
     "conv2former_nano": 14_992_840,  # github.com/HVision-NKU/Conv2Former models/conv2former.py, conv2former_n()
     "litv2_small": 27_844_000,  # github.com/ziplab/LITv2 classification/models/litv2.py, LITv2 with
-    # configs/litv2-small.yaml (alpha 0.9, local_ws [0, 0, 2, 1]); includes DTM's offset convs, which ours leaves out
+    # configs/litv2-small.yaml (alpha 0.9, local_ws [0, 0, 2, 1])
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
