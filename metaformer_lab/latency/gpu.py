@@ -56,6 +56,7 @@ from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
 from metaformer_lab.latency.measure import DTYPES
 from metaformer_lab.ops.composite import ParallelSpec, SplitSpec
 from metaformer_lab.ops.concat import ConcatSpec, concat_proj
+from metaformer_lab.ops.gated import GatedSpec, gated_proj
 from metaformer_lab.spec.load import SpecSource, read_spec, with_input_size
 
 UNCALIBRATED = "uncalibrated estimate"
@@ -504,7 +505,8 @@ def _prefix_records(node: dict[str, Any], batch: int, es: int, param_es: int) ->
 def _join_records(graph: ArchGraph, name: str, batch: int, dtype: str, es: int,
                   amp: bool) -> tuple[KernelRecord, ...]:
     """A composite mixer's join: ``parallel`` sums its branches, ``split`` concatenates them, ``concat``
-    concatenates them and runs its projection, any other composite is taken as one pass over its branch outputs."""
+    concatenates them and runs its projection, ``gated`` with ``proj`` multiplies them and runs its projection, any
+    other composite is taken as one pass over its branch outputs."""
     node = graph.nodes[name]
     spec, out = node["spec"], node["out"].numel(batch)
     branches = graph.in_degree(name)
@@ -513,6 +515,11 @@ def _join_records(graph: ArchGraph, name: str, batch: int, dtype: str, es: int,
             proj, joined = concat_proj(spec, graph.nodes[node["fork"]]["in_type"])
         cat = _elementwise("aten.cat", joined.numel(batch), 2, es)
         return (cat, *_module_run(proj, joined.shape(batch), dtype=dtype, amp=amp, in_size=es)[0])
+    if isinstance(spec, GatedSpec) and spec.proj:
+        with torch.device("meta"):
+            proj = gated_proj(spec, node["out"])
+        return (_elementwise("aten.mul", out, 3, es),
+                *_module_run(proj, node["out"].shape(batch), dtype=dtype, amp=amp, in_size=es)[0])
     if isinstance(spec, ParallelSpec):
         return tuple(_elementwise("aten.add", out, 3, es) for _ in range(branches - 1))
     if isinstance(spec, SplitSpec):

@@ -101,8 +101,10 @@ class SepConvSpec(GridOpSpec):
     act2: Act = Field("identity", description="activation after the depthwise conv")
     bias: bool = False
     groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
+    project: bool = Field(True, description="false: no pointwise conv down, the depthwise conv's output is the "
+                                            "op's (ratio 1; Conv2Former's gate: 1x1 conv, GELU, depthwise conv)")
 
-    key_optional = frozenset({"groups"})
+    key_optional = frozenset({"groups", "project"})
 
 
 class SeparableConv(nn.Module):
@@ -116,7 +118,10 @@ class SeparableConv(nn.Module):
         self.dwconv = nn.Conv2d(mid, mid, kernel, padding=(kernel[0] // 2, kernel[1] // 2), groups=spec.groups or mid,
                                 bias=spec.bias)
         self.act2 = make_act(spec.act2)
-        self.pwconv2 = nn.Linear(mid, dim, bias=spec.bias) if channels_last else nn.Conv2d(mid, dim, 1, bias=spec.bias)
+        self.pwconv2: nn.Module = nn.Identity()
+        if spec.project:
+            self.pwconv2 = nn.Linear(mid, dim, bias=spec.bias) if channels_last else nn.Conv2d(mid, dim, 1,
+                                                                                               bias=spec.bias)
         self.channels_last = channels_last
 
     def forward(self, x: Tensor) -> Tensor:
@@ -134,13 +139,17 @@ def sepconv_shape(spec: SepConvSpec, x: TensorType, out_dim: int | None) -> Tens
     _odd_kernel(pair(spec.kernel))
     if spec.groups is not None:
         require_groups(spec.groups, hidden=int(spec.ratio * x.channels))
+    if not spec.project and int(spec.ratio * x.channels) != x.channels:
+        raise ShapeIssue("project", f"false keeps the middle width {int(spec.ratio * x.channels)} as the output, "
+                                    f"but the op must give its {x.channels} input channels; set ratio: 1")
     return x
 
 
 def fold_sepconv(module: nn.Module) -> Folding | None:
     """pwconv1 reads the input, pwconv2 writes the output."""
     if isinstance(module, SeparableConv):
-        return Folding(reads=(module.pwconv1,), writes=module.pwconv2)
+        writes = module.pwconv2 if isinstance(module.pwconv2, (nn.Linear, nn.Conv2d)) else None
+        return Folding(reads=(module.pwconv1,), writes=writes)
     return None
 
 
@@ -151,5 +160,7 @@ SEPCONV = around_prefix(OpDef(
     preserves_type=True,
     fold=fold_sepconv,
     cases=(Case({}, _MAPS), Case({"kernel": 3, "act": "gelu", "bias": True}, _TOKENS, id="tokens"),
-           Case({"kernel": 3, "groups": 4}, _TOKENS, id="grouped")),
+           Case({"kernel": 3, "groups": 4}, _TOKENS, id="grouped"),
+           Case({"ratio": 1.0, "kernel": 5, "act": "gelu", "bias": True, "project": False}, _MAPS,
+                id="no-projection")),
 ))

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 from torch import Tensor, nn
 
@@ -33,8 +35,48 @@ class ConvDownSpec(GridOpSpec):
     norm_after: NormSpec | None = None
     groups: Groups = Field(1, description="conv groups (1: a full conv); must divide the input and output widths")
     act: Act = Field("identity", description="after the conv and norm_after (FastViT's GELU)")
+    deformable: bool = Field(False, description="a deformable conv (DCNv1; LITv2's DTM): each kernel tap samples the "
+                                                "input, bilinearly, at an offset predicted by an offset conv of the "
+                                                "same kernel and stride (2 k² channels, zero at init); groups 1")
 
-    key_optional = frozenset({"groups", "act"})
+    key_optional = frozenset({"groups", "act", "deformable"})
+
+
+class DeformConv2d(nn.Module):
+    """DCNv1 (Dai et al. 2017; mmcv's ``DeformConv2dPack``, one offset group): ``conv_offset`` gives a (dy, dx)
+    per kernel tap and output position; the input is sampled there (bilinear, zero outside the map) and the
+    samples are weighted as a conv's. Zero offsets (the init) make it the plain conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel: int, stride: int, padding: int, bias: bool) -> None:
+        super().__init__()
+        self.kernel, self.stride, self.padding = kernel, stride, padding
+        self.weight = nn.Parameter(torch.empty(out_channels, in_channels, kernel, kernel))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        nn.init.kaiming_uniform_(self.weight, a=5 ** 0.5)
+        self.conv_offset = nn.Conv2d(in_channels, 2 * kernel * kernel, kernel, stride=stride, padding=padding)
+        nn.init.zeros_(self.conv_offset.weight)
+        nn.init.zeros_(self.conv_offset.bias)  # type: ignore[arg-type]
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) -> (B, O, H', W')
+        b, c, h, w = x.shape
+        k, taps = self.kernel, self.kernel * self.kernel
+        offset = self.conv_offset(x)  # (B, 2 k², H', W'): (dy, dx) of tap i * k + j at channels 2t, 2t + 1
+        ho, wo = offset.shape[-2:]
+        offset = offset.view(b, taps, 2, ho, wo).permute(0, 3, 4, 1, 2)  # (B, H', W', k², 2)
+        ys = torch.arange(ho, device=x.device, dtype=x.dtype) * self.stride - self.padding
+        xs = torch.arange(wo, device=x.device, dtype=x.dtype) * self.stride - self.padding
+        ty, tx = torch.meshgrid(torch.arange(k, device=x.device, dtype=x.dtype),
+                                torch.arange(k, device=x.device, dtype=x.dtype), indexing="ij")
+        py = ys.view(ho, 1, 1) + ty.reshape(1, 1, taps) + offset[..., 0]  # (B, H', W', k²) input rows
+        px = xs.view(1, wo, 1) + tx.reshape(1, 1, taps) + offset[..., 1]
+        grid = torch.stack(((2 * px + 1) / w - 1, (2 * py + 1) / h - 1), dim=-1)  # pixel centres, x first
+        samples = F.grid_sample(x, grid.reshape(b, ho, wo * taps, 2), mode="bilinear", padding_mode="zeros",
+                                align_corners=False)  # (B, C, H', W' k²)
+        samples = samples.view(b, c, ho, wo, taps).permute(0, 2, 3, 1, 4).reshape(b, ho, wo, c * taps)
+        out = samples @ self.weight.reshape(self.weight.shape[0], c * taps).T  # (B, H', W', O)
+        if self.bias is not None:
+            out = out + self.bias
+        return out.permute(0, 3, 1, 2)
 
 
 def _padding(spec: ConvDownSpec) -> int:
@@ -42,6 +84,8 @@ def _padding(spec: ConvDownSpec) -> int:
 
 
 def _conv_down_shape(spec: ConvDownSpec, x: TensorType, dim: int) -> TensorType:
+    if spec.deformable and spec.groups != 1:
+        raise ShapeIssue("deformable", f"takes a full conv (groups 1), not groups {spec.groups}")
     return strided_conv_shape(x, dim, spec.kernel, spec.stride, _padding(spec),
                               {"norm_before": spec.norm_before, "norm_after": spec.norm_after}, spec.groups)
 
@@ -49,8 +93,12 @@ def _conv_down_shape(spec: ConvDownSpec, x: TensorType, dim: int) -> TensorType:
 def _build_conv_down(spec: ConvDownSpec, r: Resolved) -> nn.Module:
     x, dim = r.in_type, r.out_dim
     out = r.out_type
-    conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias,
-                     groups=spec.groups)
+    conv: nn.Module
+    if spec.deformable:
+        conv = DeformConv2d(x.channels, dim, spec.kernel, spec.stride, _padding(spec), spec.bias)
+    else:
+        conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias,
+                         groups=spec.groups)
     return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out), make_act(spec.act))
 
 
@@ -156,7 +204,11 @@ CONV_DOWN = around_prefix(OpDef(
            Case({"groups": 8}, _MAPS, 16, id="grouped"),
            Case({"norm_after": {"type": "batchnorm"}, "act": "gelu"}, _MAPS, 16, id="act"),
            Case({"padding": 1, "groups": 8, "prefix": "linear"}, _PREFIXED, 16, id="pit-class-token"),
-           Case({"norm_after": {"type": "layernorm"}, "prefix": "pass"}, _PREFIXED, 8, id="prefix-pass"))))
+           Case({"norm_after": {"type": "layernorm"}, "prefix": "pass"}, _PREFIXED, 8, id="prefix-pass"),
+           Case({"kernel": 2, "padding": 0, "norm_after": {"type": "batchnorm"}, "act": "gelu", "deformable": True},
+                _MAPS, 16, id="litv2-dtm"),
+           Case({"kernel": 3, "padding": 1, "norm_before": {"type": "layernorm"}, "deformable": True}, _MAPS, 16,
+                id="deformable-padded"))))
 PATCH_MERGING = around_prefix(OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging,
                                     accepts=("tokens",), fold=fold_downsampler,
                                     cases=(Case({}, _TOKENS, 16),

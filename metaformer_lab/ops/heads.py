@@ -342,6 +342,9 @@ class ConvMlpHeadSpec(OpSpec):
     conv_dim: PosInt | None = Field(None, description="width of the 1x1 conv before pooling; null: no conv")
     conv_norm: NormSpec | None = Field(default_factory=BatchNormSpec, description="norm after the conv")
     conv_bias: bool = False
+    conv_order: Literal["norm_act", "act_norm"] = Field(
+        "norm_act", description="after the conv: its norm, then the activation; act_norm: the activation first "
+                                "(Conv2Former)")
     pool: Pool = "avg"
     hidden: list[PosInt] = Field(default_factory=list, max_length=4,
                                  description="widths of the hidden Linear layers after pooling")
@@ -351,6 +354,8 @@ class ConvMlpHeadSpec(OpSpec):
     act: Act = Field("hardswish", description="activation after the conv's norm and each hidden layer's norm")
     drop: Prob = Field(0.0, description="dropout before the classifier")
     bias: bool = True
+
+    key_optional = frozenset({"conv_order"})
 
 
 class LinearNormAct(nn.Module):
@@ -421,7 +426,8 @@ def _build_conv_mlp_head(spec: ConvMlpHeadSpec, r: Resolved) -> nn.Module:
     to_maps = layout_change(x, "maps") if spec.conv_dim is not None and x.layout == "tokens" else None
     if spec.conv_dim is not None:
         conv = ConvNormAct(nn.Conv2d(x.channels, spec.conv_dim, 1, bias=spec.conv_bias),
-                           build_norm(spec.conv_norm, mapped), make_act(spec.act))
+                           build_norm(spec.conv_norm, mapped), make_act(spec.act),
+                           act_first=spec.conv_order == "act_norm")
     hidden: list[nn.Module] = [
         LinearNormAct(nn.Linear(a.channels, b.channels, bias=spec.hidden_bias), build_norm(spec.hidden_norm, b),
                       make_act(spec.act))
@@ -443,6 +449,8 @@ CONV_MLP_HEAD = OpDef(ConvMlpHeadSpec, _conv_mlp_head_shape, _build_conv_mlp_hea
                       cases=(Case({"conv_dim": 32, "hidden": [24]}, _MAPS, 10),
                              Case({"conv_dim": 24}, _MAPS, 10, id="conv-only"),
                              Case({"conv_dim": 24, "act": "silu"}, _TOKENS, 10, id="cmt-tokens"),
+                             Case({"conv_dim": 24, "conv_bias": True, "conv_norm": {"type": "layernorm"},
+                                   "act": "gelu", "conv_order": "act_norm"}, _MAPS, 10, id="conv2former-act-norm"),
                              Case({"hidden": [32, 24], "hidden_norm": None, "hidden_bias": True, "act": "gelu"},
                                   _TOKENS, 10, id="mlp-tokens"),
                              Case({"conv_dim": 32, "hidden": [24]}, _MAPS, 0, id="features")))

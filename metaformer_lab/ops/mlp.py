@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import Field
 from torch import Tensor, nn
 
+from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (
@@ -129,7 +130,10 @@ class ConvFfnSpec(GridOpSpec):
     dw_norm: NormSpec | None = Field(None, description="norm after the kxk conv's activation (CMT's proj_bn)")
     out_norm: NormSpec | None = Field(None, description="norm after fc2 (CMT's conv2 BatchNorm)")
 
-    key_optional = frozenset({"groups", "dw_residual", "hidden_norm", "dw_norm", "out_norm"})
+    act_inside: bool = Field(False, description="with dw_residual, act inside the inner residual: y + act(dw(y)) "
+                                                "(Conv2Former), not act(y + dw(y))")
+
+    key_optional = frozenset({"groups", "dw_residual", "hidden_norm", "dw_norm", "out_norm", "act_inside"})
 
 
 class ConvFfn(nn.Module):
@@ -146,6 +150,7 @@ class ConvFfn(nn.Module):
         self.dwconv = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=spec.groups or hidden,
                                 bias=True)
         self.dw_residual = spec.dw_residual
+        self.act_inside = spec.dw_residual and spec.act_inside
         self.act = make_act(spec.act)
         self.drop = nn.Dropout(spec.drop)
         self.fc2 = nn.Conv2d(hidden, dim, 1, bias=spec.bias) if self.maps else nn.Linear(hidden, dim, bias=spec.bias)
@@ -154,8 +159,11 @@ class ConvFfn(nn.Module):
         self.out_norm = build_norm(spec.out_norm, x)
 
     def dw(self, x: Tensor) -> Tensor:  # (B, hidden, H, W) -> same
-        """The kxk conv, with its inner residual ``x + dwconv(x)`` when asked."""
+        """The kxk conv, with its inner residual ``x + dwconv(x)`` when asked (``x + act(dwconv(x))``, the
+        activation inside)."""
         y = self.dwconv(x)
+        if self.act_inside:
+            return x + self.act(y)
         return x + y if self.dw_residual else y
 
     def forward(self, x: Tensor) -> Tensor:
@@ -166,7 +174,7 @@ class ConvFfn(nn.Module):
             prefix, grid = split_prefix(x, self.prefix, self.grid)  # grid: (B, H, W, hidden)
             grid = self.dw(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
             x = join_prefix(prefix, grid)
-        x = self.drop(self.dw_norm(self.act(x)))
+        x = self.drop(self.dw_norm(x if self.act_inside else self.act(x)))
         return self.drop(self.out_norm(self.fc2(x)))
 
 
@@ -177,6 +185,8 @@ def _conv_ffn_shape(spec: ConvFfnSpec, x: TensorType, out_dim: int | None) -> Te
     check_norm(spec.hidden_norm, hidden, "hidden_norm")
     check_norm(spec.dw_norm, hidden, "dw_norm")
     check_norm(spec.out_norm, x, "out_norm")
+    if spec.act_inside and not spec.dw_residual:
+        raise ShapeIssue("act_inside", "puts the activation inside the inner residual; it needs dw_residual: true")
     if spec.groups is not None:
         require_groups(spec.groups, hidden=int(spec.ratio * x.channels))
     return x
@@ -189,6 +199,8 @@ CONV_FFN = around_prefix(OpDef(
            Case({}, _PREFIXED, id="prefixed"),
            Case({"groups": 4, "dw_residual": True}, _PREFIXED, id="grouped-inner-residual"),
            Case({"dw_residual": True}, _MAPS, id="maps-inner-residual"),
+           Case({"dw_residual": True, "act_inside": True}, _MAPS, id="conv2former-act-inside"),
+           Case({"dw_residual": True, "act_inside": True}, _PREFIXED, id="prefixed-act-inside"),
            Case({"prefix": "pass"}, _PREFIXED, id="leff-prefix-pass"),
            Case({"prefix": "zero", "dw_residual": True}, _PREFIXED, id="localvit-prefix-zero"),
            Case({"dw_residual": True, "hidden_act": "gelu", "hidden_norm": {"type": "batchnorm"},

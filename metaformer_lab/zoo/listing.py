@@ -51,7 +51,8 @@ def status_text(row: dict[str, Any] | None) -> str:
     if not row.get("passed"):
         return "FAILED"
     if row.get("paper"):
-        return f"paper (GMACs {row['gmacs'] / row['paper_gmacs'] - 1:+.0%})"
+        code = f"; code {row['gmacs'] / row['code_gmacs'] - 1:+.0%}" if row.get("code_gmacs") else ""
+        return f"paper (GMACs {row['gmacs'] / row['paper_gmacs'] - 1:+.0%}{code})"
     diff = row["max_abs_diff"]
     return f"yes (Δ {diff:.1e})" if diff else "yes (Δ 0)"
 

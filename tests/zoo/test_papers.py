@@ -32,6 +32,9 @@ AUTHORS_PARAMS = {
     "t2t_vit_t_14": 21_541_070,  # github.com/yitu-opensource/T2T-ViT models/t2t_vit.py, t2t_vit_t_14()
     "cmt_tiny": 9_492_426,  # github.com/huawei-noah/Efficient-AI-Backbones cmt_pytorch/cmt.py, cmt_ti(img_size=160)
     "cmt_small": 26_256_160,  # cmt_s() (img_size 224)
+    "conv2former_nano": 14_992_840,  # github.com/HVision-NKU/Conv2Former models/conv2former.py, conv2former_n()
+    "litv2_small": 27_844_000,  # github.com/ziplab/LITv2 classification/models/litv2.py, LITv2 with
+    # configs/litv2-small.yaml (alpha 0.9, local_ws [0, 0, 2, 1])
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
@@ -47,7 +50,9 @@ def test_a_paper_model_has_the_authors_parameters_and_the_papers_gmacs(name: str
     result = check_paper(name)
     assert get(name).entry.paper.params == AUTHORS_PARAMS[name]  # the family file's record
     assert abs(result.params / AUTHORS_PARAMS[name] - 1) <= 0.01
-    assert result.gmacs_ok and result.passed  # within 5% of the paper, or of its rounding (CMT-Ti's 0.6)
+    assert abs(result.checked_gmacs_error) <= 0.05 and result.passed
+    if result.code_gmacs is not None:  # recorded only where the paper's table is out of reach of the code's model
+        assert abs(result.gmacs_error) > 0.05 and get(name).entry.paper.note
     with torch.device("meta"):
         net = ml.create_model(name)
     assert sum(p.numel() for p in net.parameters()) == result.params  # the module, not only the graph
@@ -78,10 +83,13 @@ def test_a_paper_entry_cannot_also_link_to_timm() -> None:
         ModelEntry.model_validate({"paper": paper, "timm": "pvt_v2_b0"})
     with pytest.raises(ValidationError, match="arxiv"):
         ModelEntry.model_validate({"paper": {**paper, "arxiv": "PVT"}})
+    with pytest.raises(ValidationError, match="code_gmacs needs a note"):
+        ModelEntry.model_validate({"paper": {**paper, "code_gmacs": 2.0}})
 
 
-@pytest.mark.parametrize(("ours", "paper", "ok"), [(0.639, 0.6, True), (0.66, 0.6, False), (4.19, 4.0, True),
-                                                   (4.21, 4.0, False), (1.99, 1.9, True), (0.33, 0.31, False)])
-def test_a_papers_gmacs_allow_its_rounding_or_five_percent(ours: float, paper: float, ok: bool) -> None:
-    result = PaperResult(name="m", arxiv="2107.06263", params=1, authors_params=1, gmacs=ours, paper_gmacs=paper)
-    assert result.gmacs_ok is ok and result.passed is ok
+def test_the_code_figure_replaces_the_papers_only_where_recorded() -> None:
+
+    row = {"name": "m", "arxiv": "2211.11943", "params": 100, "authors_params": 100, "gmacs": 2.33, "paper_gmacs": 2.2}
+    assert not PaperResult(**row).passed  # +5.9% against the paper
+    checked = PaperResult(**row, code_gmacs=2.33)
+    assert checked.passed and checked.checked_gmacs_error == 0.0 and checked.gmacs_error > 0.05
