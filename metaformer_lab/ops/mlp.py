@@ -125,8 +125,9 @@ class ConvFfnSpec(GridOpSpec):
     drop: Prob = 0.0
     groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
     dw_residual: bool = Field(False, description="an inner residual around the kxk conv: y + dw(y) (CMT's IRFFN)")
+    dw_bias: bool = Field(True, description="bias of the kxk conv (Visformer's grouped conv has none)")
 
-    key_optional = frozenset({"groups", "dw_residual"})
+    key_optional = frozenset({"groups", "dw_residual", "dw_bias"})
 
 
 class ConvFfn(nn.Module):
@@ -140,7 +141,7 @@ class ConvFfn(nn.Module):
         self.fc1 = nn.Conv2d(dim, hidden, 1, bias=spec.bias) if self.maps else nn.Linear(dim, hidden, bias=spec.bias)
         self.hidden_act = make_act(spec.hidden_act)
         self.dwconv = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=spec.groups or hidden,
-                                bias=True)
+                                bias=spec.dw_bias)
         self.dw_residual = spec.dw_residual
         self.act = make_act(spec.act)
         self.drop = nn.Dropout(spec.drop)
@@ -177,6 +178,7 @@ CONV_FFN = around_prefix(OpDef(
     cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
            Case({}, _PREFIXED, id="prefixed"),
            Case({"groups": 4, "dw_residual": True}, _PREFIXED, id="grouped-inner-residual"),
+           Case({"groups": 8, "bias": False, "dw_bias": False, "hidden_act": "gelu"}, _MAPS, id="visformer-no-bias"),
            Case({"dw_residual": True}, _MAPS, id="maps-inner-residual"),
            Case({"prefix": "pass"}, _PREFIXED, id="leff-prefix-pass"),
            Case({"prefix": "zero", "dw_residual": True}, _PREFIXED, id="localvit-prefix-zero"))))
