@@ -32,7 +32,7 @@ from metaformer_lab.ops.common import (
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import BatchNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
-from metaformer_lab.ops.stems import conv_out
+from metaformer_lab.ops.stems import SAME_PADDING_DOC, conv_out, same_conv, same_out
 
 _MAPS = TensorType("maps", 8, 6, 6)
 
@@ -83,8 +83,9 @@ class MbConvSpec(GridOpSpec):
     groups: DwGroups = Field(None, description="groups of the kxk conv; null: depthwise (one per channel)")
     dw_residual: bool = Field(False, description="an inner residual around the kxk conv: y + dw(y) (it must keep "
                                                  "the grid: stride 1, or stride_mode pool)")
+    same_padding: bool = Field(False, description=SAME_PADDING_DOC + " (the depthwise conv)")
 
-    key_optional = frozenset({"groups", "dw_residual", "se_gate"})
+    key_optional = frozenset({"groups", "dw_residual", "se_gate", "same_padding"})
 
 
 def hidden_width(spec: MbConvSpec, x: TensorType) -> int:
@@ -103,6 +104,8 @@ def dw_padding(kernel: int, stride: int) -> int:
 def _strided(spec: MbConvSpec, size: int) -> int:
     if spec.stride_mode == "pool":
         return size // spec.stride
+    if spec.same_padding:
+        return same_out(size, spec.stride)
     return conv_out(size, spec.kernel, spec.stride, dw_padding(spec.kernel, spec.stride))
 
 
@@ -161,8 +164,10 @@ def _build_mbconv(spec: MbConvSpec, r: Resolved) -> MbConv:
     pooled = spec.stride_mode == "pool" and spec.stride > 1
     dw_stride = 1 if spec.stride_mode == "pool" else spec.stride
     expand_conv = nn.Conv2d(x.channels, width, 1, bias=spec.hidden_bias) if spec.expand else nn.Identity()
-    dw_conv = nn.Conv2d(width, width, spec.kernel, stride=dw_stride, padding=dw_padding(spec.kernel, dw_stride),
-                        groups=spec.groups or width, bias=spec.hidden_bias)
+    dw_conv = same_conv(width, width, spec.kernel, dw_stride, spec.groups or width, spec.hidden_bias) \
+        if spec.same_padding else nn.Conv2d(width, width, spec.kernel, stride=dw_stride,
+                                            padding=dw_padding(spec.kernel, dw_stride), groups=spec.groups or width,
+                                            bias=spec.hidden_bias)
     se: nn.Module = nn.Identity()
     if spec.se_ratio is not None:
         base = {"hidden": width, "in": x.channels, "out": out.channels}[spec.se_from]
@@ -219,6 +224,9 @@ MBCONV = around_prefix(OpDef(
         Case({"expand_from": "out", "out_dim": 12, "se_ratio": 0.25, "se_from": "out", "se_act": "silu",
               "act": "gelu"}, _MAPS, id="expand-out-se-late"),
         Case({"groups": 4, "dw_residual": True}, _MAPS, id="grouped-inner-residual"),
+        Case({"stride": 2, "expand_from": "out", "out_dim": 12, "se_ratio": 0.25, "se_from": "out",
+              "pre_norm": {"type": "batchnorm"}, "out_bias": True, "same_padding": True}, TensorType("maps", 8, 7, 6),
+             id="maxvit-tf-same"),
         Case({**_COATNET, "dw_residual": True, "groups": 8}, _MAPS, id="pooled-inner-residual"),
         Case({**_COATNET, "prefix": "linear"}, TensorType("tokens", 8, 6, 6, prefix=1), id="prefix-linear"),
         Case({"act": "hardswish", "out_norm": {"type": "batchnorm"}, "se_ratio": 0.125, "se_gate": "hardsigmoid",

@@ -129,11 +129,11 @@ class ConvFfnSpec(GridOpSpec):
     hidden_norm: NormSpec | None = Field(None, description="norm after fc1 and hidden_act (CMT's conv1 BatchNorm)")
     dw_norm: NormSpec | None = Field(None, description="norm after the kxk conv's activation (CMT's proj_bn)")
     out_norm: NormSpec | None = Field(None, description="norm after fc2 (CMT's conv2 BatchNorm)")
-
     act_inside: bool = Field(False, description="with dw_residual, act inside the inner residual: y + act(dw(y)) "
                                                 "(Conv2Former), not act(y + dw(y))")
+    dw_bias: bool = Field(True, description="bias of the kxk conv (Visformer's grouped conv has none)")
 
-    key_optional = frozenset({"groups", "dw_residual", "hidden_norm", "dw_norm", "out_norm", "act_inside"})
+    key_optional = frozenset({"groups", "dw_residual", "hidden_norm", "dw_norm", "out_norm", "act_inside", "dw_bias"})
 
 
 class ConvFfn(nn.Module):
@@ -148,7 +148,7 @@ class ConvFfn(nn.Module):
         self.fc1 = nn.Conv2d(dim, hidden, 1, bias=spec.bias) if self.maps else nn.Linear(dim, hidden, bias=spec.bias)
         self.hidden_act = make_act(spec.hidden_act)
         self.dwconv = nn.Conv2d(hidden, hidden, spec.kernel, padding=spec.kernel // 2, groups=spec.groups or hidden,
-                                bias=True)
+                                bias=spec.dw_bias)
         self.dw_residual = spec.dw_residual
         self.act_inside = spec.dw_residual and spec.act_inside
         self.act = make_act(spec.act)
@@ -198,6 +198,7 @@ CONV_FFN = around_prefix(OpDef(
     cases=(Case({}, _TOKENS), Case({"hidden_act": "relu", "kernel": 5}, _MAPS, id="maps"),
            Case({}, _PREFIXED, id="prefixed"),
            Case({"groups": 4, "dw_residual": True}, _PREFIXED, id="grouped-inner-residual"),
+           Case({"groups": 8, "bias": False, "dw_bias": False, "hidden_act": "gelu"}, _MAPS, id="visformer-no-bias"),
            Case({"dw_residual": True}, _MAPS, id="maps-inner-residual"),
            Case({"dw_residual": True, "act_inside": True}, _MAPS, id="conv2former-act-inside"),
            Case({"dw_residual": True, "act_inside": True}, _PREFIXED, id="prefixed-act-inside"),

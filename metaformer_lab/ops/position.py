@@ -31,19 +31,23 @@ class LearnedPosSpec(OpSpec):
     type: Literal["learned"] = "learned"
     init_std: float = Field(0.02, gt=0.0, le=1.0)
     after_block: NonNegInt | None = Field(None, description="None: at the stage start, before the first block")
+    decay: bool = Field(False, description="true: the embedding takes weight decay (timm's Visformer marks none "
+                                           "of its pos_embeds); false: kept out of it (timm's ViT)")
+
+    key_optional = frozenset({"decay"})
 
 
 class LearnedPosition(nn.Module):
-    def __init__(self, x: TensorType, init_std: float) -> None:
+    def __init__(self, x: TensorType, init_std: float, decay: bool = False) -> None:
         super().__init__()
         self.maps, self.prefix, self.grid = x.layout == "maps", x.prefix, x.grid
         shape = (1, x.channels, x.height, x.width) if self.maps else (1, x.num_tokens, x.channels)
         self.weight = nn.Parameter(torch.zeros(shape))
-        self.init_std = init_std
+        self.init_std, self.decay = init_std, decay
 
     def no_weight_decay(self) -> set[str]:
-        """Local parameter names kept out of weight decay (timm's ``pos_embed``)."""
-        return {"weight"}
+        """Local parameter names kept out of weight decay (timm's ``pos_embed``), unless it decays."""
+        return set() if self.decay else {"weight"}
 
     def init_weights(self) -> None:
         from timm.layers import trunc_normal_
@@ -163,11 +167,12 @@ def _peg_shape(spec: PegSpec, x: TensorType, out_dim: int | None) -> TensorType:
     return x
 
 
-LEARNED_POS = OpDef(LearnedPosSpec, _learned_shape, lambda spec, r: LearnedPosition(r.in_type, spec.init_std),
-                    preserves_type=True,
+LEARNED_POS = OpDef(LearnedPosSpec, _learned_shape,
+                    lambda spec, r: LearnedPosition(r.in_type, spec.init_std, spec.decay), preserves_type=True,
                     cases=(Case({}, TensorType("tokens", 8, 3, 4, prefix=1)), Case({}, TensorType("tokens", 8, 3, 4),
                                                                                    id="grid"),
-                           Case({}, TensorType("maps", 8, 3, 4), id="maps")))
+                           Case({}, TensorType("maps", 8, 3, 4), id="maps"),
+                           Case({"decay": True}, TensorType("maps", 8, 3, 4), id="visformer-decay")))
 SINUSOIDAL_POS = OpDef(
     SinusoidalPosSpec, _sinusoidal_shape,
     lambda spec, r: SinusoidalPosition(r.in_type, spec.variant, spec.temperature), preserves_type=True,

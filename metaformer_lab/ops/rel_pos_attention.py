@@ -17,7 +17,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
+from metaformer_lab.ops.attention import NUM_HEADS_DOC, ScaleOrder, attend, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import KernelInt, OpSpec, PosInt, Prob, require_layout
 
 
@@ -43,6 +43,10 @@ class RelPosAttentionSpec(OpSpec):
     proj_drop: Prob = 0.0
     fused: bool = Field(True, description="F.scaled_dot_product_attention (timm's default); false: explicit, "
                                           "q scaled before q kᵀ")
+    scale_order: ScaleOrder = Field(
+        "before", description="explicit path only: scale q before q kᵀ, or the product after (Visformer)")
+
+    key_optional = frozenset({"scale_order"})
 
 
 def _attn_width(spec: RelPosAttentionSpec, x: TensorType) -> int:
@@ -67,9 +71,10 @@ class RelPosAttention2d(nn.Module):
 
     def __init__(self, *, dim: int, out_dim: int, grid: tuple[int, int], num_heads: int, head_dim: int,
                  pool: nn.Module, rel_pos_bias: bool, head_first: bool, qkv_bias: bool, proj_bias: bool,
-                 attn_drop: float, proj_drop: float, fused: bool) -> None:
+                 attn_drop: float, proj_drop: float, fused: bool, scale_order: ScaleOrder = "before") -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.head_first, self.fused = num_heads, head_dim, head_first, fused
+        self.scale_order = scale_order
         self.pool = pool
         inner = num_heads * head_dim
         self.qkv = nn.Conv2d(dim, 3 * inner, 1, bias=qkv_bias)
@@ -106,7 +111,8 @@ class RelPosAttention2d(nn.Module):
         else:
             q, k, v = qkv.view(B, 3, self.num_heads, self.head_dim, -1).unbind(1)  # 3 x (B, heads, d, N)
         q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))  # 3 x (B, heads, N, d)
-        y = attend(q, k, v, bias=self._bias(), drop=self.attn_drop, fused=self.fused)  # (B, heads, N, d)
+        y = attend(q, k, v, bias=self._bias(), drop=self.attn_drop, fused=self.fused,
+                   scale_order=self.scale_order)  # (B, heads, N, d)
         y = y.transpose(-1, -2).reshape(B, -1, H, W)  # (B, heads, d, N) -> (B, heads*d, H, W)
         return self.proj_drop(self.proj(y))
 
@@ -122,7 +128,8 @@ def _build_rel_pos_attention(spec: RelPosAttentionSpec, r: Resolved) -> RelPosAt
     return RelPosAttention2d(dim=x.channels, out_dim=out.channels, grid=out.grid, num_heads=num_heads,
                              head_dim=head_dim, pool=pool, rel_pos_bias=spec.rel_pos_bias,
                              head_first=spec.head_first, qkv_bias=spec.qkv_bias, proj_bias=spec.proj_bias,
-                             attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused)
+                             attn_drop=spec.attn_drop, proj_drop=spec.proj_drop, fused=spec.fused,
+                             scale_order=spec.scale_order)
 
 
 def fold_rel_pos_attention(module: nn.Module) -> Folding | None:
@@ -144,5 +151,7 @@ REL_POS_ATTENTION = OpDef(
         Case({"num_heads": 2, "stride": 2, "pool": "max", "out_dim": 24, "expand_first": True, "head_first": False,
               "fused": False, "qkv_bias": False}, TensorType("maps", 16, 5, 5), id="expand-first-unfused"),
         Case({"num_heads": 4, "rel_pos_bias": False}, TensorType("maps", 16, 3, 3), id="no-bias"),
+        Case({"num_heads": 2, "rel_pos_bias": False, "head_first": False, "qkv_bias": False, "proj_bias": False,
+              "fused": False, "scale_order": "after"}, TensorType("maps", 16, 3, 3), id="visformer"),
     ),
 )

@@ -21,6 +21,23 @@ def conv_out(size: int, kernel: int, stride: int, padding: int) -> int:
     return (size + 2 * padding - kernel) // stride + 1
 
 
+def same_conv(cin: int, cout: int, kernel: int, stride: int, groups: int, bias: bool) -> nn.Conv2d:
+    """A conv with TensorFlow's 'same' padding (timm ``create_conv2d(padding='same')``): ``ceil(size / stride)``
+    outputs; a strided conv pads at run time, the odd pixel at the bottom/right (timm ``Conv2dSame``)."""
+    from timm.layers import create_conv2d
+    conv: nn.Conv2d = create_conv2d(cin, cout, kernel, stride=stride, padding="same", groups=groups, bias=bias)
+    return conv
+
+
+def same_out(size: int, stride: int) -> int:
+    """Outputs of a 'same'-padded conv or pool: ``ceil(size / stride)``."""
+    return -(-size // stride)
+
+
+SAME_PADDING_DOC = ("TensorFlow 'same' padding: ceil(size / stride) outputs, a strided conv pads more at the "
+                    "bottom/right (timm padding='same': MaxViT's tf models)")
+
+
 def default_padding(kernel: int, stride: int) -> int:
     """Padding that gives ``size / stride`` outputs for sizes divisible by the stride (k3s2 -> 1, k2s2 -> 0)."""
     return max(0, (kernel - stride + 1) // 2)
@@ -151,8 +168,9 @@ class ConvStackSpec(OpSpec):
     dim: PosInt | None = Field(None, description="output width; default: the first stage's width")
     groups: list[Groups] | None = Field(None, description="groups of each conv (one entry per conv); "
                                         "default: 1, full convs")
+    same_padding: bool = Field(False, description=SAME_PADDING_DOC)
 
-    key_optional = frozenset({"groups", "kernels", "order", "pool"})
+    key_optional = frozenset({"groups", "kernels", "order", "pool", "same_padding"})
 
 
 class ConvNormAct(nn.Module):
@@ -193,13 +211,15 @@ def _stack_pool_padding(pool: StemPoolSpec) -> int:
 
 def _conv_stack_types(spec: ConvStackSpec, x: TensorType, dim: int) -> list[TensorType]:
     """The output type of each conv, then of the pool when there is one."""
-    types = []
+    types: list[TensorType] = []
     layers = zip(spec.strides, _per_conv(spec, "kernels", spec.kernel), _stack_widths(spec, dim),
                  _per_conv(spec, "groups", 1), strict=True)
     for i, (stride, kernel, width, groups) in enumerate(layers):
         try:
             require_groups(groups, f"groups[{i}]", input=x.channels, output=width)
+            h, w = same_out(x.height, stride), same_out(x.width, stride)
             x = strided_conv_shape(x, width, kernel, stride, default_padding(kernel, stride), {})
+            x = x.with_grid(h, w) if spec.same_padding else x
         except ShapeIssue as issue:
             field = "kernels" if issue.field == "kernel" and spec.kernels else "strides"
             raise ShapeIssue(issue.field if issue.field.startswith("groups") else f"{field}[{i}]",
@@ -225,8 +245,9 @@ def _build_conv_stack(spec: ConvStackSpec, r: Resolved) -> nn.Module:
                     strict=True)
     for i, (stride, kernel, groups, out) in enumerate(layers_in):
         last = i == n - 1
-        conv = nn.Conv2d(x.channels, out.channels, kernel, stride=stride, padding=default_padding(kernel, stride),
-                         bias=spec.bias, groups=groups)
+        conv = same_conv(x.channels, out.channels, kernel, stride, groups, spec.bias) if spec.same_padding else \
+            nn.Conv2d(x.channels, out.channels, kernel, stride=stride, padding=default_padding(kernel, stride),
+                      bias=spec.bias, groups=groups)
         norm = build_norm(spec.norm if (spec.last_norm or not last) else None, out)
         act = make_act(spec.act) if (spec.last_act or not last) else nn.Identity()
         layers.append(ConvNormAct(conv, norm, act, act_first=spec.order == "act_norm"))
@@ -266,4 +287,6 @@ CONV_STACK = OpDef(ConvStackSpec, lambda spec, x, dim: _conv_stack_types(spec, x
                           Case({"strides": [2, 1], "widths": [8], "groups": [1, 4]}, _IMAGE, 16, id="grouped"),
                           Case({"strides": [2, 1, 1], "widths": [8, 8], "act": "gelu", "order": "act_norm"}, _IMAGE,
                                8, id="cmt"),
-                          Case({"strides": [2], "kernels": [7], "pool": {}}, _IMAGE, 8, id="resnet")))
+                          Case({"strides": [2], "kernels": [7], "pool": {}}, _IMAGE, 8, id="resnet"),
+                          Case({"strides": [2, 1], "widths": [8], "bias": True, "last_norm": False, "last_act": False,
+                                "same_padding": True}, TensorType("maps", 3, 15, 16), 8, id="maxvit-tf-same")))

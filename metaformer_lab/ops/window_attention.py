@@ -66,6 +66,9 @@ class WindowAttentionSpec(GridOpSpec):
         "relative position bias: true: a learned ((2w-1)^2, heads) table; mlp: Swin V2's continuous bias "
         "(16 sigmoid(MLP) on log-spaced coordinates); dpb: CrossFormer's dynamic bias (MLP on coordinates); "
         "false: none"))
+    table_layout: Literal["swin", "tf"] = Field("swin", description=(
+        "the learned table of rel_pos_bias: true: swin: ((2w-1)^2, heads), read at the query - key offset; tf: "
+        "(heads, 2w-1, 2w-1), read at the key - query offset (timm RelPosBiasTf: MaxViT's tf models)"))
     cosine: bool = Field(False, description="Swin V2's scaled cosine attention: cos(q, k) times a learned head scale")
     qkv_bias: bool = True
     k_bias: bool = Field(True, description="false: no key bias, q and v biases apart from qkv (Swin V2)")
@@ -75,7 +78,7 @@ class WindowAttentionSpec(GridOpSpec):
     local_conv: OddKernel | None = Field(None, description="kernel of a depthwise conv of each window's value map, "
                                                            "added to the attention output (LePE, CSWin); null: none")
 
-    key_optional = frozenset({"partition", "interval", "cosine", "k_bias", "local_conv"})
+    key_optional = frozenset({"partition", "interval", "cosine", "k_bias", "local_conv", "table_layout"})
 
 
 def partition(x: Tensor, window: int, dilation: tuple[int, int] = (1, 1)) -> Tensor:
@@ -180,7 +183,7 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, grid: tuple[int, int], window: int, dilation: tuple[int, int], shift: bool,
                  num_heads: int, head_dim: int, rel_pos_bias: RelPosBias, cosine: bool, qkv_bias: bool, k_bias: bool,
                  attn_drop: float, proj_drop: float, fused: bool, local_conv: int | None = None,
-                 out_dim: int | None = None) -> None:
+                 out_dim: int | None = None, table_layout: Literal["swin", "tf"] = "swin") -> None:
         super().__init__()
         self.grid, self.window, self.dilation, self.fused = grid, window, dilation, fused
         self.num_heads, self.head_dim = num_heads, head_dim
@@ -198,9 +201,12 @@ class WindowAttention(nn.Module):
         self.local_conv = None if local_conv is None else nn.Conv2d(inner, inner, local_conv, padding=local_conv // 2,
                                                                     groups=inner)
         self.relative_position_bias_table, self.cpb_mlp, self.pos = None, None, None
+        self.table_layout = table_layout
         if rel_pos_bias is True:
             from timm.layers import trunc_normal_
-            self.relative_position_bias_table = nn.Parameter(torch.zeros((2 * window - 1) ** 2, num_heads))
+            span = 2 * window - 1
+            shape = (span**2, num_heads) if table_layout == "swin" else (num_heads, span, span)
+            self.relative_position_bias_table = nn.Parameter(torch.zeros(shape))
             trunc_normal_(self.relative_position_bias_table, std=0.02)
         elif rel_pos_bias == "mlp":
             self.cpb_mlp = nn.Sequential(nn.Linear(2, CPB_HIDDEN), nn.ReLU(),
@@ -213,6 +219,8 @@ class WindowAttention(nn.Module):
         if rel_pos_bias:
             from timm.models.swin_transformer import get_relative_position_index
             index = get_relative_position_index(window, window)  # (w*w, w*w) into the table
+            if table_layout == "tf":  # the key - query offset: the flattened table read backwards
+                index = (2 * window - 1) ** 2 - 1 - index
         self.register_buffer("relative_position_index", index, persistent=False)
         self.register_buffer("attn_mask", shift_mask(grid, window, self.shift), persistent=False)
 
@@ -224,7 +232,8 @@ class WindowAttention(nn.Module):
 
     def _table(self) -> Tensor | None:  # ((2w-1)^2, heads)
         if self.relative_position_bias_table is not None:
-            return self.relative_position_bias_table
+            table = self.relative_position_bias_table
+            return table if self.table_layout == "swin" else table.flatten(1).t()  # tf: (heads, 2w-1, 2w-1)
         if self.cpb_mlp is not None:
             return 16 * torch.sigmoid(self.cpb_mlp(self.relative_coords_table))
         if self.pos is not None:
@@ -235,7 +244,10 @@ class WindowAttention(nn.Module):
         bias = None
         table = self._table()
         if table is not None:
-            bias = table[self.relative_position_index].permute(2, 0, 1).unsqueeze(0)  # (1, heads, w*w, w*w)
+            bias = table[self.relative_position_index].permute(2, 0, 1)  # (heads, w*w, w*w)
+            # timm's Swin hands SDPA a (1, heads, N, N) mask, its RelPosBiasTf a (heads, N, N) one; SDPA's CPU
+            # kernels round the two differently, so each layout keeps its reference's shape for exact parity.
+            bias = bias.unsqueeze(0) if self.table_layout == "swin" or self.attn_mask is not None else bias
         if self.attn_mask is not None:
             bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads or 1, w*w, w*w)
             bias = bias.expand(batch, *bias.shape).flatten(0, 1)  # (B*nW, heads or 1, w*w, w*w)
@@ -292,6 +304,8 @@ def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if spec.shift and spec.partition != "window":
         raise ShapeIssue("shift", f"only with partition: window; {spec.partition} groups are not shifted")
+    if spec.table_layout != "swin" and spec.rel_pos_bias is not True:
+        raise ShapeIssue("table_layout", f"lays out the learned table of rel_pos_bias: true, not {spec.rel_pos_bias}")
     if spec.interval is not None and spec.partition != "dilated":
         raise ShapeIssue("interval", f"only with partition: dilated, not {spec.partition}")
     if x.height % spec.window or x.width % spec.window:
@@ -309,7 +323,7 @@ def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAtt
                            shift=spec.shift, num_heads=num_heads, head_dim=head_dim, rel_pos_bias=spec.rel_pos_bias,
                            cosine=spec.cosine, qkv_bias=spec.qkv_bias, k_bias=spec.k_bias, attn_drop=spec.attn_drop,
                            proj_drop=spec.proj_drop, fused=spec.fused, local_conv=spec.local_conv,
-                           out_dim=r.out_type.channels)
+                           out_dim=r.out_type.channels, table_layout=spec.table_layout)
 
 
 def fold_window_attention(module: nn.Module) -> Folding | None:
@@ -332,6 +346,8 @@ WINDOW_ATTENTION = around_prefix(OpDef(
              id="shifted"),
         Case({"window": 2, "shift": True, "head_dim": 8}, TensorType("tokens", 16, 2, 4), id="shift-one-axis"),
         Case({"window": 2, "rel_pos_bias": False, "num_heads": 2}, TensorType("tokens", 16, 4, 4), id="twins-lsa"),
+        Case({"window": 2, "partition": "grid", "table_layout": "tf", "num_heads": 2}, TensorType("tokens", 16, 4, 4),
+             id="maxvit-tf-table"),
         Case({"window": 3, "shift": True, "num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 6, 6),
              id="lepe"),
         Case({"window": 2, "partition": "grid", "num_heads": 2}, TensorType("tokens", 16, 4, 6), id="maxvit-grid"),

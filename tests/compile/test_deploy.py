@@ -308,10 +308,14 @@ FAST = ["poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18", 
         "randformer_s12", "vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "cait_xxs24_224",
         "convit_tiny", "convnext_atto", "swin_tiny_patch4_window7_224", "pvt_v2_b0", "pvt_v2_b2_li",
         "twins_svt_small", "mixer_s16_224", "resmlp_12_224", "efficientformer_l1", "efficientvit_b0",
-        "coatnet_0_rw_224", "focalnet_tiny_srf", "swinv2_tiny_window8_256", "pvt_tiny"]
+        "coatnet_0_rw_224", "focalnet_tiny_srf", "swinv2_tiny_window8_256", "pvt_tiny", "visformer_tiny",
+        "maxvit_tiny_tf_224"]
 """A few zoo models, every family among them (a test checks), each at a small input where its spec allows."""
 NOTHING_FOLDS = {"swinv2_tiny_window8_256"}
 """Residual post-norm everywhere: each norm's output feeds a residual sum, so no layer can take its affine."""
+NEW_BIASES = {"visformer_tiny"}
+"""Every norm folds, but into bias-free convs: each BatchNorm (2C values) leaves the conv a new bias as wide as its
+output (qkv 3C, fc1 2C or 4C), so the deploy form runs fewer layers with a few more parameters."""
 
 
 def _small(name: str) -> int | None:
@@ -333,6 +337,12 @@ def test_the_fast_zoo_models_cover_every_family() -> None:
 @pytest.mark.zoo
 @pytest.mark.parametrize("name", FAST)
 def test_zoo_model_deploys(name: str) -> None:
+    if name in NEW_BIASES:
+        net, deployed = deployed_pair(name, _small(name))
+        assert_same_outputs(net, deployed, torch.randn(net.input_type.shape(2)))
+        norms = [sum(isinstance(m, nn.BatchNorm2d) for m in module.modules()) for module in (net, deployed)]
+        assert norms[1] < norms[0]
+        return
     check(name, _small(name), smaller=name not in NOTHING_FOLDS)
 
 

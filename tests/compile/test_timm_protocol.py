@@ -45,10 +45,12 @@ FAMILIES = {
     "convit": "convit_tiny",
     "mixer": "mixer_s16_224",
     "resmlp": "resmlp_12_224",
+    "visformer": "visformer_tiny",
+    "maxvit": "maxvit_tiny_tf_224",
 }
 # Over 2.5 s for the forward parity here (20M+ parameters or 26 blocks): in the slow tier.
 SLOW = {"caformer_s18", "cait_xxs24_224", "swin_tiny_patch4_window7_224", "twins_pcpvt_small", "twins_svt_small",
-        "focalnet_tiny_srf", "coatnet_0_rw_224"}
+        "focalnet_tiny_srf", "coatnet_0_rw_224", "maxvit_tiny_tf_224"}
 ISOTROPIC = {"vit_tiny_patch16_224", "deit_tiny_distilled_patch16_224", "cait_xxs24_224", "convit_tiny",
              "mixer_s16_224", "resmlp_12_224"}
 BY_EXAMPLE = {p.stem: p for p in EXAMPLES}

@@ -104,6 +104,18 @@ def test_conv_ffn_inner_residual_adds_the_conv_input() -> None:
         assert not torch.allclose(with_res(x), without(x))
 
 
+def test_conv_ffn_dw_bias_off_drops_only_the_kxk_conv_bias() -> None:
+    """``dw_bias: false`` (Visformer's SpatialMlp): the grouped kxk conv has no bias; its default keeps one, and
+    latency keys leave the option out at its default."""
+    x_type = TensorType("maps", 8, 5, 5)
+    m = build_op("channel_mixer", "conv_ffn", {"groups": 8, "bias": False, "dw_bias": False}, x_type)
+    assert m.dwconv.bias is None and m.fc1.bias is None and m.fc2.bias is None
+    assert build_op("channel_mixer", "conv_ffn", {}, x_type).dwconv.bias is not None
+    assert '"dw_bias"' not in op_spec("channel_mixer", "conv_ffn", {}).model_dump_json(context={LATENCY_KEY: True})
+    off = op_spec("channel_mixer", "conv_ffn", {"dw_bias": False}).model_dump_json(context={LATENCY_KEY: True})
+    assert '"dw_bias"' in off
+
+
 def test_mbconv_inner_residual_adds_the_conv_input() -> None:
     x_type = TensorType("maps", 8, 5, 5)
     m = build_op("token_mixer", "mbconv", {"dw_residual": True, "groups": 4}, x_type)

@@ -331,3 +331,19 @@ def test_stage_dim_must_match_what_its_blocks_give(template: str) -> None:
         ml.to_graph(_spec_with(block))
     assert [(i.path, i.message) for i in err.value.issues] == [
         ("stages[0].dim", "16 differs from the 12 channels its blocks give")]
+
+
+def test_rel_pos_attention_scale_after_matches_timm_visformer_attention_exactly() -> None:
+    """Visformer's attention on maps: 1x1-conv qkv ordered (q/k/v, heads, head_dim), no biases, no position
+    bias, and the scale applied to q kᵀ (``scale_order: after`` on the explicit path), bit for bit."""
+    from timm.models.visformer import Attention
+
+    ref = Attention(24, num_heads=2, head_dim_ratio=1.0)
+    ref.fused_attn = False
+    x_type = TensorType("maps", 24, 5, 4)
+    config = {"num_heads": 2, "rel_pos_bias": False, "head_first": False, "qkv_bias": False, "proj_bias": False,
+              "fused": False, "scale_order": "after"}
+    ours = port(ref, build_op("token_mixer", "rel_pos_attention", config, x_type))
+    x = torch.randn(x_type.shape(2))
+    with torch.no_grad():
+        assert torch.equal(ours(x), ref(x))

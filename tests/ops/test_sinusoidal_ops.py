@@ -8,11 +8,12 @@ import math
 
 import pytest
 import torch
-from helpers import build_op, max_diff
+from helpers import build_op, max_diff, op_spec
 
 import metaformer_lab as ml
 from metaformer_lab.core.errors import SpecError
 from metaformer_lab.core.types import TensorType
+from metaformer_lab.ops.common import LATENCY_KEY
 
 
 def _t2t_reference(tokens: int, channels: int, temperature: float = 10000.0) -> torch.Tensor:
@@ -90,3 +91,12 @@ def test_2d_refuses_a_width_not_divisible_by_4() -> None:
     assert [(i.path, i.message) for i in err.value.issues] == [
         ("stages[0].pos_embed.variant", "2d needs a width divisible by 4 (sin and cos of columns and rows), got 18; "
                                         "use 1d or a multiple of 4")]
+
+
+def test_learned_position_decay_takes_it_into_weight_decay() -> None:
+    """``decay: true`` (timm's Visformer, whose pos_embeds take weight decay): no parameter is exempt; by default
+    the embedding is kept out of weight decay as timm's ViT keeps ``pos_embed``; the latency key is unchanged."""
+    x_type = TensorType("maps", 8, 3, 4)
+    assert build_op("pos_embed", "learned", {}, x_type).no_weight_decay() == {"weight"}
+    assert build_op("pos_embed", "learned", {"decay": True}, x_type).no_weight_decay() == set()
+    assert '"decay"' not in op_spec("pos_embed", "learned", {}).model_dump_json(context={LATENCY_KEY: True})

@@ -44,6 +44,45 @@ def test_conv_stack_matches_timm_visformer_stem() -> None:
     assert max_diff(_run(ours, x), _run(ref, x)) <= TOL
 
 
+@pytest.mark.parametrize("size", [(32, 32), (15, 16)])
+def test_conv_stack_same_padding_matches_timm_maxvit_tf_stem(size: tuple[int, int]) -> None:
+    """``same_padding``: MaxViT's tf stem (3x3/2 conv padded as TensorFlow pads, BN + tanh-GELU, 3x3 conv),
+    bit for bit, on even and odd inputs."""
+    from timm.models.maxxvit import Stem
+
+    ref = Stem(3, 16, padding="same", bias=True, act_layer="gelu_tanh", norm_layer="batchnorm2d", norm_eps=1e-3)
+    image = TensorType("maps", 3, *size)
+    config = {"strides": [2, 1], "widths": [16], "bias": True, "same_padding": True, "act": "gelu_tanh",
+              "norm": {"type": "batchnorm", "eps": 1e-3}, "last_norm": False, "last_act": False}
+    ours = port(ref, build_op("stem", "conv_stack", config, image, 16),
+                [(r"^conv1\.", "0.conv."), (r"^norm1\.", "0.norm."), (r"^conv2\.", "1.conv.")])
+    x = torch.randn(image.shape(B))
+    with torch.no_grad():
+        y = ours(x)
+        assert y.shape[-2:] == (-(-size[0] // 2), -(-size[1] // 2))
+        assert torch.equal(y, ref(x))
+
+
+def test_mbconv_same_padding_matches_timm_maxvit_tf_mbconv() -> None:
+    """``same_padding`` on MBConv's strided depthwise conv: MaxViT's tf MbConvBlock (without its shortcut)."""
+    from timm.models.maxxvit import MaxxVitConvCfg, MbConvBlock
+
+    cfg = MaxxVitConvCfg(norm_eps=1e-3, act_layer="gelu_tanh", padding="same")
+    ref = MbConvBlock(8, 16, stride=2, cfg=cfg)
+    ref.shortcut = nn.Identity()  # the block's shortcut is ours too, but not the op's
+    x_type = TensorType("maps", 8, 7, 6)
+    config = {"stride": 2, "out_dim": 16, "expand_from": "out", "same_padding": True, "act": "gelu_tanh",
+              "pre_norm": {"type": "batchnorm", "eps": 1e-3}, "norm": {"type": "batchnorm", "eps": 1e-3},
+              "se_ratio": 0.25, "se_from": "out", "se_act": "silu", "out_bias": True}
+    ours = port(ref, build_op("token_mixer", "mbconv", config, x_type),
+                [(r"^conv1_1x1\.", "expand_conv."), (r"^norm1\.", "expand_norm."),
+                 (r"^conv2_kxk\.", "dw_conv."), (r"^norm2\.", "dw_norm."), (r"^conv3_1x1\.", "project_conv.")])
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        expected = ref.conv3_1x1(ref.se(ref.norm2(ref.conv2_kxk(ref.norm1(ref.conv1_1x1(ref.pre_norm(x)))))))
+        assert torch.equal(ours(x), expected)
+
+
 def test_conv_stack_matches_timm_levit_stem() -> None:
     """LeViT's Stem16: four 3x3 stride-2 conv + BatchNorm, Hardswish between them, none after the last."""
     from timm.models.levit import Stem16

@@ -113,6 +113,36 @@ def test_grid_attention_matches_timm_maxvit(fused: bool) -> None:
         assert max_diff(ours(x), block._partition_attn(x)) <= TOL
 
 
+@pytest.mark.parametrize("partition_type", ["block", "grid"])
+@pytest.mark.parametrize("fused", [True, False])
+def test_tf_table_matches_timm_maxvit_rel_pos_bias_tf_exactly(partition_type: str, fused: bool) -> None:
+    """``table_layout: tf``: timm's ``RelPosBiasTf`` table (heads, 2w-1, 2w-1), read at the key - query offset,
+    loads as it is; window and grid attention then match MaxViT's tf blocks bit for bit."""
+    x_type = TensorType("tokens", 32, 8, 12)
+    cfg = MaxxVitTransformerCfg(dim_head=16, head_first=False, window_size=(4, 4), grid_size=(4, 4),
+                                rel_pos_type="bias_tf")
+    block = PartitionAttentionCl(32, partition_type=partition_type, cfg=cfg)
+    block.attn.fused_attn = fused
+    partition_ = "window" if partition_type == "block" else "grid"
+    ours = port(block.attn, _op("window_attention", {"window": 4, "partition": partition_, "head_dim": 16,
+                                                     "table_layout": "tf", "fused": fused}, x_type),
+                renames=[(r"^rel_pos\.", "")])
+    assert ours.relative_position_bias_table.shape == (2, 7, 7)
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        assert torch.equal(ours._bias(1), block.attn.rel_pos.get_bias())
+        assert torch.equal(ours(x), block._partition_attn(x))
+
+
+def test_tf_table_needs_the_learned_table() -> None:
+    with pytest.raises(ShapeIssue) as err:
+        TOKEN_MIXERS.get("window_attention").infer(
+            op_spec(TOKEN_MIXERS, "window_attention", {"window": 2, "num_heads": 2, "rel_pos_bias": "mlp",
+                                                         "table_layout": "tf"}),
+            TensorType("tokens", 16, 4, 4), None)
+    assert err.value.field == "table_layout"
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_shuffle_matches_a_reference_gathering_shuffle_transformer_groups(fused: bool) -> None:
     x_type = TensorType("tokens", 16, 8, 12)
