@@ -96,6 +96,7 @@ def memory_need(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Memor
     ``meta`` device to count its parameters (a network repeats the same few blocks), activations come from
     the edge types. Seconds even for a network too large for the machine."""
     params_of: dict[tuple[Any, ...], int] = {}
+    shared = stage_shared_surplus(graph)
     params = peak = 0
     part_params: dict[str, int] = {}
     part_peak: dict[str, int] = {}
@@ -110,7 +111,7 @@ def memory_need(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Memor
             if key not in params_of:
                 params_of[key] = node_cost(graph, name).params if graph.is_composite(name) else \
                     _meta_params(graph, name)
-            count = params_of[key]
+            count = params_of[key] - shared.get(name, 0)
         params += count * dtype_bytes
         peak = max(peak, acts)
         part = node["group"] if node["stage"] is None else f"stages[{node['stage']}]"
@@ -192,19 +193,19 @@ def _cached_node_cost(graph: ArchGraph, name: str, batch: int, dtype_bytes: int)
 
 
 def stage_shared_surplus(graph: ArchGraph) -> dict[str, int]:
-    """Per cost group, the parameter elements that the nodes count once per block but a stage's blocks share
-    (a block part whose spec has ``stage_shared_params``: CMT's position bias tables), as the compiler ties them
+    """Per node, the parameter elements it counts as its own but shares with an earlier block of its stage (a block
+    part whose spec has ``stage_shared_params``: CMT's position bias tables), as the compiler ties them
     (:func:`metaformer_lab.compile.compiler.tie_in_stage`): one per stage, part name and size."""
     seen: set[tuple[Any, ...]] = set()
     surplus: dict[str, int] = {}
-    for _, node in graph.nodes(data=True):
+    for name, node in graph.nodes(data=True):
         shared = getattr(node.get("spec"), "stage_shared_params", None)
         if node["kind"] not in LEAF_KINDS or shared is None or node["inside"] is not None or node["stage"] is None:
             continue
         count = shared(node["resolved"])
         key = (node["stage"], node["part"], count)
         if count and key in seen:
-            surplus[node["group"]] = surplus.get(node["group"], 0) + count
+            surplus[name] = count
         seen.add(key)
     return surplus
 
@@ -223,7 +224,7 @@ def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
         acc[1] += cost.flops
         acc[2] += cost.activation_bytes
     parts.pop("input", None)
-    for group, count in stage_shared_surplus(graph).items():
-        parts[group][0] -= count
+    for name, count in stage_shared_surplus(graph).items():
+        parts[graph.nodes[name]["group"]][0] -= count
     totals = [sum(v[i] for v in parts.values()) for i in range(3)]
     return Cost(totals[0], totals[1], totals[2], {k: NodeCost(*v) for k, v in parts.items()})
