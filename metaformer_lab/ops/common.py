@@ -274,7 +274,7 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def conv_on_heads(conv: nn.Module, v: Tensor, grid: tuple[int, int]) -> Tensor:
+def conv_on_heads(conv: Callable[[Tensor], Tensor], v: Tensor, grid: tuple[int, int]) -> Tensor:
     """A depthwise conv over the value map (LePE, local context enhancement): (B, heads, h*w, d) values ->
     the conv of their (B, heads*d, h, w) map, back in the values' shape; channels are head-major, as in CSWin's
     and Shunted's ``v.transpose(1, 2).reshape(B, N, C)``."""

@@ -4,12 +4,15 @@ relative position bias and shift, Twins' locally-grouped attention (Chu et al., 
 Other token groupings: MaxViT's grid attention (Tu et al., "MaxViT", 2022), Shuffle Transformer's spatial
 shuffle (Huang et al., 2021; the same grouping as the grid) and CrossFormer's long-distance attention (Wang et
 al., "CrossFormer", 2022). Swin V2's scaled cosine attention and continuous position bias (Liu et al., "Swin
-Transformer V2", 2022) and CrossFormer's dynamic position bias are options of the same op.
+Transformer V2", 2022) and CrossFormer's dynamic position bias are options of the same op. CSWin's cross-shaped
+windows (Dong et al., "CSWin Transformer", 2022) split the heads: half attend within vertical stripes, half within
+horizontal ones, sharing one qkv and one projection.
 """
 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Literal
 
 import torch
@@ -38,7 +41,7 @@ MAX_LOGIT_SCALE = math.log(100.0)
 CPB_HIDDEN = 512
 """Hidden width of Swin V2's continuous position bias MLP (timm's ``cpb_mlp``)."""
 
-Partition = Literal["window", "grid", "shuffle", "dilated"]
+Partition = Literal["window", "grid", "shuffle", "dilated", "cross"]
 RelPosBias = bool | Literal["mlp", "dpb"]
 
 
@@ -50,13 +53,15 @@ class WindowAttentionSpec(GridOpSpec):
     ``partition: grid`` is timm's ``maxxvit`` grid attention (``shuffle``, Shuffle Transformer's spatial shuffle,
     groups the tokens the same way; ``dilated`` is CrossFormer's long-distance attention). ``cosine: true``,
     ``rel_pos_bias: mlp`` and ``k_bias: false`` make timm's ``swin_transformer_v2.WindowAttention``;
-    ``rel_pos_bias: dpb`` is CrossFormer's dynamic position bias."""
+    ``rel_pos_bias: dpb`` is CrossFormer's dynamic position bias; ``partition: cross`` with ``local_conv: 3`` is
+    CSWin's cross-shaped window attention with LePE (``CSWinBlock`` with its two ``LePEAttention`` branches)."""
 
     type: Literal["window_attention"] = "window_attention"
     window: PosInt = Field(7, description="tokens along a window's (group's) side; must divide H and W")
     partition: Partition = Field("window", description=(
         "window: w x w adjacent tokens; grid: w x w tokens H/w (W/w) apart (MaxViT); shuffle: the same grouping "
-        "as grid (Shuffle Transformer); dilated: w x w tokens `interval` apart (CrossFormer's LDA)"))
+        "as grid (Shuffle Transformer); dilated: w x w tokens `interval` apart (CrossFormer's LDA); cross: the first "
+        "half of the heads within H x w stripes (full height), the second within w x W stripes (CSWin)"))
     interval: PosInt | None = Field(None, description=(
         "dilated: distance between a group's tokens, w * interval must divide H and W; null: H / w (as grid)"))
     shift: bool = Field(False, description="roll by window // 2 (SW-MSA); off along an axis no longer than the window")
@@ -81,8 +86,9 @@ class WindowAttentionSpec(GridOpSpec):
     key_optional = frozenset({"partition", "interval", "cosine", "k_bias", "local_conv", "table_layout"})
 
 
-def partition(x: Tensor, window: int, dilation: tuple[int, int] = (1, 1)) -> Tensor:
-    """(B, H, W, C) -> (B * nW, w*w, C): groups of w x w tokens ``dilation`` apart, in row-major order.
+def partition(x: Tensor, window: int | tuple[int, int], dilation: tuple[int, int] = (1, 1)) -> Tensor:
+    """(B, H, W, C) -> (B * nW, w*w, C): groups of w x w tokens ``dilation`` apart, in row-major order; a
+    (wh, ww) window groups wh x ww tokens (CSWin's stripes).
 
     Dilation (1, 1) gives windows of adjacent tokens (timm ``window_partition``); (H/w, W/w) the strided grid
     (timm ``maxxvit.grid_partition``); in between, the map is cut into regions of w * dilation tokens,
@@ -90,23 +96,26 @@ def partition(x: Tensor, window: int, dilation: tuple[int, int] = (1, 1)) -> Ten
     """
     B, H, W, C = x.shape
     dh, dw = dilation
-    x = x.reshape(B, H // (window * dh), window, dh, W // (window * dw), window, dw, C)  # (B, Rh, w, dh, Rw, w, dw, C)
+    wh, ww = (window, window) if isinstance(window, int) else window
+    x = x.reshape(B, H // (wh * dh), wh, dh, W // (ww * dw), ww, dw, C)  # (B, Rh, w, dh, Rw, w, dw, C)
     x = x.permute(0, 1, 4, 3, 6, 2, 5, 7)  # (B, Rh, Rw, dh, dw, w, w, C)
-    return x.reshape(-1, window * window, C)  # (B*nW, w*w, C)
+    return x.reshape(-1, wh * ww, C)  # (B*nW, w*w, C)
 
 
-def merge(windows: Tensor, grid: tuple[int, int], window: int, dilation: tuple[int, int] = (1, 1)) -> Tensor:
+def merge(windows: Tensor, grid: tuple[int, int], window: int | tuple[int, int],
+          dilation: tuple[int, int] = (1, 1)) -> Tensor:
     """Inverse of :func:`partition`: (B * nW, w*w, C) -> (B, H, W, C)."""
     H, W = grid
     dh, dw = dilation
+    wh, ww = (window, window) if isinstance(window, int) else window
     C = windows.shape[-1]
-    x = windows.reshape(-1, H // (window * dh), W // (window * dw), dh, dw, window, window, C)  # (B,Rh,Rw,dh,dw,w,w,C)
+    x = windows.reshape(-1, H // (wh * dh), W // (ww * dw), dh, dw, wh, ww, C)  # (B, Rh, Rw, dh, dw, w, w, C)
     return x.permute(0, 1, 5, 3, 2, 6, 4, 7).reshape(-1, H, W, C)  # (B, Rh, w, dh, Rw, w, dw, C) -> (B, H, W, C)
 
 
 def dilation_of(spec: WindowAttentionSpec, grid: tuple[int, int]) -> tuple[int, int]:
     """The distance between the tokens of one group along each axis, by the spec's partition."""
-    if spec.partition == "window":
+    if spec.partition in ("window", "cross"):
         return 1, 1
     if spec.partition == "dilated" and spec.interval is not None:
         return spec.interval, spec.interval
@@ -167,7 +176,8 @@ class DynamicPosBias(nn.Module):
 class WindowAttention(nn.Module):
     """Parameter names follow timm's Swin ``WindowAttention`` (qkv, proj, relative_position_bias_table), its
     Swin V2 one (logit_scale, cpb_mlp, q_bias, v_bias) and CrossFormer's ``Attention`` (pos); the value conv is
-    ``local_conv``, zero-padded at each window's border as CSWin's ``get_lepe``."""
+    ``local_conv``, zero-padded at each window's border as CSWin's ``get_lepe``. ``cross``: CSWin's two branches
+    (``attns.0`` on the first half of the channels of qkv, local_conv and proj's input, ``attns.1`` on the second)."""
 
     relative_position_bias_table: nn.Parameter | None
     cpb_mlp: nn.Sequential | None
@@ -183,9 +193,9 @@ class WindowAttention(nn.Module):
     def __init__(self, dim: int, grid: tuple[int, int], window: int, dilation: tuple[int, int], shift: bool,
                  num_heads: int, head_dim: int, rel_pos_bias: RelPosBias, cosine: bool, qkv_bias: bool, k_bias: bool,
                  attn_drop: float, proj_drop: float, fused: bool, local_conv: int | None = None,
-                 out_dim: int | None = None, table_layout: Literal["swin", "tf"] = "swin") -> None:
+                 out_dim: int | None = None, table_layout: Literal["swin", "tf"] = "swin", cross: bool = False) -> None:
         super().__init__()
-        self.grid, self.window, self.dilation, self.fused = grid, window, dilation, fused
+        self.grid, self.window, self.dilation, self.fused, self.cross = grid, window, dilation, fused, cross
         self.num_heads, self.head_dim = num_heads, head_dim
         self.shift = shift_sizes(grid, window, shift)
         inner = num_heads * head_dim
@@ -267,17 +277,45 @@ class WindowAttention(nn.Module):
             attn = attn + bias
         return self.attn_drop(attn.softmax(dim=-1)) @ v  # (B*nW, heads, w*w, d)
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
-        if any(self.shift):
-            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
-        windows = partition(x, self.window, self.dilation)  # (B*nW, w*w, C)
+    def _qkv(self, x: Tensor) -> Tensor:  # (..., C) -> (..., 3, heads, d)
         if self.q_bias is None:
-            qkv = self.qkv(windows)  # (B*nW, w*w, 3 * heads * d)
+            qkv = self.qkv(x)  # (..., 3 * heads * d)
         else:  # timm's Swin V2: one F.linear with the q, zero k and v biases (plus a bias a norm folded into)
             bias = torch.cat((self.q_bias, self.k_bias, self.v_bias))
             bias = bias if self.qkv.bias is None else bias + self.qkv.bias
-            qkv = F.linear(windows, self.qkv.weight, bias)  # (B*nW, w*w, 3 * heads * d)
-        qkv = qkv.unflatten(-1, (3, self.num_heads, self.head_dim))  # (B*nW, w*w, 3, heads, d)
+            qkv = F.linear(x, self.qkv.weight, bias)  # (..., 3 * heads * d)
+        return qkv.unflatten(-1, (3, self.num_heads, self.head_dim))  # (..., 3, heads, d)
+
+    def _forward_cross(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
+        """CSWin: the first half of the heads attends within H x w stripes, the second within w x W ones; each
+        half's LePE is its half of ``local_conv``; the halves' outputs, concatenated, share ``proj``."""
+        H, W = self.grid
+        qkv = self._qkv(x)  # (B, H, W, 3, heads, d)
+        half = self.num_heads // 2
+        outs = []
+        for branch, stripe in enumerate(((H, self.window), (self.window, W))):  # two branches, not a loop over stripes
+            heads = qkv[..., branch * half:(branch + 1) * half, :].flatten(-3)  # (B, H, W, 3 * half * d)
+            windows = partition(heads, stripe).unflatten(-1, (3, half, self.head_dim))  # (B*nS, h*w, 3, half, d)
+            q, k, v = windows.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nS, half, h*w, d)
+            y = attend(q, k, v, bias=None, drop=self.attn_drop, fused=self.fused)  # (B*nS, half, h*w, d)
+            if self.local_conv is not None:
+                conv = self.local_conv
+                width = half * self.head_dim
+                part = slice(branch * width, (branch + 1) * width)
+                bias = None if conv.bias is None else conv.bias[part]
+                lepe = partial(F.conv2d, weight=conv.weight[part], bias=bias, padding=conv.padding, groups=width)
+                y = y + conv_on_heads(lepe, v, stripe)  # (B*nS, half, h*w, d)
+            y = y.transpose(1, 2).flatten(2)  # (B*nS, h*w, half * d)
+            outs.append(merge(y, self.grid, stripe))  # (B, H, W, half * d)
+        return self.proj_drop(self.proj(torch.cat(outs, dim=-1)))  # (B, H, W, C')
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
+        if self.cross:
+            return self._forward_cross(x)
+        if any(self.shift):
+            x = torch.roll(x, shifts=(-self.shift[0], -self.shift[1]), dims=(1, 2))
+        windows = partition(x, self.window, self.dilation)  # (B*nW, w*w, C)
+        qkv = self._qkv(windows)  # (B*nW, w*w, 3, heads, d)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B*nW, heads, w*w, d)
         bias = self._bias(x.shape[0])
         if self.logit_scale is not None:
@@ -306,6 +344,11 @@ def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
         raise ShapeIssue("shift", f"only with partition: window; {spec.partition} groups are not shifted")
     if spec.table_layout != "swin" and spec.rel_pos_bias is not True:
         raise ShapeIssue("table_layout", f"lays out the learned table of rel_pos_bias: true, not {spec.rel_pos_bias}")
+    if spec.partition == "cross" and num_heads % 2:
+        raise ShapeIssue("num_heads", f"partition: cross splits the heads in two halves; {num_heads} is odd")
+    if spec.partition == "cross" and (spec.rel_pos_bias is not False or spec.cosine):
+        raise ShapeIssue("partition", "cross has no relative position bias or cosine attention (rel_pos_bias: "
+                                      "false, cosine: false)")
     if spec.interval is not None and spec.partition != "dilated":
         raise ShapeIssue("interval", f"only with partition: dilated, not {spec.partition}")
     if x.height % spec.window or x.width % spec.window:
@@ -323,7 +366,8 @@ def _build_window_attention(spec: WindowAttentionSpec, r: Resolved) -> WindowAtt
                            shift=spec.shift, num_heads=num_heads, head_dim=head_dim, rel_pos_bias=spec.rel_pos_bias,
                            cosine=spec.cosine, qkv_bias=spec.qkv_bias, k_bias=spec.k_bias, attn_drop=spec.attn_drop,
                            proj_drop=spec.proj_drop, fused=spec.fused, local_conv=spec.local_conv,
-                           out_dim=r.out_type.channels, table_layout=spec.table_layout)
+                           out_dim=r.out_type.channels, table_layout=spec.table_layout,
+                           cross=spec.partition == "cross")
 
 
 def fold_window_attention(module: nn.Module) -> Folding | None:
@@ -351,6 +395,10 @@ WINDOW_ATTENTION = around_prefix(OpDef(
         Case({"window": 3, "shift": True, "num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 6, 6),
              id="lepe"),
         Case({"window": 2, "partition": "grid", "num_heads": 2}, TensorType("tokens", 16, 4, 6), id="maxvit-grid"),
+        Case({"window": 2, "partition": "cross", "rel_pos_bias": False, "num_heads": 4, "local_conv": 3},
+             TensorType("tokens", 16, 4, 6), id="cswin-cross"),
+        Case({"window": 1, "partition": "cross", "rel_pos_bias": False, "num_heads": 2, "fused": False},
+             TensorType("tokens", 16, 2, 4), id="cswin-cross-explicit"),
         Case({"window": 2, "partition": "shuffle", "rel_pos_bias": False, "num_heads": 2, "fused": False},
              TensorType("tokens", 16, 4, 4), id="shuffle"),
         Case({"window": 2, "partition": "dilated", "interval": 2, "rel_pos_bias": "dpb", "num_heads": 2},

@@ -182,6 +182,57 @@ def test_dilated_matches_a_reference_gathering_crossformer_groups(grid: tuple[in
         assert max_diff(ours(x), expected) <= TOL
 
 
+def stripe_groups(H: int, W: int, stripe: tuple[int, int]) -> list[Group]:
+    """CSWin's stripes: the map cut into h x w rectangles (H x w: vertical stripes, w x W: horizontal ones)."""
+    h, w = stripe
+    return [[(r * h + i, s * w + j) for i in range(h) for j in range(w)] for r in range(H // h) for s in range(W // w)]
+
+
+def reference_cross_attention(module: WindowAttention, x: Tensor, window: int) -> Tensor:
+    """CSWin's ``CSWinBlock`` attention, gathering each stripe's tokens by index: the first half of the heads over
+    H x w stripes, the second over w x W ones, each adding LePE (its half of the depthwise conv on the stripe's
+    value map, zero-padded at the stripe's border); both halves' outputs, concatenated, go through one proj."""
+    heads, d = module.num_heads, module.head_dim
+    half, H, W = heads // 2, x.shape[1], x.shape[2]
+    conv = module.local_conv
+    out = torch.zeros(*x.shape[:3], heads * d)
+    for branch, stripe in enumerate(((H, window), (window, W))):
+        channels = slice(branch * half * d, (branch + 1) * half * d)
+        for group in stripe_groups(H, W, stripe):
+            rows, cols = zip(*group, strict=True)
+            tokens = x[:, list(rows), list(cols)]  # (B, n, C)
+            qkv = module.qkv(tokens).unflatten(-1, (3, heads, d))  # (B, n, 3, heads, d)
+            q, k, v = qkv[..., branch * half:(branch + 1) * half, :].unbind(2)  # 3 x (B, n, half, d)
+            logits = torch.einsum("bnhd,bmhd->bhnm", q, k) * d**-0.5
+            y = torch.einsum("bhnm,bmhd->bnhd", logits.softmax(-1), v).flatten(2)  # (B, n, half * d)
+            vmap = v.flatten(2).transpose(1, 2).unflatten(2, stripe)  # (B, half * d, h, w)
+            lepe = F.conv2d(vmap, conv.weight[channels], conv.bias[channels], padding=1, groups=half * d)
+            out[:, list(rows), list(cols), channels] = y + lepe.flatten(2).transpose(1, 2)
+    return module.proj(out)
+
+
+def test_partition_takes_rectangular_windows() -> None:
+    x = torch.randn(B, 8, 12, 5)
+    stripes = partition(x, (8, 3))  # (B * 4, 24, C): vertical stripes, 3 tokens wide
+    assert torch.equal(stripes[1], x[0, :, 3:6].flatten(0, 1))
+    for window in [(8, 3), (2, 12), (4, 6)]:
+        assert torch.equal(merge(partition(x, window), (8, 12), window), x)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize(("grid", "window"), [((8, 12), 2), ((6, 6), 3), ((4, 4), 1)],
+                         ids=["non-square", "window-3", "window-1"])
+def test_cross_matches_a_reference_gathering_cswin_stripes(fused: bool, grid: tuple[int, int], window: int) -> None:
+    x_type = TensorType("tokens", 32, *grid)
+    ours = perturbed(_op("window_attention", {"window": window, "partition": "cross", "rel_pos_bias": False,
+                                              "num_heads": 4, "local_conv": 3, "fused": fused}, x_type))
+    assert set(ours.state_dict()) == {"qkv.weight", "qkv.bias", "proj.weight", "proj.bias", "local_conv.weight",
+                                      "local_conv.bias"}
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        assert max_diff(ours(x), reference_cross_attention(ours, x, window)) <= TOL
+
+
 # --- Swin V2 ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -252,6 +303,9 @@ _BAD = [
      "window * interval = 6 does not divide the 12x8 feature map"),
     ({"window": 2, "partition": "grid", "shift": True}, _TOK, "shift", "only with partition: window"),
     ({"window": 2, "interval": 2}, _TOK, "interval", "only with partition: dilated"),
+    ({"window": 2, "partition": "cross", "num_heads": 3, "rel_pos_bias": False}, TensorType("tokens", 48, 12, 8),
+     "num_heads", "3 is odd"),
+    ({"window": 2, "partition": "cross", "num_heads": 2}, _TOK, "partition", "no relative position bias"),
 ]
 
 
