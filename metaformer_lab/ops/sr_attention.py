@@ -55,6 +55,7 @@ class SrAttentionSpec(OpSpec):
     ``avgpool``: a ``sr_ratio`` x ``sr_ratio`` average pool of stride ``sr_ratio``, no conv, norm or activation
     (LITv2's Lo-Fi).
     Prefix tokens bypass the reduction and the convs, and join queries, keys and values (CvT's class token).
+    ``sr_ratios``: Shunted's multi-scale heads, one conv reduction per head group (no prefix tokens).
     """
 
     type: Literal["sr_attention"] = "sr_attention"
@@ -371,6 +372,8 @@ def fold_sr_attention(module: nn.Module) -> Folding | None:
     padding a shift folds exactly, the fold itself refuses a padded one), but not through a pooling (PVTv2-li,
     LITv2); the reduction's norm folds into kv where no activation comes between, the q conv's norm into q, CvT's
     separate k and v norms into their convs."""
+    if isinstance(module, MultiScaleSrAttention):
+        return _fold_multiscale(module)
     if not isinstance(module, SrAttention):
         return None
     reduce = module.kv if not module.reduces else module.sr if isinstance(module.pool, nn.Identity) else None
@@ -392,6 +395,18 @@ def fold_sr_attention(module: nn.Module) -> Folding | None:
         return fold_parts(module, ("norm", "act", "kv"))
 
     return Folding(reads=(q, reduce, *v) if exact else (), writes=module.proj, deploy=deploy)
+
+
+def _fold_multiscale(module: MultiScaleSrAttention) -> Folding:
+    """q and every group's reduction conv (kernel = stride, no padding) read the input; a group's norm folds
+    into its kv where no GELU comes between (fold_chain leaves it otherwise)."""
+
+    def deploy() -> nn.Module:
+        for scale in module.scales:
+            fold_parts(scale, ("norm", "act", "kv"))
+        return module
+
+    return Folding(reads=(module.q, *(scale.sr for scale in module.scales)), writes=module.proj, deploy=deploy)
 
 
 SR_ATTENTION = OpDef(
@@ -430,7 +445,7 @@ SR_ATTENTION = OpDef(
              TensorType("tokens", 16, 4, 4), id="shunted"),
         Case({"sr_ratios": [4, 2], "sr_act": True, "num_heads": 2, "local_conv": 3, "local_conv_add": "value",
               "fused": False}, TensorType("tokens", 16, 4, 4), id="shunted-multi-scale"),
-        Case({"sr_ratios": [2, 1], "head_dim": 4, "norm": None, "qkv_bias": False}, TensorType("tokens", 16, 2, 4),
+        Case({"sr_ratios": [2, 1], "head_dim": 4, "qkv_bias": False}, TensorType("tokens", 16, 2, 4),
              id="multi-scale-1x1"),
         Case({"sr_ratio": 2, "sr_act": True, "num_heads": 2}, TensorType("tokens", 16, 4, 4), id="sr-act"),
         Case({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": {"type": "batchnorm"}, "pos_bias": "stage",
