@@ -4,7 +4,8 @@ sub-sampled attention. Queries come from every grid token, keys and values from 
 The reduction is also a depthwise conv (CMT, Guo et al. 2022; CvT's ``dw_bn`` projections, Wu et al. 2021, with
 ``q_conv``) or a bare average pool (LITv2's Lo-Fi, Pan et al. 2022); ``local_conv`` adds a depthwise conv of the
 values (LePE: CSWin, Dong et al. 2022; Shunted, Ren et al. 2022); ``pos_bias`` adds a learned (heads, N, M) bias to
-the logits of the N queries and M keys (CMT's ``relative_pos``, one table per stage).
+the logits of the N queries and M keys (CMT's ``relative_pos``, one table per stage). ``sr_ratios`` splits the
+heads into groups, each with keys and values from its own reduction (Shunted self-attention, Ren et al. 2022).
 """
 
 from __future__ import annotations
@@ -54,6 +55,7 @@ class SrAttentionSpec(OpSpec):
     ``avgpool``: a ``sr_ratio`` x ``sr_ratio`` average pool of stride ``sr_ratio``, no conv, norm or activation
     (LITv2's Lo-Fi).
     Prefix tokens bypass the reduction and the convs, and join queries, keys and values (CvT's class token).
+    ``sr_ratios``: Shunted's multi-scale heads, one conv reduction per head group (no prefix tokens).
     """
 
     type: Literal["sr_attention"] = "sr_attention"
@@ -90,9 +92,16 @@ class SrAttentionSpec(OpSpec):
     pos_bias: PosBias | None = Field(
         None, description="a learned (heads, H*W, h*w) bias added to the logits (CMT's relative_pos); block: one "
                           "table per block; stage: one table shared by the stage's blocks (CMT); null: none")
+    sr_ratios: list[PosInt] | None = Field(
+        None, min_length=2, max_length=4,
+        description="multi-scale heads (Shunted): the heads split evenly into one group per entry, each group's "
+                    "keys and values from its own conv reduction (kernel = stride = entry; 1 still gets its 1x1 "
+                    "conv), norm, kv Linear and local conv; one q and proj; replaces sr_ratio; null: one scale")
+    sr_act: bool | None = Field(None, description="GELU after the reduction's norm (Shunted); null: only after the "
+                                                  "pool reduction's (PVTv2-li)")
 
     key_optional = frozenset({"groups", "kernel", "sr_bias", "q_conv", "split_kv", "local_conv", "local_conv_add",
-                              "scale_width", "pos_bias"})
+                              "scale_width", "pos_bias", "sr_ratios", "sr_act"})
 
     def stage_shared_params(self, r: Resolved) -> int:
         """Parameter elements that the stage's blocks share (counted once per stage, not per block)."""
@@ -103,7 +112,9 @@ class SrAttentionSpec(OpSpec):
 
 
 def reduced(spec: SrAttentionSpec, x: TensorType) -> TensorType | None:
-    """The grid keys and values come from, or None when there is no reduction."""
+    """The grid keys and values come from, or None when there is no reduction (multi-scale: the first group's)."""
+    if spec.sr_ratios is not None:
+        return x.with_grid(x.height // spec.sr_ratios[0], x.width // spec.sr_ratios[0])
     if spec.reduction == "pool":
         return x.with_grid(spec.pool_size, spec.pool_size)
     if spec.sr_ratio == 1 and spec.reduction != "dwconv":
@@ -130,7 +141,7 @@ class SrAttention(nn.Module):
                  local_conv: int | None = None, local_conv_add: LocalConvAdd = "output", prefix: int = 0,
                  grid: tuple[int, int] = (0, 0), out_dim: int | None = None,
                  scale_width: ScaleWidth = "head", pos_bias: tuple[int, int] | None = None,
-                 pos_bias_shared: bool = False) -> None:
+                 pos_bias_shared: bool = False, act: bool | None = None) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         self.prefix, self.grid = prefix, grid
@@ -156,7 +167,7 @@ class SrAttention(nn.Module):
         elif self.reduces:
             self.sr = nn.Conv2d(dim, dim, sr_ratio, stride=sr_ratio, groups=groups, bias=sr_bias)
         self.norm = norm if reduction != "avgpool" else nn.Identity()  # nn.Identity without a reduction or a norm
-        self.act = nn.GELU() if pool else nn.Identity()
+        self.act = nn.GELU() if (pool if act is None else act) and self.reduces else nn.Identity()
         self.q_sr = _dwconv(dim, kernel or 1, 1, sr_bias) if q_norm is not None else None
         self.q_norm = q_norm
         self.v_sr = _dwconv(dim, kernel or sr_ratio, sr_ratio, sr_bias) if v_norm is not None else None
@@ -219,6 +230,66 @@ class SrAttention(nn.Module):
         return self.proj_drop(self.proj(y))
 
 
+class KeyValueScale(nn.Module):
+    """One head group's keys and values in multi-scale attention: a ``ratio`` x ``ratio`` conv of stride ``ratio``,
+    ``norm``, activation, the group's ``kv`` Linear (k then v) and the local conv of its values."""
+
+    def __init__(self, dim: int, inner: int, ratio: int, norm: nn.Module, act: bool, qkv_bias: bool, groups: int,
+                 sr_bias: bool, local_conv: int | None) -> None:
+        super().__init__()
+        self.sr = nn.Conv2d(dim, dim, ratio, stride=ratio, groups=groups, bias=sr_bias)
+        self.norm = norm
+        self.act = nn.GELU() if act else nn.Identity()
+        self.kv = nn.Linear(dim, 2 * inner, bias=qkv_bias)
+        self.local_conv = _dwconv(inner, local_conv, 1, True) if local_conv is not None else None
+
+    def forward(self, x: Tensor, heads: int) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(B, H, W, C) -> k, v (B, heads, h*w, d) and the local conv of v (or None)."""
+        small = self.act(self.norm(self.sr(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)))  # (B, h, w, C)
+        kv = self.kv(small.flatten(1, 2)).unflatten(-1, (2, heads, -1))  # (B, h*w, 2, heads, d)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        local = None if self.local_conv is None else conv_on_heads(self.local_conv, v, small.shape[1:3])
+        return k, v, local
+
+
+class MultiScaleSrAttention(nn.Module):
+    """Shunted self-attention (the authors' ``SSA.Attention`` with ``sr_ratio > 1``): one ``q`` and ``proj``;
+    the heads split evenly into ``scales`` groups, group ``i`` attends to keys and values of ``scales.i`` (the
+    authors' ``sr{i+1}``, ``norm{i+1}``, ``kv{i+1}``, ``local_conv{i+1}``); the groups' outputs are concatenated
+    in order. The input is (B, H, W, C)."""
+
+    def __init__(self, dim: int, num_heads: int, head_dim: int, ratios: list[int], norms: list[nn.Module],
+                 act: bool, qkv_bias: bool, attn_drop: float, proj_drop: float, fused: bool, groups: int,
+                 sr_bias: bool, local_conv: int | None, local_conv_add: LocalConvAdd, out_dim: int | None,
+                 scale_width: ScaleWidth) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
+        self.group_heads = num_heads // len(ratios)
+        inner = num_heads * head_dim
+        self.scale = inner**-0.5 if scale_width == "inner" else None
+        self.q = nn.Linear(dim, inner, bias=qkv_bias)
+        self.scales = nn.ModuleList(
+            KeyValueScale(dim, self.group_heads * head_dim, ratio, norm, act, qkv_bias, groups, sr_bias, local_conv)
+            for ratio, norm in zip(ratios, norms, strict=True))
+        self.local_conv_to_values = local_conv_add == "value"
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.proj = nn.Linear(inner, out_dim or dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: Tensor) -> Tensor:  # (B, H, W, C) -> (B, H, W, C')
+        q = self.q(x.flatten(1, 2)).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)  # (B, heads, N, d)
+        ys = []
+        for i, scale in enumerate(self.scales):
+            k, v, local = scale(x, self.group_heads)  # (B, heads/g, h*w, d)
+            if local is not None and self.local_conv_to_values:
+                v, local = v + local, None
+            q_i = q[:, i * self.group_heads:(i + 1) * self.group_heads]
+            y = attend(q_i, k, v, bias=None, drop=self.attn_drop, fused=self.fused, scale=self.scale)
+            ys.append(y if local is None else y + local)  # (B, heads/g, N, d)
+        y = torch.cat(ys, dim=1).transpose(1, 2).flatten(2).reshape(*x.shape[:-1], -1)  # (B, H, W, inner)
+        return self.proj_drop(self.proj(y))
+
+
 def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None) -> tuple[TensorType, Settings]:
     require_layout(x, "tokens", op="sr_attention")
     require_grid(x, op="sr_attention")
@@ -226,6 +297,8 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
     if spec.reduction != "pool" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
         raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
+    if spec.sr_ratios is not None:
+        _check_scales(spec, x, num_heads)
     if spec.kernel is not None and spec.reduction != "dwconv":
         raise ShapeIssue("kernel", f"sets the dwconv reduction's kernel, but the reduction is {spec.reduction}")
     if spec.kernel is None and spec.reduction == "dwconv" and spec.q_conv:
@@ -247,9 +320,38 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
     return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
-def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
+def _check_scales(spec: SrAttentionSpec, x: TensorType, num_heads: int) -> None:
+    """Multi-scale heads: even head groups, a conv reduction per group, no prefix tokens or CvT/CMT options."""
+    ratios = spec.sr_ratios or []
+    if num_heads % len(ratios):
+        raise ShapeIssue("sr_ratios", f"{len(ratios)} scales do not split {num_heads} heads evenly")
+    for ratio in ratios:
+        if x.height % ratio or x.width % ratio:
+            raise ShapeIssue("sr_ratios", f"{ratio} does not divide the {x.height}x{x.width} feature map")
+    if x.prefix:
+        raise ShapeIssue("sr_ratios", f"multi-scale heads see the grid alone, but the input has {x.prefix} prefix "
+                                      "tokens")
+    for field, value, default in (("reduction", spec.reduction, "conv"), ("q_conv", spec.q_conv, False),
+                                  ("split_kv", spec.split_kv, False), ("pos_bias", spec.pos_bias, None)):
+        if value != default:
+            raise ShapeIssue(field, f"multi-scale heads (sr_ratios) take {field} {default}, got {value}")
+    if spec.local_conv is not None and spec.local_conv_add == "output" and any(r != 1 for r in ratios):
+        raise ShapeIssue("local_conv_add", "output needs every group's values on the query grid; use value")
+    for ratio in ratios:
+        require_groups(spec.groups, input=x.channels)
+        check_norm(spec.norm, x.with_grid(x.height // ratio, x.width // ratio), "norm")
+
+
+def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention | MultiScaleSrAttention:
     x = r.in_type
     num_heads, head_dim = r["num_heads"], r["head_dim"]
+    if spec.sr_ratios is not None:
+        norms = [build_norm(spec.norm, x.with_grid(x.height // s, x.width // s)) for s in spec.sr_ratios]
+        return MultiScaleSrAttention(
+            x.channels, num_heads=num_heads, head_dim=head_dim, ratios=spec.sr_ratios, norms=norms,
+            act=bool(spec.sr_act), qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop,
+            fused=spec.fused, groups=spec.groups, sr_bias=spec.sr_bias, local_conv=spec.local_conv,
+            local_conv_add=spec.local_conv_add, out_dim=r.out_type.channels, scale_width=spec.scale_width)
     small = reduced(spec, x.with_prefix(0))  # the convs and norms see the grid alone
     norm = build_norm(spec.norm, small) if small is not None else nn.Identity()
     q_norm = build_norm(spec.norm, x.with_prefix(0)) if spec.q_conv else None
@@ -262,7 +364,7 @@ def _build_sr_attention(spec: SrAttentionSpec, r: Resolved) -> SrAttention:
                        q_norm=q_norm, v_norm=v_norm, local_conv=spec.local_conv, local_conv_add=spec.local_conv_add,
                        prefix=x.prefix, grid=x.grid, out_dim=r.out_type.channels, scale_width=spec.scale_width,
                        pos_bias=None if spec.pos_bias is None else (x.height * x.width, keys.height * keys.width),
-                       pos_bias_shared=spec.pos_bias == "stage")
+                       pos_bias_shared=spec.pos_bias == "stage", act=spec.sr_act)
 
 
 def fold_sr_attention(module: nn.Module) -> Folding | None:
@@ -270,6 +372,8 @@ def fold_sr_attention(module: nn.Module) -> Folding | None:
     padding a shift folds exactly, the fold itself refuses a padded one), but not through a pooling (PVTv2-li,
     LITv2); the reduction's norm folds into kv where no activation comes between, the q conv's norm into q, CvT's
     separate k and v norms into their convs."""
+    if isinstance(module, MultiScaleSrAttention):
+        return _fold_multiscale(module)
     if not isinstance(module, SrAttention):
         return None
     reduce = module.kv if not module.reduces else module.sr if isinstance(module.pool, nn.Identity) else None
@@ -291,6 +395,18 @@ def fold_sr_attention(module: nn.Module) -> Folding | None:
         return fold_parts(module, ("norm", "act", "kv"))
 
     return Folding(reads=(q, reduce, *v) if exact else (), writes=module.proj, deploy=deploy)
+
+
+def _fold_multiscale(module: MultiScaleSrAttention) -> Folding:
+    """q and every group's reduction conv (kernel = stride, no padding) read the input; a group's norm folds
+    into its kv where no GELU comes between (fold_chain leaves it otherwise)."""
+
+    def deploy() -> nn.Module:
+        for scale in module.scales:
+            fold_parts(scale, ("norm", "act", "kv"))
+        return module
+
+    return Folding(reads=(module.q, *(scale.sr for scale in module.scales)), writes=module.proj, deploy=deploy)
 
 
 SR_ATTENTION = OpDef(
@@ -327,6 +443,11 @@ SR_ATTENTION = OpDef(
         Case({"num_heads": 2, "local_conv": 3}, TensorType("tokens", 16, 2, 3, prefix=1), id="prefixed-lepe"),
         Case({"sr_ratio": 2, "num_heads": 2, "local_conv": 3, "local_conv_add": "value"},
              TensorType("tokens", 16, 4, 4), id="shunted"),
+        Case({"sr_ratios": [4, 2], "sr_act": True, "num_heads": 2, "local_conv": 3, "local_conv_add": "value",
+              "fused": False}, TensorType("tokens", 16, 4, 4), id="shunted-multi-scale"),
+        Case({"sr_ratios": [2, 1], "head_dim": 4, "qkv_bias": False}, TensorType("tokens", 16, 2, 4),
+             id="multi-scale-1x1"),
+        Case({"sr_ratio": 2, "sr_act": True, "num_heads": 2}, TensorType("tokens", 16, 4, 4), id="sr-act"),
         Case({"reduction": "dwconv", "sr_ratio": 2, "num_heads": 2, "norm": {"type": "batchnorm"}, "pos_bias": "stage",
               "fused": False}, TensorType("tokens", 16, 4, 6), id="cmt-pos-bias"),
         Case({"sr_ratio": 1, "num_heads": 2, "pos_bias": "block"}, TensorType("tokens", 16, 3, 3), id="pos-bias"),

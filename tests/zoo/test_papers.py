@@ -36,6 +36,7 @@ AUTHORS_PARAMS = {
     "litv2_small": 27_844_000,  # github.com/ziplab/LITv2 classification/models/litv2.py, LITv2 with
     # configs/litv2-small.yaml (alpha 0.9, local_ws [0, 0, 2, 1])
     "cswin_tiny": 22_320_552,  # github.com/microsoft/CSWin-Transformer models/cswin.py, CSWin_64_12211_tiny_224()
+    "shunted_tiny": 11_553_576,  # github.com/OliverRensu/Shunted-Transformer SSA.py, shunted_t()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
