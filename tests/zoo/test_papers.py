@@ -35,6 +35,7 @@ AUTHORS_PARAMS = {
     "conv2former_nano": 14_992_840,  # github.com/HVision-NKU/Conv2Former models/conv2former.py, conv2former_n()
     "litv2_small": 27_844_000,  # github.com/ziplab/LITv2 classification/models/litv2.py, LITv2 with
     # configs/litv2-small.yaml (alpha 0.9, local_ws [0, 0, 2, 1])
+    "ceit_tiny": 6_356_904,  # github.com/coeusguo/ceit ceit_model.py, ceit_tiny_patch16_224()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
