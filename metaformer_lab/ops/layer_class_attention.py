@@ -109,5 +109,5 @@ def _build(spec: LayerClassAttentionSpec, r: Resolved) -> nn.Module:
 
 LAYER_CLASS_ATTENTION = OpDef(LayerClassAttentionSpec, _shape, _build,
                               cases=(Case({"num_heads": 2, "head_dim": None}, _COLLECTED, 10),
-                                     Case({"layer_embed": False, "fused": False, "qkv_bias": False}, _COLLECTED, 0,
-                                          id="features")))
+                                     Case({"layer_embed": False, "fused": False, "qkv_bias": False, "head_dim": 8},
+                                          _COLLECTED, 0, id="features")))
