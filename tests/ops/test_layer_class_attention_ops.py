@@ -83,6 +83,8 @@ def test_collecting_stage_gives_every_blocks_class_token() -> None:
         final, inter = net.forward_intermediates(x, indices=[0, 2])
         assert torch.equal(final, feats) and [t.shape for t in inter] == [(2, 32, 4, 4)] * 2
         assert (ml.deploy(net)(x) - net(x)).abs().max() < 1e-4
+        maps = ml.build(_spec(), features_only=True, out_indices=(0, 2)).eval()(x)
+        assert [m.shape for m in maps] == [(2, 32, 4, 4)] * 2
     cost = graph_cost(graph)
     assert cost.params == sum(p.numel() for p in net.parameters())
     keys = dict(walk_keys(graph, 1, default_out_mem))
