@@ -41,7 +41,8 @@ class _Compiler:
         return Stage(downsample_layout=self.module(plan.downsample_layout), downsample=self.module(plan.downsample),
                      layout=self.module(plan.layout), prefix=self.module(plan.prefix),
                      pos_embed=self.module(plan.pos_embed), pos_after=plan.pos_after, blocks=blocks,
-                     norm=self.module(plan.norm))
+                     norm=self.module(plan.norm),
+                     collect=self.g.nodes[plan.collect]["in_type"].prefix if plan.collect else 0)
 
     def network(self) -> Network:
         plan = self.g.plan

@@ -75,36 +75,35 @@ class Block(nn.Module):
 
 
 class Stage(nn.Module):
-    """``downsample -> layout -> prefix -> [pos] -> blocks (pos after block k) -> norm``."""
+    """``downsample -> layout -> prefix -> [pos] -> blocks (pos after block k) -> [collect] -> norm``.
+
+    ``collect`` (P > 0, ``StageSpec.collect_prefix``): the output is every block's P prefix tokens, in block order,
+    then the last block's grid tokens (CeiT's layer-wise class-token attention reads them)."""
 
     def __init__(self, *, downsample_layout: nn.Module, downsample: nn.Module, layout: nn.Module, prefix: nn.Module,
-                 pos_embed: nn.Module, pos_after: int, blocks: list[nn.Module], norm: nn.Module) -> None:
+                 pos_embed: nn.Module, pos_after: int, blocks: list[nn.Module], norm: nn.Module,
+                 collect: int = 0) -> None:
         super().__init__()
         self.downsample_layout, self.downsample = downsample_layout, downsample
         self.layout, self.prefix = layout, prefix
         self.pos_embed, self.pos_after = pos_embed, pos_after
         self.blocks = nn.Sequential(*blocks)
         self.norm = norm
+        self.collect = collect
 
     def forward(self, x: Tensor) -> Tensor:
-        x = self.prefix(self.layout(self.downsample(self.downsample_layout(x))))
-        if self.pos_after < 0:
-            x = self.pos_embed(x)
-        for j, block in enumerate(self.blocks):
-            x = block(x)
-            if j == self.pos_after:
-                x = self.pos_embed(x)
-        return self.norm(x)
+        return self.norm(self.forward_body(x))
 
-    # The same computation in steps, for feature taps and gradient checkpointing (``forward`` stays one call).
+    # The same computation in steps, for feature taps and gradient checkpointing.
     def forward_pre(self, x: Tensor) -> Tensor:
         """Everything before the first block: downsampler, layout, prefix tokens, a position embedding at the start."""
         x = self.prefix(self.layout(self.downsample(self.downsample_layout(x))))
         return self.pos_embed(x) if self.pos_after < 0 else x
 
-    def forward_block(self, j: int, x: Tensor, *, checkpointed: bool = False) -> Tensor:
+    def forward_block(self, j: int, x: Tensor, *, checkpointed: bool = False,
+                      taps: list[Tensor] | None = None) -> Tensor:
         """Block ``j`` (recomputed in the backward pass when ``checkpointed``), then a position embedding placed
-        after it."""
+        after it; a collecting stage appends the block's prefix tokens to ``taps``."""
         block = self.blocks[j]
         if checkpointed:
             from torch.utils.checkpoint import checkpoint
@@ -112,14 +111,22 @@ class Stage(nn.Module):
             x = checkpoint(block, x, use_reentrant=False)
         else:
             x = block(x)
+        if self.collect and taps is not None:
+            taps.append(x[:, : self.collect])  # (B, P, C)
         return self.pos_embed(x) if j == self.pos_after else x
+
+    def gather(self, x: Tensor, taps: list[Tensor]) -> Tensor:
+        """The stage's output before its norm: ``x``, or for a collecting stage every block's prefix tokens
+        (``taps``) in front of ``x``'s grid tokens, (B, D*P + H*W, C)."""
+        return torch.cat([*taps, x[:, self.collect :]], dim=1) if self.collect else x
 
     def forward_body(self, x: Tensor, *, checkpointed: bool = False) -> Tensor:
         """``forward`` without the stage's closing norm."""
         x = self.forward_pre(x)
+        taps: list[Tensor] = []
         for j in range(len(self.blocks)):
-            x = self.forward_block(j, x, checkpointed=checkpointed)
-        return x
+            x = self.forward_block(j, x, checkpointed=checkpointed, taps=taps)
+        return self.gather(x, taps)
 
 
 class Network(TimmProtocol):

@@ -225,12 +225,15 @@ class TimmProtocol(nn.Module):
             stop = last[1] if stop_early and last[0] == i else None
             if blocks or stop is not None:
                 x = stage.forward_pre(x)
+                collected: list[Tensor] = []  # a collecting stage's prefix tokens of each block
+                block_kind = kind.with_prefix(stage.collect) if stage.collect else kind
                 for j in range(len(stage.blocks)):
-                    x = stage.forward_block(j, x, checkpointed=checkpointed)
+                    x = stage.forward_block(j, x, checkpointed=checkpointed, taps=collected)
                     if j in blocks:
-                        out.append(self._format(final(x) if norm else x, kind, output_fmt, in_hw))
+                        out.append(self._format(final(x) if norm else x, block_kind, output_fmt, in_hw))
                     if j == stop:
                         return out if intermediates_only else (final(x), out)
+                x = stage.gather(x, collected)
             else:
                 x = stage.forward_body(x, checkpointed=checkpointed)
             if (i, None) in taps:

@@ -226,7 +226,7 @@ class _Lowering:
     def stage(self, i: int, stage: StageSpec, x: str) -> StagePlan:
         name, path = f"stages.{i}", f"stages[{i}]"
         slots: dict[str, str | None] = dict.fromkeys(
-            ("downsample_layout", "downsample", "layout", "prefix", "pos_embed", "norm"))
+            ("downsample_layout", "downsample", "layout", "prefix", "pos_embed", "collect", "norm"))
 
         def added(slot: str, node: str, before: str) -> str:
             if node != before:
@@ -253,11 +253,12 @@ class _Lowering:
         if pos is not None and pos.after_block is not None and pos.after_block >= stage.depth:
             self.issues.append(Issue(f"{path}.pos_embed.after_block",
                                      f"{pos.after_block} is past the last block (depth {stage.depth})"))
-        blocks = []
+        blocks, block_outs = [], []
         for j in range(stage.depth):
             self.block_index = j
             blocks.append(self.block(i, j, stage, x))
             x = self.last
+            block_outs.append(x)
             self.block_index = None
             if pos is not None and pos.after_block == j:
                 x = added("pos_embed", self.op(f"{name}.pos_embed", "pos_embed", "pos_embed", pos,
@@ -266,6 +267,8 @@ class _Lowering:
                 and t.channels != stage.dim:
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels its blocks "
                                                     "give"))
+        if stage.collect_prefix:
+            x = added("collect", self.collect(name, path, block_outs), x)
         x = added("norm", self.norm(f"{name}.norm", stage.norm, f"{path}.norm", x), x)
         pos_after = -1 if pos is None or pos.after_block is None else pos.after_block
         return StagePlan(**slots, pos_after=pos_after, blocks=tuple(blocks), end=x)
@@ -281,6 +284,19 @@ class _Lowering:
         node = self.node(f"{name}.prefix", "prefix", [(x, t)], out, f"{path}.prefix_tokens", part="prefix")
         self.g.nodes[node]["count"] = stage.prefix_tokens
         return node
+
+    def collect(self, name: str, path: str, block_outs: list[str]) -> str:
+        """Every block's prefix tokens, in block order, in front of the last block's grid tokens: (B, D*P + N, C)."""
+        types = [self.out(b) for b in block_outs]
+        t, out = types[-1], None
+        if t is not None:
+            if t.layout != "tokens" or not t.prefix or any(u is not None and u.prefix != t.prefix for u in types):
+                self.issues.append(Issue(f"{path}.collect_prefix", f"needs blocks that keep the same prefix tokens "
+                                                                   f"(layout 'tokens'); the last block gives {t}"))
+            else:
+                out = t.with_prefix(t.prefix * len(block_outs))
+        return self.node(f"{name}.collect", "collect", [(b, u) for b, u in zip(block_outs, types, strict=True)], out,
+                         f"{path}.collect_prefix")
 
     def block(self, i: int, j: int, stage: StageSpec, x: str) -> BlockPlan:
         """The block's nodes and plan; its output node is left in ``self.last``."""

@@ -38,8 +38,10 @@ class BlockPlan:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """One stage: ``downsample_layout -> downsample -> layout -> prefix -> [pos_embed] -> blocks -> norm``; each slot is
-    a node or None (absent). ``pos_after``: the block the position encoding follows (-1: before the first)."""
+    """One stage: ``downsample_layout -> downsample -> layout -> prefix -> [pos_embed] -> blocks -> [collect] -> norm``;
+    each slot is a node or None (absent). ``pos_after``: the block the position encoding follows (-1: before the
+    first). ``collect``: the node that puts every block's prefix tokens in front of the last block's grid tokens
+    (``StageSpec.collect_prefix``; its inputs are the blocks' outputs)."""
 
     downsample_layout: str | None
     downsample: str | None
@@ -51,6 +53,7 @@ class StagePlan:
     norm: str | None
     end: str
     """The stage's last node (its output)."""
+    collect: str | None = None
 
 
 @dataclass(frozen=True)

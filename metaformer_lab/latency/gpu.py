@@ -534,7 +534,7 @@ def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str, amp: 
     node, low = graph.nodes[name], DTYPES[dtype].itemsize
     es = max(sizes) if amp and sizes else (4 if amp else low)
     kind = node["kind"]
-    if kind in ("input", "fork", "prefix_view"):
+    if kind in ("input", "fork", "prefix_view", "collect"):  # collect: a concatenation of a few tokens
         return (), es
     if kind == "add":
         return _add_records(node, batch, list(sizes) if amp and sizes else [es, es])

@@ -23,8 +23,9 @@ from metaformer_lab.ops.common import LATENCY_KEY
 Mem = Literal["c", "p"]
 """Memory order of a tensor: ``c`` contiguous in its layout, ``p`` a permuted view of the other layout."""
 
-FREE_KINDS = frozenset({"input", "fork", "prefix_view"})
-"""Nodes that launch nothing of their own (views, the graph's entry, a composite's fork)."""
+FREE_KINDS = frozenset({"input", "fork", "prefix_view", "collect"})
+"""Nodes that launch nothing of their own (views, the graph's entry, a composite's fork; a stage's collected prefix
+tokens, a concatenation of a few tokens, is counted as free too)."""
 
 ELEMENTWISE_KINDS = frozenset({"add", "scale"})
 

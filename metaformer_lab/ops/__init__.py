@@ -17,6 +17,7 @@ from metaformer_lab.ops import (
     gpsa,
     heads,
     identity,
+    layer_class_attention,
     linear_attention,
     mbconv,
     mlp,
@@ -65,7 +66,8 @@ STEMS = Registry.of("stem", [stems.PATCHIFY, stems.CONV_STEM, stems.CONV_STACK, 
 DOWNSAMPLERS = Registry.of("downsampler", [downsamplers.CONV_DOWN, downsamplers.PATCH_MERGING,
                                            downsamplers.POOL_DOWN, cross_scale.CROSS_SCALE_DOWN,
                                            soft_split.SOFT_SPLIT_DOWN])
-HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD, heads.CONV_MLP_HEAD])
+HEADS = Registry.of("head", [heads.POOL_NORM_LINEAR, heads.CLASS_TOKEN, heads.MLP_HEAD, heads.CONV_MLP_HEAD,
+                             layer_class_attention.LAYER_CLASS_ATTENTION])
 POSITIONS = Registry.of("position embedding", [position.LEARNED_POS, position.SINUSOIDAL_POS, position.PEG])
 
 REGISTRIES: dict[str, Registry] = {

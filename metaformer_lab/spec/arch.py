@@ -191,6 +191,9 @@ class StageSpec(SpecModel):
     layout: StageLayout = Field("maps", description="maps: (B, C, H, W); tokens: channels last")
     prefix_tokens: Annotated[int, Field(ge=0, le=16)] = Field(0, description="class/distillation tokens added here")
     pos_embed: PosEmbedSpec | None = None
+    collect_prefix: bool = Field(False, description="the stage's output carries the prefix tokens of each of its "
+                                                    "blocks, in order (depth x P of them, before the last block's "
+                                                    "grid tokens): CeiT's layer-wise class-token attention head")
     norm: NormSpec | None = Field(None, description="norm after the last block")
 
     def block_at(self, index: int) -> BlockSpec:
