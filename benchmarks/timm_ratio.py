@@ -87,7 +87,9 @@ def measure(name: str, seconds: float, *, compiled: bool = False) -> dict[str, A
 def _table(rows: list[dict[str, Any]], compiled: bool = False) -> Table:
     title = f"ours / timm, CPU 1 thread, batch 1 (medians; p10 in brackets){', torch.compile' if compiled else ''}"
     table = Table(title=title, title_justify="left")
-    for column in ("model", "timm ms", "ours ms", "deploy ms", "eager ratio", "deploy ratio", "max |Δ|", "noisy"):
+    columns = ("model", "timm ms", "ours ms", "deploy ms", "ours ratio" if compiled else "eager ratio", "deploy ratio",
+               "max |Δ| (eager)" if compiled else "max |Δ|", "noisy")
+    for column in columns:
         table.add_column(column, justify="left" if column == "model" else "right")
     for row in rows:
         timed, diffs = row["compiled"] if compiled else row, row["max_abs_diff_vs_timm"]
