@@ -253,6 +253,12 @@ class MlpHeadSpec(OpSpec):
     hidden_norm: NormSpec | None = Field(default_factory=LayerNormSpec)
     drop: Prob = 0.0
     bias: bool = True
+    pre_logits: Literal["pooled", "hidden"] = Field(
+        "pooled", description="what pre_logits (and the head with no classes) gives: pooled and normed, before the "
+                              "MLP (timm's MetaFormer), or the hidden layer's output (timm's NormMlpClassifierHead: "
+                              "MaxViT)")
+
+    key_optional = frozenset({"pre_logits"})
 
 
 class MlpHead(Head):
@@ -260,9 +266,9 @@ class MlpHead(Head):
     reset builds the MLP again (fresh weights, as timm's MetaFormer does)."""
 
     def __init__(self, pool: GlobalPool, norm: nn.Module, fc1: nn.Module, act: nn.Module, hidden_norm: nn.Module,
-                 drop: float, fc2: nn.Module) -> None:
+                 drop: float, fc2: nn.Module, hidden_pre_logits: bool = False) -> None:
         super().__init__()
-        self.pool, self.norm = pool, norm
+        self.pool, self.norm, self.hidden_pre_logits = pool, norm, hidden_pre_logits
         self.fc1, self.act, self.hidden_norm, self.drop, self.fc2 = fc1, act, hidden_norm, nn.Dropout(drop), fc2
         # what a reset rebuilds the MLP from: hidden width, bias, activation, hidden norm (not submodules)
         self._mlp = (fc1.out_features, fc1.bias is not None, act, hidden_norm) if isinstance(fc1, nn.Linear) else None
@@ -271,14 +277,23 @@ class MlpHead(Head):
     def classifier(self) -> nn.Module | tuple[nn.Module, ...]:
         return self.fc2
 
-    def pre_logits(self, x: Tensor) -> Tensor:  # timm's MetaFormer: pooled and normed, before the MLP
-        return self.norm(self.pool(x))
+    def hidden(self, x: Tensor) -> Tensor:  # any layout -> (B, hidden)
+        return self.drop(self.hidden_norm(self.act(self.fc1(self.norm(self.pool(x))))))
+
+    def pre_logits(self, x: Tensor) -> Tensor:
+        if self.hidden_pre_logits:  # timm's NormMlpClassifierHead: after the hidden layer
+            return self.hidden(x)
+        return self.norm(self.pool(x))  # timm's MetaFormer: pooled and normed, before the MLP
 
     def reset(self, num_classes: int, global_pool: str | None = None, *, in_features: int,
               device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         import copy
 
         self._set_pool(self.pool, global_pool)
+        if self.hidden_pre_logits and self._mlp is not None:  # the hidden layer stays, as timm's does
+            hidden, bias = self._mlp[0], self._mlp[1]
+            self.fc2 = self._linear(hidden, num_classes, bias, device, dtype) if num_classes else nn.Identity()
+            return
         if not num_classes or self._mlp is None:
             self.fc1, self.act, self.hidden_norm, self.fc2 = nn.Identity(), nn.Identity(), nn.Identity(), nn.Identity()
             if num_classes:  # nothing to rebuild the MLP from: a Linear classifier
@@ -295,26 +310,29 @@ class MlpHead(Head):
         self.fc2 = self._linear(hidden, num_classes, bias, device, dtype)
 
     def forward(self, x: Tensor) -> Tensor:  # any layout -> (B, num_classes)
-        x = self.norm(self.pool(x))
-        return self.fc2(self.drop(self.hidden_norm(self.act(self.fc1(x)))))
+        return self.fc2(self.hidden(x))
 
 
 def _mlp_head_shape(spec: MlpHeadSpec, x: TensorType, num_classes: int) -> TensorType:
     pooled = _pooled_shape(x, spec.norm)
-    check_norm(spec.hidden_norm, pooled.with_channels(int(spec.ratio * x.channels)), "hidden_norm")
-    return pooled.with_channels(num_classes or pooled.channels)
+    hidden = int(spec.ratio * x.channels)
+    check_norm(spec.hidden_norm, pooled.with_channels(hidden), "hidden_norm")
+    features = hidden if spec.pre_logits == "hidden" else pooled.channels
+    return pooled.with_channels(num_classes or features)
 
 
 def _build_mlp_head(spec: MlpHeadSpec, r: Resolved) -> nn.Module:
     x, num_classes = r.in_type, r.out_dim
-    pooled = _mlp_head_shape(spec, x, 0)
+    pooled = _pooled_shape(x, spec.norm)
     norm = build_norm(spec.norm, pooled)
-    if not num_classes:
+    keep_hidden = spec.pre_logits == "hidden"
+    if not num_classes and not keep_hidden:
         return PoolNormLinear(GlobalPool(spec.pool, x), norm, 0.0, nn.Identity())
     hidden = int(spec.ratio * x.channels)
+    fc2 = nn.Linear(hidden, num_classes, bias=spec.bias) if num_classes else nn.Identity()
     return MlpHead(GlobalPool(spec.pool, x), norm, nn.Linear(x.channels, hidden, bias=spec.bias), make_act(spec.act),
-                   build_norm(spec.hidden_norm, pooled.with_channels(hidden)), spec.drop,
-                   nn.Linear(hidden, num_classes, bias=spec.bias))
+                   build_norm(spec.hidden_norm, pooled.with_channels(hidden)), spec.drop, fc2,
+                   hidden_pre_logits=keep_hidden)
 
 
 POOL_NORM_LINEAR = OpDef(PoolNormLinearSpec, _pool_norm_linear_shape, _build_pool_norm_linear,
@@ -327,7 +345,11 @@ CLASS_TOKEN = OpDef(ClassTokenSpec, _class_token_shape, _build_class_token,
                                                          _PREFIXED, 10, id="distilled")))
 MLP_HEAD = OpDef(MlpHeadSpec, _mlp_head_shape, _build_mlp_head,
                  cases=(Case({}, _MAPS, 10), Case({"ratio": 2.0, "act": "gelu"}, _TOKENS, 10, id="tokens"),
-                        Case({}, _MAPS, 0, id="features")))
+                        Case({}, _MAPS, 0, id="features"),
+                        Case({"ratio": 1.0, "act": "tanh", "hidden_norm": None, "pre_logits": "hidden"}, _MAPS, 10,
+                             id="maxvit"),
+                        Case({"ratio": 2.0, "act": "tanh", "hidden_norm": None, "pre_logits": "hidden"}, _MAPS, 0,
+                             id="maxvit-features")))
 
 
 class ConvMlpHeadSpec(OpSpec):

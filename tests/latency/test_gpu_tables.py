@@ -124,15 +124,18 @@ TRUTH = Efficiency(compute={"matmul": 0.61, "conv": 0.47, "dwconv": 0.19, "atten
 @pytest.mark.slow
 def test_the_fit_recovers_the_factors_of_a_table_the_estimator_synthesised(tmp_path: Path) -> None:
     """Step times made by the estimator at known factors on an H100 datasheet, every zoo model that is a timm
-    model at 224 px, batches 1 to 1024 (launch-, memory- and compute-bound rows), written as a timm table:
-    `latency calibrate --from-table` (with a weak pull towards the defaults) finds every factor that governs
+    model at its own input size, batches 1 to 1024 (launch-, memory- and compute-bound rows), written as a timm
+    table: `latency calibrate --from-table` (with a weak pull towards the defaults) finds every factor that governs
     at least 0.5 % of the time within 2 %, and reproduces the step times."""
     from metaformer_lab.latency.gpu_calibrate import _zoo_by_timm
+    from metaformer_lab.spec.load import read_spec
 
     gpu = gpu_spec("h100")
     store = RecordStore()
     batches = (1, 4, 16, 64, 256, 1024)
-    rows = [TableRow(i + 2, name, 224, batches[i % len(batches)], 1.0) for i, name in enumerate(sorted(_zoo_by_timm()))]
+    zoo = _zoo_by_timm()
+    rows = [TableRow(i + 2, name, read_spec(zoo[name][0]).input.hw[0], batches[i % len(batches)], 1.0)
+            for i, name in enumerate(sorted(zoo))]
     assert len(rows) >= 50
     points = [Point(r, _zoo_by_timm()[r.model][0], "", gpu.name) for r in rows]
     kernels = [store.get(p, "float16") for p in points]
