@@ -215,6 +215,13 @@ def layout_change_problem(src: TensorType, dst: Layout) -> str | None:
     return None
 
 
+def pointwise(layout: Layout, in_channels: int, out_channels: int, bias: bool = True) -> nn.Module:
+    """A per-position channel projection in ``layout``: a 1x1 conv on maps (B, C, H, W), a Linear on tokens."""
+    if layout == "maps":
+        return nn.Conv2d(in_channels, out_channels, 1, bias=bias)
+    return nn.Linear(in_channels, out_channels, bias=bias)
+
+
 def channel_dim(layout: Layout) -> int:
     return 1 if layout == "maps" else -1
 

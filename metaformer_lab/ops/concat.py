@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, CompositeDef, Folding, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import OpSpec, PosInt, channel_dim
+from metaformer_lab.ops.common import OpSpec, PosInt, channel_dim, pointwise
 
 if TYPE_CHECKING:  # the union is defined in metaformer_lab.spec, which resolves this forward ref
     from metaformer_lab.spec.arch import TokenMixerSpec
@@ -85,9 +85,7 @@ def concat_proj(spec: ConcatSpec, x: TensorType) -> tuple[nn.Module, TensorType]
     joined = x.with_channels(sum(concat_widths(spec, x.channels)))
     if not spec.proj:
         return nn.Identity(), joined
-    if x.layout == "maps":
-        return nn.Conv2d(joined.channels, x.channels, 1), joined
-    return nn.Linear(joined.channels, x.channels), joined
+    return pointwise(x.layout, joined.channels, x.channels), joined
 
 
 def _build_concat(spec: ConcatSpec, r: Resolved, children: list[nn.Module]) -> Concat:

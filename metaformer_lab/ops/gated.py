@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, CompositeDef, Folding, Resolved
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import Act, OpSpec, make_act
+from metaformer_lab.ops.common import Act, OpSpec, make_act, pointwise
 
 if TYPE_CHECKING:  # the union is defined in metaformer_lab.spec, which resolves this forward ref
     from metaformer_lab.spec.arch import TokenMixerSpec
@@ -47,7 +47,7 @@ def gated_proj(spec: GatedSpec, x: TensorType) -> nn.Module:
     """The projection after the product, for output type ``x`` (``nn.Identity`` without ``proj``)."""
     if not spec.proj:
         return nn.Identity()
-    return nn.Conv2d(x.channels, x.channels, 1) if x.layout == "maps" else nn.Linear(x.channels, x.channels)
+    return pointwise(x.layout, x.channels, x.channels)
 
 
 def _build(spec: GatedSpec, r: Resolved, children: list[nn.Module]) -> Gated:
