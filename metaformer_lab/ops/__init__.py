@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from metaformer_lab.core.registry import Registry
 from metaformer_lab.ops import (
+    agent_attention,
     attention,
     class_attention,
     composite,
@@ -46,6 +47,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     attention.ATTENTION,
     window_attention.WINDOW_ATTENTION,
     sr_attention.SR_ATTENTION,
+    agent_attention.AGENT_ATTENTION,
     linear_attention.LINEAR_ATTENTION,
     talking_heads.TALKING_HEADS_ATTENTION,
     class_attention.CLASS_ATTENTION,

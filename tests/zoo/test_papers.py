@@ -38,6 +38,9 @@ AUTHORS_PARAMS = {
     "cswin_tiny": 22_320_552,  # github.com/microsoft/CSWin-Transformer models/cswin.py, CSWin_64_12211_tiny_224()
     "shunted_tiny": 11_553_576,  # github.com/OliverRensu/Shunted-Transformer SSA.py, shunted_t()
     "ceit_tiny": 6_356_904,  # github.com/coeusguo/ceit ceit_model.py, ceit_tiny_patch16_224()
+    "agent_pvt_tiny": 11_570_352,  # github.com/LeapLabTHU/Agent-Attention agent_transformer/models/agent_pvt.py,
+    # agent_pvt_tiny() with cfgs/agent_pvt_t.yaml (agent_num 9-16-49-49, attn_type AAAA, agent_sr_ratios 1111)
+    "agent_swin_tiny": 28_902_964,  # agent_swin.py, AgentSwinTransformer with cfgs/agent_swin_t.yaml
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
