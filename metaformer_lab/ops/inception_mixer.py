@@ -106,13 +106,15 @@ class InceptionMixer(nn.Module):
         self.conv_fuse = nn.Conv2d(fused_dim, fused_dim, 3, padding=1, groups=fused_dim, bias=False)
         self.proj = nn.Conv2d(fused_dim, dim, 1)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.fuse_residual = True  # the deploy form moves the residual into conv_fuse's centre tap
 
     def forward(self, x: Tensor) -> Tensor:
         if self.channels_last:
             x = x.permute(0, 3, 1, 2)  # (B, H, W, C) -> (B, C, H, W)
         hx, lx = x.split([self.high_dim, self.low_dim], dim=1)
         y = torch.cat([F.gelu(self.high_mixer(hx)), self.low_mixer(lx)], dim=1)  # (B, 2 * high + low, H, W)
-        y = self.proj_drop(self.proj(y + self.conv_fuse(y)))  # (B, C, H, W)
+        y = y + self.conv_fuse(y) if self.fuse_residual else self.conv_fuse(y)
+        y = self.proj_drop(self.proj(y))  # (B, C, H, W)
         return y.permute(0, 2, 3, 1) if self.channels_last else y
 
 
@@ -146,10 +148,20 @@ def _build_inception_mixer(spec: InceptionMixerSpec, r: Resolved) -> InceptionMi
 
 
 def fold_inception_mixer(module: nn.Module) -> Folding | None:
-    """proj writes the output; no layer reads the whole input (the branches take slices, two through pools)."""
-    if isinstance(module, InceptionMixer):
-        return Folding(reads=(), writes=module.proj)
-    return None
+    """proj writes the output; no layer reads the whole input (the branches take slices, two through pools). The
+    deploy form adds the fuse's residual to conv_fuse's centre tap: ``y + dw(y)`` is one depthwise conv."""
+    if not isinstance(module, InceptionMixer):
+        return None
+
+    def deploy() -> nn.Module:
+        if module.fuse_residual:
+            with torch.no_grad():
+                conv = module.conv_fuse
+                conv.weight[:, 0, conv.kernel_size[0] // 2, conv.kernel_size[1] // 2] += 1.0
+            module.fuse_residual = False
+        return module
+
+    return Folding(reads=(), writes=module.proj, deploy=deploy)
 
 
 INCEPTION_MIXER = around_prefix(OpDef(

@@ -11,6 +11,7 @@ import torch
 from helpers import build_op, max_diff, op_spec, perturbed
 from references.inception_mixer import reference
 
+import metaformer_lab as ml
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops import TOKEN_MIXERS
@@ -46,6 +47,18 @@ def test_inception_mixer_passes_prefix_tokens_around_it() -> None:
         grid = reference(module.op, inputs[:, 1:].unflatten(1, (4, 4))).flatten(1, 2)
     assert torch.equal(out[:, :1], inputs[:, :1])
     assert max_diff(out[:, 1:], grid) <= TOL
+
+
+@pytest.mark.parametrize("kernel", [3, 5])
+def test_the_deploy_form_moves_the_fuse_residual_into_the_depthwise_conv(kernel: int) -> None:
+    x = TensorType("tokens", 16, 4, 4)
+    module = perturbed(build_op(TOKEN_MIXERS, "inception_mixer", {"head_dim": 4, "attention_heads": 2,
+                                                                  "pool_size": 2, "kernel": kernel}, x))
+    deployed = ml.deploy(module)
+    inputs = torch.randn(x.shape(2))
+    assert module.fuse_residual and not deployed.fuse_residual
+    with torch.no_grad():
+        assert max_diff(deployed(inputs), reference(module, inputs)) <= TOL
 
 
 def test_inception_mixer_has_the_authors_parameter_names_and_shapes() -> None:
