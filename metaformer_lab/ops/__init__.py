@@ -18,6 +18,7 @@ from metaformer_lab.ops import (
     gpsa,
     heads,
     identity,
+    inception_mixer,
     layer_class_attention,
     linear_attention,
     mbconv,
@@ -60,6 +61,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     composite.SPLIT,
     gated.GATED,
     concat.CONCAT,
+    inception_mixer.INCEPTION_MIXER,
 ])
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)
