@@ -42,6 +42,7 @@ AUTHORS_PARAMS = {
     # agent_pvt_tiny() with cfgs/agent_pvt_t.yaml (agent_num 9-16-49-49, attn_type AAAA, agent_sr_ratios 1111)
     "agent_swin_tiny": 28_902_964,  # agent_swin.py, AgentSwinTransformer with cfgs/agent_swin_t.yaml
     "iformer_small": 19_866_344,  # github.com/sail-sg/iFormer models/inception_transformer.py, iformer_small()
+    "smt_tiny": 11_506_536,  # github.com/AFeng-x/SMT models/smt.py, smt_t()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
