@@ -43,6 +43,7 @@ AUTHORS_PARAMS = {
     "agent_swin_tiny": 28_902_964,  # agent_swin.py, AgentSwinTransformer with cfgs/agent_swin_t.yaml
     "iformer_small": 19_866_344,  # github.com/sail-sg/iFormer models/inception_transformer.py, iformer_small()
     "smt_tiny": 11_506_536,  # github.com/AFeng-x/SMT models/smt.py, smt_t()
+    "dilateformer_tiny": 17_238_744,  # github.com/JIAOJIAYUASD/dilateformer models/dilateformer.py, dilateformer_tiny()
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
