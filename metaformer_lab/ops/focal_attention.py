@@ -167,10 +167,9 @@ class FocalAttention(nn.Module):
             ring = fine.shape[1] - area
             self.relative_position_bias_table_to_neighbors = nn.Parameter(torch.zeros(1, num_heads, area, ring))
             trunc_normal_(self.relative_position_bias_table_to_neighbors, std=0.02)
-        self.register_buffer("fine_index", fine, persistent=False)
         self.relative_position_bias_table_to_windows = nn.ParameterList()
         self.pool_layers = nn.ModuleList()
-        masks = []
+        masks, indices, start = [], [fine], grid[0] * grid[1]
         for level in range(1, focal_level):  # the spec's few focal levels
             s, keys = sub_window(window, level), region(focal_window, level)
             table = nn.Parameter(torch.zeros(num_heads, (window + keys - 1) ** 2))
@@ -178,7 +177,8 @@ class FocalAttention(nn.Module):
             self.relative_position_bias_table_to_windows.append(table)
             self.register_buffer(f"relative_position_index_{level - 1}", relative_index(window, keys), persistent=False)
             index, inside = pooled_index(grid, window, focal_window, level)
-            self.register_buffer(f"pooled_index_{level - 1}", index, persistent=False)
+            indices.append(torch.where(inside, index + start, -1))  # -1: the zero row after every level's map
+            start += pooled_grid(grid, window, level)[0] * pooled_grid(grid, window, level)[1]
             masks.append(torch.zeros(inside.shape).masked_fill(~inside, MASKED))
             if pool == "fc":
                 self.pool_layers.append(nn.Linear(s * s, 1))
@@ -186,6 +186,7 @@ class FocalAttention(nn.Module):
                 nn.init.zeros_(self.pool_layers[-1].bias)
             elif pool == "conv":
                 self.pool_layers.append(nn.Conv2d(dim, dim, kernel_size=s, stride=s, groups=dim))
+        self.register_buffer("key_index", torch.cat(indices, dim=1) % (start + 1), persistent=False)  # (nW, keys)
         outside = focal_level > 1 and focal_window > 1  # a pooled key falls outside the map: the unfold pads
         mask = torch.cat([torch.zeros(fine.shape), *masks], dim=1) if outside else None  # (nW, keys)
         self.register_buffer("attn_mask", None if mask is None else mask[:, None, None, :], persistent=False)
@@ -223,14 +224,14 @@ class FocalAttention(nn.Module):
         qkv = self.qkv(x)  # (B, H, W, 3 * inner)
         q = qkv[..., :inner].unflatten(2, (W // w, w)).unflatten(1, (H // w, w))  # (B, nh, w, nw, w, inner)
         q = q.permute(0, 1, 3, 2, 4, 5).reshape(-1, w * w, heads, d).transpose(1, 2)  # (B*nW, heads, w*w, d)
-        kv = [qkv[..., inner:].flatten(1, 2)[:, self.fine_index]]  # (B, nW, w*w + ring, 2 * inner)
+        kv = [qkv[..., inner:].flatten(1, 2)]  # (B, H*W, 2 * inner)
         for level in range(1, self.focal_level):  # the spec's few focal levels
             pooled = self._pooled(x, level).flatten(1, 2)  # (B, nh*nw, C)
             bias = None if self.qkv.bias is None else self.qkv.bias[inner:]
-            kv_pooled = F.linear(pooled, self.qkv.weight[inner:], bias)  # k and v only (theirs computes q too)
-            kv_pooled = F.pad(kv_pooled, (0, 0, 0, 1))  # a zero key and value for the places outside the map
-            kv.append(kv_pooled[:, getattr(self, f"pooled_index_{level - 1}")])  # (B, nW, r*r, 2 * inner)
-        kv_all = torch.cat(kv, dim=2).flatten(0, 1).unflatten(-1, (2, heads, d))  # (B*nW, N, 2, heads, d)
+            kv.append(F.linear(pooled, self.qkv.weight[inner:], bias))  # k and v only (theirs computes q too)
+        kv.append(qkv.new_zeros(B, 1, 2 * inner))  # the zero key and value of pooled places outside the map
+        kv_all = torch.cat(kv, dim=1)[:, self.key_index]  # (B, nW, keys, 2 * inner): one gather for all levels
+        kv_all = kv_all.flatten(0, 1).unflatten(-1, (2, heads, d))  # (B*nW, keys, 2, heads, d)
         k, v = kv_all.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B*nW, heads, N, d)
         y = attend(q, k, v, bias=self._bias(B), drop=self.attn_drop, fused=self.fused)  # (B*nW, heads, w*w, d)
         y = y.transpose(1, 2).clone(memory_format=torch.contiguous_format)  # (B*nW, w*w, heads, d): WindowAttention's
