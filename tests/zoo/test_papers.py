@@ -38,6 +38,8 @@ AUTHORS_PARAMS = {
     "cswin_tiny": 22_320_552,  # github.com/microsoft/CSWin-Transformer models/cswin.py, CSWin_64_12211_tiny_224()
     "shunted_tiny": 11_553_576,  # github.com/OliverRensu/Shunted-Transformer SSA.py, shunted_t()
     "ceit_tiny": 6_356_904,  # github.com/coeusguo/ceit ceit_model.py, ceit_tiny_patch16_224()
+    "focal_tiny": 28_880_380,  # github.com/microsoft/Focal-Transformer classification/focal_transformer.py,
+    # FocalTransformer with configs/focal_tiny_patch4_window7_224.yaml (focal_levels 2, expand_sizes 3, pool fc)
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
