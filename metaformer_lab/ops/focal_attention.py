@@ -43,7 +43,8 @@ class FocalAttentionSpec(GridOpSpec):
     window: PosInt = Field(7, description="query window side w; must divide H and W")
     expand: NonNegInt = Field(3, description=(
         "expand_size e: the ring of fine keys around each window (the authors' four rolled windows, cyclic at the "
-        "map's border); 0: the window alone; less than the window, and 0 where the window covers the map"))
+        "map's border); 0: the window alone; less than the window, and 0 where the window spans the map's height "
+        "or width"))
     focal_level: int = Field(2, ge=1, le=MAX_FOCAL_LEVEL, description=(
         "levels, the fine one included: level k >= 1 adds the pooled sub-windows (side w // 2^(k-1)) around each "
         "window"))
@@ -251,9 +252,10 @@ def focal_attention_shape(spec: FocalAttentionSpec, x: TensorType,
         raise ShapeIssue("window", f"{spec.window} does not divide the {x.height}x{x.width} feature map")
     if spec.expand >= spec.window:
         raise ShapeIssue("expand", f"{spec.expand} must be less than the window ({spec.window})")
-    if spec.expand and (x.height, x.width) == (spec.window, spec.window):
-        raise ShapeIssue("expand", f"the {spec.window}x{spec.window} window covers the whole map, so the ring would "
-                                   "wrap around onto the window itself; set expand: 0 (as the authors do there)")
+    if spec.expand and spec.window in (x.height, x.width):
+        side = "height" if spec.window == x.height else "width"
+        raise ShapeIssue("expand", f"the window spans the {x.height}x{x.width} map's whole {side}, so the ring would "
+                                   "wrap around onto the window's own tokens; set expand: 0 (as the authors do there)")
     if spec.window < 2 ** (spec.focal_level - 2):
         raise ShapeIssue("focal_level", f"level {spec.focal_level} pools sub-windows of window // "
                                         f"{2 ** (spec.focal_level - 2)} tokens, less than one in a {spec.window}-wide "

@@ -66,9 +66,9 @@ def test_focal_attention_has_the_authors_parameter_names_and_shapes() -> None:
 @pytest.mark.parametrize(("config", "x", "field", "message"), [
     ({"window": 3}, TensorType("tokens", 16, 4, 6), "window", "3 does not divide the 4x6 feature map"),
     ({"window": 2, "expand": 2}, TensorType("tokens", 16, 4, 4), "expand", "2 must be less than the window (2)"),
-    ({"window": 4, "expand": 1}, TensorType("tokens", 16, 4, 4), "expand",
-     "the 4x4 window covers the whole map, so the ring would wrap around onto the window itself; set expand: 0 (as "
-     "the authors do there)"),
+    ({"window": 4, "expand": 1}, TensorType("tokens", 16, 8, 4), "expand",
+     "the window spans the 8x4 map's whole width, so the ring would wrap around onto the window's own tokens; set "
+     "expand: 0 (as the authors do there)"),
     ({"window": 2, "expand": 1, "focal_level": 4}, TensorType("tokens", 16, 4, 4), "focal_level",
      "level 4 pools sub-windows of window // 4 tokens, less than one in a 2-wide window"),
     ({"window": 2, "expand": 1}, TensorType("maps", 16, 4, 4), None, "tokens"),
