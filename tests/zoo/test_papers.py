@@ -44,6 +44,8 @@ AUTHORS_PARAMS = {
     "iformer_small": 19_866_344,  # github.com/sail-sg/iFormer models/inception_transformer.py, iformer_small()
     "smt_tiny": 11_506_536,  # github.com/AFeng-x/SMT models/smt.py, smt_t()
     "dilateformer_tiny": 17_238_744,  # github.com/JIAOJIAYUASD/dilateformer models/dilateformer.py, dilateformer_tiny()
+    "focal_tiny": 28_880_380,  # github.com/microsoft/Focal-Transformer classification/focal_transformer.py,
+    # FocalTransformer with configs/focal_tiny_patch4_window7_224.yaml (focal_levels 2, expand_sizes 3, pool fc)
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
