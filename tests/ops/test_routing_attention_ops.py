@@ -87,3 +87,36 @@ def test_routing_attention_refusals_name_the_field(config: dict[str, Any], x: Te
     with pytest.raises(ShapeIssue) as err:
         TOKEN_MIXERS.get("routing_attention").resolve(spec, x)
     assert (err.value.field, err.value.message) == (field, message)
+
+
+@pytest.mark.parametrize("layout", ["tokens", "maps"])
+def test_attention_with_a_conv_of_its_input_is_biformers_last_stage(layout: str) -> None:
+    """BiFormer's stage 4 (topk -2: the authors' AttentionLePE) is global attention plus a depthwise conv of the
+    attention's input (not of its values), added before the projection: ``attention`` with ``local_conv_input``."""
+    x = TensorType(layout, 16, 3, 4)  # type: ignore[arg-type]
+    module = perturbed(build_op(TOKEN_MIXERS, "attention", {"num_heads": 2, "local_conv": 5,
+                                                            "local_conv_input": True}, x))
+    inputs = torch.randn(x.shape(2))
+    tokens = inputs.flatten(2).transpose(1, 2) if layout == "maps" else inputs.flatten(1, 2)  # (B, N, C)
+    B, N, C = tokens.shape
+    q, k, v = (tokens @ module.qkv.weight.T).reshape(B, N, 3, 2, C // 2).permute(2, 0, 3, 1, 4)
+    attn = ((q @ k.transpose(-2, -1)) * (C // 2) ** -0.5).softmax(-1)
+    grid = tokens.transpose(1, 2).reshape(B, C, 3, 4)
+    conv = module.local_conv
+    lepe = torch.nn.functional.conv2d(grid, conv.weight, conv.bias, padding=2, groups=C).flatten(2).transpose(1, 2)
+    expected = ((attn @ v).transpose(1, 2).reshape(B, N, C) + lepe) @ module.proj.weight.T + module.proj.bias
+    expected = expected.transpose(1, 2).reshape(B, C, 3, 4) if layout == "maps" else expected.reshape(B, 3, 4, C)
+    with torch.no_grad():
+        assert max_diff(module(inputs), expected) <= TOL
+
+
+@pytest.mark.parametrize(("config", "message"), [
+    ({"local_conv_input": True}, "says what the local conv reads; set local_conv"),
+    ({"local_conv": 3, "local_conv_input": True, "attn_ratio": 0.5},
+     "the conv of the 16-wide input is added to the 8-wide values"),
+], ids=["no-conv", "narrow-values"])
+def test_attention_local_conv_input_refusals(config: dict[str, Any], message: str) -> None:
+    spec = op_spec(TOKEN_MIXERS, "attention", {"num_heads": 2, **config})
+    with pytest.raises(ShapeIssue) as err:
+        TOKEN_MIXERS.get("attention").resolve(spec, TensorType("tokens", 16, 2, 2))
+    assert (err.value.field, err.value.message) == ("local_conv_input", message)
