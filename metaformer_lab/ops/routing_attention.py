@@ -22,8 +22,7 @@ from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, head_dim_field, resolve_heads
 from metaformer_lab.ops.common import OddKernel, PosInt, require_layout, require_no_prefix
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
-
-ScaleWidth = Literal["inner", "head"]
+from metaformer_lab.ops.sr_attention import ScaleWidth
 
 
 class RoutingAttentionSpec(GridOpSpec):
