@@ -131,6 +131,9 @@ class AttentionSpec(HeadsSpec):
     local_conv: OddKernel | None = Field(
         None, description="kernel of a depthwise conv of the value map, added to the attention output (LePE: "
                           "BiFormer, Agent attention); no prefix tokens; null: none")
+    local_conv_input: bool = Field(
+        False, description="the local conv reads the op's input instead of the values (BiFormer's AttentionLePE, "
+                           "its last stage); the values' width must be the input's")
     reattention: bool = Field(
         False, description="DeepViT's re-attention: the softmaxed maps mixed across heads by a learned 1x1 conv "
                            "(heads x heads, with bias), then a BatchNorm over the heads; needs fused: false")
@@ -138,7 +141,7 @@ class AttentionSpec(HeadsSpec):
         False, description="re-attention's maps times head_dim^-0.5 after the BatchNorm (DeepViT's "
                            "transform_scale, on in its DeepViT-S and -L)")
 
-    key_optional = frozenset({"local_conv", "reattention", "reattention_scale"})
+    key_optional = frozenset({"local_conv", "local_conv_input", "reattention", "reattention_scale"})
 
 
 def offset_index(grid: tuple[int, int]) -> Tensor:
@@ -165,7 +168,7 @@ class Attention(SequenceMixer):
                  value_dim: int | None = None, qkv_layout: QkvLayout = "qkv_heads",
                  bias_grid: tuple[int, int] | None = None, local_conv: int | None = None,
                  grid: tuple[int, int] | None = None, out_dim: int | None = None,
-                 reattention: bool = False, reattention_scale: float = 1.0) -> None:
+                 reattention: bool = False, reattention_scale: float = 1.0, local_conv_input: bool = False) -> None:
         super().__init__(maps)
         self.num_heads, self.head_dim = num_heads, head_dim
         self.value_dim = head_dim if value_dim is None else value_dim
@@ -178,7 +181,7 @@ class Attention(SequenceMixer):
         self.proj = nn.Linear(num_heads * self.value_dim, out_dim or dim, bias=proj_bias)
         self.proj_drop = nn.Dropout(proj_drop)
         values = num_heads * self.value_dim
-        self.grid = grid
+        self.grid, self.local_conv_input = grid, local_conv_input
         self.local_conv = None if local_conv is None else nn.Conv2d(values, values, local_conv,
                                                                     padding=local_conv // 2, groups=values)
         if bias_grid is not None:
@@ -226,9 +229,11 @@ class Attention(SequenceMixer):
             bias = self.attention_biases[:, self.attention_bias_idxs]  # (heads, N, N)
         post = self.reattend if self.reatten_matrix is not None else None
         y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused, scale_order=self.scale_order, post=post)
-        if self.local_conv is not None and self.grid is not None:
+        if self.local_conv is not None and self.grid is not None and not self.local_conv_input:
             y = y + conv_on_heads(self.local_conv, v, self.grid)  # LePE: (B, heads, N, dv)
         y = y.transpose(1, 2).flatten(2)  # (B, heads, N, dv) -> (B, N, heads*dv)
+        if self.local_conv is not None and self.grid is not None and self.local_conv_input:
+            y = y + self.local_conv(x.transpose(1, 2).unflatten(2, self.grid)).flatten(2).transpose(1, 2)  # (B, N, C)
         return self.proj_drop(self.proj(y))
 
 
@@ -241,6 +246,11 @@ def attention_shape(spec: AttentionSpec, x: TensorType, out_dim: int | None) -> 
     for field in ("attention_bias", "local_conv"):
         if getattr(spec, field) and x.prefix:
             raise ShapeIssue(field, f"needs the token grid only, but the input has {x.prefix} prefix token(s)")
+    if spec.local_conv_input and spec.local_conv is None:
+        raise ShapeIssue("local_conv_input", "says what the local conv reads; set local_conv")
+    if spec.local_conv_input and num_heads * int(spec.attn_ratio * head_dim) != x.channels:
+        raise ShapeIssue("local_conv_input", f"the conv of the {x.channels}-wide input is added to the "
+                                             f"{num_heads * int(spec.attn_ratio * head_dim)}-wide values")
     if spec.reattention_scale and not spec.reattention:
         raise ShapeIssue("reattention_scale", "scales re-attention's maps; set reattention: true")
     if spec.reattention and spec.fused:
@@ -258,7 +268,8 @@ def _build_attention(spec: AttentionSpec, r: Resolved) -> Attention:
                      maps=x.layout == "maps", value_dim=int(spec.attn_ratio * head_dim), qkv_layout=spec.qkv_layout,
                      bias_grid=x.grid if spec.attention_bias else None, local_conv=spec.local_conv, grid=x.grid,
                      out_dim=r.out_type.channels, reattention=spec.reattention,
-                     reattention_scale=head_dim**-0.5 if spec.reattention_scale else 1.0)
+                     reattention_scale=head_dim**-0.5 if spec.reattention_scale else 1.0,
+                     local_conv_input=spec.local_conv_input)
 
 
 def fold_attention(module: nn.Module) -> Folding | None:
@@ -266,6 +277,8 @@ def fold_attention(module: nn.Module) -> Folding | None:
     scale after it into proj; re-attention's BatchNorm folds into its head-mixing conv."""
     if not isinstance(module, Attention):
         return None
+    if module.local_conv_input:  # the padded conv reads the input too
+        return Folding(reads=(), writes=module.proj)
     if module.reatten_matrix is None:
         return Folding(reads=(module.qkv,), writes=module.proj)
     return Folding(reads=(module.qkv,), writes=module.proj,
@@ -291,6 +304,10 @@ ATTENTION = OpDef(
              id="narrow-values-fused"),
         Case({"num_heads": 2, "attn_ratio": 2.0, "local_conv": 3}, TensorType("maps", 16, 3, 4), id="lepe"),
         Case({"head_dim": 8, "local_conv": 5, "fused": False}, TensorType("tokens", 16, 4, 4), id="lepe-tokens"),
+        Case({"num_heads": 2, "local_conv": 3, "local_conv_input": True, "fused": False},
+             TensorType("tokens", 16, 3, 4), id="lepe-input"),
+        Case({"head_dim": 8, "local_conv": 5, "local_conv_input": True}, TensorType("maps", 16, 4, 4),
+             id="lepe-input-maps"),
         Case({"num_heads": 4, "reattention": True, "fused": False, "scale_order": "after", "attn_drop": 0.1},
              TensorType("tokens", 16, 3, 3, prefix=1), id="reattention"),
         Case({"head_dim": 4, "reattention": True, "reattention_scale": True, "fused": False},

@@ -48,17 +48,24 @@ def test_examples_use_every_token_mixer_family() -> None:
 def test_shipped_block_builds_in_a_small_network(name: str) -> None:
     block: dict = {"base": name}
     shipped = ml.spec.read_spec(_probe({"base": name})).stages[0].block[0]
-    small = {"token_mixer": {"window": 4}}  # windows that fit the probe's 8x8 grid
     if shipped.steps is not None:
-        block["steps"] = {k: small for k, step in shipped.steps.items() if _windowed(step.token_mixer)}
+        block["steps"] = {k: _small(step.token_mixer) for k, step in shipped.steps.items()
+                          if _windowed(step.token_mixer)}
     elif _windowed(shipped.token_mixer):
-        block.update(small)
+        block.update(_small(shipped.token_mixer))
     net = ml.build(_probe(block)).eval()
     assert net(torch.randn(1, 3, 32, 32)).shape == (1, 3)
 
 
 def _windowed(mixer: object) -> bool:
-    return getattr(mixer, "type", None) == "window_attention"
+    return getattr(mixer, "type", None) in ("window_attention", "routing_attention")
+
+
+def _small(mixer: object) -> dict:
+    """Windows (or routing regions) that fit the probe's 8x8 grid."""
+    if getattr(mixer, "type", None) == "routing_attention":
+        return {"token_mixer": {"regions": 4, "topk": 4}}
+    return {"token_mixer": {"window": 4}}
 
 
 def _probe(block: dict) -> dict:
