@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from metaformer_lab.core.registry import Registry
 from metaformer_lab.ops import (
+    aggregated_attention,
     attention,
     class_attention,
     composite,
@@ -58,6 +59,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     composite.SPLIT,
     gated.GATED,
     concat.CONCAT,
+    aggregated_attention.AGGREGATED_ATTENTION,
 ])
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)
