@@ -38,6 +38,8 @@ AUTHORS_PARAMS = {
     "cswin_tiny": 22_320_552,  # github.com/microsoft/CSWin-Transformer models/cswin.py, CSWin_64_12211_tiny_224()
     "shunted_tiny": 11_553_576,  # github.com/OliverRensu/Shunted-Transformer SSA.py, shunted_t()
     "ceit_tiny": 6_356_904,  # github.com/coeusguo/ceit ceit_model.py, ceit_tiny_patch16_224()
+    "transnext_micro": 12_809_304,  # github.com/DaiShiResearch/TransNeXt classification/transnext.py,
+    # transnext_micro() (with classification/attention_native.py)
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
