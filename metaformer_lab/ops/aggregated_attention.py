@@ -184,8 +184,8 @@ class AggregatedAttention(nn.Module):
         drop = self.attn_drop.p if self.training else 0.0
         if self.pool_size is None:  # the authors' Attention: every token a key
             q, k, v = self._heads(self.qkv(tokens), 3).chunk(3, dim=1)  # 3 x (B, heads, N, d)
-            q = (F.normalize(q, dim=-1) + self.query_embedding) * scale
-            y = F.scaled_dot_product_attention(q, F.normalize(k, dim=-1), v, attn_mask=self.position_bias(),
+            q = ((F.normalize(q, dim=-1) + self.query_embedding) * scale).to(v.dtype)  # fp32 scale under autocast
+            y = F.scaled_dot_product_attention(q, F.normalize(k, dim=-1), v, attn_mask=self.position_bias().to(v.dtype),
                                                dropout_p=drop, scale=1.0)
             return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, H, W, -1)))
         q_norm = F.normalize(self._heads(self.q(tokens)), dim=-1)  # (B, heads, N, d)
@@ -194,7 +194,8 @@ class AggregatedAttention(nn.Module):
         k_pool, v_pool = self._heads(self.kv(self.norm(pooled)), 2).chunk(2, dim=1)  # 2 x (B, heads, P, d)
         k_pool = F.normalize(k_pool, dim=-1)
         if self.window is None:
-            y = F.scaled_dot_product_attention(q, k_pool, v_pool, attn_mask=self.position_bias(), dropout_p=drop,
+            y = F.scaled_dot_product_attention(q.to(v_pool.dtype), k_pool, v_pool,
+                                               attn_mask=self.position_bias().to(v_pool.dtype), dropout_p=drop,
                                                scale=1.0)
             return self.proj_drop(self.proj(y.transpose(1, 2).reshape(B, H, W, -1)))
         # Keys along dim 2, queries last: the unfolded neighbourhoods are used where they lie, without a copy.

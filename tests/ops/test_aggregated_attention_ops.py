@@ -187,3 +187,15 @@ def test_the_position_bias_is_kept_at_inference_until_the_mlp_changes() -> None:
         assert max_diff(before, module(x)) > 0
     assert module.position_bias().requires_grad  # with autograd: computed, never kept
     assert module._bias_cache is None
+
+
+@pytest.mark.parametrize(("config", "x_type"), [_OPTIONS[0], _OPTIONS[3], _OPTIONS[4]],
+                         ids=["aggregated", "pooled-only", "global"])
+def test_runs_under_autocast_and_in_bfloat16(config: dict[str, Any], x_type: TensorType) -> None:
+    module = perturbed(build_op(TOKEN_MIXERS, TAG, config, x_type))
+    x = torch.randn(x_type.shape(2))
+    with torch.no_grad():
+        y = module(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            assert max_diff(module(x).float(), y) < 0.05
+        assert max_diff(module.to(torch.bfloat16)(x.bfloat16()).float(), y) < 0.05
