@@ -6,6 +6,7 @@ from __future__ import annotations
 from metaformer_lab.core.registry import Registry
 from metaformer_lab.ops import (
     agent_attention,
+    aggregated_attention,
     attention,
     class_attention,
     composite,
@@ -70,6 +71,7 @@ TOKEN_MIXERS = Registry.of("token mixer", [
     gated.GATED,
     concat.CONCAT,
     inception_mixer.INCEPTION_MIXER,
+    aggregated_attention.AGGREGATED_ATTENTION,
 ])
 CHANNEL_MIXERS = Registry.of("channel mixer", [mlp.MLP, mlp.CONV_FFN, mlp.GLU, mbconv.MBCONV])
 NORMS = Registry.of("norm", norms.NORM_DEFS)

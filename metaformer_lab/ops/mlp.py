@@ -1,4 +1,4 @@
-"""Channel mixers: MLP/FFN, ConvFFN (PVTv2) and the GLU family (GLU, SwiGLU, GEGLU)."""
+"""Channel mixers: MLP/FFN, ConvFFN (PVTv2) and the GLU family (GLU, SwiGLU, GEGLU, TransNeXt's ConvGLU)."""
 
 from __future__ import annotations
 
@@ -18,8 +18,10 @@ from metaformer_lab.ops.common import (
     Prob,
     Ratio,
     act_layer,
+    channel_dim,
     join_prefix,
     make_act,
+    pointwise,
     require_grid,
     require_groups,
     require_layout,
@@ -101,6 +103,8 @@ def fold_mlp(module: nn.Module) -> Folding | None:
 
         writes = module.fc2 if isinstance(module.norm2, nn.Identity) else None
         return Folding(reads=(module.fc1,), writes=writes, deploy=deploy)
+    if isinstance(module, ConvGlu):
+        return Folding(reads=(module.fc1,), writes=module.fc2)
     if isinstance(module, ConvFfn):
         return Folding(reads=(module.fc1,), writes=module.fc2 if isinstance(module.out_norm, nn.Identity) else None)
     return None
@@ -213,7 +217,9 @@ CONV_FFN = around_prefix(OpDef(
 class GluSpec(OpSpec):
     """Gated linear unit FFN: ``fc2(a * act(g))`` with ``[a, g] = fc1(x)`` (timm ``GluMlp``).
 
-    ``act: sigmoid`` is GLU, ``silu`` SwiGLU, ``gelu`` GEGLU.
+    ``act: sigmoid`` is GLU, ``silu`` SwiGLU, ``gelu`` GEGLU. ``kernel`` adds a depthwise conv to the gate
+    (TransNeXt's ``ConvolutionalGLU``, Shi 2024): ``fc2(act(dwconv(g)) * a)`` with ``[g, a] = fc1(x)``, the gate
+    the first half then, as in the authors' code.
     """
 
     type: Literal["glu"] = "glu"
@@ -221,16 +227,57 @@ class GluSpec(OpSpec):
     act: Act = "silu"
     bias: bool = True
     drop: Prob = 0.0
+    kernel: OddKernel | None = Field(None, description="a depthwise kxk conv (with bias) on the gate before act, "
+                                                       "fc1's first half the gate (TransNeXt's ConvGLU: 3); prefix "
+                                                       "tokens skip the conv; null: none")
+
+    key_optional = frozenset({"kernel"})
+
+
+class ConvGlu(nn.Module):
+    """fc1 -> [gate, value] -> ``act(dwconv(gate)) * value`` -> drop -> fc2 -> drop, named as TransNeXt's
+    ``ConvolutionalGLU`` (its ``dwconv.dwconv`` is our ``dwconv``); prefix tokens skip the conv."""
+
+    def __init__(self, dim: int, hidden: int, spec: GluSpec, x: TensorType) -> None:
+        super().__init__()
+        kernel = spec.kernel or 1
+        self.maps, self.prefix, self.grid = x.layout == "maps", x.prefix, x.grid
+        self.fc1 = pointwise(x.layout, dim, 2 * hidden, bias=spec.bias)
+        self.dwconv = nn.Conv2d(hidden, hidden, kernel, padding=kernel // 2, groups=hidden)
+        self.act = make_act(spec.act)
+        self.drop = nn.Dropout(spec.drop)
+        self.fc2 = pointwise(x.layout, hidden, dim, bias=spec.bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, value = self.fc1(x).chunk(2, dim=channel_dim("maps" if self.maps else "tokens"))
+        if self.maps:
+            gate = self.dwconv(gate)  # (B, hidden, H, W)
+        else:
+            prefix, grid = split_prefix(gate, self.prefix, self.grid)  # grid: (B, H, W, hidden)
+            gate = join_prefix(prefix, self.dwconv(grid.permute(0, 3, 1, 2)).permute(0, 2, 3, 1))
+        return self.drop(self.fc2(self.drop(self.act(gate) * value)))
+
+
+def _glu_shape(spec: GluSpec, x: TensorType, out_dim: int | None) -> TensorType:
+    if spec.kernel is not None:
+        require_layout(x, "maps", "tokens", op="glu with a kernel")
+        require_grid(x, op="glu with a kernel")
+    return x
 
 
 def _build_glu(spec: GluSpec, r: Resolved) -> nn.Module:
     # timm's GluMlp splits fc1's output in two halves, so fc1 is twice the gated width.
     x = r.in_type
+    if spec.kernel is not None:
+        return ConvGlu(x.channels, int(spec.ratio * x.channels), spec, x)
     from timm.layers import GluMlp
     return GluMlp(x.channels, 2 * int(spec.ratio * x.channels), act_layer=act_layer(spec.act), bias=spec.bias,
                   drop=spec.drop, use_conv=x.layout == "maps")
 
 
-GLU = OpDef(GluSpec, _channelwise, _build_glu, preserves_type=True, fold=fold_mlp,
+GLU = OpDef(GluSpec, _glu_shape, _build_glu, preserves_type=True, fold=fold_mlp,
             cases=(Case({}, _TOKENS), Case({"act": "gelu", "bias": False}, _MAPS, id="geglu-maps"),
-                   Case({"act": "sigmoid"}, _PREFIXED, id="glu")))
+                   Case({"act": "sigmoid"}, _PREFIXED, id="glu"),
+                   Case({"act": "gelu", "kernel": 3, "ratio": 2.0}, _TOKENS, id="conv-glu"),
+                   Case({"act": "gelu", "kernel": 3, "bias": False}, _MAPS, id="conv-glu-maps"),
+                   Case({"act": "gelu", "kernel": 5}, _PREFIXED, id="conv-glu-prefixed")))

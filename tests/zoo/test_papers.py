@@ -47,6 +47,8 @@ AUTHORS_PARAMS = {
     "focal_tiny": 28_880_380,  # github.com/microsoft/Focal-Transformer classification/focal_transformer.py,
     # FocalTransformer with configs/focal_tiny_patch4_window7_224.yaml (focal_levels 2, expand_sizes 3, pool fc)
     "biformer_tiny": 13_142_760,  # github.com/rayleizhu/BiFormer models/biformer.py, biformer_tiny()
+    "transnext_micro": 12_809_304,  # github.com/DaiShiResearch/TransNeXt classification/transnext.py,
+    # transnext_micro() (with classification/attention_native.py)
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
