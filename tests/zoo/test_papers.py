@@ -38,6 +38,8 @@ AUTHORS_PARAMS = {
     "cswin_tiny": 22_320_552,  # github.com/microsoft/CSWin-Transformer models/cswin.py, CSWin_64_12211_tiny_224()
     "shunted_tiny": 11_553_576,  # github.com/OliverRensu/Shunted-Transformer SSA.py, shunted_t()
     "ceit_tiny": 6_356_904,  # github.com/coeusguo/ceit ceit_model.py, ceit_tiny_patch16_224()
+    "mvit_base_16": 36_982_600,  # github.com/facebookresearch/SlowFast slowfast/models/video_model_builder.py, MViT()
+    # with configs/ImageNet/MVIT_B_16_CONV.yaml
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
