@@ -54,6 +54,9 @@ class PoolingAttentionSpec(OpSpec):
     proj_drop: Prob = 0.0
     residual_pooling: bool = Field(False, description="add the pooled queries to the attention output of the grid "
                                                       "tokens (MViTv2's residual pooling connection)")
+    rel_pos: bool = Field(False, description="MViTv2's decomposed relative positions: q · rel_pos_h[dy] + q · "
+                                             "rel_pos_w[dx] added to the logits between grid tokens (tables of "
+                                             "2 max(q, kv side) - 1 rows per axis, head width columns)")
     fused: bool = Field(True, description="F.scaled_dot_product_attention; false: explicit softmax(q kᵀ)")
 
 
@@ -73,7 +76,8 @@ class PoolingAttention(nn.Module):
 
     def __init__(self, dim: int, num_heads: int, head_dim: int, kernel: int, q_stride: int, kv_stride: int,
                  mode: PoolMode, norms: tuple[nn.Module, nn.Module, nn.Module] | None, qkv_bias: bool, attn_drop: float,
-                 proj_drop: float, residual_pooling: bool, fused: bool, prefix: int, grid: tuple[int, int]) -> None:
+                 proj_drop: float, residual_pooling: bool, fused: bool, prefix: int, grid: tuple[int, int],
+                 rel_pos: bool = False) -> None:
         super().__init__()
         self.num_heads, self.head_dim, self.fused = num_heads, head_dim, fused
         self.prefix, self.grid, self.q_stride = prefix, grid, q_stride
@@ -91,6 +95,33 @@ class PoolingAttention(nn.Module):
         self.norm_k = norm_k if pools_kv else None
         self.pool_v = _pool(mode, head_dim, kernel, kv_stride) if pools_kv else None
         self.norm_v = norm_v if pools_kv else None
+        self.rel_pos_h: nn.Parameter | None = None
+        self.rel_pos_w: nn.Parameter | None = None
+        if rel_pos:
+            q_grid = (grid[0] // q_stride, grid[1] // q_stride)
+            kv_grid = (grid[0] // kv_stride, grid[1] // kv_stride)
+            self.rel_pos_h = nn.Parameter(torch.zeros(2 * max(q_grid[0], kv_grid[0]) - 1, head_dim))
+            self.rel_pos_w = nn.Parameter(torch.zeros(2 * max(q_grid[1], kv_grid[1]) - 1, head_dim))
+            self.register_buffer("dist_h", _distances(q_grid[0], kv_grid[0]), persistent=False)
+            self.register_buffer("dist_w", _distances(q_grid[1], kv_grid[1]), persistent=False)
+
+    def init_weights(self) -> None:
+        """MViTv2's truncated normal (std .02) relative position tables."""
+        for table in (self.rel_pos_h, self.rel_pos_w):
+            if table is not None:
+                nn.init.trunc_normal_(table, std=0.02)
+
+    def rel_pos_bias(self, q: Tensor, kv_tokens: int) -> Tensor:
+        """(B, heads, P + h*w, P + h'*w') logit bias of MViTv2's decomposed relative positions: for grid query
+        (i, j) and grid key (i', j'), q · rel_pos_h[dist_h[i, i']] + q · rel_pos_w[dist_w[j, j']]; zero where a
+        prefix token is involved."""
+        assert self.rel_pos_h is not None and self.rel_pos_w is not None
+        P, (qh, kh), (qw, kw) = self.prefix, self.dist_h.shape, self.dist_w.shape
+        r_q = q[:, :, P:].unflatten(2, (qh, qw))  # (B, heads, qh, qw, d)
+        rel_h = torch.einsum("bnhwc,hkc->bnhwk", r_q, self.rel_pos_h[self.dist_h])  # (B, heads, qh, qw, kh)
+        rel_w = torch.einsum("bnhwc,wkc->bnhwk", r_q, self.rel_pos_w[self.dist_w])  # (B, heads, qh, qw, kw)
+        bias = (rel_h[..., :, None] + rel_w[..., None, :]).flatten(4).flatten(2, 3)  # (B, heads, qh*qw, kh*kw)
+        return F.pad(bias, (kv_tokens - kh * kw, 0, P, 0)) if P else bias
 
     def pool(self, t: Tensor, pool: nn.Module | None, norm: nn.Module | None) -> Tensor:
         """(B, heads, P + H*W, d) -> (B, heads, P + h*w, d): the grid tokens pooled, the heads batched (one
@@ -110,13 +141,22 @@ class PoolingAttention(nn.Module):
         q = self.pool(q, self.pool_q, self.norm_q)  # (B, heads, P + h*w, d)
         k = self.pool(k, self.pool_k, self.norm_k)  # (B, heads, P + h'*w', d)
         v = self.pool(v, self.pool_v, self.norm_v)
-        y = attend(q, k, v, bias=None, drop=self.attn_drop, fused=self.fused)  # (B, heads, P + h*w, d)
+        bias = self.rel_pos_bias(q, k.shape[2]) if self.rel_pos_h is not None else None
+        y = attend(q, k, v, bias=bias, drop=self.attn_drop, fused=self.fused)  # (B, heads, P + h*w, d)
         if self.residual_pooling:  # MViTv2: the pooled queries added to the grid tokens' output
             y = y + (F.pad(q[:, :, self.prefix:], (0, 0, self.prefix, 0)) if self.prefix else q)
         y = self.proj_drop(self.proj(y.transpose(1, 2).flatten(2)))  # (B, P + h*w, C)
         if self.prefix:
             return y
         return y.unflatten(1, (self.grid[0] // self.q_stride, self.grid[1] // self.q_stride))
+
+
+def _distances(q_size: int, k_size: int) -> Tensor:
+    """(q_size, k_size) rows of the relative position table for each query and key position along one axis, the
+    coarser grid's positions scaled to the finer's (SlowFast's ``cal_rel_pos_spatial``)."""
+    q_ratio, k_ratio = max(k_size / q_size, 1.0), max(q_size / k_size, 1.0)
+    dist = torch.arange(q_size)[:, None] * q_ratio - torch.arange(k_size)[None, :] * k_ratio
+    return (dist + (k_size - 1) * k_ratio).long()
 
 
 def pooling_attention_shape(spec: PoolingAttentionSpec, x: TensorType,
@@ -146,7 +186,7 @@ def _build_pooling_attention(spec: PoolingAttentionSpec, r: Resolved) -> Pooling
                             q_stride=spec.q_stride, kv_stride=spec.kv_stride, mode=spec.mode, norms=norms,
                             qkv_bias=spec.qkv_bias, attn_drop=spec.attn_drop, proj_drop=spec.proj_drop,
                             residual_pooling=spec.residual_pooling, fused=spec.fused, prefix=x.prefix,
-                            grid=x.grid)
+                            grid=x.grid, rel_pos=spec.rel_pos)
 
 
 def fold_pooling_attention(module: nn.Module) -> Folding | None:
@@ -174,5 +214,9 @@ POOLING_ATTENTION = OpDef(
         Case({"num_heads": 2, "q_stride": 2, "kv_stride": 2, "residual_pooling": True},
              TensorType("tokens", 16, 4, 4, prefix=1), id="residual-pooling"),
         Case({"num_heads": 2, "kernel": 1}, TensorType("tokens", 16, 3, 3), id="no-pooling"),
+        Case({"num_heads": 2, "q_stride": 2, "kv_stride": 4, "residual_pooling": True, "rel_pos": True},
+             TensorType("tokens", 16, 4, 8, prefix=1), id="mvitv2"),
+        Case({"num_heads": 2, "kv_stride": 2, "rel_pos": True, "fused": False}, TensorType("tokens", 16, 4, 2),
+             id="rel-pos"),
     ),
 )

@@ -32,6 +32,11 @@ _OPTIONS = [
      TensorType("tokens", 16, 4, 4, prefix=1)),
     ({"num_heads": 2, "q_stride": 2, "residual_pooling": True, "fused": False}, TensorType("tokens", 16, 4, 4)),
     ({"num_heads": 2, "kernel": 1}, TensorType("tokens", 16, 3, 3, prefix=1)),
+    ({"num_heads": 2, "q_stride": 2, "kv_stride": 4, "rel_pos": True, "residual_pooling": True},
+     TensorType("tokens", 16, 4, 8, prefix=1)),
+    ({"num_heads": 2, "kv_stride": 2, "rel_pos": True, "fused": False}, TensorType("tokens", 16, 4, 2)),
+    ({"num_heads": 2, "q_stride": 2, "rel_pos": True}, TensorType("tokens", 16, 4, 4, prefix=2)),
+    ({"num_heads": 2, "kernel": 1, "rel_pos": True}, TensorType("tokens", 16, 3, 3)),
 ]
 
 

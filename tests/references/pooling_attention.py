@@ -54,6 +54,19 @@ def _pool(module, t: Tensor, pool, norm) -> Tensor:
     return t
 
 
+def _rel_pos(module, q: Tensor, n: int, m: int, q_grid: tuple[int, int], k_grid: tuple[int, int]) -> Tensor:
+    """MViTv2's relative position term of query n and key m (one head's q: (d,)); zero for a prefix token."""
+    P = module.prefix
+    if module.rel_pos_h is None or n < P or m < P:
+        return torch.zeros(())
+    (i, j), (a, b) = divmod(n - P, q_grid[1]), divmod(m - P, k_grid[1])
+    rows = []
+    for qi, ki, qs, ks in ((i, a, q_grid[0], k_grid[0]), (j, b, q_grid[1], k_grid[1])):
+        q_ratio, k_ratio = max(ks / qs, 1.0), max(qs / ks, 1.0)
+        rows.append(int(qi * q_ratio - ki * k_ratio + (ks - 1) * k_ratio))
+    return q @ module.rel_pos_h[rows[0]] + q @ module.rel_pos_w[rows[1]]
+
+
 def reference(module, x: Tensor) -> Tensor:
     """The op's output for ``x`` ((B, P + H*W, C), or (B, H, W, C) without prefix tokens)."""
     P, heads, d = module.prefix, module.num_heads, module.head_dim
@@ -65,12 +78,17 @@ def reference(module, x: Tensor) -> Tensor:
         q = _pool(module, q, module.pool_q, module.norm_q)
         k = _pool(module, k, module.pool_k, module.norm_k)
         v = _pool(module, v, module.pool_v, module.norm_v)
+        H, W = module.grid
+        q_grid = (H // module.q_stride, W // module.q_stride)
+        side = round(((k.shape[1] - P) * H / W) ** 0.5)  # the pooled key grid keeps the input's aspect
+        k_grid = (side, (k.shape[1] - P) // side)
         rows = []
         for n in range(q.shape[1]):
             per_head = []
             for head in range(heads):
-                weights = torch.softmax(torch.stack([q[head, n] @ k[head, m] for m in range(k.shape[1])]) * d**-0.5,
-                                        dim=0)
+                logits = [q[head, n] @ k[head, m] * d**-0.5 + _rel_pos(module, q[head, n], n, m, q_grid, k_grid)
+                          for m in range(k.shape[1])]
+                weights = torch.softmax(torch.stack(logits), dim=0)
                 y = (weights[:, None] * v[head]).sum(0)
                 if module.residual_pooling and n >= P:
                     y = y + q[head, n]
