@@ -15,6 +15,7 @@ from metaformer_lab.ops.common import (
     DwGroups,
     OddKernel,
     OpSpec,
+    PosInt,
     Prob,
     Ratio,
     act_layer,
@@ -53,41 +54,51 @@ class MlpSpec(OpSpec):
     drop: Prob = 0.0
     hidden_norm: NormSpec | None = Field(None, description="norm right after fc1, before the activation")
     out_norm: NormSpec | None = Field(None, description="norm after fc2")
+    out_dim: PosInt | None = Field(None, description="output width; null: the input width (another width needs a "
+                                                     "branch without a residual: a step with residual: false)")
+    proj: bool = Field(False, description="adds a Linear (1x1 conv on maps) of the input at the output width: "
+                                          "fc2(act(fc1(x))) + proj(x) (MViT's proj of the normed input where a "
+                                          "block widens, in a step with residual: false)")
+
+    key_optional = frozenset({"out_dim", "proj"})
 
 
 class MlpWithNorms(nn.Module):
     """fc1 -> norm1 -> act -> drop -> fc2 -> norm2 -> drop, named as timm ``efficientformer.ConvMlpWithNorm`` (the
-    spec's ``hidden_norm`` and ``out_norm``)."""
+    spec's ``hidden_norm`` and ``out_norm``); plus ``proj(x)`` when it has one (MViT's widening ``proj``)."""
 
     def __init__(self, fc1: nn.Module, hidden_norm: nn.Module, act: nn.Module, drop: float, fc2: nn.Module,
-                 out_norm: nn.Module) -> None:
+                 out_norm: nn.Module, proj: nn.Module | None = None) -> None:
         super().__init__()
         self.fc1, self.norm1, self.act, self.drop = fc1, hidden_norm, act, nn.Dropout(drop)
         self.fc2, self.norm2 = fc2, out_norm
+        self.proj = proj
 
-    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or (B, ..., C) -> same
-        x = self.drop(self.act(self.norm1(self.fc1(x))))
-        return self.drop(self.norm2(self.fc2(x)))
+    def forward(self, x: Tensor) -> Tensor:  # (B, C, H, W) or (B, ..., C) -> same, at the output width
+        y = self.drop(self.act(self.norm1(self.fc1(x))))
+        y = self.drop(self.norm2(self.fc2(y)))
+        return y if self.proj is None else y + self.proj(x)
 
 
 def _mlp_shape(spec: MlpSpec, x: TensorType, out_dim: int | None) -> TensorType:
+    out = x.with_channels(spec.out_dim or x.channels)
     check_norm(spec.hidden_norm, x.with_channels(int(spec.ratio * x.channels)), "hidden_norm")
-    check_norm(spec.out_norm, x, "out_norm")
-    return x
+    check_norm(spec.out_norm, out, "out_norm")
+    return out
 
 
 def _build_mlp(spec: MlpSpec, r: Resolved) -> nn.Module:
-    x = r.in_type
+    x, out = r.in_type, r.out_type.channels
     hidden = int(spec.ratio * x.channels)
-    if spec.hidden_norm is None and spec.out_norm is None:
+    if spec.hidden_norm is None and spec.out_norm is None and not spec.proj:
         from timm.layers import Mlp
-        return Mlp(x.channels, hidden, act_layer=act_layer(spec.act), bias=spec.bias, drop=spec.drop,
+        return Mlp(x.channels, hidden, out, act_layer=act_layer(spec.act), bias=spec.bias, drop=spec.drop,
                    use_conv=x.layout == "maps")
-    maps = x.layout == "maps"
-    fc1 = nn.Conv2d(x.channels, hidden, 1, bias=spec.bias) if maps else nn.Linear(x.channels, hidden, bias=spec.bias)
-    fc2 = nn.Conv2d(hidden, x.channels, 1, bias=spec.bias) if maps else nn.Linear(hidden, x.channels, bias=spec.bias)
+    fc1 = pointwise(x.layout, x.channels, hidden, spec.bias)
+    fc2 = pointwise(x.layout, hidden, out, spec.bias)
+    proj = pointwise(x.layout, x.channels, out) if spec.proj else None
     return MlpWithNorms(fc1, build_norm(spec.hidden_norm, x.with_channels(hidden)), make_act(spec.act), spec.drop,
-                        fc2, build_norm(spec.out_norm, x))
+                        fc2, build_norm(spec.out_norm, r.out_type), proj)
 
 
 def fold_mlp(module: nn.Module) -> Folding | None:
@@ -101,6 +112,8 @@ def fold_mlp(module: nn.Module) -> Folding | None:
         def deploy() -> nn.Module:
             return fold_parts(fold_parts(module, ("fc1", "norm1")), ("fc2", "norm2"))
 
+        if module.proj is not None:  # the input feeds proj too, and the output is a sum
+            return Folding(reads=(module.fc1, module.proj), deploy=deploy)
         writes = module.fc2 if isinstance(module.norm2, nn.Identity) else None
         return Folding(reads=(module.fc1,), writes=writes, deploy=deploy)
     if isinstance(module, ConvGlu):
@@ -115,7 +128,10 @@ MLP = OpDef(MlpSpec, _mlp_shape, _build_mlp, preserves_type=True, fold=fold_mlp,
                    Case({"ratio": 2.0}, _PREFIXED, id="prefixed"), Case({}, _VECTOR, id="vector"),
                    Case({"hidden_norm": {"type": "batchnorm"}, "out_norm": {"type": "batchnorm"}}, _MAPS,
                         id="efficientformer-bn"),
-                   Case({"hidden_norm": {"type": "layernorm"}, "act": "star_relu"}, _PREFIXED, id="hidden-ln")))
+                   Case({"hidden_norm": {"type": "layernorm"}, "act": "star_relu"}, _PREFIXED, id="hidden-ln"),
+                   Case({"out_dim": 16}, _TOKENS, id="wider"),
+                   Case({"out_dim": 16, "proj": True}, _PREFIXED, id="mvit-proj"),
+                   Case({"ratio": 2.0, "out_dim": 12, "proj": True}, _MAPS, id="proj-maps")))
 
 
 class ConvFfnSpec(GridOpSpec):

@@ -49,6 +49,8 @@ AUTHORS_PARAMS = {
     "biformer_tiny": 13_142_760,  # github.com/rayleizhu/BiFormer models/biformer.py, biformer_tiny()
     "transnext_micro": 12_809_304,  # github.com/DaiShiResearch/TransNeXt classification/transnext.py,
     # transnext_micro() (with classification/attention_native.py)
+    "mvit_base_16": 36_982_600,  # github.com/facebookresearch/SlowFast slowfast/models/video_model_builder.py, MViT()
+    # with configs/ImageNet/MVIT_B_16_CONV.yaml
 }
 PAPERS = sorted(n for n, m in catalog().items() if not m.fixed_point)
 runner = CliRunner()
