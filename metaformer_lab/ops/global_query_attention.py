@@ -50,13 +50,20 @@ class GlobalQueryAttentionSpec(GridOpSpec):
     fused: bool = Field(True, description="F.scaled_dot_product_attention; false: explicit softmax(q kᵀ)")
     generator: Literal["block", "stage"] = Field("block", description=(
         "block: the op's own query generator, on its own input; stage: one generator per stage, run once on the "
-        "stage's input, its queries shared by the stage's ops with generator: stage (GC-ViT)"))
+        "stage's input, its queries shared by the stage's ops with generator: stage (GC-ViT; a block's own token "
+        "mixer: inside a composite the op keeps its own)"))
 
     def stage_shared_params(self, r: Resolved) -> int:
         """Parameter elements that the stage's blocks share (the generator, counted once per stage)."""
         if self.generator != "stage":
             return 0
         return generator_params(r.in_type.channels, r["levels"])
+
+    def stage_context_key(self, r: Resolved) -> str | None:
+        """What the stage's one generator must be for this op (the stage's ops must agree), None: no stage context."""
+        if self.generator != "stage":
+            return None
+        return f"(a query generator of width {r.in_type.channels}, {r['levels']} levels)"
 
     def stage_shared_flops(self, r: Resolved) -> int:
         """FLOPs at batch 1 that the stage runs once for its blocks (the generator)."""
@@ -197,6 +204,9 @@ def global_query_attention_shape(spec: GlobalQueryAttentionSpec, x: TensorType,
     require_layout(x, "tokens", op="global_query_attention")
     require_no_prefix(x, op="global_query_attention")
     out = x if out_dim is None else x.with_channels(out_dim)
+    if spec.generator == "stage" and spec.prefix is not None:
+        raise ShapeIssue("generator", "stage reads the stage's grid; with prefix tokens routed around the op "
+                                      "(prefix), use generator: block")
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, x.channels)
     if num_heads * head_dim != x.channels:
         raise ShapeIssue("head_dim", f"the queries are the input's {x.channels} channels split into heads; "

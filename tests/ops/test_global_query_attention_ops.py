@@ -69,7 +69,9 @@ def test_matches_timm_gcvit_global_attention(fused: bool, grid: int, window: int
     ({"window": 2, "num_heads": 3}, TensorType("tokens", 16, 4, 4), "num_heads", "3 does not divide dim 16"),
     ({"window": 2}, TensorType("maps", 16, 4, 4), "", "tokens"),
     ({"window": 2}, TensorType("tokens", 16, 4, 4, prefix=1), "", "prefix"),
-], ids=["window", "too-many-levels", "non-square", "inner-width", "heads", "maps", "prefix"])
+    ({"window": 2, "num_heads": 2, "generator": "stage", "prefix": "pass"}, TensorType("tokens", 16, 4, 4, prefix=1),
+     "generator", "use generator: block"),
+], ids=["window", "too-many-levels", "non-square", "inner-width", "heads", "maps", "prefix", "stage-prefix"])
 def test_shape_rule_refusals(config: dict, x: TensorType, field: str, message: str) -> None:
     opdef = TOKEN_MIXERS.get("global_query_attention")
     with pytest.raises(ShapeIssue) as info:
@@ -115,3 +117,38 @@ def test_generator_params_and_flops_match_the_module() -> None:
         assert generator_params(dim, levels) == sum(p.numel() for p in generator.parameters())
         flops, _ = count_flops(lambda g=generator, s=size, d=dim: g(torch.zeros(1, s, s, d)))
         assert generator_flops(dim, (size, size), levels) == flops
+
+
+def test_gradient_checkpointing_and_feature_taps_hand_the_stage_context_on() -> None:
+    path = next(p for p in EXAMPLES if p.stem == "tiny_global_query_attention")
+    net = perturbed(ml.build(str(path))).train()
+    x = torch.randn(2, 3, 32, 32)
+    torch.manual_seed(0)
+    plain = net(x)
+    plain.sum().backward()
+    grads = {k: p.grad.clone() for k, p in net.named_parameters()}
+    assert grads["stages.1.global_block.blocks.conv1.conv_dw.weight"].abs().sum() > 0
+    net.zero_grad()
+    net.set_grad_checkpointing(True)
+    torch.manual_seed(0)
+    checkpointed = net(x)
+    checkpointed.sum().backward()
+    assert max_diff(plain, checkpointed) == 0
+    assert all(max_diff(p.grad, grads[k]) == 0 for k, p in net.named_parameters())
+    net.eval()
+    net.set_feature_modules(["stages.1.blocks.3"])  # a block tap: the stage runs block by block
+    with torch.no_grad():
+        tap = net.forward_intermediates(x, stop_early=True, intermediates_only=True)[0]  # (B, C, H, W)
+        expected = net.stages[1](net.stages[0](net.stem(x)))  # (B, H, W, C); the stage has no norm
+    assert max_diff(tap, expected.permute(0, 3, 1, 2)) == 0
+
+
+def test_a_stage_refuses_two_different_generators() -> None:
+    spec = ml.load_spec(str(next(p for p in EXAMPLES if p.stem == "tiny_global_query_attention"))).model_dump()
+    blocks = spec["stages"][0]["block"]
+    spec["stages"][0]["block"] = [blocks[1], {**blocks[1], "token_mixer": {**blocks[1]["token_mixer"], "window": 4}}]
+    with pytest.raises(ml.SpecError, match=r"stages\[0\]\.block\[1\]\.token_mixer: its stage context \(a query "
+                                           r"generator of width 16, 1 levels\) differs from \(a query generator of "
+                                           r"width 16, 2 levels\) of stages\[0\]\.block\[0\]\.token_mixer; a stage "
+                                           r"has one"):
+        ml.to_graph(spec)
