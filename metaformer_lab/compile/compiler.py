@@ -42,7 +42,8 @@ class _Compiler:
                      layout=self.module(plan.layout), prefix=self.module(plan.prefix),
                      pos_embed=self.module(plan.pos_embed), pos_after=plan.pos_after, blocks=blocks,
                      norm=self.module(plan.norm),
-                     collect=self.g.nodes[plan.collect]["in_type"].prefix if plan.collect else 0)
+                     collect=self.g.nodes[plan.collect]["in_type"].prefix if plan.collect else 0,
+                     context=hoist_stage_context(blocks))
 
     def network(self) -> Network:
         plan = self.g.plan
@@ -65,6 +66,28 @@ def tie_in_stage(blocks: list[Block]) -> None:
             for name in getattr(module, "shared_in_stage", ()):
                 param = getattr(module, name)
                 setattr(module, name, first.setdefault((path, name, tuple(param.shape)), param))
+
+
+def hoist_stage_context(blocks: list[Block]) -> tuple[str, nn.Module] | None:
+    """A block part (not a branch inside a composite) whose module names a submodule in ``stage_context`` (GC-ViT's
+    query generator, ``global_query_attention`` with ``generator: stage``) gives it up to the stage: the first
+    one's becomes the stage's (its name kept), run once on the stage's input, and its output is every such part's
+    ``context`` (:class:`~metaformer_lab.compile.network.Block`); the others' are dropped. The cost model counts it
+    once per stage (the op's ``stage_shared_params``). Returns (name, module), or None."""
+    found: tuple[str, nn.Module] | None = None
+    for block in blocks:
+        for module in block.children():
+            name = getattr(module, "stage_context", None)
+            if not name:
+                continue
+            own = getattr(module, name)
+            if found is None:
+                found = (name, own)
+            elif found[0] != name or [p.shape for p in found[1].parameters()] != [p.shape for p in own.parameters()]:
+                raise ValueError(f"the stage's parts with a stage context give different {name} modules; a stage "
+                                 "has one")
+            setattr(module, name, None)
+    return found
 
 
 def initialize(net: nn.Module) -> None:

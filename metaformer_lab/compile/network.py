@@ -47,6 +47,8 @@ class Block(nn.Module):
             self.add_module(name, module)
         self.branches = branches
         self.prefix = prefix  # P, the number of prefix tokens (used by prefix-only branches)
+        # parts that read the stage's context (GC-ViT's global queries): module(x, context)
+        self.context_parts = frozenset(n for n, m in parts.items() if getattr(m, "stage_context", None))
         from timm.layers import DropPath
 
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
@@ -57,12 +59,16 @@ class Block(nn.Module):
         through unchanged, so the block yields no new feature map."""
         return bool(self.branches) and all(b.writes_prefix and b.residual for b in self.branches)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        """``context``: the stage's context (:meth:`Stage.context_of`), for the parts that read it."""
         x = self.layout_in(x)
         for parts, shortcut, reads_prefix, writes_prefix, residual, drop_path in self.branches:
             h = x[:, : self.prefix] if reads_prefix else x  # (B, P, C) prefix tokens, or all of x
             for name in parts:
-                h = self._modules[name](h)  # type: ignore[misc]
+                if name in self.context_parts:
+                    h = self._modules[name](h, context)  # type: ignore[misc]
+                else:
+                    h = self._modules[name](h)  # type: ignore[misc]
             if not residual:
                 x = h
                 continue
@@ -78,13 +84,19 @@ class Stage(nn.Module):
     """``downsample -> layout -> prefix -> [pos] -> blocks (pos after block k) -> [collect] -> norm``.
 
     ``collect`` (P > 0, ``StageSpec.collect_prefix``): the output is every block's P prefix tokens, in block order,
-    then the last block's grid tokens (CeiT's layer-wise class-token attention reads them)."""
+    then the last block's grid tokens (CeiT's layer-wise class-token attention reads them).
+
+    ``context`` (name, module), from the blocks' parts (:func:`~metaformer_lab.compile.compiler.hoist_stage_context`):
+    run once on the blocks' input, its output handed to every block (GC-ViT's global query generator)."""
 
     def __init__(self, *, downsample_layout: nn.Module, downsample: nn.Module, layout: nn.Module, prefix: nn.Module,
                  pos_embed: nn.Module, pos_after: int, blocks: list[nn.Module], norm: nn.Module,
-                 collect: int = 0) -> None:
+                 collect: int = 0, context: tuple[str, nn.Module] | None = None) -> None:
         super().__init__()
         self.downsample_layout, self.downsample = downsample_layout, downsample
+        self.context_name = None if context is None else context[0]
+        if context is not None:
+            self.add_module(*context)
         self.layout, self.prefix = layout, prefix
         self.pos_embed, self.pos_after = pos_embed, pos_after
         self.blocks = nn.Sequential(*blocks)
@@ -100,17 +112,21 @@ class Stage(nn.Module):
         x = self.prefix(self.layout(self.downsample(self.downsample_layout(x))))
         return self.pos_embed(x) if self.pos_after < 0 else x
 
+    def context_of(self, x: Tensor) -> Tensor | None:
+        """The stage's context for the blocks' input ``x`` (forward_pre's output), or None without one."""
+        return None if self.context_name is None else self._modules[self.context_name](x)  # type: ignore[misc]
+
     def forward_block(self, j: int, x: Tensor, *, checkpointed: bool = False,
-                      taps: list[Tensor] | None = None) -> Tensor:
+                      taps: list[Tensor] | None = None, context: Tensor | None = None) -> Tensor:
         """Block ``j`` (recomputed in the backward pass when ``checkpointed``), then a position embedding placed
-        after it; a collecting stage appends the block's prefix tokens to ``taps``."""
+        after it; a collecting stage appends the block's prefix tokens to ``taps``. ``context``: the stage's."""
         block = self.blocks[j]
         if checkpointed:
             from torch.utils.checkpoint import checkpoint
 
-            x = checkpoint(block, x, use_reentrant=False)
+            x = checkpoint(block, x, context, use_reentrant=False)
         else:
-            x = block(x)
+            x = block(x, context) if context is not None else block(x)
         if self.collect and taps is not None:
             taps.append(x[:, : self.collect])  # (B, P, C)
         return self.pos_embed(x) if j == self.pos_after else x
@@ -123,9 +139,10 @@ class Stage(nn.Module):
     def forward_body(self, x: Tensor, *, checkpointed: bool = False) -> Tensor:
         """``forward`` without the stage's closing norm."""
         x = self.forward_pre(x)
+        context = self.context_of(x)
         taps: list[Tensor] = []
         for j in range(len(self.blocks)):
-            x = self.forward_block(j, x, checkpointed=checkpointed, taps=taps)
+            x = self.forward_block(j, x, checkpointed=checkpointed, taps=taps, context=context)
         return self.gather(x, taps)
 
 

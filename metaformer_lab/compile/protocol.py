@@ -225,10 +225,11 @@ class TimmProtocol(nn.Module):
             stop = last[1] if stop_early and last[0] == i else None
             if blocks or stop is not None:
                 x = stage.forward_pre(x)
+                context = stage.context_of(x)
                 collected: list[Tensor] = []  # a collecting stage's prefix tokens of each block
                 block_kind = kind.with_prefix(stage.collect) if stage.collect else kind
                 for j in range(len(stage.blocks)):
-                    x = stage.forward_block(j, x, checkpointed=checkpointed, taps=collected)
+                    x = stage.forward_block(j, x, checkpointed=checkpointed, taps=collected, context=context)
                     if j in blocks:
                         out.append(self._format(final(x) if norm else x, block_kind, output_fmt, in_hw))
                     if j == stop:

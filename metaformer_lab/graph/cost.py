@@ -192,14 +192,16 @@ def _cached_node_cost(graph: ArchGraph, name: str, batch: int, dtype_bytes: int)
     return cost
 
 
-def stage_shared_surplus(graph: ArchGraph) -> dict[str, int]:
+def stage_shared_surplus(graph: ArchGraph, what: str = "params") -> dict[str, int]:
     """Per node, the parameter elements it counts as its own but shares with an earlier block of its stage (a block
     part whose spec has ``stage_shared_params``: CMT's position bias tables), as the compiler ties them
-    (:func:`metaformer_lab.compile.compiler.tie_in_stage`): one per stage, part name and size."""
+    (:func:`metaformer_lab.compile.compiler.tie_in_stage`): one per stage, part name and size. ``what="flops"``:
+    the FLOPs (at batch 1) of what the stage runs once for all its blocks (``stage_shared_flops``: GC-ViT's query
+    generator, :func:`metaformer_lab.compile.compiler.hoist_stage_context`)."""
     seen: set[tuple[Any, ...]] = set()
     surplus: dict[str, int] = {}
     for name, node in graph.nodes(data=True):
-        shared = getattr(node.get("spec"), "stage_shared_params", None)
+        shared = getattr(node.get("spec"), f"stage_shared_{what}", None)
         if node["kind"] not in LEAF_KINDS or shared is None or node["inside"] is not None or node["stage"] is None:
             continue
         count = shared(node["resolved"])
@@ -226,5 +228,7 @@ def graph_cost(graph: ArchGraph, batch: int = 1, dtype_bytes: int = 4) -> Cost:
     parts.pop("input", None)
     for name, count in stage_shared_surplus(graph).items():
         parts[graph.nodes[name]["group"]][0] -= count
+    for name, count in stage_shared_surplus(graph, "flops").items():
+        parts[graph.nodes[name]["group"]][1] -= count * batch
     totals = [sum(v[i] for v in parts.values()) for i in range(3)]
     return Cost(totals[0], totals[1], totals[2], {k: NodeCost(*v) for k, v in parts.items()})

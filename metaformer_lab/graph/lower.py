@@ -267,11 +267,29 @@ class _Lowering:
                 and t.channels != stage.dim:
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels its blocks "
                                                     "give"))
+        self.stage_context(i)
         if stage.collect_prefix:
             x = added("collect", self.collect(name, path, block_outs), x)
         x = added("norm", self.norm(f"{name}.norm", stage.norm, f"{path}.norm", x), x)
         pos_after = -1 if pos is None or pos.after_block is None else pos.after_block
         return StagePlan(**slots, pos_after=pos_after, blocks=tuple(blocks), end=x)
+
+    def stage_context(self, i: int) -> None:
+        """The stage's block parts that give their stage its context (``stage_context_key``: GC-ViT's query generator)
+        must give the same one: the stage runs one (:func:`metaformer_lab.compile.compiler.hoist_stage_context`)."""
+        first: tuple[Any, str] | None = None
+        for _, node in self.g.nodes(data=True):
+            key_of = getattr(node.get("spec"), "stage_context_key", None)
+            if node["stage"] != i or node["inside"] is not None or key_of is None or node.get("resolved") is None:
+                continue
+            key = key_of(node["resolved"])
+            if key is None:
+                continue
+            if first is None:
+                first = (key, node["path"])
+            elif key != first[0]:
+                self.issues.append(Issue(node["path"], f"its stage context {key} differs from {first[0]} of "
+                                                       f"{first[1]}; a stage has one"))
 
     def prefix(self, name: str, path: str, stage: StageSpec, x: str) -> str:
         t = self.out(x)

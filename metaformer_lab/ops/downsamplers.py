@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Literal
 
 import torch
@@ -14,6 +15,7 @@ from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, Groups, KernelInt, make_act, require_layout, require_no_prefix
 from metaformer_lab.ops.folds import fold_parts
+from metaformer_lab.ops.global_query_attention import MbConvResidual
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 from metaformer_lab.ops.stems import ConvEmbed, default_padding, fold_conv_embed, strided_conv_shape
@@ -38,8 +40,11 @@ class ConvDownSpec(GridOpSpec):
     deformable: bool = Field(False, description="a deformable conv (DCNv1; LITv2's DTM): each kernel tap samples the "
                                                 "input, bilinearly, at an offset predicted by an offset conv of the "
                                                 "same kernel and stride (2 k² channels, zero at init); groups 1")
+    fused_mbconv: bool = Field(False, description="a residual fused-MBConv block on the input width between "
+                                                  "norm_before and the conv (GC-ViT's Downsample2d: timm "
+                                                  "gcvit.MbConvBlock, then the conv as its reduction)")
 
-    key_optional = frozenset({"groups", "act", "deformable"})
+    key_optional = frozenset({"groups", "act", "deformable", "fused_mbconv"})
 
 
 class DeformConv2d(nn.Module):
@@ -99,6 +104,8 @@ def _build_conv_down(spec: ConvDownSpec, r: Resolved) -> nn.Module:
     else:
         conv = nn.Conv2d(x.channels, dim, spec.kernel, stride=spec.stride, padding=_padding(spec), bias=spec.bias,
                          groups=spec.groups)
+    if spec.fused_mbconv:  # timm's names: conv_block, reduction
+        conv = nn.Sequential(OrderedDict(conv_block=MbConvResidual(x.channels), reduction=conv))
     return ConvEmbed(build_norm(spec.norm_before, x), conv, build_norm(spec.norm_after, out), make_act(spec.act))
 
 
@@ -208,7 +215,9 @@ CONV_DOWN = around_prefix(OpDef(
            Case({"kernel": 2, "padding": 0, "norm_after": {"type": "batchnorm"}, "act": "gelu", "deformable": True},
                 _MAPS, 16, id="litv2-dtm"),
            Case({"kernel": 3, "padding": 1, "norm_before": {"type": "layernorm"}, "deformable": True}, _MAPS, 16,
-                id="deformable-padded"))))
+                id="deformable-padded"),
+           Case({"bias": False, "norm_before": {"type": "layernorm", "eps": 1e-5}, "fused_mbconv": True,
+                 "norm_after": {"type": "layernorm", "eps": 1e-5}}, _MAPS, 16, id="gcvit"))))
 PATCH_MERGING = around_prefix(OpDef(PatchMergingSpec, _patch_merging_shape, _build_patch_merging,
                                     accepts=("tokens",), fold=fold_downsampler,
                                     cases=(Case({}, _TOKENS, 16),

@@ -87,6 +87,9 @@ PAPER_GMACS = {
     "resmlp_24_224": 6.0,
     "visformer_tiny": 1.3,  # Visformer, Table 5 (Visformer-Ti: 1.3 G FLOPs, multiply-adds)
     "maxvit_tiny_tf_224": 5.6,  # MaxViT, Table 2 (MaxViT-T: 5.6 G FLOPs, multiply-adds)
+    "gcvit_xxtiny": 2.1,  # GC-ViT, Table 1 (GC-ViT-XXT: 2.1 G FLOPs, multiply-adds)
+    "gcvit_tiny": 4.7,  # (GC-ViT-XT's 2.6 is left out: timm's module counts 2.91, as ours; XXT + XT's 6 more blocks
+    #                      alone add about 0.8 G, so the table's 2.6 is not this model's count)
 }
 
 
