@@ -27,12 +27,19 @@ def token_mixers(draw: st.DrawFn, layout: str, grid: int, prefix: int, width: in
     head_dim = 8 if width % 8 == 0 else 4
     grid_only = prefix == 0
     options = ["identity", "attention", "linear_attention"]
+    if layout == "tokens":
+        options.append("pooling_attention")  # prefix tokens ride along unpooled
     if grid_only:
         options += ["random_mixing", "dwconv", "sepconv", "token_mlp", "token_linear"]
         if layout == "maps":
             options.append("pooling")
         if layout == "tokens":
-            options += ["window_attention", "sr_attention"]
+            options += ["window_attention", "sr_attention", "agent_attention", "routing_attention",
+                        "aggregated_attention"]
+            if grid >= 3:
+                options.append("dilated_attention")
+        if width % 2 == 0:
+            options.append("scale_aware_modulation")
         if depth == 0:
             options += ["parallel", "split"]
     kind = draw(st.sampled_from(options))
@@ -48,6 +55,25 @@ def token_mixers(draw: st.DrawFn, layout: str, grid: int, prefix: int, width: in
         sr_ratio = draw(st.sampled_from([r for r in (1, 2) if grid % r == 0]))
         return {"type": kind, "head_dim": head_dim, "sr_ratio": sr_ratio,
                 "reduction": draw(st.sampled_from(["conv", "pool"])), "pool_size": 2}
+    if kind == "pooling_attention":
+        stride = draw(st.sampled_from([s for s in (1, 2) if grid % s == 0]))
+        return {"type": kind, "head_dim": head_dim, "kernel": 3, "kv_stride": stride,
+                "residual_pooling": draw(st.booleans())}
+    if kind == "agent_attention":
+        return {"type": kind, "head_dim": head_dim, "agents": draw(st.sampled_from([1, 4])),
+                "sr_ratio": draw(st.sampled_from([r for r in (1, 2) if grid % r == 0]))}
+    if kind == "routing_attention":
+        regions = draw(st.sampled_from([r for r in (1, 2) if grid % r == 0]))
+        return {"type": kind, "head_dim": head_dim, "regions": regions, "topk": draw(st.integers(1, regions**2))}
+    if kind == "aggregated_attention":
+        return {"type": kind, "head_dim": head_dim, "window": 3, "pool_size": min(grid, 2), "cpb_hidden": 16}
+    if kind == "dilated_attention":
+        wide = grid >= 5 and (width // head_dim) % 2 == 0
+        dilations = draw(st.sampled_from([[1, 2], [1]] if wide else [[1]]))
+        return {"type": kind, "head_dim": head_dim, "dilations": dilations}
+    if kind == "scale_aware_modulation":
+        return {"type": kind, "num_heads": draw(st.sampled_from([h for h in (2, 4) if width % h == 0])),
+                "expand_ratio": 2}
     if kind in ("dwconv", "sepconv"):
         return {"type": kind, "kernel": draw(st.sampled_from([1, 3, [1, 3]]))}
     if kind == "pooling":
