@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import sys
 from collections.abc import Generator, Iterator
@@ -75,3 +76,11 @@ def host_cpu(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
 
     monkeypatch.setenv(CPU_NAME_ENV, request.param)
     return request.param
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Garbage collections skip what the imports and the collection made (``gc.freeze``): torch, timm, pydantic's
+    models and Optuna are millions of long-lived objects, and each automatic full collection walked them all
+    (tests/ops + tests/graph: 18.9 s of CPU before, 16.7 s after)."""
+    gc.collect()
+    gc.freeze()

@@ -69,7 +69,8 @@ import gc
 import os
 import re
 import weakref
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -206,6 +207,21 @@ def release(device: str | torch.device) -> None:
         torch.cuda.empty_cache()
     elif _LIBC is not None:
         _LIBC.malloc_trim(0)
+
+
+@contextmanager
+def collecting_new_objects_only() -> Iterator[None]:
+    """Within the block, garbage collections skip every object that existed when it began (``gc.freeze``).
+
+    A search collects after every trial (``release``, Optuna's ``gc_after_trial``). A full collection walks
+    every live object, and a process with torch, timm, pydantic and Optuna loaded holds millions: 0.1-0.3 s per
+    collection, half of a zero-cost search's time. The trial's own garbage was all made inside the block, so
+    collecting it needs none of the older objects; they are unfrozen (collectable again) when the block ends."""
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _glibc() -> Any:

@@ -27,6 +27,7 @@ from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import load_dataset
 from metaformer_lab.search.evaluators import make_evaluator
 from metaformer_lab.search.latency import latency_source, margin
+from metaformer_lab.search.memory import collecting_new_objects_only
 from metaformer_lab.search.objective import Failure, Objective
 from metaformer_lab.search.references import plan_for, queue_later
 from metaformer_lab.search.study import (
@@ -132,7 +133,7 @@ def _run(search: Search, objective: Objective, n_trials: int | None, after: Call
     previous = torch.get_num_threads()
     torch.set_num_threads(search.config.train_threads or os.cpu_count() or 1)
     try:
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), collecting_new_objects_only():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             search.study.optimize(objective, n_trials=n_trials, timeout=timeout_s, callbacks=[after],
                                   catch=(Failure,), gc_after_trial=True)
