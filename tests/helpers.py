@@ -19,6 +19,8 @@ M = TypeVar("M", bound=nn.Module)
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
+TINY_CAFORMER = ROOT / "examples" / "tiny_caformer.yaml"
+"""The example tests that need one fixed network use (a conv stem to 32 channels at 32x32, then CAFormer stages)."""
 
 TINY_SPEC: dict[str, Any] = {
     "name": "tiny_test_net",
@@ -122,8 +124,8 @@ def _registry(registry_or_role: Registry | str) -> Registry:
     return REGISTRIES[registry_or_role] if isinstance(registry_or_role, str) else registry_or_role
 
 
-__all__ = ["EXAMPLES", "ROOT", "CompositeDef", "OpDef", "all_cases", "build_op", "case_id", "max_diff", "op_spec",
-           "port", "perturbed", "random_input", "zoo_structure"]
+__all__ = ["EXAMPLES", "ROOT", "TINY_CAFORMER", "CompositeDef", "OpDef", "all_cases", "build_op", "case_id",
+           "max_diff", "op_spec", "port", "perturbed", "random_input", "zoo_structure"]
 
 
 # --- zoo models by structure ------------------------------------------------------------------------

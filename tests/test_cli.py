@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import EXAMPLES
+from helpers import EXAMPLES, TINY_CAFORMER
 from invalid_specs import INVALID
 from typer.testing import CliRunner
 
@@ -81,12 +81,12 @@ def test_validate_bad_paths(target: str) -> None:
 def test_usage_error_exits_2() -> None:
     code, _, _ = run("build")
     assert code == 2
-    code, _, _ = run("build", str(EXAMPLES[0]), "--input-size", "0")
+    code, _, _ = run("build", str(TINY_CAFORMER), "--input-size", "0")
     assert code == 2
 
 
 def test_build_json(tmp_path: Path) -> None:
-    code, out, err = run("build", str(EXAMPLES[0]), "--json")
+    code, out, err = run("build", str(TINY_CAFORMER), "--json")
     assert code == 0, err
     data = json.loads(out)
     assert {"params", "flops", "output_shape", "activation_bytes", "parts"} <= set(data)
@@ -95,7 +95,7 @@ def test_build_json(tmp_path: Path) -> None:
 
 
 def test_build_input_size_and_batch() -> None:
-    code, out, _ = run("build", str(EXAMPLES[0]), "--json", "--input-size", "64", "--batch-size", "2")
+    code, out, _ = run("build", str(TINY_CAFORMER), "--json", "--input-size", "64", "--batch-size", "2")
     assert code == 0
     data = json.loads(out)
     assert data["input_shape"] == [2, 3, 64, 64] and data["output_shape"] == [2, 10]
@@ -113,18 +113,18 @@ def test_input_size_is_what_gets_checked(tmp_path: Path) -> None:
 
 
 def test_build_table_mentions_every_stage() -> None:
-    code, out, _ = run("build", str(EXAMPLES[0]))
+    code, out, _ = run("build", str(TINY_CAFORMER))
     assert code == 0
     for part in ("stem", "stages.0", "stages.1", "head", "params"):
         assert part in out
 
 
 def test_graph_dot_and_png(tmp_path: Path) -> None:
-    code, _, err = run("graph", str(EXAMPLES[0]), "--out", str(tmp_path / "g.dot"))
+    code, _, err = run("graph", str(TINY_CAFORMER), "--out", str(tmp_path / "g.dot"))
     assert code == 0, err
     dot = (tmp_path / "g.dot").read_text()
     assert dot.startswith("digraph") and '"stem" -> ' in dot and "maps 32x32x32" in dot
-    code, _, err = run("graph", str(EXAMPLES[0]), "--out", str(tmp_path / "g.png"))
+    code, _, err = run("graph", str(TINY_CAFORMER), "--out", str(tmp_path / "g.png"))
     assert code == 0, err
     assert (tmp_path / "g.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -143,7 +143,7 @@ def test_console_script_end_to_end(tmp_path: Path) -> None:
     proc = subprocess.run([exe, "validate", str(bad)], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert proc.stderr == "stages[0].block.token_mixer.type: unknown 'atention' (did you mean 'attention'?)\n"
-    proc = subprocess.run([exe, "build", str(EXAMPLES[0]), "--json"], capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([exe, "build", str(TINY_CAFORMER), "--json"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["output_shape"] == [1, 10]
 

@@ -310,7 +310,9 @@ FAST = ["poolformer_s12", "poolformerv2_s12", "convformer_s18", "caformer_s18", 
         "twins_svt_small", "mixer_s16_224", "resmlp_12_224", "efficientformer_l1", "efficientvit_b0",
         "coatnet_0_rw_224", "focalnet_tiny_srf", "swinv2_tiny_window8_256", "pvt_tiny", "visformer_tiny",
         "maxvit_tiny_tf_224", "cmt_tiny", "conv2former_nano", "crossformer_tiny", "cvt_13", "deepvit_small",
-        "litv2_small", "localvit_tiny", "shuffle_tiny", "t2t_vit_t_14", "cswin_tiny", "shunted_tiny", "ceit_tiny"]
+        "litv2_small", "localvit_tiny", "shuffle_tiny", "t2t_vit_t_14", "cswin_tiny", "shunted_tiny", "ceit_tiny",
+        "agent_pvt_tiny", "biformer_tiny", "dilateformer_tiny", "focal_tiny", "gcvit_xxtiny", "iformer_small",
+        "mvit_base_16", "smt_tiny", "transnext_micro"]
 """A few zoo models, every family among them (a test checks), each at a small input where its spec allows."""
 NOTHING_FOLDS = {"swinv2_tiny_window8_256"}
 """Residual post-norm everywhere: each norm's output feeds a residual sum, so no layer can take its affine."""

@@ -7,7 +7,7 @@ from pathlib import Path
 import networkx as nx
 import pytest
 import torch
-from helpers import EXAMPLES
+from helpers import EXAMPLES, TINY_CAFORMER
 
 import metaformer_lab as ml
 from metaformer_lab.core.types import TensorType
@@ -92,12 +92,12 @@ def test_fused_attention_flops_are_counted() -> None:
 
 
 def test_input_size_override_reshapes_the_graph() -> None:
-    graph = ml.to_graph(EXAMPLES[0], input_size=64)
+    graph = ml.to_graph(TINY_CAFORMER, input_size=64)
     assert graph.input_type == TensorType("maps", 3, 64, 64)
 
 
 def test_dot_names_every_node_and_edge_type() -> None:
-    graph = ml.to_graph(EXAMPLES[0])
+    graph = ml.to_graph(TINY_CAFORMER)
     dot = to_dot(graph)
     assert dot.count(" -> ") == graph.number_of_edges()
     assert all(f'"{n}"' in dot for n in graph.nodes)
