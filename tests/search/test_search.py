@@ -319,8 +319,8 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
     study_file = tmp_path / "study.yaml"
     study_file.write_text(yaml.safe_dump({
         "space": "tiny", "dataset": "digits", "evaluator": "train",
-        # trials of a few seconds each, so the test can catch one running
-        "evaluator_options": {"epochs": 3, "max_batches_per_epoch": 8, "batch_size": 128}, "budget": "50ms",
+        # trials of a second or so each (the poll is every 0.2 s), so the test can catch one running
+        "evaluator_options": {"epochs": 2, "max_batches_per_epoch": 4, "batch_size": 64}, "budget": "50ms",
         "device": "t4",
         "trials": 7, "study_name": "killed", "out": str(tmp_path / "run"), "heartbeat_s": 1, "pruner": "none",
         "train_threads": 1}))
