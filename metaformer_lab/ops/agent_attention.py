@@ -21,8 +21,8 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import OddKernel, PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, grid_attention_heads, head_dim_field
+from metaformer_lab.ops.common import OddKernel, PosInt, Prob, require_divides
 from metaformer_lab.ops.norms import LayerNormSpec, NormSpec, build_norm, check_norm
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 from metaformer_lab.ops.window_attention import merge, partition
@@ -160,19 +160,14 @@ class AgentAttention(nn.Module):
 
 def agent_attention_shape(spec: AgentAttentionSpec, x: TensorType,
                           out_dim: int | None) -> tuple[TensorType, Settings]:
-    require_layout(x, "tokens", op="agent_attention")
-    require_no_prefix(x, op="agent_attention")
-    out = x if out_dim is None else x.with_channels(out_dim)
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
+    out, num_heads, head_dim = grid_attention_heads(spec, x, out_dim, op="agent_attention")
     if math.isqrt(spec.agents) ** 2 != spec.agents:
         raise ShapeIssue("agents", f"{spec.agents} is not a square number (the agents are an a x a pooled grid)")
     if spec.window is not None:
-        if x.height % spec.window or x.width % spec.window:
-            raise ShapeIssue("window", f"{spec.window} does not divide the {x.height}x{x.width} feature map")
+        require_divides("window", spec.window, x)
         if spec.sr_ratio != 1:
             raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} reduces the whole map's keys; windows take sr_ratio 1")
-    if x.height % spec.sr_ratio or x.width % spec.sr_ratio:
-        raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
+    require_divides("sr_ratio", spec.sr_ratio, x)
     if spec.sr_ratio > 1:
         check_norm(spec.norm, x.with_grid(x.height // spec.sr_ratio, x.width // spec.sr_ratio), "norm")
     return out, {"num_heads": num_heads, "head_dim": head_dim}

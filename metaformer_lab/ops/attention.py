@@ -18,7 +18,16 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.common import OddKernel, OpSpec, PosInt, Prob, Ratio, conv_on_heads, require_layout
+from metaformer_lab.ops.common import (
+    OddKernel,
+    OpSpec,
+    PosInt,
+    Prob,
+    Ratio,
+    conv_on_heads,
+    require_layout,
+    require_no_prefix,
+)
 from metaformer_lab.ops.folds import fold_parts
 
 ScaleOrder = Literal["before", "after"]
@@ -53,6 +62,16 @@ def resolve_heads(num_heads: int | None, head_dim: int | None, dim: int) -> tupl
             raise ShapeIssue("head_dim", f"{head_dim} does not divide dim {dim}")
         return dim // head_dim, head_dim
     raise ShapeIssue("head_dim", "null needs num_heads; set num_heads, head_dim or both")
+
+
+def grid_attention_heads(spec: Any, x: TensorType, out_dim: int | None, op: str) -> tuple[TensorType, int, int]:
+    """The output type and (num_heads, head_dim) of an attention op that sees the token grid alone (windows,
+    neighbourhoods, agents): tokens without prefix tokens, ``out_dim`` wide if asked, heads from the spec's
+    ``num_heads`` / ``head_dim``."""
+    require_layout(x, "tokens", op=op)
+    require_no_prefix(x, op=op)
+    out = x if out_dim is None else x.with_channels(out_dim)
+    return (out, *resolve_heads(spec.num_heads, spec.head_dim, out.channels))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, *, bias: Tensor | None, drop: nn.Dropout, fused: bool,

@@ -150,6 +150,12 @@ def require_no_prefix(x: TensorType, op: str) -> None:
         raise ShapeIssue("type", f"{op} works on the token grid only, but the input has {x.prefix} prefix token(s)")
 
 
+def require_divides(field: str, value: int, x: TensorType, what: str | None = None) -> None:
+    """``value`` (a window, a stride: ``field``'s, or ``what`` names it) must divide both sides of ``x``'s grid."""
+    if x.height % value or x.width % value:
+        raise ShapeIssue(field, f"{what or value} does not divide the {x.height}x{x.width} feature map")
+
+
 def require_groups(groups: int, field: str = "groups", **widths: int) -> None:
     """A grouped conv's ``groups`` must divide each of its widths (``input=16, output=32``)."""
     for name, width in widths.items():

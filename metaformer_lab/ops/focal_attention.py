@@ -23,8 +23,14 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import NonNegInt, OddKernel, PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, grid_attention_heads, head_dim_field
+from metaformer_lab.ops.common import (
+    NonNegInt,
+    OddKernel,
+    PosInt,
+    Prob,
+    require_divides,
+)
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 MASKED = -100.0
@@ -244,12 +250,8 @@ class FocalAttention(nn.Module):
 
 def focal_attention_shape(spec: FocalAttentionSpec, x: TensorType,
                           out_dim: int | None) -> tuple[TensorType, Settings]:
-    require_layout(x, "tokens", op="focal_attention")
-    require_no_prefix(x, op="focal_attention")
-    out = x if out_dim is None else x.with_channels(out_dim)
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
-    if x.height % spec.window or x.width % spec.window:
-        raise ShapeIssue("window", f"{spec.window} does not divide the {x.height}x{x.width} feature map")
+    out, num_heads, head_dim = grid_attention_heads(spec, x, out_dim, op="focal_attention")
+    require_divides("window", spec.window, x)
     if spec.expand >= spec.window:
         raise ShapeIssue("expand", f"{spec.expand} must be less than the window ({spec.window})")
     if spec.expand and spec.window in (x.height, x.width):

@@ -22,7 +22,7 @@ from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
-from metaformer_lab.ops.common import PosInt, Prob, require_layout, require_no_prefix
+from metaformer_lab.ops.common import PosInt, Prob, require_divides, require_layout, require_no_prefix
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 from metaformer_lab.ops.window_attention import merge, partition
 
@@ -211,8 +211,7 @@ def global_query_attention_shape(spec: GlobalQueryAttentionSpec, x: TensorType,
     if num_heads * head_dim != x.channels:
         raise ShapeIssue("head_dim", f"the queries are the input's {x.channels} channels split into heads; "
                                      f"num_heads * head_dim = {num_heads * head_dim} must equal them")
-    if x.height % spec.window or x.width % spec.window:
-        raise ShapeIssue("window", f"{spec.window} does not divide the {x.height}x{x.width} feature map")
+    require_divides("window", spec.window, x)
     levels = default_levels(x.grid, spec.window) if spec.levels is None else spec.levels
     pooled = (pooled_size(x.height, levels), pooled_size(x.width, levels))
     if pooled != (spec.window, spec.window):

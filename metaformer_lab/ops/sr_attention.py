@@ -29,6 +29,7 @@ from metaformer_lab.ops.common import (
     Prob,
     conv_on_heads,
     join_prefix,
+    require_divides,
     require_grid,
     require_groups,
     require_layout,
@@ -295,8 +296,8 @@ def sr_attention_shape(spec: SrAttentionSpec, x: TensorType, out_dim: int | None
     require_grid(x, op="sr_attention")
     out = x if out_dim is None else x.with_channels(out_dim)
     num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
-    if spec.reduction != "pool" and (x.height % spec.sr_ratio or x.width % spec.sr_ratio):
-        raise ShapeIssue("sr_ratio", f"{spec.sr_ratio} does not divide the {x.height}x{x.width} feature map")
+    if spec.reduction != "pool":
+        require_divides("sr_ratio", spec.sr_ratio, x)
     if spec.sr_ratios is not None:
         _check_scales(spec, x, num_heads)
     if spec.kernel is not None and spec.reduction != "dwconv":
@@ -326,8 +327,7 @@ def _check_scales(spec: SrAttentionSpec, x: TensorType, num_heads: int) -> None:
     if num_heads % len(ratios):
         raise ShapeIssue("sr_ratios", f"{len(ratios)} scales do not split {num_heads} heads evenly")
     for ratio in ratios:
-        if x.height % ratio or x.width % ratio:
-            raise ShapeIssue("sr_ratios", f"{ratio} does not divide the {x.height}x{x.width} feature map")
+        require_divides("sr_ratios", ratio, x)
     if x.prefix:
         raise ShapeIssue("sr_ratios", f"multi-scale heads see the grid alone, but the input has {x.prefix} prefix "
                                       "tokens")

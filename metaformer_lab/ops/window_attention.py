@@ -23,14 +23,13 @@ from torch import Tensor, nn
 from metaformer_lab.core.errors import ShapeIssue
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, head_dim_field, resolve_heads
+from metaformer_lab.ops.attention import NUM_HEADS_DOC, attend, grid_attention_heads, head_dim_field
 from metaformer_lab.ops.common import (
     OddKernel,
     PosInt,
     Prob,
     conv_on_heads,
-    require_layout,
-    require_no_prefix,
+    require_divides,
 )
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
@@ -336,10 +335,7 @@ class WindowAttention(nn.Module):
 
 def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
                            out_dim: int | None) -> tuple[TensorType, Settings]:
-    require_layout(x, "tokens", op="window_attention")
-    require_no_prefix(x, op="window_attention")
-    out = x if out_dim is None else x.with_channels(out_dim)
-    num_heads, head_dim = resolve_heads(spec.num_heads, spec.head_dim, out.channels)
+    out, num_heads, head_dim = grid_attention_heads(spec, x, out_dim, op="window_attention")
     if spec.shift and spec.partition != "window":
         raise ShapeIssue("shift", f"only with partition: window; {spec.partition} groups are not shifted")
     if spec.table_layout != "swin" and spec.rel_pos_bias is not True:
@@ -351,11 +347,9 @@ def window_attention_shape(spec: WindowAttentionSpec, x: TensorType,
                                       "false, cosine: false)")
     if spec.interval is not None and spec.partition != "dilated":
         raise ShapeIssue("interval", f"only with partition: dilated, not {spec.partition}")
-    if x.height % spec.window or x.width % spec.window:
-        raise ShapeIssue("window", f"{spec.window} does not divide the {x.height}x{x.width} feature map")
+    require_divides("window", spec.window, x)
     span = spec.window * (spec.interval or 1)
-    if x.height % span or x.width % span:
-        raise ShapeIssue("interval", f"window * interval = {span} does not divide the {x.height}x{x.width} feature map")
+    require_divides("interval", span, x, what=f"window * interval = {span}")
     return out, {"num_heads": num_heads, "head_dim": head_dim}
 
 
