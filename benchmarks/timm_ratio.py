@@ -7,9 +7,14 @@ three alike), at one thread, batch 1, at the model's input size. Ratios are ours
 repeated runs (the 10th percentiles too, the steadier statistic on a shared host). The three outputs are
 compared first. Ratios below 1.0: ours is faster.
 
-    python benchmarks/timm_ratio.py [--quick] [--models NAME ...] [--seconds 3] [--compile] [--out ...]
+    python benchmarks/timm_ratio.py [--quick] [--models NAME ...] [--seconds 1] [--min-runs 30] [--max-seconds 6]
+                                    [--minutes 30] [--resume] [--compile] [--out ...]
 
-``--quick``: six models, one per family (a few minutes); default: every zoo model. ``--compile`` (with ``--quick``
+``--quick``: six models, one per family (a few minutes); default: every zoo model that timm defines. Each form
+runs until it has ``--min-runs`` runs and ``--seconds`` of them, or ``--max-seconds`` of them: the big models
+(0.3-0.7 s a forward here) get fewer repeats than 30 (each row records its run counts). The run is bounded:
+after ``--minutes`` it starts no further model, writes what it measured and names the rest; ``--resume`` keeps
+the rows of an earlier run in ``--out`` and measures only the models it lacks. ``--compile`` (with ``--quick``
 or ``--models``: compiling every zoo model would take hours here) measures the three forms a second time under
 ``torch.compile`` (inductor, default mode; the first call compiles and is not timed), interleaved in the same way,
 and adds the compiled ratios: compiled ours / compiled timm's, and compiled deploy / compiled timm's.
@@ -47,9 +52,10 @@ def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return (a - b).abs().max().item()
 
 
-def _timed(modules: list[torch.nn.Module], target: LatencyTarget, seconds: float) -> dict[str, Any]:
+def _timed(modules: list[torch.nn.Module], target: LatencyTarget, timing: argparse.Namespace) -> dict[str, Any]:
     """The three forms (timm, eager, deploy) measured interleaved at ``target``: medians, p10s, ratios to timm."""
-    results = measure_interleaved(modules, target, time_per_item_s=seconds)
+    results = measure_interleaved(modules, target, time_per_item_s=timing.seconds, min_runs=timing.min_runs,
+                                  max_time_per_item_s=timing.max_seconds)
     timm_r, eager_r, deploy_r = results
     return {
         "median_ms": {"timm": timm_r.median_ms, "eager": eager_r.median_ms, "deploy": deploy_r.median_ms},
@@ -61,7 +67,7 @@ def _timed(modules: list[torch.nn.Module], target: LatencyTarget, seconds: float
     }
 
 
-def measure(name: str, seconds: float, *, compiled: bool = False) -> dict[str, Any]:
+def measure(name: str, timing: argparse.Namespace, *, compiled: bool = False) -> dict[str, Any]:
     """timm's model, ours and our deploy form of zoo model ``name``, interleaved (then compiled, if asked)."""
     torch.manual_seed(0)
     theirs = timm.create_model(name, pretrained=False).eval()
@@ -75,11 +81,11 @@ def measure(name: str, seconds: float, *, compiled: bool = False) -> dict[str, A
     target = LatencyTarget(input_size=ours.input_type.grid)
     params = [sum(p.numel() for p in m.parameters()) for m in modules]
     row = {"model": name, "input_shape": list(x.shape), "max_abs_diff_vs_timm": diffs,
-           "params": {"timm": params[0], "eager": params[1], "deploy": params[2]}, **_timed(modules, target, seconds)}
+           "params": {"timm": params[0], "eager": params[1], "deploy": params[2]}, **_timed(modules, target, timing)}
     if compiled:
         torch._dynamo.reset()  # no guards or cache entries carried over from the previous model
         start = time.perf_counter()
-        row["compiled"] = _timed(modules, replace(target, compile="default"), seconds)
+        row["compiled"] = _timed(modules, replace(target, compile="default"), timing)
         row["compiled"]["seconds_with_compilation"] = round(time.perf_counter() - start, 1)
     return row
 
@@ -112,7 +118,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="Six models, one per family.")
     parser.add_argument("--models", nargs="+", help="These zoo models (default: every one).")
-    parser.add_argument("--seconds", type=float, default=3.0, help="Measured time per model form.")
+    parser.add_argument("--seconds", type=float, default=1.0, help="Least measured time per model form.")
+    parser.add_argument("--min-runs", type=int, default=30, help="Least runs per form, unless --max-seconds ends it.")
+    parser.add_argument("--max-seconds", type=float, default=6.0,
+                        help="Most measured time per form: the big models get fewer than --min-runs runs.")
+    parser.add_argument("--minutes", type=float, default=30.0,
+                        help="Start no further model after this long; --resume measures the rest later.")
+    parser.add_argument("--resume", action="store_true", help="Keep the rows already in --out; measure the rest.")
     parser.add_argument("--compile", action="store_true",
                         help="Also under torch.compile (with --quick or --models only).")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "timm_ratio.json")
@@ -123,22 +135,32 @@ def main() -> None:
     names = args.models or (QUICK if args.quick else ml.list_models())
     no_timm = [n for n in names if not timm.is_model(n)]  # zoo models timm does not define have nothing to compare
     names = [n for n in names if n not in no_timm]
-    rows: list[dict[str, Any]] = []
+    rows = _earlier_rows(args, names) if args.resume else []
+    todo = [n for n in names if n not in {r["model"] for r in rows}]
     args.out.parent.mkdir(parents=True, exist_ok=True)
+    start, unmeasured = time.monotonic(), []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     with Progress(*columns) as progress:
-        task = progress.add_task("models", total=len(names))
-        for name in names:
+        task = progress.add_task("models", total=len(names), completed=len(rows))
+        for i, name in enumerate(todo):
+            if time.monotonic() - start > args.minutes * 60:
+                unmeasured = todo[i:]
+                break
             progress.update(task, description=name)
-            rows.append(measure(name, args.seconds, compiled=args.compile))
-            _write(args, rows, no_timm)  # after every model: an interrupted run keeps what it measured
+            rows.append(measure(name, args, compiled=args.compile))
+            _write(args, rows, no_timm, unmeasured=todo[i + 1:])  # after every model: an interrupted run keeps it
             progress.advance(task)
+    args.minutes_taken = round((time.monotonic() - start) / 60, 1)
     console = Console(width=120)
     console.print(_table(rows))
     if args.compile:
         console.print(_table(rows, compiled=True))
-    summary = _write(args, rows, no_timm)
-    print(f"median over {len(rows)} models: eager {summary['ratio_eager']:.3f}, deploy {summary['ratio_deploy']:.3f}; "
+    summary = _write(args, rows, no_timm, unmeasured=unmeasured)
+    if unmeasured:
+        print(f"stopped after {args.minutes:g} min; not measured ({len(unmeasured)}): {', '.join(unmeasured)} "
+              "(run again with --resume)")
+    print(f"{args.minutes_taken} min for {len(todo) - len(unmeasured)} models; median over {len(rows)} models: "
+          f"eager {summary['ratio_eager']:.3f}, deploy {summary['ratio_deploy']:.3f}; "
           f"eager above 1.05: {sum(r['ratio_eager'] > 1.05 for r in rows)}; "
           f"not in timm: {', '.join(no_timm) or 'none'}")
     if args.compile:
@@ -147,14 +169,29 @@ def main() -> None:
     print(f"wrote {args.out}")
 
 
-def _write(args: argparse.Namespace, rows: list[dict[str, Any]], no_timm: list[str]) -> dict[str, float]:
+def _earlier_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, Any]]:
+    """Rows of an earlier run in ``--out`` measured the same way, for the models asked for now."""
+    if not args.out.exists():
+        return []
+    earlier = json.loads(args.out.read_text())
+    same = all(earlier.get(key) == getattr(args, key) for key in ("compile", "seconds", "min_runs", "max_seconds"))
+    if not same:
+        raise SystemExit(f"{args.out}: measured with other settings; --resume needs the same --seconds, --min-runs, "
+                         "--max-seconds and --compile")
+    return [row for row in earlier["rows"] if row["model"] in names]
+
+
+def _write(args: argparse.Namespace, rows: list[dict[str, Any]], no_timm: list[str], *,
+           unmeasured: list[str]) -> dict[str, float]:
     summary = {key: statistics.median(r[key] for r in rows) for key in ("ratio_eager", "ratio_deploy")}
     if args.compile:
         summary |= {f"compiled_{key}": statistics.median(r["compiled"][key] for r in rows)
                     for key in ("ratio_eager", "ratio_deploy")}
-    result = {"benchmark": "timm_ratio", "quick": args.quick, "compile": args.compile, "seconds_per_form": args.seconds,
-              "median_ratio": summary, "models": len(rows), "not_in_timm": no_timm, "rows": rows,
-              "provenance": _provenance()}
+    result = {"benchmark": "timm_ratio", "quick": args.quick, "compile": args.compile, "seconds": args.seconds,
+              "min_runs": args.min_runs, "max_seconds": args.max_seconds, "median_ratio": summary,
+              "eager_above_1_05": [r["model"] for r in rows if r["ratio_eager"] > 1.05],
+              "models": len(rows), "not_measured": unmeasured, "not_in_timm": no_timm,
+              "minutes": getattr(args, "minutes_taken", None), "rows": rows, "provenance": _provenance()}
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     return summary
 

@@ -139,8 +139,15 @@ class Affine(nn.Module):
 
 
 def _without_affine(norm: nn.Module) -> nn.Module:
-    """A copy of ``norm`` that only normalises (its weight and bias are moving into a neighbour)."""
+    """A copy of ``norm`` that only normalises (its weight and bias are moving into a neighbour).
+
+    A layer norm keeps a weight of ones (a buffer, out of the state_dict): torch's CPU ``layer_norm`` without a
+    weight takes a path about twice as slow as with one (197x384 tokens: 69 us against 32 us at one thread), and
+    multiplying by one is exact. GroupNorm and RMSNorm are as fast or faster without it.
+    """
     import copy
+
+    from timm.layers import LayerNorm2d
 
     plain = copy.deepcopy(norm)
     for name in ("weight", "bias"):
@@ -149,6 +156,9 @@ def _without_affine(norm: nn.Module) -> nn.Module:
     for flag in ("elementwise_affine", "affine"):
         if hasattr(plain, flag):
             setattr(plain, flag, False)
+    if isinstance(plain, (nn.LayerNorm, LayerNorm2d)) and norm.weight is not None:
+        del plain.weight
+        plain.register_buffer("weight", torch.ones_like(norm.weight), persistent=False)
     return plain
 
 
