@@ -31,6 +31,13 @@ def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
     return max(1, min(cpus, MAX_WORKERS))
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """The slow tier's tests first (in their own order), then the rest. With pyproject's ``--maxschedchunk``,
+    pytest-xdist hands tests out a few at a time in this order, so the workers start the 30-90 s tests together
+    and the many short ones fill in around them, instead of one worker running the last long test alone."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # a stable sort keeps each group's order
+
+
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> Generator[None, object, object]:
     """A test marked ``serial`` runs alone: under pytest-xdist it holds the run's lock exclusively and every other
