@@ -233,8 +233,9 @@ def load_study_file(path: str | os.PathLike[str], **overrides: Any) -> SearchCon
     result = data.pop("result", None)  # a checked-in study may carry its result summary
     del result
     merged = {**data, **{k: v for k, v in overrides.items() if v is not None}}
-    if isinstance(data.get("ray"), dict) and isinstance(overrides.get("ray"), dict):  # one --workers keeps the rest
-        merged["ray"] = {**data["ray"], **overrides["ray"]}
+    for key in ("ray", "evaluator_options"):  # one --workers or --epochs keeps the file's other settings there
+        if isinstance(data.get(key), dict) and isinstance(overrides.get(key), dict):
+            merged[key] = {**data[key], **overrides[key]}
     try:
         return check(SearchConfig.model_validate(merged))
     except ValidationError as err:

@@ -302,6 +302,18 @@ def test_study_files_load_and_reject_unknown_keys(tmp_path: Path) -> None:
     assert str(err.value).startswith(f"{bad}:bugdet: unknown field (did you mean 'budget'?)")
 
 
+def test_a_command_line_option_keeps_the_study_files_other_settings_in_its_group(tmp_path: Path) -> None:
+    """``--epochs`` on top of a study file's evaluator options, ``--workers`` on top of its ray settings: each
+    replaces its one key, and the file's other keys in that group stay."""
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump({"space": "tiny", "budget": "2ms", "backend": "ray",
+                                     "evaluator_options": {"epochs": 4, "max_batches_per_epoch": 3},
+                                     "ray": {"workers": 3, "cpus_per_trial": 1}}))
+    config = load_study_file(study, evaluator_options={"epochs": 1}, ray={"workers": 2})
+    assert config.evaluator_options == {"epochs": 1, "max_batches_per_epoch": 3}
+    assert (config.ray.workers, config.ray.cpus_per_trial) == (2, 1)
+
+
 def _cli(*args: str) -> list[str]:
     return cli_command(*args)
 
@@ -320,7 +332,8 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
     study_file.write_text(yaml.safe_dump({
         "space": "tiny", "dataset": "digits", "evaluator": "train",
         # trials of a second or so each (the poll is every 0.2 s), so the test can catch one running
-        "evaluator_options": {"epochs": 2, "max_batches_per_epoch": 4, "batch_size": 64}, "budget": "50ms",
+        "evaluator_options": {"epochs": 2, "max_batches_per_epoch": 4, "batch_size": 32, "max_val_batches": 1},
+        "budget": "50ms",
         "device": "t4",
         "trials": 7, "study_name": "killed", "out": str(tmp_path / "run"), "heartbeat_s": 1, "pruner": "none",
         "train_threads": 1}))
@@ -356,7 +369,8 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
 def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path) -> None:
     out = tmp_path / "run"
     one_thread = tmp_path / "threads.yaml"  # the options given on the command line override the file's
-    one_thread.write_text("train_threads: 1\n")
+    one_thread.write_text("train_threads: 1\nevaluator_options: {max_batches_per_epoch: 4, batch_size: 32, "
+                          "max_val_batches: 1}\n")  # --epochs keeps these
     proc = subprocess.Popen(_cli("search", "--study", str(one_thread), "--space", "tiny", "--device", "t4", "--budget",
                                  "50ms", "--trials", "30", "--dataset", "digits", "--epochs", "1", "--study-name",
                                  "stopped", "--out", str(out)),
