@@ -110,7 +110,9 @@ class RelPosAttention2d(nn.Module):
             q, k, v = qkv.view(B, self.num_heads, 3 * self.head_dim, -1).chunk(3, dim=2)  # 3 x (B, heads, d, N)
         else:
             q, k, v = qkv.view(B, 3, self.num_heads, self.head_dim, -1).unbind(1)  # 3 x (B, heads, d, N)
-        q, k, v = (t.transpose(-1, -2).contiguous() for t in (q, k, v))  # 3 x (B, heads, N, d)
+        q, k, v = (t.transpose(-1, -2) for t in (q, k, v))  # 3 x (B, heads, N, d), views
+        if self.fused:  # SDPA's CPU kernels want dense rows; the explicit path's matmuls take the views (no copies)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
         y = attend(q, k, v, bias=self._bias(), drop=self.attn_drop, fused=self.fused,
                    scale_order=self.scale_order)  # (B, heads, N, d)
         y = y.transpose(-1, -2).reshape(B, -1, H, W)  # (B, heads, d, N) -> (B, heads*d, H, W)
