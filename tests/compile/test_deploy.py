@@ -180,6 +180,21 @@ def assert_plain_layer_norm(norm: torch.nn.Module) -> None:
     assert torch.equal(norm.weight, torch.ones_like(norm.weight))
 
 
+def test_the_deploy_form_runs_channels_last_maps_from_a_contiguous_input() -> None:
+    """Its 4-D weights are channels-last (the training form's stay as they were), so the stem hands on channels-last
+    maps though the input is contiguous; the outputs agree (``check``)."""
+    net, deployed = check(tiny("poolformer"))
+    convs = [m for m in deployed.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert all(m.weight.is_contiguous() for m in net.modules() if isinstance(m, torch.nn.Conv2d))
+    seen: list[torch.Tensor] = []
+    deployed.stages[0].register_forward_hook(lambda module, args, out: seen.append(out))
+    with torch.no_grad():
+        deployed(torch.randn(net.input_type.shape(1)))
+    assert seen[0].shape[-1] > 1 and seen[0].is_contiguous(memory_format=torch.channels_last)
+    assert not seen[0].is_contiguous()
+
+
 def test_convnext_norm_and_layer_scale_fold_into_the_mlp() -> None:
     net, deployed = check(tiny("convnext", downsample={"type": "conv", "kernel": 2, "stride": 2, "padding": 0,
                                                        "norm_before": {"type": "layernorm"}}))
