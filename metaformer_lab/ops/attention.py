@@ -116,7 +116,9 @@ class SequenceMixer(nn.Module):
         if self.maps:
             y = self.mix(x.flatten(2).transpose(1, 2))  # (B, C, H, W) -> (B, H*W, C')
             return y.transpose(1, 2).unflatten(2, x.shape[2:])  # (B, H*W, C') -> (B, C', H, W)
-        return self.mix(x.flatten(1, -2)).reshape(*x.shape[:-1], -1)  # (B, H, W, C) or (B, N, C) -> (B, N, C') -> back
+        # (B, H, W, C) or (B, N, C) -> (B, N, C') -> back; unflatten, not reshape(*x.shape[:-1], -1): torch.fx cannot
+        # unpack a traced shape
+        return self.mix(x.flatten(1, -2)).unflatten(1, x.shape[1:-1])
 
 
 class HeadsSpec(OpSpec):

@@ -227,7 +227,7 @@ class SrAttention(nn.Module):
                    scale_order="after" if self.pos_bias is not None else "before")  # (B, heads, P + H*W, d)
         if local is not None:
             y = y + local  # LePE: added to the attention output
-        y = y.transpose(1, 2).flatten(2).reshape(*x.shape[:-1], -1)  # (B, heads, N, d) -> x's shape with inner
+        y = y.transpose(1, 2).flatten(2).unflatten(1, x.shape[1:-1])  # (B, heads, N, d) -> x's shape with inner
         return self.proj_drop(self.proj(y))
 
 
@@ -287,7 +287,7 @@ class MultiScaleSrAttention(nn.Module):
             q_i = q[:, i * self.group_heads:(i + 1) * self.group_heads]
             y = attend(q_i, k, v, bias=None, drop=self.attn_drop, fused=self.fused, scale=self.scale)
             ys.append(y if local is None else y + local)  # (B, heads/g, N, d)
-        y = torch.cat(ys, dim=1).transpose(1, 2).flatten(2).reshape(*x.shape[:-1], -1)  # (B, H, W, inner)
+        y = torch.cat(ys, dim=1).transpose(1, 2).flatten(2).unflatten(1, x.shape[1:-1])  # (B, H, W, inner)
         return self.proj_drop(self.proj(y))
 
 

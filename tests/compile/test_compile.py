@@ -79,6 +79,19 @@ def test_torch_export_round_trip(path: Path) -> None:
         torch.testing.assert_close(program.module()(x), net(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["tiny_caformer", "tiny_class_attention", "tiny_pvt", "tiny_cmt_style",
+                                  "tiny_maxvit_style", "tiny_mlp_mixers", "tiny_agent_attention"])
+def test_torch_fx_traces_the_generic_blocks_and_the_deploy_form(name: str) -> None:
+    """fx's symbolic trace (straight-line code, what benchmarks/small_inputs.py compares against) of networks whose
+    ops have no data-dependent Python: a shape unpacked in the generic block or an attention op breaks it."""
+    net = ml.build(BY_NAME[name], input_size=32).eval()
+    x = torch.randn(net.input_type.shape(1))
+    for module in (net, ml.deploy(net)):
+        traced = torch.fx.symbolic_trace(module)
+        with torch.no_grad():
+            torch.testing.assert_close(traced(x), module(x), rtol=0, atol=0)
+
+
 @pytest.mark.export
 @pytest.mark.parametrize("name", ["tiny_caformer", "tiny_swin", "tiny_inception_hilo"])
 def test_onnx_export_round_trip(tmp_path: Path, name: str) -> None:
