@@ -66,13 +66,12 @@ def deploy_form(module: nn.Module) -> nn.Module:
     # stem on the maps stay channels-last (the caller's input needs no change). On one CPU thread this takes
     # PoolFormer, EfficientFormer and EfficientViT 15-25 % below their contiguous time (oneDNN's 1x1 convs and
     # pooling over channels-last maps) and leaves the other families within noise (benchmarks/timm_ratio.py).
-    _channels_last(folded)
-    return folded.eval()
+    return to_channels_last(folded).eval()
 
 
-def _channels_last(module: nn.Module) -> None:
-    """Every 4-D parameter and buffer channels-last, in place (``Module.to(memory_format=...)`` refuses a module
-    that also holds 5-D tensors, such as agent attention's position biases)."""
+def to_channels_last(module: nn.Module) -> nn.Module:
+    """``module`` with every 4-D parameter and buffer channels-last, converted in place (``Module.to(memory_format=
+    torch.channels_last)`` refuses a module that also holds 5-D tensors, such as agent attention's biases)."""
     for m in module.modules():
         for p in m._parameters.values():
             if p is not None and p.dim() == 4:
@@ -80,3 +79,4 @@ def _channels_last(module: nn.Module) -> None:
         for name, b in m._buffers.items():
             if b is not None and b.dim() == 4:
                 m._buffers[name] = b.contiguous(memory_format=torch.channels_last)
+    return module

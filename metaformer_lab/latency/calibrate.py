@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from metaformer_lab.compile.folding import deploy_form
+from metaformer_lab.compile.folding import deploy_form, to_channels_last
 from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
@@ -109,7 +109,7 @@ def op_call(graph: ArchGraph, name: str, key: NodeKey, target: LatencyTarget) ->
         module = deploy_form(module)
     module = module.to(device=target.device, dtype=dtype).eval()
     if target.channels_last and xs[0].dim() == 4:
-        module = module.to(memory_format=torch.channels_last)
+        module = to_channels_last(module)
     return (lambda: module(xs[0])), kind
 
 

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from metaformer_lab.compile.compiler import compile_graph
-from metaformer_lab.compile.folding import deploy_form
+from metaformer_lab.compile.folding import deploy_form, to_channels_last
 from metaformer_lab.compile.network import Network
 from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.graph.lower import ArchGraph, lower
@@ -300,7 +300,7 @@ def prepare(module: nn.Module, shape: tuple[int, ...], plan: TimingPlan,
     module = module.eval().to(device=target.device, dtype=dtype)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0)).to(device=target.device, dtype=dtype)
     if target.channels_last:
-        module = module.to(memory_format=torch.channels_last)
+        module = to_channels_last(module)
         x = x.contiguous(memory_format=torch.channels_last)
     if target.compile is not None:
         return torch.compile(module, mode=target.compile), x

@@ -94,6 +94,27 @@ def test_dtype_and_memory_format_leave_the_callers_module_alone(dtype: str, chan
     assert module[0].weight.is_contiguous()
 
 
+class _FiveD(nn.Module):
+    """A conv beside a 5-D parameter (agent attention keeps position biases of that rank)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bias5 = nn.Parameter(torch.zeros(1, 2, 1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.bias5.sum()
+
+
+def test_channels_last_takes_a_module_with_5d_parameters() -> None:
+    """``Module.to(memory_format=torch.channels_last)`` raises on a 5-D tensor; the measurement converts the 4-D
+    ones only (a traceback on `latency --channels-last` of an agent-attention network before)."""
+    module = _FiveD()
+    result = measure(module, input_size=16, channels_last=True, **FAST)
+    _check_structure(result)
+    assert result.provenance.memory_format == "channels_last" and module.conv.weight.is_contiguous()
+
+
 def test_threads_are_recorded_and_restored() -> None:
     before = torch.get_num_threads()
     torch.set_num_threads(2)
