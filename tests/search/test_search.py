@@ -341,10 +341,10 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
     proc = subprocess.Popen(_cli("search", "--study", str(study_file)), cwd=tmp_path, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     try:
-        def mid_trial() -> bool:
-            states = _states(db)
-            return sum(s == "COMPLETE" for s, _ in states.values()) >= 2 and any(
-                s == "RUNNING" for s, _ in states.values())
+        def mid_trial() -> bool:  # a trial past its first epoch, so Optuna has recorded its heartbeat
+            trials = study_trials(f"sqlite:///{db}", "killed")
+            return sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 2 and any(
+                t.state == optuna.trial.TrialState.RUNNING and t.intermediate_values for t in trials)
         _wait(mid_trial, 240)
         before = {n: v for n, (s, v) in _states(db).items() if s == "COMPLETE"}
         os.kill(proc.pid, signal.SIGKILL)
