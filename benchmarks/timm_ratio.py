@@ -143,7 +143,7 @@ def main() -> None:
     with Progress(*columns) as progress:
         task = progress.add_task("models", total=len(names), completed=len(rows))
         for i, name in enumerate(todo):
-            if time.monotonic() - start > args.minutes * 60:
+            if rows and time.monotonic() - start > args.minutes * 60:  # at least one row to summarise
                 unmeasured = todo[i:]
                 break
             progress.update(task, description=name)
