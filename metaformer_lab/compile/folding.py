@@ -17,6 +17,7 @@ from torch import nn
 
 from metaformer_lab.compile.network import Block
 from metaformer_lab.ops.folds import fold_chain, folding_of
+from metaformer_lab.ops.packed import pack_linears
 
 
 def _fold_branch(block: Block, names: list[str]) -> list[str]:
@@ -65,8 +66,9 @@ def deploy_form(module: nn.Module) -> nn.Module:
     # channels-last 4-D weights: a convolution whose weight is channels-last returns channels-last maps, so from the
     # stem on the maps stay channels-last (the caller's input needs no change): oneDNN's 1x1 convs and pooling run
     # over channels-last maps (benchmarks/timm_ratio.py: PoolFormer, EfficientFormer, EfficientViT deploy forms at
-    # 0.79-0.84 of timm's eager time on one CPU thread).
-    return to_channels_last(folded).eval()
+    # 0.79-0.84 of timm's eager time on one CPU thread). Its Linears keep oneDNN's reordered weight for large CPU
+    # calls (ops.packed).
+    return pack_linears(to_channels_last(folded)).eval()
 
 
 def to_channels_last(module: nn.Module) -> nn.Module:

@@ -30,6 +30,7 @@ from metaformer_lab.ops.common import (
 )
 from metaformer_lab.ops.folds import fold_parts
 from metaformer_lab.ops.norms import NormSpec, build_norm, check_norm
+from metaformer_lab.ops.packed import PackedLinear, gelu_of
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
 
 _MAPS = TensorType("maps", 8, 4, 5)
@@ -101,12 +102,23 @@ def _build_mlp(spec: MlpSpec, r: Resolved) -> nn.Module:
                         fc2, build_norm(spec.out_norm, r.out_type), proj)
 
 
+def _fuse_gelu(mlp: nn.Module) -> nn.Module:
+    """timm's ``Mlp`` runs ``act`` right after ``fc1``: a GELU there joins fc1's kernel (ops.packed)."""
+    gelu = gelu_of(mlp.act)
+    if gelu is not None and type(mlp.fc1) is nn.Linear:
+        mlp.fc1, mlp.act = PackedLinear.of(mlp.fc1, gelu), nn.Identity()
+    return mlp
+
+
 def fold_mlp(module: nn.Module) -> Folding | None:
     """An MLP's input feeds fc1 alone and fc2 writes its output: a norm before it folds into fc1, a layer scale
     after it into fc2; its own BatchNorms fold into the layer before them."""
     from timm.layers import GluMlp, Mlp
 
-    if isinstance(module, (Mlp, GluMlp)):
+    if isinstance(module, Mlp):
+        return Folding(reads=(module.fc1,), writes=module.fc2,
+                       deploy=lambda: _fuse_gelu(fold_parts(module, ("norm", "fc2"))))
+    if isinstance(module, GluMlp):
         return Folding(reads=(module.fc1,), writes=module.fc2, deploy=lambda: fold_parts(module, ("norm", "fc2")))
     if isinstance(module, MlpWithNorms):
         def deploy() -> nn.Module:

@@ -1,0 +1,110 @@
+"""A Linear for CPU inference whose weight oneDNN reorders once, instead of on every call.
+
+``F.linear`` on the CPU hands the plain weight to the BLAS each call; oneDNN's matmul instead reads a copy of the
+weight laid out for its kernel (``torch.ops.mkldnn._reorder_linear_weight``, the same reorder inductor's frozen
+CPU graphs use), and can apply a GELU to the output in the same pass. For large products (a token matrix of a
+224x224 network) that is 5-25 % faster at one thread; for small ones the kernel's fixed cost loses
+(``benchmarks/packed_linear.py`` measures both and the crossover), so a call below :attr:`PackedLinear.min_macs`
+multiply-adds runs ``F.linear``.
+
+:class:`PackedLinear` is an ``nn.Linear`` (same parameters, state_dict and outputs within float32 rounding); the
+reordered copy is a cache, made on the first call that uses it and again whenever the weight changes (it is not
+in the state_dict, and copies and pickles leave it out). Whatever the kernel cannot serve runs ``F.linear``:
+autograd, other devices and dtypes, tracing (``torch.fx``, ``torch.jit``, ``torch.compile`` / ``torch.export``,
+ONNX export) and a build without oneDNN. The deploy form uses it (``metaformer_lab.deploy``); an op's fold hook
+may fuse the activation that follows its Linear (``activation``).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+Activation = Literal["gelu", "gelu_tanh"]
+_ONEDNN_ALGORITHM = {"gelu": "none", "gelu_tanh": "tanh"}
+
+
+def _traced() -> bool:
+    return (torch.compiler.is_compiling() or is_fx_symbolic_tracing() or torch.jit.is_tracing()
+            or torch.onnx.is_in_onnx_export())
+
+
+class PackedLinear(nn.Linear):
+    """``act(x @ weight.T + bias)`` with oneDNN's reordered weight on large float32 CPU calls (module docstring);
+    ``activation`` None is a plain Linear, ``"gelu"`` / ``"gelu_tanh"`` applies ``nn.GELU()`` /
+    ``nn.GELU(approximate="tanh")`` to the output in the same kernel."""
+
+    min_macs: int = 1 << 23
+    """Multiply-adds per call from which the reordered kernel runs (about 8 M: 196 tokens x 64 -> 512 channels
+    is near the crossover on one thread here, see ``benchmarks/packed_linear.py``)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Activation | None = None,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:
+        super().__init__(in_features, out_features, bias, device=device, dtype=dtype)
+        self.activation = activation
+        self._packed: Tensor | None = None
+        self._packed_from: tuple[int, int] | None = None
+
+    @classmethod
+    def of(cls, linear: nn.Linear, activation: Activation | None = None) -> PackedLinear:
+        """A PackedLinear sharing ``linear``'s parameters (and training flag), then ``activation``."""
+        packed = cls(linear.in_features, linear.out_features, linear.bias is not None, activation, device="meta")
+        packed.weight = linear.weight
+        packed.bias = linear.bias
+        return packed.train(linear.training)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", activation={self.activation}" if self.activation else "")
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles: the cache is rebuilt where it is used
+        state = super().__getstate__()
+        return {**state, "_packed": None, "_packed_from": None}
+
+    def _reordered(self) -> Tensor:
+        weight = self.weight
+        key = (weight.data_ptr(), weight._version)
+        if self._packed is None or self._packed_from != key:
+            with torch.no_grad():
+                self._packed = torch.ops.mkldnn._reorder_linear_weight(weight.detach(), None)
+            self._packed_from = key
+        return self._packed
+
+    def _kernel_serves(self, x: Tensor) -> bool:
+        weight = self.weight
+        return (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_cpu
+                and x.numel() * self.out_features >= self.min_macs
+                and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in_features) -> (..., out_features)
+        if not _traced() and self._kernel_serves(x):
+            if self.activation is None:
+                return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "gelu", [],
+                                                      _ONEDNN_ALGORITHM[self.activation])
+        y = F.linear(x, self.weight, self.bias)
+        if self.activation is None:
+            return y
+        return F.gelu(y, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+
+
+def gelu_of(act: nn.Module) -> Activation | None:
+    """The :data:`Activation` a PackedLinear can fuse for module ``act``, None where it cannot."""
+    if type(act) is nn.GELU:
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return None
+
+
+def pack_linears(module: nn.Module) -> nn.Module:
+    """``module`` with every plain ``nn.Linear`` in it replaced by a :class:`PackedLinear` sharing its parameters
+    (in place; subclasses of Linear, which may compute something else, stay)."""
+    for name, child in list(module.named_children()):
+        if type(child) is nn.Linear:
+            module._modules[name] = PackedLinear.of(child)
+        else:
+            pack_linears(child)
+    return module

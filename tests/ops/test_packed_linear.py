@@ -1,0 +1,120 @@
+"""PackedLinear (ops.packed): nn.Linear's outputs, gradients, state_dict and copies, with oneDNN's reordered weight
+serving the large float32 CPU calls and F.linear everything else (small calls, autograd, tracing)."""
+
+from __future__ import annotations
+
+import copy
+import io
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from metaformer_lab.ops.packed import PackedLinear, gelu_of, pack_linears
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+LARGE = (1, 196, 384)  # 196 x 384 x 1536 multiply-adds: over PackedLinear.min_macs
+SMALL = (1, 4, 384)
+
+
+def _pair(activation: str | None = None, bias: bool = True) -> tuple[nn.Linear, PackedLinear]:
+    torch.manual_seed(0)
+    linear = nn.Linear(384, 1536, bias=bias)
+    return linear, PackedLinear.of(copy.deepcopy(linear), activation)  # type: ignore[arg-type]
+
+
+def _reference(linear: nn.Linear, x: torch.Tensor, activation: str | None) -> torch.Tensor:
+    y = linear(x)
+    if activation is None:
+        return y
+    return F.gelu(y, approximate="tanh" if activation == "gelu_tanh" else "none")
+
+
+@needs_onednn
+@pytest.mark.parametrize("activation", [None, "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("shape", [LARGE, (196, 384), (1, 14, 14, 384), SMALL], ids=["tokens", "2d", "nhwc", "small"])
+def test_outputs_match_linear_and_only_large_calls_use_the_reordered_weight(shape: tuple[int, ...],
+                                                                            activation: str | None) -> None:
+    linear, packed = _pair(activation)
+    x = torch.randn(shape)
+    with torch.inference_mode():
+        y = packed(x)
+        reference = _reference(linear, x, activation)
+    assert y.shape == reference.shape
+    torch.testing.assert_close(y, reference, rtol=1e-5, atol=1e-5)
+    large = x.numel() * packed.out_features >= packed.min_macs
+    assert large == (shape != SMALL)
+    assert (packed._packed is not None) == large  # the kernel ran (and cached its weight) only on a large call
+
+
+@needs_onednn
+def test_a_changed_weight_is_reordered_again() -> None:
+    linear, packed = _pair(bias=False)
+    x = torch.randn(LARGE)
+    with torch.no_grad():
+        packed(x)
+        first = packed._packed
+        packed.weight.mul_(2)  # in place: same storage, new version
+        linear.weight.mul_(2)
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+        assert packed._packed is not first
+        packed.load_state_dict({"weight": 0.05 * torch.randn_like(packed.weight)})  # copied into the parameter
+        torch.testing.assert_close(packed(x), F.linear(x, packed.weight), rtol=1e-5, atol=1e-5)
+
+
+def test_gradients_and_state_dict_are_linears() -> None:
+    linear, packed = _pair("gelu")
+    assert list(packed.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
+    x = torch.randn(LARGE)
+    _reference(linear, x, "gelu").square().sum().backward()
+    packed(x).square().sum().backward()  # autograd on: F.linear, whose gradients torch knows
+    assert packed._packed is None
+    torch.testing.assert_close(packed.weight.grad, linear.weight.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(packed.bias.grad, linear.bias.grad, rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+def test_copies_and_pickles_leave_the_reordered_weight_out_and_still_run() -> None:
+    linear, packed = _pair()
+    x = torch.randn(LARGE)
+    with torch.inference_mode():
+        expected = packed(x)
+    assert packed._packed is not None  # oneDNN's opaque tensor: neither copyable nor picklable
+    buffer = io.BytesIO()
+    torch.save(packed, buffer)
+    buffer.seek(0)
+    for twin in (copy.deepcopy(packed), torch.load(buffer, weights_only=False)):
+        assert twin._packed is None and twin.activation == packed.activation
+        with torch.inference_mode():
+            torch.testing.assert_close(twin(x), expected)
+
+
+@pytest.mark.parametrize("trace", ["fx", "export"])
+def test_traced_forms_call_f_linear(trace: str) -> None:
+    """torch.fx and torch.export (which torch.compile and the ONNX exporter build on) see F.linear and F.gelu."""
+    linear, packed = _pair("gelu")
+    x = torch.randn(LARGE)
+    module = nn.Sequential(packed).eval()
+    with torch.no_grad():
+        if trace == "fx":
+            traced = torch.fx.symbolic_trace(module)
+        else:
+            traced = torch.export.export(module, (x,)).module()
+        calls = {str(node.target) for node in traced.graph.nodes if node.op == "call_function"}
+        assert any("linear" in c for c in calls) and any("gelu" in c for c in calls), calls
+        assert not any("mkldnn" in c for c in calls), calls
+        torch.testing.assert_close(traced(x), _reference(linear, x, "gelu"), rtol=1e-5, atol=1e-5)
+
+
+def test_pack_linears_replaces_plain_linears_only_and_gelu_of_names_the_fusable_activations() -> None:
+    class Custom(nn.Linear):
+        pass
+
+    module = nn.Sequential(nn.Linear(8, 8), nn.Sequential(nn.Linear(8, 8), Custom(8, 8)), nn.Conv2d(8, 8, 1))
+    weight = module[0].weight
+    pack_linears(module)
+    assert type(module[0]) is PackedLinear and module[0].weight is weight
+    assert type(module[1][0]) is PackedLinear and type(module[1][1]) is Custom and type(module[2]) is nn.Conv2d
+    assert gelu_of(nn.GELU()) == "gelu" and gelu_of(nn.GELU(approximate="tanh")) == "gelu_tanh"
+    assert gelu_of(nn.ReLU()) is None
