@@ -98,7 +98,8 @@ def deploy(module: nn.Module) -> nn.Module:
     """The deploy form of a (trained) module: a copy in eval mode with the same outputs (float32, within 1e-4) and
     inference-only structure folded away: BatchNorms into the conv or linear before them, norm weights and biases
     into the linear after them, layer scales into the last linear of their branch, res scales into a shortcut's
-    conv, parallel depthwise convs into one; its 4-D weights are channels-last, so its feature maps are too.
+    conv, parallel depthwise convs into one; its 4-D weights are channels-last, so its feature maps are too, and its
+    Linears run large float32 CPU calls on oneDNN's reordered weights (``ops.packed.PackedLinear``).
     ``module`` is left as it was.
 
     The deploy form keeps the module names and timm's protocol (features, ``forward_intermediates``,

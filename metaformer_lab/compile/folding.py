@@ -65,9 +65,8 @@ def deploy_form(module: nn.Module) -> nn.Module:
         folded = _fold(folded)
     # channels-last 4-D weights: a convolution whose weight is channels-last returns channels-last maps, so from the
     # stem on the maps stay channels-last (the caller's input needs no change): oneDNN's 1x1 convs and pooling run
-    # over channels-last maps (benchmarks/timm_ratio.py: PoolFormer, EfficientFormer, EfficientViT deploy forms at
-    # 0.79-0.84 of timm's eager time on one CPU thread). Its Linears keep oneDNN's reordered weight for large CPU
-    # calls (ops.packed).
+    # over channels-last maps. Its Linears keep oneDNN's reordered weight for large CPU calls (ops.packed). The
+    # deploy forms' times against timm's eager ones: benchmarks/timm_ratio.py.
     return pack_linears(to_channels_last(folded)).eval()
 
 

@@ -74,14 +74,17 @@ class PackedLinear(nn.Linear):
         return self._packed
 
     def _kernel_serves(self, x: Tensor) -> bool:
+        """Whether the reordered kernel runs this call: a large float32 CPU call outside autograd and tracing. The
+        size comes first (it is what most small calls fail on, cheaply; an fx Proxy is no Tensor)."""
+        if not isinstance(x, Tensor) or x.numel() * self.out_features < self.min_macs:
+            return False
         weight = self.weight
         return (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_cpu
-                and x.numel() * self.out_features >= self.min_macs
                 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled)
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _traced())
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in_features) -> (..., out_features)
-        if not _traced() and self._kernel_serves(x):
+        if self._kernel_serves(x):
             if self.activation is None:
                 return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "none", [], "")
             return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "gelu", [],
