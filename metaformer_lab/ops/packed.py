@@ -29,8 +29,9 @@ _ONEDNN_ALGORITHM = {"gelu": "none", "gelu_tanh": "tanh"}
 
 
 def _traced() -> bool:
-    return (torch.compiler.is_compiling() or is_fx_symbolic_tracing() or torch.jit.is_tracing()
-            or torch.onnx.is_in_onnx_export())
+    """Traced by torch.fx, torch.jit or the TorchScript ONNX exporter (torch.compile and torch.export are checked
+    before the call's size is read)."""
+    return is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class PackedLinear(nn.Linear):
@@ -75,8 +76,10 @@ class PackedLinear(nn.Linear):
 
     def _kernel_serves(self, x: Tensor) -> bool:
         """Whether the reordered kernel runs this call: a large float32 CPU call outside autograd and tracing. The
-        size comes first (it is what most small calls fail on, cheaply; an fx Proxy is no Tensor)."""
-        if not isinstance(x, Tensor) or x.numel() * self.out_features < self.min_macs:
+        size comes early (most small calls fail on it, cheaply), after what makes it symbolic: an fx Proxy is no
+        Tensor, and under torch.compile / torch.export a dynamic size would be guarded on."""
+        if (not isinstance(x, Tensor) or torch.compiler.is_compiling()
+                or x.numel() * self.out_features < self.min_macs):
             return False
         weight = self.weight
         return (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_cpu
