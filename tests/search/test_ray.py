@@ -1,5 +1,5 @@
 """The Ray Tune backend on a local Ray with this machine's CPUs: parallel trials with the Optuna backend's
-outputs, a worker killed mid-trial, and resume from Ray's experiment state after Ctrl-C.
+outputs and a worker killed mid-trial (one run), and resume from Ray's experiment state after Ctrl-C.
 
 Each test runs ``metaformer-lab search --backend ray`` as a subprocess (Ray's processes stay out of the
 test process) on short trials: a few epochs of a few batches, latency from the T4 estimate (no timing)."""
@@ -48,25 +48,48 @@ def _finished(trials: list[Any]) -> list[Any]:
     return [t for t in trials if t.state.is_finished()]
 
 
-def test_a_ray_search_runs_trials_in_parallel_and_writes_the_same_run_folder(tmp_path: Path) -> None:
-    study = _study_file(tmp_path, "parallel", 4)
-    done = subprocess.run(cli_command("search", "--study", str(study)), cwd=tmp_path, capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+def test_a_ray_search_runs_trials_in_parallel_survives_a_killed_worker_and_writes_the_same_run_folder(
+        tmp_path: Path) -> None:
+    """One run for both (each search costs a Ray start and two workers' imports): trials run two at a time on
+    reused workers; a worker killed mid-trial does not end the run; the run folder is the Optuna backend's."""
+    study = _study_file(tmp_path, "parallel", 4, epochs=4, batches=4)
+    url = _url(tmp_path, "parallel")
+    proc, _, err = _start(tmp_path, "search", "--study", str(study))
+    try:
+        def two_running() -> Any:
+            """A trial past its first epoch while another runs on another worker (None until then)."""
+            running = [t for t in study_trials(url, "parallel") if t.state == optuna.trial.TrialState.RUNNING
+                       and "worker" in t.user_attrs]
+            pids = {t.user_attrs["worker"]["pid"] for t in running}
+            return next((t for t in running if t.intermediate_values), None) if len(pids) >= 2 else None
+
+        # two trials at a time, on two worker processes: seen in the study, then one of the two is killed
+        wait_for(lambda: two_running() is not None, 300, "two trials running on two workers")
+        victim = two_running()
+        assert victim is not None
+        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
+        proc.wait(timeout=600)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err.read_text()[-3000:]
+    trials = study_trials(url, "parallel")
+    searched = [t for t in trials if not t.user_attrs.get("reference")]
+    # the run went on to its trial count; the references run on top of the 4
+    assert len(_finished(trials)) == len(trials) == 8 and len(searched) == 4
+    after = next(t for t in trials if t.number == victim.number)
+    # run again on another worker (Ray retries it), or failed with the reason said
+    retried = victim.user_attrs["worker"] in after.user_attrs.get("earlier_workers", [])
+    assert after.state.is_finished() and (retried or after.user_attrs.get("reason") == "worker_failed")
+
     run = tmp_path / "parallel"
     for name in ("best.yaml", "trials.csv", "pareto.png", "summary.json", "run.json"):
         assert (run / name).is_file(), name
     assert list((run / "pareto").glob("*.yaml"))
-    trials = study_trials(_url(tmp_path, "parallel"), "parallel")
-    searched = [t for t in trials if not t.user_attrs.get("reference")]
-    assert len(_finished(trials)) == len(trials) == 8 and len(searched) == 4  # references run on top of the 4
     evaluated = [t for t in trials if "worker" in t.user_attrs and "worker_finished" in t.user_attrs]
-    assert len(evaluated) >= 4  # the four references (well within the budget) at least
-    # two trials at a time: some pair of evaluations overlaps in time, on two worker processes
-    spans = sorted((t.user_attrs["worker_started"], t.user_attrs["worker_finished"]) for t in evaluated)
-    assert any(b0 < a1 for (_, a1), (b0, _) in zip(spans, spans[1:], strict=False))
+    assert len(evaluated) >= 3  # the four references (well within the budget) at least, but the killed one
     pids = {t.user_attrs["worker"]["pid"] for t in trials if "worker" in t.user_attrs}
-    assert 2 <= len(pids) < len([t for t in trials if "worker" in t.user_attrs])  # actors are reused
+    assert len(pids) < len([t for t in trials if "worker" in t.user_attrs])  # actors are reused
     # the same columns as the Optuna backend's, with the worker filled in
     with (run / "trials.csv").open() as f:
         rows = list(csv.DictReader(f))
@@ -80,33 +103,6 @@ def test_a_ray_search_runs_trials_in_parallel_and_writes_the_same_run_folder(tmp
                            timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "best: trial" in again.stdout
-
-
-def test_a_worker_killed_mid_trial_does_not_end_the_run(tmp_path: Path) -> None:
-    study = _study_file(tmp_path, "killed", 3, epochs=4, batches=4)
-    url = _url(tmp_path, "killed")
-    proc, _, err = _start(tmp_path, "search", "--study", str(study))
-    try:
-        def running_with_worker() -> Any:
-            return next((t for t in study_trials(url, "killed") if t.state == optuna.trial.TrialState.RUNNING
-                         and "worker" in t.user_attrs and t.intermediate_values), None)
-
-        wait_for(lambda: running_with_worker() is not None, 300, "a trial running on a worker")
-        victim = running_with_worker()
-        os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-        proc.wait(timeout=600)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err.read_text()[-3000:]
-    trials = study_trials(url, "killed")
-    searched = [t for t in trials if not t.user_attrs.get("reference")]
-    assert len(_finished(trials)) == len(trials) == 7 and len(searched) == 3  # the run went on to its trial count
-    after = next(t for t in trials if t.number == victim.number)
-    # run again on another worker (Ray retries it), or failed with the reason said
-    retried = victim.user_attrs["worker"] in after.user_attrs.get("earlier_workers", [])
-    assert after.state.is_finished() and (retried or after.user_attrs.get("reason") == "worker_failed")
-    assert (tmp_path / "killed" / "summary.json").is_file()
 
 
 def test_ctrl_c_then_resume_reruns_the_unfinished_trials_and_keeps_the_rest(tmp_path: Path) -> None:
