@@ -103,9 +103,12 @@ def _build_mlp(spec: MlpSpec, r: Resolved) -> nn.Module:
 
 
 def _fuse_gelu(mlp: nn.Module) -> nn.Module:
-    """timm's ``Mlp`` runs ``act`` right after ``fc1``: a GELU there joins fc1's kernel (ops.packed)."""
+    """timm's ``Mlp`` runs ``act`` right after ``fc1``: a GELU there joins fc1's kernel (ops.packed). Only the exact
+    class: a subclass may run its own forward."""
+    from timm.layers import Mlp
+
     gelu = gelu_of(mlp.act)
-    if gelu is not None and type(mlp.fc1) is nn.Linear:
+    if type(mlp) is Mlp and gelu is not None and type(mlp.fc1) is nn.Linear:
         mlp.fc1, mlp.act = PackedLinear.of(mlp.fc1, gelu), nn.Identity()
     return mlp
 

@@ -118,3 +118,22 @@ def test_pack_linears_replaces_plain_linears_only_and_gelu_of_names_the_fusable_
     assert type(module[1][0]) is PackedLinear and type(module[1][1]) is Custom and type(module[2]) is nn.Conv2d
     assert gelu_of(nn.GELU()) == "gelu" and gelu_of(nn.GELU(approximate="tanh")) == "gelu_tanh"
     assert gelu_of(nn.ReLU()) is None
+
+
+def test_the_deploy_form_runs_an_mlps_gelu_in_fc1s_kernel() -> None:
+    """timm's Mlp (ViT's) in the deploy form: fc1 a PackedLinear with the GELU, act gone, the same outputs; the
+    other Linears packed plainly."""
+    from timm.layers import Mlp
+
+    import metaformer_lab as ml
+
+    net = ml.build("vit_tiny_patch16_224").eval()
+    deployed = ml.deploy(net)
+    mlps = [m for m in deployed.modules() if type(m) is Mlp]
+    assert mlps and all(type(m.fc1) is PackedLinear and m.fc1.activation == "gelu" and type(m.act) is nn.Identity
+                        for m in mlps)
+    assert all(type(m.fc2) is PackedLinear and m.fc2.activation is None for m in mlps)
+    assert not [m for m in deployed.modules() if type(m) is nn.Linear]
+    x = torch.randn(1, 3, 224, 224)
+    with torch.inference_mode():
+        torch.testing.assert_close(deployed(x), net(x), rtol=1e-4, atol=1e-4)
