@@ -103,12 +103,9 @@ def _build_mlp(spec: MlpSpec, r: Resolved) -> nn.Module:
 
 
 def _fuse_gelu(mlp: nn.Module) -> nn.Module:
-    """timm's ``Mlp`` runs ``act`` right after ``fc1``: a GELU there joins fc1's kernel (ops.packed). Only the exact
-    class: a subclass may run its own forward."""
-    from timm.layers import Mlp
-
+    """timm's ``Mlp`` runs ``act`` right after ``fc1``: a GELU there joins fc1's kernel (ops.packed)."""
     gelu = gelu_of(mlp.act)
-    if type(mlp) is Mlp and gelu is not None and type(mlp.fc1) is nn.Linear:
+    if gelu is not None and type(mlp.fc1) is nn.Linear:
         mlp.fc1, mlp.act = PackedLinear.of(mlp.fc1, gelu), nn.Identity()
     return mlp
 
@@ -118,11 +115,12 @@ def fold_mlp(module: nn.Module) -> Folding | None:
     after it into fc2; its own BatchNorms fold into the layer before them."""
     from timm.layers import GluMlp, Mlp
 
-    if isinstance(module, Mlp):
-        return Folding(reads=(module.fc1,), writes=module.fc2,
-                       deploy=lambda: _fuse_gelu(fold_parts(module, ("norm", "fc2"))))
-    if isinstance(module, GluMlp):
-        return Folding(reads=(module.fc1,), writes=module.fc2, deploy=lambda: fold_parts(module, ("norm", "fc2")))
+    if isinstance(module, (Mlp, GluMlp)):
+        def deploy_timm() -> nn.Module:  # the GELU fuses only in Mlp itself (a subclass may run its own forward)
+            folded = fold_parts(module, ("norm", "fc2"))
+            return _fuse_gelu(folded) if type(module) is Mlp else folded
+
+        return Folding(reads=(module.fc1,), writes=module.fc2, deploy=deploy_timm)
     if isinstance(module, MlpWithNorms):
         def deploy() -> nn.Module:
             return fold_parts(fold_parts(module, ("fc1", "norm1")), ("fc2", "norm2"))

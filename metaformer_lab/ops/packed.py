@@ -25,7 +25,8 @@ from torch import Tensor, nn
 from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
 Activation = Literal["gelu", "gelu_tanh"]
-_ONEDNN_ALGORITHM = {"gelu": "none", "gelu_tanh": "tanh"}
+_APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
+"""Each activation's GELU approximation, as ``F.gelu`` and oneDNN's fused GELU both name it."""
 
 
 def _traced() -> bool:
@@ -87,15 +88,12 @@ class PackedLinear(nn.Linear):
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _traced())
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in_features) -> (..., out_features)
+        act = self.activation
         if self._kernel_serves(x):
-            if self.activation is None:
-                return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "none", [], "")
-            return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "gelu", [],
-                                                      _ONEDNN_ALGORITHM[self.activation])
+            return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "none" if act is None else
+                                                      "gelu", [], "" if act is None else _APPROXIMATE[act])
         y = F.linear(x, self.weight, self.bias)
-        if self.activation is None:
-            return y
-        return F.gelu(y, approximate="tanh" if self.activation == "gelu_tanh" else "none")
+        return y if act is None else F.gelu(y, approximate=_APPROXIMATE[act])
 
 
 def gelu_of(act: nn.Module) -> Activation | None:
