@@ -128,8 +128,8 @@ def oversized(graph: Any, batch_size: int, max_memory: str | None, device: str =
     exceeds the limit (``max_memory``, else half of what is available now), naming the part that dominates;
     None when it fits. ``cheap_first``: skip the estimate (seconds: it imports timm) when the network's
     :func:`~metaformer_lab.graph.cost.dense_scale_bytes` is under 1 % of the limit."""
+    from metaformer_lab.core.sizes import available_bytes, format_bytes, parse_bytes
     from metaformer_lab.graph.cost import dense_scale_bytes, memory_need
-    from metaformer_lab.search.memory import available_bytes, format_bytes, parse_bytes
 
     try:
         limit = parse_bytes(max_memory) if max_memory else int(BUILD_SHARE * available_bytes(device))

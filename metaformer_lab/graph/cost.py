@@ -13,28 +13,28 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-from torch import Tensor, nn
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-
+from metaformer_lab.core.lazy_torch import Tensor, nn, torch
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node, build_with_branches
 
 
 def _cpu_flash_sdpa_flops(query_shape: Any, key_shape: Any, value_shape: Any, *args: Any, **kwargs: Any) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return sdpa_flop_count(query_shape, key_shape, value_shape)
 
 
-SDPA_FORMULAS: dict[Any, Callable[..., int]] = {
-    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops,
-}
-"""FLOP formulas for the attention kernels FlopCounterMode leaves at 0."""
+def sdpa_formulas() -> dict[Any, Callable[..., int]]:
+    """FLOP formulas for the attention kernels FlopCounterMode leaves at 0."""
+    return {torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: _cpu_flash_sdpa_flops}
 
 
 def count_flops(fn: Callable[[], Any]) -> tuple[int, dict[str, int]]:
     """FLOPs of running ``fn()`` (total, and per module path below the root module)."""
-    counter = FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS)
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False, custom_mapping=sdpa_formulas())
     with counter, torch.no_grad():
         fn()
     per_module: dict[str, int] = {}

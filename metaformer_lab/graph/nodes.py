@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from torch import nn
-
+from metaformer_lab.core.lazy_torch import nn
 from metaformer_lab.core.registry import CompositeDef
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.ops import REGISTRIES

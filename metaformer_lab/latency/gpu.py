@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from metaformer_lab.core.errors import Issue, LatencyError
-from metaformer_lab.graph.cost import SDPA_FORMULAS
+from metaformer_lab.graph.cost import sdpa_formulas
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
 from metaformer_lab.latency.measure import DTYPES
@@ -384,7 +384,7 @@ class _KernelRecorder(TorchDispatchMode):
         self.element_size: int | None = None if amp is not None else element_size
         self.amp = amp
         self.records: list[KernelRecord] = []
-        self.formulas = FlopCounterMode(display=False, custom_mapping=SDPA_FORMULAS).flop_registry
+        self.formulas = FlopCounterMode(display=False, custom_mapping=sdpa_formulas()).flop_registry
 
     def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
         kwargs = kwargs or {}

@@ -1,5 +1,6 @@
 """The block library: one file per op family, registries built from explicit lists (listable, no
-import side effects). Each op is a config class + shape rule + module builder (see core.registry)."""
+import side effects). Each op is a config class + shape rule + module builder (see core.registry); the op files
+take torch from core.lazy_torch, so reading them (to check a spec) does not import torch."""
 
 from __future__ import annotations
 

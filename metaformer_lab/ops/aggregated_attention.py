@@ -18,12 +18,10 @@ from __future__ import annotations
 import math
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.lazy_torch import F, Tensor, nn, torch
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.attention import NUM_HEADS_DOC, head_dim_field, resolve_heads
@@ -62,7 +60,6 @@ class AggregatedAttentionSpec(GridOpSpec):
     proj_drop: Prob = 0.0
 
 
-@torch.no_grad()
 def relative_position_cpb(query: tuple[int, int], keys: tuple[int, int]) -> tuple[Tensor, Tensor]:
     """(index (N*M,) into the table, table (T, 2)) of the log-spaced relative coordinates of each query of the
     ``query`` grid and each key of the ``keys`` grid, a key at the centre of its adaptive-pooling bin (the
@@ -82,7 +79,6 @@ def relative_position_cpb(query: tuple[int, int], keys: tuple[int, int]) -> tupl
     return index, table
 
 
-@torch.no_grad()
 def local_lengths_and_mask(grid: tuple[int, int], window: int) -> tuple[Tensor, Tensor]:
     """(valid neighbours of each token (N, 1), padding mask (window², N): True where the neighbour is padding; the
     authors' mask transposed)."""

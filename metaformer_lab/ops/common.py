@@ -11,7 +11,6 @@ import functools
 from collections.abc import Callable
 from typing import Annotated, Any, ClassVar, Literal
 
-import torch
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -22,9 +21,9 @@ from pydantic import (
     model_serializer,
 )
 from pydantic_core import PydanticCustomError
-from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.lazy_torch import Tensor, nn, torch
 from metaformer_lab.core.registry import ChannelAffine, Folding
 from metaformer_lab.core.types import Layout, TensorType
 

@@ -5,12 +5,10 @@ from __future__ import annotations
 from collections import OrderedDict
 from typing import Literal
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.lazy_torch import F, Tensor, nn, torch
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, Groups, KernelInt, make_act, require_layout, require_no_prefix

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-import torch
 from pydantic import AfterValidator, Field
 from pydantic_core import PydanticCustomError
-from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.lazy_torch import Tensor, nn, torch
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import (

@@ -13,11 +13,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Sequence
 
-import torch
-from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
-from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
-
+from metaformer_lab.core.lazy_torch import Tensor, nn, torch
 from metaformer_lab.core.registry import ChannelAffine, FoldHook, Folding
 from metaformer_lab.ops.common import LayerScale, fold_layer_scale
 
@@ -53,8 +49,10 @@ def _set(module: nn.Module, name: str, value: Tensor | None) -> None:
         module.register_parameter(name, nn.Parameter(value.detach().clone()))
 
 
-def _fuse_bn(target: nn.Module, bn: _BatchNorm) -> None:
+def _fuse_bn(target: nn.Module, bn: nn.modules.batchnorm._BatchNorm) -> None:
     """torch's own fusion of an eval-mode BatchNorm into the conv or linear before it (in place)."""
+    from torch.nn.utils.fusion import fuse_conv_bn_eval, fuse_linear_bn_eval
+
     fused = fuse_conv_bn_eval(target, bn) if isinstance(target, nn.Conv2d) else fuse_linear_bn_eval(target, bn)  # type: ignore[arg-type]
     _set(target, "weight", fused.weight)
     _set(target, "bias", fused.bias)
@@ -69,9 +67,10 @@ def fold_output(target: nn.Module | None, affine: ChannelAffine) -> bool:
     w, b = affine.weight, affine.bias
     if target is None:
         return False
-    if isinstance(affine.source, _BatchNorm) and isinstance(target, _LAYERS) and target.weight.shape[0] == len(
-            affine.source.running_mean):
-        _fuse_bn(target, affine.source)
+    source = affine.source
+    if isinstance(source, nn.modules.batchnorm._BatchNorm) and isinstance(target, _LAYERS) and \
+            target.weight.shape[0] == len(source.running_mean):
+        _fuse_bn(target, source)
         return True
     weight = getattr(target, "weight", None)
     if not isinstance(weight, Tensor) or (not isinstance(target, _LAYERS) and weight.ndim != 1):
@@ -158,7 +157,6 @@ def _fold_forward(parts: list[nn.Module], i: int, affine: ChannelAffine) -> bool
     return beyond is not None and fold_input(folding_of(parts[beyond]).reads, passed)
 
 
-@torch.no_grad()
 def fold_chain(parts: Sequence[nn.Module]) -> list[nn.Module]:
     """Fold the affine each part ends with into its neighbour in ``parts`` (modules run one after the other,
     each one's output read by the next alone); a part that is nothing but that affine becomes ``nn.Identity``.
@@ -169,10 +167,11 @@ def fold_chain(parts: Sequence[nn.Module]) -> list[nn.Module]:
     ``commutes`` with it into the one after (a norm's weight through PoolFormer's pooling into the layer scale).
     """
     parts = list(parts)
-    for i, part in enumerate(parts):
-        affine = folding_of(part).affine
-        if affine is not None and (_fold_backward(parts, i, affine) or _fold_forward(parts, i, affine)):
-            parts[i] = affine.rest
+    with torch.no_grad():
+        for i, part in enumerate(parts):
+            affine = folding_of(part).affine
+            if affine is not None and (_fold_backward(parts, i, affine) or _fold_forward(parts, i, affine)):
+                parts[i] = affine.rest
     return parts
 
 

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import nn
-
+from metaformer_lab.core.lazy_torch import nn
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import OpSpec

@@ -4,12 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Literal, Union
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
-from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.lazy_torch import F, Tensor, nn, torch
 from metaformer_lab.core.registry import Case, ChannelAffine, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Eps, OpSpec, PosInt, Prob

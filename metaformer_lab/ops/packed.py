@@ -19,10 +19,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+from metaformer_lab.core.lazy_torch import F, Tensor, nn, torch
 
 Activation = Literal["gelu", "gelu_tanh"]
 _APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
@@ -32,6 +29,8 @@ _APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
 def _traced() -> bool:
     """Traced by torch.fx, torch.jit or the TorchScript ONNX exporter (torch.compile and torch.export are checked
     before the call's size is read)."""
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
     return is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 

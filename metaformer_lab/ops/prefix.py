@@ -15,11 +15,10 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-import torch
 from pydantic import Field
-from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.lazy_torch import Tensor, nn, torch
 from metaformer_lab.core.registry import FoldHook, Folding, OpDef, Resolved, Settings
 from metaformer_lab.core.types import Layout, TensorType
 from metaformer_lab.ops.common import OpSpec, join_prefix, require_grid, split_prefix

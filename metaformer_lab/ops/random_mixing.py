@@ -4,9 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-from torch import Tensor, nn
-
+from metaformer_lab.core.lazy_torch import Tensor, nn, torch
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import require_layout, require_no_prefix

@@ -5,9 +5,9 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from torch import Tensor, nn
 
 from metaformer_lab.core.errors import ShapeIssue
+from metaformer_lab.core.lazy_torch import Tensor, nn
 from metaformer_lab.core.registry import Case, Folding, OpDef, Resolved
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, Groups, KernelInt, OpSpec, PosInt, make_act, require_groups, require_layout

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Literal
 
 from pydantic import Field
-from torch import Tensor, nn
 
+from metaformer_lab.core.lazy_torch import Tensor, nn
 from metaformer_lab.core.registry import Case, OpDef
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.ops.common import Act, OpSpec, Ratio, act_layer, require_layout, require_no_prefix

@@ -126,7 +126,7 @@ class SearchConfig(BaseModel):
     @property
     def max_memory_bytes(self) -> int | None:
         """``max_memory`` in bytes (None: a share of what is free when an evaluation starts)."""
-        from metaformer_lab.search.memory import parse_bytes
+        from metaformer_lab.core.sizes import parse_bytes
 
         return None if self.max_memory is None else parse_bytes(self.max_memory)
 

@@ -37,8 +37,9 @@ from timm.models.metaformer import SquaredReLU, StarReLU
 from torch import Tensor, nn
 
 from metaformer_lab.core.errors import Issue, StudyError
+from metaformer_lab.core.sizes import format_bytes
 from metaformer_lab.search.datasets import Dataset, DatasetError
-from metaformer_lab.search.memory import MemoryEstimate, estimate_step, format_bytes
+from metaformer_lab.search.memory import MemoryEstimate, estimate_step
 from metaformer_lab.search.study import Outcome
 
 Report = Callable[[int, float], None]

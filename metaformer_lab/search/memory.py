@@ -66,13 +66,10 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import os
-import re
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -81,6 +78,8 @@ from torch.func import functional_call
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
+
+from metaformer_lab.core.sizes import available_bytes, byte_scale, format_bytes, proc_bytes
 
 DEFAULT_SHARE = 0.2
 """The share of the memory available now that :func:`default_limit` allows one evaluation: the process's own
@@ -97,89 +96,6 @@ mmap threshold (which grows up to 32 MiB) from a heap that keeps freed holes: 20
 the tiny space's 32 px and for PoolFormer at 224 px, within 3 % once ``MALLOC_MMAP_THRESHOLD_`` pins the
 threshold. PyTorch's CUDA caching allocator fragments too."""
 
-_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
-          "t": 10**12, "tb": 10**12, "ki": 2**10, "kib": 2**10, "mi": 2**20, "mib": 2**20, "gi": 2**30,
-          "gib": 2**30, "ti": 2**40, "tib": 2**40}
-_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-z]*)\s*", re.IGNORECASE)
-
-
-def parse_bytes(text: str) -> int:
-    """Bytes from ``"2GB"``, ``"512MB"``, ``"1.5GiB"``, ``"800M"`` or ``"123456"`` (case-insensitive).
-
-    Decimal units (k, M, G, T, with or without B) are powers of 1000, binary ones (KiB, MiB, GiB, TiB, or
-    Ki, Mi, ...) powers of 1024, as in Kubernetes; a fraction of a byte is dropped.
-
-    Raises:
-        ValueError: text that is not a non-negative number with one of those units.
-    """
-    match = _SIZE.fullmatch(text)
-    unit = _UNITS.get(match.group(2).lower()) if match else None
-    if match is None or unit is None:
-        raise ValueError(f"'{text}' is not a size: use bytes or a number with a unit, such as 512MB, 2GB, 1.5GiB")
-    return int(float(match.group(1)) * unit)
-
-
-def format_bytes(n: float) -> str:
-    """``n`` bytes in decimal units with two decimals: ``"3.41 GB"``, ``"850.00 MB"``."""
-    return f"{n / _scale(n)[0]:.2f} {_scale(n)[1]}"
-
-
-def _scale(n: float) -> tuple[int, str]:
-    for size, unit in ((10**12, "TB"), (10**9, "GB"), (10**6, "MB"), (10**3, "kB")):
-        if abs(n) >= size:
-            return size, unit
-    return 1, "B"
-
-
-def available_bytes(device: str | torch.device) -> int:
-    """Memory the process could allocate now on ``device``.
-
-    CPU: ``MemAvailable`` of ``/proc/meminfo`` (what the kernel can give without swapping), capped by the
-    cgroup's ``memory.max`` less its usage when the process runs in a limited container (the OOM killer
-    acts on that limit); without ``/proc``, psutil when installed, else ``os.sysconf``. CUDA: the driver's
-    free memory plus what PyTorch's caching allocator reserves without using.
-
-    Raises:
-        ValueError: a device type other than ``cpu`` and ``cuda``.
-    """
-    dev = torch.device(device)
-    if dev.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(dev)
-        return int(free + torch.cuda.memory_reserved(dev) - torch.cuda.memory_allocated(dev))
-    if dev.type != "cpu":
-        raise ValueError(f"no memory reading for device type '{dev.type}'; use cpu or cuda")
-    try:
-        available = _proc_kb("/proc/meminfo", "MemAvailable")
-    except (OSError, AttributeError):
-        available = _available_without_proc()
-    return int(min(available, _cgroup_headroom()))
-
-
-def _proc_kb(path: str, key: str) -> int:
-    """A ``KEY: N kB`` line of a /proc file, in bytes (AttributeError when absent)."""
-    found = re.search(rf"^{key}:\s+(\d+) kB", Path(path).read_text(), re.MULTILINE)
-    return int(found.group(1)) * 1024  # type: ignore[union-attr]
-
-
-def _available_without_proc() -> int:
-    try:
-        import psutil
-    except ImportError:
-        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    return int(psutil.virtual_memory().available)
-
-
-def _cgroup_headroom() -> int | float:
-    """``memory.max - memory.current`` of the process's cgroup v2 (inf when unlimited or unknown)."""
-    try:
-        group = Path("/proc/self/cgroup").read_text().splitlines()[0].rpartition(":")[2]
-        folder = Path("/sys/fs/cgroup") / group.lstrip("/")
-        limit = (folder / "memory.max").read_text().strip()
-        return float("inf") if limit == "max" else int(limit) - int((folder / "memory.current").read_text())
-    except (OSError, IndexError, ValueError):
-        return float("inf")
-
-
 def default_limit(device: str | torch.device) -> int:
     """:data:`DEFAULT_SHARE` of the memory available now on ``device``: room for the caller, its data and
     other work on the machine."""
@@ -193,7 +109,7 @@ def held_bytes(device: str | torch.device) -> int:
     if dev.type == "cuda":
         return int(torch.cuda.memory_allocated(dev))
     try:
-        return _proc_kb("/proc/self/status", "VmRSS")
+        return proc_bytes("/proc/self/status", "VmRSS")
     except (OSError, AttributeError):
         return 0
 
@@ -272,7 +188,7 @@ class MemoryEstimate:
     def describe(self) -> str:
         """``est. 3.41 GB (params 0.29, grads 0.29, optimizer 0.58, activations 2.20, workspace 0.05) at batch
         64``, every term in the total's unit."""
-        size, _ = _scale(self.total)
+        size, _ = byte_scale(self.total)
         terms = ", ".join(f"{f.name} {getattr(self, f.name) / size:.2f}" for f in fields(self)[:5])
         bound = f"; analytic bound, the meta run failed: {self.analytic}" if self.analytic else ""
         return f"est. {format_bytes(self.total)} ({terms}) at batch {self.batch}{bound}"

@@ -33,6 +33,7 @@ import optuna
 import torch
 
 from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.core.sizes import format_bytes
 from metaformer_lab.graph.cost import graph_cost, memory_need
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.latency.lease import host_lease
@@ -41,7 +42,7 @@ from metaformer_lab.search.config import SearchConfig
 from metaformer_lab.search.datasets import Dataset
 from metaformer_lab.search.evaluators import EvalResult, EvaluationFailed, Evaluator, MemoryLimitExceeded
 from metaformer_lab.search.latency import margin
-from metaformer_lab.search.memory import format_bytes, held_bytes, release, step_limit
+from metaformer_lab.search.memory import held_bytes, release, step_limit
 from metaformer_lab.search.study import Outcome
 from metaformer_lab.space import InvalidPoint, SearchSpace, decode_point
 from metaformer_lab.space.decode import Point

@@ -23,6 +23,7 @@ from metaformer_lab.api import build
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.network import Network
 from metaformer_lab.core.errors import StudyError
+from metaformer_lab.core.sizes import available_bytes, format_bytes, parse_bytes
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.search import evaluators
 from metaformer_lab.search.datasets import Dataset, load_dataset
@@ -36,12 +37,9 @@ from metaformer_lab.search.evaluators import (
 from metaformer_lab.search.memory import (
     DEFAULT_SHARE,
     MemoryEstimate,
-    available_bytes,
     default_limit,
     estimate_step,
-    format_bytes,
     held_bytes,
-    parse_bytes,
     step_limit,
 )
 from metaformer_lab.space import decode, load_space
