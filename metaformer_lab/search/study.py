@@ -101,9 +101,12 @@ def open_storage(url: str, heartbeat_s: int, *, attempts: int = 5) -> optuna.sto
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                return optuna.storages.RDBStorage(
+                storage = optuna.storages.RDBStorage(
                     url, heartbeat_interval=heartbeat_s, grace_period=2 * heartbeat_s,
                     heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2))
+            if storage.engine.dialect.name == "sqlite":
+                _write_ahead(storage.engine)
+            return storage
         except (sqlalchemy.exc.IntegrityError, sqlalchemy.exc.ProgrammingError) as err:
             if attempt < attempts:  # another process is creating the schema
                 time.sleep(0.2 * attempt)
@@ -113,6 +116,26 @@ def open_storage(url: str, heartbeat_s: int, *, attempts: int = 5) -> optuna.sto
         except Exception as err:  # noqa: BLE001 - SQLAlchemy raises many kinds; all mean "cannot open it"
             failure = err
         raise StudyError.single("--storage", f"cannot open {url}: {_first_line(failure)}")
+
+
+def _write_ahead(engine: Any) -> None:
+    """SQLite with a write-ahead log, synced at checkpoints rather than at every commit.
+
+    Optuna commits each parameter, attribute and state change on its own; in SQLite's default mode each commit
+    waits for the disk (~1.7 ms here), a fifth of a zero-cost search's time. With the log, a commit survives the
+    process being killed (it is in the log file, which the next opening reads), and only a crash of the machine
+    itself may lose the last commits; readers in other processes (``report``, Ray's workers) no longer wait for
+    the writer. The log is folded into ``study.db`` when the last connection closes."""
+    import sqlalchemy
+
+    @sqlalchemy.event.listens_for(engine, "connect")
+    def _pragmas(connection: Any, _: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    engine.dispose()  # the connections Optuna opened to create its schema predate the pragmas
 
 
 def _first_line(err: BaseException) -> str:

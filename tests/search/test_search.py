@@ -111,6 +111,29 @@ def test_without_the_host_check_a_profile_of_another_cpu_is_not_used(tmp_path: P
         assert any("near match 'cpu-tiny-1t': differs in device_name" in i.message for i in search.source.unmatched)
 
 
+def test_a_local_study_commits_to_a_write_ahead_log_and_folds_it_in_at_the_end(tmp_path: Path) -> None:
+    """SQLite in WAL mode, synced at checkpoints (a commit does not wait for the disk); the run folder holds
+    study.db alone once the search's connections close."""
+    import sqlite3
+
+    from metaformer_lab.search.study import open_storage
+
+    db = tmp_path / "study.db"
+    storage = open_storage(f"sqlite:///{db}", heartbeat_s=10)
+    study = optuna.create_study(storage=storage, study_name="wal")
+    study.enqueue_trial({"x": 1})
+    study.optimize(lambda trial: trial.suggest_int("x", 0, 3), n_trials=2)
+    with storage.engine.connect() as connection:
+        modes = [connection.exec_driver_sql(f"PRAGMA {p}").scalar() for p in ("journal_mode", "synchronous")]
+    assert modes == ["wal", 1]  # 1: NORMAL
+    assert db.with_name("study.db-wal").exists()  # committed there while the search runs
+    storage.engine.dispose()
+    assert not db.with_name("study.db-wal").exists()
+    with sqlite3.connect(db) as reader:  # everything committed is in study.db
+        assert reader.execute("SELECT COUNT(*) FROM trials WHERE state = 'COMPLETE'").fetchone() == (2,)
+    reader.close()
+
+
 def test_a_finalist_over_budget_when_measured_is_reported_not_chosen(tmp_path: Path) -> None:
     search, _ = run_search(quick(tmp_path, trials=8))
     study = search.study
