@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+import threading
 import types
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +39,7 @@ _CLASSES = {"Tensor": ("torch", "Tensor")}
 _PACKAGE = __name__.split(".")[0]
 _loaded = False
 _recorded: list[_RecordedClass] = []
+_lock = threading.RLock()  # one thread makes the classes; another that needs one waits for it
 
 
 def torch_imported() -> bool:
@@ -50,17 +52,20 @@ def load() -> None:
     global _loaded
     if _loaded:
         return
-    importlib.import_module("torch.nn.functional")
-    _loaded = True
-    for recorded in list(_recorded):
-        recorded.real()
-    for module in list(sys.modules.values()):
-        if getattr(module, "__name__", "").partition(".")[0] != _PACKAGE or type(module) is not types.ModuleType:
-            continue
-        names = vars(module)
-        for name, value in list(names.items()):
-            if isinstance(value, _Lazy):
-                names[name] = value.real()
+    with _lock:
+        if _loaded:
+            return
+        importlib.import_module("torch.nn.functional")
+        _loaded = True
+        for recorded in list(_recorded):
+            recorded.real()
+        for module in list(sys.modules.values()):
+            if type(module) is not types.ModuleType or module.__name__.partition(".")[0] != _PACKAGE:
+                continue  # (the type first: reading a lazily loaded module's attribute would load it)
+            names = vars(module)
+            for name, value in list(names.items()):
+                if isinstance(value, _Lazy):
+                    names[name] = value.real()
 
 
 class _Lazy:
@@ -132,15 +137,17 @@ class _RecordedClass(_Lazy):
         self.__module__, self.__doc__ = namespace["__module__"], namespace.get("__doc__")
 
     def real(self) -> type:
-        if self._made is None:
-            load()
-        if self._made is None:  # load() makes every recorded class; this one may be needed by another first
-            bases = tuple(base.real() if isinstance(base, _Lazy) else base for base in self._bases)
-            namespace = self._namespace  # carries __classcell__: type.__new__ binds super() to the made class
-            self._made = types.new_class(self._name, bases, self._kwargs, lambda ns: ns.update(namespace))
-            home = sys.modules.get(namespace["__module__"])
-            if home is not None and vars(home).get(self._name) is self:
-                setattr(home, self._name, self._made)  # pickle finds a class by its module and name
+        if self._made is not None:
+            return self._made
+        load()
+        with _lock:
+            if self._made is None:  # load() makes every recorded class; this one may be needed by another first
+                bases = tuple(base.real() if isinstance(base, _Lazy) else base for base in self._bases)
+                namespace = self._namespace  # carries __classcell__: type.__new__ binds super() to the made class
+                self._made = types.new_class(self._name, bases, self._kwargs, lambda ns: ns.update(namespace))
+                home = sys.modules.get(namespace["__module__"])
+                if home is not None and vars(home).get(self._name) is self:
+                    setattr(home, self._name, self._made)  # pickle finds a class by its module and name
         return self._made
 
     def __repr__(self) -> str:
