@@ -279,8 +279,10 @@ class _Lowering:
         must give the same one: the stage runs one (:func:`metaformer_lab.compile.compiler.hoist_stage_context`)."""
         first: tuple[Any, str] | None = None
         for _, node in self.g.nodes(data=True):
-            key_of = getattr(node.get("spec"), "stage_context_key", None)
-            if node["stage"] != i or node["inside"] is not None or key_of is None or node.get("resolved") is None:
+            if node["stage"] != i or node["inside"] is not None or node.get("resolved") is None:
+                continue
+            key_of = getattr(node.get("spec"), "stage_context_key", None)  # (pydantic answers a miss slowly)
+            if key_of is None:
                 continue
             key = key_of(node["resolved"])
             if key is None:
@@ -399,7 +401,7 @@ class _Lowering:
         for part in branch.shortcut:
             s = self.part(name, path, sources[part], part, s, shortcut, target.channels if target else None)
         plan = replace(plan, shortcut=tuple(shortcut))
-        kept, mixer = self.out(s), mixer_fields(branch, block)[0]
+        kept, mixer = self.out(s), mixer_fields(branch, block, sources)[0]
         if kept is not None and target is not None and kept != target:
             if s != start:
                 self.issues.append(Issue(f"{path}.shortcut", f"gives {kept}, but the block's branch gives {target}"))

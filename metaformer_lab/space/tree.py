@@ -14,7 +14,7 @@ define-by-run sampler sees). Expansion is a generator, so one engine serves thre
 from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
 Label = str | int | float | bool | None
@@ -147,18 +147,17 @@ class State:
     decisions: tuple[Decision, ...] = ()
     origins: tuple[tuple[str, str], ...] = ()  # (spec location, space-file path of what was put there)
 
+    # (the constructor, not dataclasses.replace: a space's every choice makes a State, and replace is slow)
     def bind(self, name: str, value: Any, loc: str, source: str) -> State:
-        return replace(self, params={**self.params, name: value},
-                       decisions=(*self.decisions, Decision(name, value, loc, source)),
-                       origins=(*self.origins, (loc, source)))
+        return State({**self.params, name: value}, (*self.decisions, Decision(name, value, loc, source)),
+                     (*self.origins, (loc, source)))
 
     def note(self, name: str, value: Any, loc: str, source: str) -> State:
         """Record where an already bound (tied) parameter was used again."""
-        return replace(self, decisions=(*self.decisions, Decision(name, value, loc, source)),
-                       origins=(*self.origins, (loc, source)))
+        return State(self.params, (*self.decisions, Decision(name, value, loc, source)), (*self.origins, (loc, source)))
 
     def came_from(self, pairs: Sequence[tuple[str, str]]) -> State:
-        return replace(self, origins=(*self.origins, *pairs))
+        return State(self.params, self.decisions, (*self.origins, *pairs))
 
 
 class Chooser(Protocol):

@@ -170,7 +170,7 @@ def _resolved_source(source: SpecSource, block_dirs: Sequence[str | os.PathLike[
     """(resolved data, problems resolving named blocks) of a source that is not an ArchSpec."""
     dirs = [Path(d) for d in block_dirs]
     if isinstance(source, Mapping):
-        data, origin = copy.deepcopy(dict(source)), "<spec>"
+        data, origin = dict(source), "<spec>"  # resolve() copies it before changing anything
     else:
         data, found = _read_source(source)
         dirs, origin = [*dirs, *found], os.fspath(source)

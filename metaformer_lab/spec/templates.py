@@ -151,10 +151,11 @@ def step_part_names(block: Any) -> list[list[str]]:
     return [list(names.values()) for names in _step_names(block)]
 
 
-def mixer_fields(branch: Branch, block: Any) -> list[str]:
+def mixer_fields(branch: Branch, block: Any, sources: dict[str, Source] | None = None) -> list[str]:
     """The mixer fields of ``branch`` that ``block`` sets (``block``: a ``BlockSpec``), in part order, relative
-    to the block (``token_mixer``, ``steps.mlp.channel_mixer``)."""
-    sources = part_sources(block)
+    to the block (``token_mixer``, ``steps.mlp.channel_mixer``). ``sources``: ``part_sources(block)`` where the
+    caller has it."""
+    sources = part_sources(block) if sources is None else sources
     found = [sources[p] for p in branch.parts if p in sources]
     return [s.field for s in found if s.role in MIXER_FIELDS and s.value is not None]
 
@@ -166,7 +167,8 @@ def kept_branches(block: Any) -> tuple[Branch, ...]:
         steps = block.steps.values()
         return tuple(step_branch(step, names) for step, names in zip(steps, _step_names(block), strict=True)
                      if _step_mixer(step) is not None)
-    return tuple(b for b in TEMPLATES[block.template] if mixer_fields(b, block))
+    sources = part_sources(block)
+    return tuple(b for b in TEMPLATES[block.template] if mixer_fields(b, block, sources))
 
 
 def used_fields(block: Any) -> set[str]:
