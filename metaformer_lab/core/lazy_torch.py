@@ -142,10 +142,8 @@ class _RecordedClass(_Lazy):
         load()
         with _lock:
             if self._made is None:  # load() makes every recorded class; this one may be needed by another first
-                bases = tuple(base.real() if isinstance(base, _Lazy) else base for base in self._bases)
-                namespace = self._namespace  # carries __classcell__: type.__new__ binds super() to the made class
-                self._made = types.new_class(self._name, bases, self._kwargs, lambda ns: ns.update(namespace))
-                home = sys.modules.get(namespace["__module__"])
+                self._made = _make(self._name, self._bases, self._namespace, self._kwargs)
+                home = sys.modules.get(self._namespace["__module__"])
                 if home is not None and vars(home).get(self._name) is self:
                     setattr(home, self._name, self._made)  # pickle finds a class by its module and name
         return self._made
@@ -155,12 +153,18 @@ class _RecordedClass(_Lazy):
         return f"<class {self._namespace['__module__']}.{self._namespace['__qualname__']} ({state})>"
 
 
+def _make(name: str, bases: tuple[Any, ...], namespace: dict[str, Any], kwargs: dict[str, Any]) -> type:
+    """The class a class statement on stand-in bases meant, on the real bases. ``namespace`` carries the body's
+    ``__classcell__``: ``type.__new__`` binds ``super()`` to the class made here."""
+    real = tuple(base.real() if isinstance(base, _Lazy) else base for base in bases)
+    return types.new_class(name, real, kwargs, lambda ns: ns.update(namespace))
+
+
 class _RecorderMeta(type):
     def __new__(mcs, name: str, bases: tuple[type, ...], namespace: dict[str, Any], **kwargs: Any) -> Any:
         original = namespace.pop("__orig_bases__", bases)
         if torch_imported():  # loaded since the stand-in base was read: make the class at once
-            real = tuple(base.real() if isinstance(base, _Lazy) else base for base in original)
-            return types.new_class(name, real, kwargs, lambda ns: ns.update(namespace))
+            return _make(name, original, namespace, kwargs)
         recorded = _RecordedClass(name, original, namespace, kwargs)
         _recorded.append(recorded)
         return recorded
