@@ -124,7 +124,7 @@ def _write_ahead(engine: Any) -> None:
     Optuna commits each parameter, attribute and state change on its own; in SQLite's default mode each commit
     waits for the disk (~1.7 ms here), a fifth of a zero-cost search's time. With the log, a commit survives the
     process being killed (it is in the log file, which the next opening reads), and only a crash of the machine
-    itself may lose the last commits; readers in other processes (``report``, Ray's workers) no longer wait for
+    itself may lose the last commits; readers in other processes (``report``, a dashboard) no longer wait for
     the writer. The log is folded into ``study.db`` when the last connection closes."""
     import sqlalchemy
 
