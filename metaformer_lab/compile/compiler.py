@@ -91,7 +91,13 @@ def hoist_stage_context(blocks: list[Block]) -> tuple[str, nn.Module] | None:
 
 
 def initialize(net: nn.Module) -> None:
-    """timm's initialisation: truncated-normal weights everywhere, then each module's own scheme."""
+    """timm's initialisation: truncated-normal weights everywhere, then each module's own scheme.
+
+    A network on the ``meta`` device has no values to set: nothing runs (each init op would run PyTorch's Python
+    meta kernel, a third of the time a zoo model's fixed-point check spent building the meta copies it reads
+    shapes from)."""
+    if all(t.is_meta for t in (*net.parameters(), *net.buffers())):
+        return
     net.apply(init_weights)
     for m in net.modules():
         own = getattr(m, "init_weights", None)

@@ -33,10 +33,12 @@ def _shapes(spec: ArchSpec) -> dict[str, torch.Size]:
     return {k: v.shape for k, v in net.state_dict().items()}
 
 
-def _classifier_keys(zoo: ZooModel) -> list[str]:
-    """The reference's classifier weight keys: from its pretrained config, else from get_classifier()."""
+@functools.lru_cache(maxsize=32)
+def _classifier_keys(name: str) -> tuple[str, ...]:
+    """The reference's classifier weight keys: from its pretrained config, else from get_classifier() (a meta
+    copy of the reference, built once per process)."""
     with torch.device("meta"):
-        reference = zoo.reference()
+        reference = get(name).reference()
     cfg = getattr(reference, "pretrained_cfg", None) or {}
     names = cfg.get("classifier")
     if names is None:
@@ -44,12 +46,12 @@ def _classifier_keys(zoo: ZooModel) -> list[str]:
         heads = get_classifier() if callable(get_classifier) else ()
         heads = heads if isinstance(heads, tuple) else (heads,)
         names = [n for n, m in reference.named_modules() if any(m is h for h in heads)]
-    return [f"{n}.weight" for n in ((names,) if isinstance(names, str) else names)]
+    return tuple(f"{n}.weight" for n in ((names,) if isinstance(names, str) else names))
 
 
 def timm_num_classes(zoo: ZooModel, timm_state_dict: Mapping[str, Tensor]) -> int:
     """The number of classes a timm state_dict was trained for (0 when it has no classifier)."""
-    for key in _classifier_keys(zoo):
+    for key in _classifier_keys(zoo.name):
         if key in timm_state_dict:
             return int(timm_state_dict[key].shape[0])
     return 0

@@ -106,10 +106,16 @@ class ZooModel(BaseModel):
         return timm.create_model(self.timm_name, pretrained=False, **args)
 
     def reference_keys(self, **kwargs: Any) -> dict[str, torch.Size]:
-        """The reference's state_dict keys and shapes, built on the meta device (no memory, no init)."""
-        with torch.device("meta"):
-            module = self.reference(**kwargs)
-        return {k: v.shape for k, v in module.state_dict().items()}
+        """The reference's state_dict keys and shapes, built on the meta device (no memory) once per process
+        for each set of arguments (timm's initialisation still runs there, in PyTorch's Python meta kernels)."""
+        return dict(_reference_keys(self.name, tuple(sorted(kwargs.items()))))
+
+
+@functools.lru_cache(maxsize=32)
+def _reference_keys(name: str, kwargs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, torch.Size], ...]:
+    with torch.device("meta"):
+        module = get(name).reference(**dict(kwargs))
+    return tuple((k, v.shape) for k, v in module.state_dict().items())
 
 
 def families_dir() -> Path:
