@@ -18,6 +18,7 @@ same parts (:func:`timing_plan`, :func:`module_and_shape`, :func:`prepare`, :fun
 from __future__ import annotations
 
 import copy
+import inspect
 import math
 import platform
 import re
@@ -303,8 +304,28 @@ def prepare(module: nn.Module, shape: tuple[int, ...], plan: TimingPlan,
         module = to_channels_last(module)
         x = x.contiguous(memory_format=torch.channels_last)
     if target.compile is not None:
-        return torch.compile(module, mode=target.compile), x
+        return compiled(module, target.compile), x
     return module, x
+
+
+def compiled(module: nn.Module, mode: str | None, backend: str = "inductor") -> Callable[[Tensor], Any]:
+    """``torch.compile`` for timing one network among many in a process: static shapes, and recompilations
+    counted for this call alone.
+
+    Every network we build runs the same ``Network.forward`` code, and Dynamo keeps its compiled entries per code
+    object: by default the ninth network compiled in a process hits ``recompile_limit`` (8) and runs eager while
+    its time is reported as compiled, and from the second network on, a size that changed marks dimensions
+    dynamic (symbolic shapes: a slower compile and other kernels than a deployment at one input size gets).
+    ``isolate_recompiles`` gives each call its own entries and limit; on a PyTorch without it, Dynamo's caches
+    are cleared first instead (a module compiled earlier recompiles on its next call).
+    """
+    if "isolate_recompiles" in _COMPILE_ARGS:
+        return torch.compile(module, mode=mode, backend=backend, dynamic=False, isolate_recompiles=True)
+    torch._dynamo.reset()
+    return torch.compile(module, mode=mode, backend=backend, dynamic=False)
+
+
+_COMPILE_ARGS = frozenset(inspect.signature(torch.compile).parameters)
 
 
 # --- timing ------------------------------------------------------------------------------------

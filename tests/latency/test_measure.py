@@ -218,6 +218,27 @@ def test_cuda_events(dtype: str) -> None:
     assert result.provenance.device_name == torch.cuda.get_device_name(0)
 
 
+def test_each_network_compiled_for_timing_is_compiled_not_left_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our networks share one ``forward``: past Dynamo's recompile limit a later network would run eager while
+    timed as compiled. Each compilation for timing counts on its own (a limit of 1 here, three networks)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from metaformer_lab.latency.measure import compiled
+
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    spec = read_spec(TINY)
+    before = counters["stats"]["unique_graphs"]
+    for width in (1, 2, 3):  # 32 * width, 64 * width, 128 * width channels
+        narrow = spec.model_copy(update={"stages": [s.model_copy(update={"dim": s.dim * width})
+                                                    for s in spec.stages]})
+        net = compile_graph(lower(narrow)).eval()
+        x = torch.randn(1, narrow.input.channels, *narrow.input.hw)
+        with torch.no_grad():
+            torch.testing.assert_close(compiled(net, None, backend="eager")(x), net(x))
+    assert counters["stats"]["unique_graphs"] - before == 3
+
+
 @pytest.mark.slow
 def test_compiled_model_records_its_mode() -> None:
     result = measure(TINY, compile="default", **{**FAST, "max_warmup_s": 5.0})
