@@ -2,10 +2,13 @@
 
 ``F.linear`` on the CPU hands the plain weight to the BLAS each call; oneDNN's matmul instead reads a copy of the
 weight laid out for its kernel (``torch.ops.mkldnn._reorder_linear_weight``, the same reorder inductor's frozen
-CPU graphs use), and can apply a GELU to the output in the same pass. For large products (a token matrix of a
-224x224 network) that is 5-25 % faster at one thread; for small ones the kernel's fixed cost loses
-(``benchmarks/packed_linear.py`` measures both and the crossover), so a call below :attr:`PackedLinear.min_macs`
-multiply-adds runs ``F.linear``.
+CPU graphs use), and can apply a GELU to the output in the same pass. Which is faster depends on the CPU: on one
+AMD EPYC host the reordered kernel took 0.75-0.93 of ``F.linear``'s time for the token matrices of a 224x224
+network at one thread, on another (AVX2, no AVX-512) 0.95-1.14, and 1.0-1.7 with the GELU fused
+(``benchmarks/packed_linear.py`` measures both). So the kernel is chosen per call shape on the host itself: the first
+call of each shape (rows, widths, activation, threads) times both, a few calls in turn, and the reordered kernel
+serves that shape from then on only where it was clearly faster (:data:`CHOICES`). Small calls, below
+:attr:`PackedLinear.min_macs` multiply-adds, always run ``F.linear`` (the kernel's fixed cost loses there).
 
 :class:`PackedLinear` is an ``nn.Linear`` (same parameters, state_dict and outputs within float32 rounding); the
 reordered copy is a cache, made on the first call that uses it and again whenever the weight changes (it is not
@@ -26,6 +29,29 @@ _APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
 """Each activation's GELU approximation, as ``F.gelu`` and oneDNN's fused GELU both name it."""
 
 
+CHOICES: dict[tuple[int, int, int, str | None, int], bool] = {}
+"""Per call shape, ``(rows, in_features, out_features, activation, threads)``: whether the reordered kernel was the
+faster on this host (timed on the first call of that shape in this process)."""
+
+_MARGIN = 0.97
+"""The reordered kernel is chosen when its time is below this share of ``F.linear``'s (a tie keeps F.linear)."""
+
+
+def _faster(first: Any, second: Any, rounds: int = 5) -> bool:
+    """Whether ``first()`` runs in under :data:`_MARGIN` of ``second()``'s time: one call of each to warm up, then
+    ``rounds`` calls of each in turn, the fastest of each compared (the least disturbed by a neighbour)."""
+    import time
+
+    first(), second()
+    best = [float("inf"), float("inf")]
+    for _ in range(rounds):
+        for i, call in enumerate((first, second)):
+            start = time.perf_counter_ns()
+            call()
+            best[i] = min(best[i], time.perf_counter_ns() - start)
+    return best[0] < _MARGIN * best[1]
+
+
 def _traced() -> bool:
     """Traced by torch.fx, torch.jit or the TorchScript ONNX exporter (torch.compile and torch.export are checked
     before the call's size is read)."""
@@ -40,8 +66,12 @@ class PackedLinear(nn.Linear):
     ``nn.GELU(approximate="tanh")`` to the output in the same kernel."""
 
     min_macs: int = 1 << 23
-    """Multiply-adds per call from which the reordered kernel runs (about 8 M: 196 tokens x 64 -> 512 channels
-    is near the crossover on one thread here, see ``benchmarks/packed_linear.py``)."""
+    """Multiply-adds per call from which the reordered kernel may run (about 8 M: 196 tokens x 64 -> 512 channels
+    is near the crossover on one thread where it wins, see ``benchmarks/packed_linear.py``)."""
+
+    kernel: Literal["auto", "reordered", "plain"] = "auto"
+    """``auto``: for a large call, the kernel timed the faster for its shape on this host (:data:`CHOICES`);
+    ``reordered``: always for a large call; ``plain``: never (``F.linear`` for every call)."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, activation: Activation | None = None,
                  device: Any = None, dtype: torch.dtype | None = None) -> None:
@@ -86,13 +116,31 @@ class PackedLinear(nn.Linear):
                 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _traced())
 
-    def forward(self, x: Tensor) -> Tensor:  # (..., in_features) -> (..., out_features)
+    def _reordered_wins(self, x: Tensor) -> bool:
+        if self.kernel != "auto":
+            return self.kernel == "reordered"
+        key = (x.numel() // self.in_features, self.in_features, self.out_features, self.activation,
+               torch.get_num_threads())
+        wins = CHOICES.get(key)
+        if wins is None:
+            wins = CHOICES[key] = _faster(lambda: self._reordered_call(x), lambda: self._plain_call(x))
+            if not wins:  # the copy made for the race is not kept
+                self._packed = self._packed_from = None
+        return wins
+
+    def _reordered_call(self, x: Tensor) -> Tensor:
         act = self.activation
-        if self._kernel_serves(x):
-            return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "none" if act is None else
-                                                      "gelu", [], "" if act is None else _APPROXIMATE[act])
+        return torch.ops.mkldnn._linear_pointwise(x, self._reordered(), self.bias, "none" if act is None else "gelu",
+                                                  [], "" if act is None else _APPROXIMATE[act])
+
+    def _plain_call(self, x: Tensor) -> Tensor:
         y = F.linear(x, self.weight, self.bias)
-        return y if act is None else F.gelu(y, approximate=_APPROXIMATE[act])
+        return y if self.activation is None else F.gelu(y, approximate=_APPROXIMATE[self.activation])
+
+    def forward(self, x: Tensor) -> Tensor:  # (..., in_features) -> (..., out_features)
+        if self.kernel != "plain" and self._kernel_serves(x) and self._reordered_wins(x):
+            return self._reordered_call(x)
+        return self._plain_call(x)
 
 
 def gelu_of(act: nn.Module) -> Activation | None:

@@ -11,11 +11,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from metaformer_lab.ops import packed as packed_module
 from metaformer_lab.ops.packed import PackedLinear, gelu_of, pack_linears
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 LARGE = (1, 196, 384)  # 196 x 384 x 1536 multiply-adds: over PackedLinear.min_macs
 SMALL = (1, 4, 384)
+
+
+@pytest.fixture(autouse=True)
+def _reordered_for_large_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The kernel's own tests run it wherever a call is large (``auto`` picks it only where it is the faster on
+    this host; its tests below set ``auto`` again)."""
+    monkeypatch.setattr(PackedLinear, "kernel", "reordered")
 
 
 def _pair(activation: str | None = None, bias: bool = True) -> tuple[nn.Linear, PackedLinear]:
@@ -137,3 +145,58 @@ def test_the_deploy_form_runs_an_mlps_gelu_in_fc1s_kernel() -> None:
     x = torch.randn(1, 3, 224, 224)
     with torch.inference_mode():
         torch.testing.assert_close(deployed(x), net(x), rtol=1e-4, atol=1e-4)
+
+
+@needs_onednn
+@pytest.mark.parametrize("reordered_faster", [True, False])
+def test_auto_runs_the_kernel_timed_the_faster_for_each_shape(monkeypatch: pytest.MonkeyPatch,
+                                                              reordered_faster: bool) -> None:
+    """``auto`` times both kernels on a shape's first large call (here the race's verdict is given), keeps the
+    verdict for every later call of that shape in the process, and keeps no reordered copy where F.linear won."""
+    monkeypatch.setattr(PackedLinear, "kernel", "auto")
+    monkeypatch.setattr(packed_module, "CHOICES", {})
+    races: list[int] = []
+
+    def race(first: object, second: object) -> bool:
+        races.append(1)
+        return reordered_faster
+
+    monkeypatch.setattr(packed_module, "_faster", race)
+    linear, packed = _pair("gelu")
+    other = PackedLinear.of(copy.deepcopy(linear), "gelu")
+    x = torch.randn(LARGE)
+    with torch.inference_mode():
+        reference = _reference(linear, x, "gelu")
+        torch.testing.assert_close(packed(x), reference, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(other(x), reference, rtol=1e-5, atol=1e-5)  # same shape: no second race
+        packed(torch.randn(SMALL))  # small calls never race
+    assert races == [1]
+    assert list(packed_module.CHOICES.values()) == [reordered_faster]
+    assert (packed._packed is not None) == reordered_faster and (other._packed is not None) == reordered_faster
+
+
+@needs_onednn
+def test_the_race_times_both_kernels_on_this_host(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The real race: each kernel runs (warm-up and rounds) and the verdict is recorded for the call's shape."""
+    monkeypatch.setattr(PackedLinear, "kernel", "auto")
+    monkeypatch.setattr(packed_module, "CHOICES", {})
+    calls = {"reordered": 0, "plain": 0}
+    _, packed = _pair()
+    for name in calls:
+        real = getattr(packed, f"_{name}_call")
+        monkeypatch.setattr(packed, f"_{name}_call", lambda x, real=real, name=name: calls.__setitem__(
+            name, calls[name] + 1) or real(x))
+    with torch.inference_mode():
+        packed(torch.randn(LARGE))
+    assert calls["reordered"] >= 6 and calls["plain"] >= 6  # a warm-up call and five rounds each, then the call
+    ((rows, width, out, act, threads), _), = packed_module.CHOICES.items()
+    assert (rows, width, out, act, threads) == (196, 384, 1536, None, torch.get_num_threads())
+
+
+def test_plain_never_runs_the_reordered_kernel(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(PackedLinear, "kernel", "plain")
+    linear, packed = _pair()
+    x = torch.randn(LARGE)
+    with torch.inference_mode():
+        torch.testing.assert_close(packed(x), linear(x), rtol=1e-5, atol=1e-5)
+    assert packed._packed is None

@@ -52,7 +52,7 @@ def test_a_ray_search_runs_trials_in_parallel_survives_a_killed_worker_and_write
         tmp_path: Path) -> None:
     """One run for both (each search costs a Ray start and two workers' imports): trials run two at a time on
     reused workers; a worker killed mid-trial does not end the run; the run folder is the Optuna backend's."""
-    study = _study_file(tmp_path, "parallel", 4, epochs=4, batches=4)
+    study = _study_file(tmp_path, "parallel", 4, epochs=4, batches=2)
     url = _url(tmp_path, "parallel")
     proc, _, err = _start(tmp_path, "search", "--study", str(study))
     try:
@@ -106,7 +106,7 @@ def test_a_ray_search_runs_trials_in_parallel_survives_a_killed_worker_and_write
 
 
 def test_ctrl_c_then_resume_reruns_the_unfinished_trials_and_keeps_the_rest(tmp_path: Path) -> None:
-    study = _study_file(tmp_path, "resumed", 4, epochs=3, batches=4)  # and the 4 references
+    study = _study_file(tmp_path, "resumed", 4, epochs=3, batches=2)  # and the 4 references
     url = _url(tmp_path, "resumed")
     proc, out, err = _start(tmp_path, "search", "--study", str(study))
     try:

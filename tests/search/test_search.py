@@ -420,7 +420,7 @@ def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path
 def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
     """Sampler, weight init and training are all seeded: a study repeats trial by trial."""
     def scores(folder: str) -> list[tuple[dict[str, Any], float | None]]:
-        search, _ = run_search(quick(tmp_path / folder, evaluator="train", trials=6,
+        search, _ = run_search(quick(tmp_path / folder, evaluator="train", trials=3,  # and the 4 references
                                      evaluator_options={"epochs": 1, "max_batches_per_epoch": 2, "batch_size": 16}))
         return [(t.params, t.user_attrs.get("score")) for t in search.study.get_trials()]
 
