@@ -20,6 +20,7 @@ may fuse the activation that follows its Linear (``activation``).
 
 from __future__ import annotations
 
+import time
 from typing import Any, Literal
 
 from metaformer_lab.core.lazy_torch import F, Tensor, nn, torch
@@ -40,8 +41,6 @@ _MARGIN = 0.97
 def _faster(first: Any, second: Any, rounds: int = 5) -> bool:
     """Whether ``first()`` runs in under :data:`_MARGIN` of ``second()``'s time: one call of each to warm up, then
     ``rounds`` calls of each in turn, the fastest of each compared (the least disturbed by a neighbour)."""
-    import time
-
     first(), second()
     best = [float("inf"), float("inf")]
     for _ in range(rounds):
