@@ -93,7 +93,8 @@ def test_torch_fx_traces_the_generic_blocks_and_the_deploy_form(name: str) -> No
 
 
 @pytest.mark.export
-@pytest.mark.parametrize("name", ["tiny_caformer", "tiny_swin", "tiny_inception_hilo"])
+@pytest.mark.parametrize("name", ["tiny_caformer", pytest.param("tiny_swin", marks=pytest.mark.slow),
+                                  pytest.param("tiny_inception_hilo", marks=pytest.mark.slow)])
 def test_onnx_export_round_trip(tmp_path: Path, name: str) -> None:
     ort = pytest.importorskip("onnxruntime")
     net, x = _net_and_input(BY_NAME[name])

@@ -397,7 +397,7 @@ def test_build_deploy_reports_fewer_params() -> None:
 
 
 @pytest.mark.export
-@pytest.mark.parametrize("name", ["efficientformer_l1", "caformer_s18"])
+@pytest.mark.parametrize("name", ["efficientformer_l1", pytest.param("caformer_s18", marks=pytest.mark.slow)])
 def test_export_deploy_onnx_matches_pytorch(tmp_path: Path, name: str) -> None:
     """The exported deploy form runs in onnxruntime (when installed) with the deploy form's PyTorch outputs."""
     out = tmp_path / "m.onnx"

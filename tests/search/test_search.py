@@ -95,6 +95,7 @@ def test_on_the_cpu_latency_is_predicted_and_the_finalists_measured(tmp_path: Pa
     assert len([m for m in report["finalists"].values() if m.get("measured_ms")]) >= 2
 
 
+@pytest.mark.slow
 def test_without_the_host_check_a_profile_of_another_cpu_is_not_used(tmp_path: Path, host_cpu: str) -> None:
     """--no-host-check: the shipped profile predicts on the CPU model it was made on, unscaled; on another
     model nothing fits, and every candidate is measured."""
@@ -417,6 +418,7 @@ def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path
     assert (out / "summary.json").is_file()
 
 
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
     """Sampler, weight init and training are all seeded: a study repeats trial by trial."""
     def scores(folder: str) -> list[tuple[dict[str, Any], float | None]]:

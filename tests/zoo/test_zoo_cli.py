@@ -76,13 +76,15 @@ def _exported(tmp_path: Path, name: str, fmt: str) -> Path:
 
 
 @pytest.mark.export
-@pytest.mark.parametrize(("name", "fmt"), [("vit_tiny_patch16_224", "onnx"), ("swin_tiny_patch4_window7_224", "pt2"),
-                                           ("vit_tiny_patch16_224", "pt2")])
+@pytest.mark.parametrize(("name", "fmt"), [  # the default run keeps the quickest; CI runs all three
+    pytest.param("vit_tiny_patch16_224", "onnx", marks=pytest.mark.slow),
+    pytest.param("swin_tiny_patch4_window7_224", "pt2", marks=pytest.mark.slow), ("vit_tiny_patch16_224", "pt2")])
 def test_export_round_trip(tmp_path: Path, name: str, fmt: str) -> None:
     _exported(tmp_path, name, fmt)
 
 
 @pytest.mark.export
+@pytest.mark.slow
 def test_exported_onnx_takes_another_batch_size(tmp_path: Path) -> None:
     """poolformer_s12's round trip, then a batch of 3 through onnxruntime."""
     ort = pytest.importorskip("onnxruntime")
