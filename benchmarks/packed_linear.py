@@ -89,7 +89,8 @@ def main() -> None:
                   "reordered weight is faster")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({
-        "cpu": cpu_name(), "torch": torch.__version__, "python": platform.python_version(), "threads": 1,
+        "cpu": cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability(), "torch": torch.__version__,
+        "python": platform.python_version(), "threads": 1,
         "rounds": args.rounds, "min_macs": PackedLinear.min_macs, "omp": os.environ.get("OMP_NUM_THREADS"),
         "rows": rows}, indent=1) + "\n")
     console.print(f"wrote {args.out.relative_to(ROOT) if args.out.is_relative_to(ROOT) else args.out}")

@@ -110,7 +110,8 @@ def _table(rows: list[dict[str, Any]], compiled: bool = False) -> Table:
 def _provenance() -> dict[str, Any]:
     return {"torch": torch.__version__, "timm": timm.__version__, "metaformer_lab": ml.__version__,
             "python": platform.python_version(), "machine": platform.machine(), "cpu": cpu_name(),
-            "cpus": os.cpu_count(), "load_avg_1m": round(os.getloadavg()[0], 2), "threads": 1,
+            "cpu_capability": torch.backends.cpu.get_cpu_capability(), "cpus": os.cpu_count(),
+            "load_avg_1m": round(os.getloadavg()[0], 2), "threads": 1,
             "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
 
