@@ -103,24 +103,25 @@ class PackedLinear(nn.Linear):
             self._packed_from = key
         return self._packed
 
-    def _kernel_serves(self, x: Tensor) -> bool:
-        """Whether the reordered kernel runs this call: a large float32 CPU call outside autograd and tracing. The
-        size comes early (most small calls fail on it, cheaply), after what makes it symbolic: an fx Proxy is no
-        Tensor, and under torch.compile / torch.export a dynamic size would be guarded on."""
-        if (not isinstance(x, Tensor) or torch.compiler.is_compiling()
+    def _uses_reordered(self, x: Tensor) -> bool:
+        """Whether the reordered kernel runs this call: a large float32 CPU call outside autograd and tracing, of a
+        shape it was the faster for (``auto``). The size comes early (most small calls fail on it, cheaply), after
+        what makes it symbolic: an fx Proxy is no Tensor, and under torch.compile / torch.export a dynamic size
+        would be guarded on. A shape known to run faster in ``F.linear`` stops there (the cheapest path, about
+        2 us of checks)."""
+        if (self.kernel == "plain" or not isinstance(x, Tensor) or torch.compiler.is_compiling()
                 or x.numel() * self.out_features < self.min_macs):
             return False
-        weight = self.weight
-        return (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_cpu
-                and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _traced())
-
-    def _reordered_wins(self, x: Tensor) -> bool:
-        if self.kernel != "auto":
-            return self.kernel == "reordered"
         key = (x.numel() // self.in_features, self.in_features, self.out_features, self.activation,
                torch.get_num_threads())
-        wins = CHOICES.get(key)
+        wins = CHOICES.get(key) if self.kernel == "auto" else True
+        if wins is False:
+            return False
+        weight = self.weight
+        if not (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_cpu
+                and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _traced()):
+            return False
         if wins is None:
             wins = CHOICES[key] = _faster(lambda: self._reordered_call(x), lambda: self._plain_call(x))
             if not wins:  # the copy made for the race is not kept
@@ -137,7 +138,7 @@ class PackedLinear(nn.Linear):
         return y if self.activation is None else F.gelu(y, approximate=_APPROXIMATE[self.activation])
 
     def forward(self, x: Tensor) -> Tensor:  # (..., in_features) -> (..., out_features)
-        if self.kernel != "plain" and self._kernel_serves(x) and self._reordered_wins(x):
+        if self._uses_reordered(x):
             return self._reordered_call(x)
         return self._plain_call(x)
 
