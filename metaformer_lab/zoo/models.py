@@ -107,8 +107,14 @@ class ZooModel(BaseModel):
 
     def reference_keys(self, **kwargs: Any) -> dict[str, torch.Size]:
         """The reference's state_dict keys and shapes, built on the meta device (no memory) once per process
-        for each set of arguments (timm's initialisation still runs there, in PyTorch's Python meta kernels)."""
-        return dict(_reference_keys(self.name, tuple(sorted(kwargs.items()))))
+        for each set of hashable arguments (timm's initialisation still runs there, in PyTorch's Python meta
+        kernels)."""
+        args = tuple(sorted(kwargs.items()))
+        try:
+            hash(args)
+        except TypeError:  # a list or dict among them: built each time
+            return dict(_reference_keys.__wrapped__(self.name, args))
+        return dict(_reference_keys(self.name, args))
 
 
 @functools.lru_cache(maxsize=32)
