@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metaformer_lab.core.lazy_torch import Tensor, nn, torch
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node, build_with_branches
@@ -138,7 +139,7 @@ def _meta_input(x: TensorType, batch: int) -> Tensor:
 
 
 def _meta_params(graph: ArchGraph, name: str) -> int:
-    with torch.device("meta"):
+    with on_meta():
         return count_params(build_node(graph, name))
 
 
@@ -162,7 +163,7 @@ def node_cost(graph: ArchGraph, name: str, batch: int = 1, dtype_bytes: int = 4)
         return NodeCost(node["count"] * out.channels, 0, activations)  # type: ignore[union-attr]
     if kind not in LEAF_KINDS:
         return NodeCost(0, 0, activations)
-    with torch.device("meta"):
+    with on_meta():
         module, branches = build_with_branches(graph, name)
     module.eval()
     flops, per_module = count_flops(lambda: module(_meta_input(input_type(graph, name), batch)))  # type: ignore[arg-type]

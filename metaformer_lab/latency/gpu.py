@@ -50,6 +50,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from metaformer_lab.core.errors import Issue, LatencyError
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.graph.cost import sdpa_formulas
 from metaformer_lab.graph.lower import ArchGraph, lower
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
@@ -511,12 +512,12 @@ def _join_records(graph: ArchGraph, name: str, batch: int, dtype: str, es: int,
     spec, out = node["spec"], node["out"].numel(batch)
     branches = graph.in_degree(name)
     if isinstance(spec, ConcatSpec):
-        with torch.device("meta"):
+        with on_meta():
             proj, joined = concat_proj(spec, graph.nodes[node["fork"]]["in_type"])
         cat = _elementwise("aten.cat", joined.numel(batch), 2, es)
         return (cat, *_module_run(proj, joined.shape(batch), dtype=dtype, amp=amp, in_size=es)[0])
     if isinstance(spec, GatedSpec) and spec.proj:
-        with torch.device("meta"):
+        with on_meta():
             proj = gated_proj(spec, node["out"])
         return (_elementwise("aten.mul", out, 3, es),
                 *_module_run(proj, node["out"].shape(batch), dtype=dtype, amp=amp, in_size=es)[0])
@@ -545,7 +546,7 @@ def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str, amp: 
     if kind in LEAF_KINDS and graph.is_composite(name):
         return _join_records(graph, name, batch, dtype, es, amp), es
     if kind in LEAF_KINDS or kind == "scale":
-        with torch.device("meta"):
+        with on_meta():
             module = build_node(graph, name)
         return _module_run(module, node["in_type"].shape(batch), dtype=dtype, amp=amp, in_size=es)
     return None, es

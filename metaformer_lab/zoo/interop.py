@@ -14,6 +14,7 @@ from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.network import Network
 from metaformer_lab.compile.protocol import feature_backbone
 from metaformer_lab.core.errors import Issue, SpecError
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec
@@ -28,7 +29,7 @@ def _spec(name: str, num_classes: int | None = None) -> ArchSpec:
 
 def _shapes(spec: ArchSpec) -> dict[str, torch.Size]:
     """Our state_dict keys and shapes for ``spec``, built on the meta device."""
-    with torch.device("meta"):
+    with on_meta():
         net = compile_graph(lower(spec))
     return {k: v.shape for k, v in net.state_dict().items()}
 
@@ -37,7 +38,7 @@ def _shapes(spec: ArchSpec) -> dict[str, torch.Size]:
 def _classifier_keys(name: str) -> tuple[str, ...]:
     """The reference's classifier weight keys: from its pretrained config, else from get_classifier() (a meta
     copy of the reference, built once per process)."""
-    with torch.device("meta"):
+    with on_meta():
         reference = get(name).reference()
     cfg = getattr(reference, "pretrained_cfg", None) or {}
     names = cfg.get("classifier")
@@ -199,7 +200,7 @@ def _timm_conventions(name: str) -> tuple[tuple[str, ...], dict[str, Any], Group
     reduction), timm's pretrained config from its local registry (nothing downloads), and timm's parameter
     grouping (fine, coarse: layer id per our parameter name) where its class has a ``group_matcher``."""
     zoo = get(name)
-    with torch.device("meta"):
+    with on_meta():
         reference = zoo.reference()
         net = compile_graph(lower(_spec(name)), init=False)
     candidates = [(c["num_chs"], c["reduction"], c["module"]) for c in net.feature_candidates()]

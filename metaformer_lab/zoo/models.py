@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from torch import nn
 
 from metaformer_lab.core.errors import Issue, SpecError
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.spec.issues import issues_from
 from metaformer_lab.spec.load import zoo_dir
 from metaformer_lab.spec.yaml_io import load_yaml_file
@@ -106,9 +107,8 @@ class ZooModel(BaseModel):
         return timm.create_model(self.timm_name, pretrained=False, **args)
 
     def reference_keys(self, **kwargs: Any) -> dict[str, torch.Size]:
-        """The reference's state_dict keys and shapes, built on the meta device (no memory) once per process
-        for each set of hashable arguments (timm's initialisation still runs there, in PyTorch's Python meta
-        kernels)."""
+        """The reference's state_dict keys and shapes, built on the meta device (no memory, no initialisation:
+        :func:`~metaformer_lab.core.meta.on_meta`) once per process for each set of hashable arguments."""
         args = tuple(sorted(kwargs.items()))
         try:
             hash(args)
@@ -119,7 +119,7 @@ class ZooModel(BaseModel):
 
 @functools.lru_cache(maxsize=32)
 def _reference_keys(name: str, kwargs: tuple[tuple[str, Any], ...]) -> tuple[tuple[str, torch.Size], ...]:
-    with torch.device("meta"):
+    with on_meta():
         module = get(name).reference(**dict(kwargs))
     return tuple((k, v.shape) for k, v in module.state_dict().items())
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 import metaformer_lab as ml
 from metaformer_lab.compile import Network
 from metaformer_lab.compile.protocol import feature_backbone
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.zoo import get
 from metaformer_lab.zoo.keymap import invert
 
@@ -73,7 +74,7 @@ def _pair(name: str) -> tuple[nn.Module, Network]:
 @functools.cache
 def _meta_pair(name: str) -> tuple[nn.Module, Network]:
     """timm's module and ours on the meta device, built once per process: the tests only read them."""
-    with torch.device("meta"):
+    with on_meta():
         return get(name).reference(), ml.create_model(name)
 
 

@@ -26,7 +26,7 @@ def _study_file(tmp_path: Path, name: str, trials: int, *, epochs: int = 2, batc
     path.write_text(json.dumps({
         "space": "tiny", "dataset": "digits", "device": "t4", "budget": "50ms", "evaluator": "train",
         "evaluator_options": {"epochs": epochs, "max_batches_per_epoch": batches, "batch_size": 32,
-                              "max_val_batches": 1},
+                              "max_val_batches": 1, "eval_batch_size": 32},
         "trials": trials, "study_name": name, "out": str(tmp_path / name), "pruner": pruner, "backend": "ray",
         "ray": {"workers": 2}}))
     return path

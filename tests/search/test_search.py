@@ -356,7 +356,8 @@ def test_sigkill_during_a_trial_loses_no_completed_trial(tmp_path: Path) -> None
     study_file.write_text(yaml.safe_dump({
         "space": "tiny", "dataset": "digits", "evaluator": "train",
         # trials of a second or so each (the poll is every 0.2 s), so the test can catch one running
-        "evaluator_options": {"epochs": 2, "max_batches_per_epoch": 4, "batch_size": 32, "max_val_batches": 1},
+        "evaluator_options": {"epochs": 2, "max_batches_per_epoch": 4, "batch_size": 32, "max_val_batches": 1,
+                               "eval_batch_size": 32},
         "budget": "50ms",
         "device": "t4",
         "trials": 7, "study_name": "killed", "out": str(tmp_path / "run"), "heartbeat_s": 1, "pruner": "none",
@@ -394,7 +395,7 @@ def test_ctrl_c_stops_after_the_running_trial_and_keeps_the_study(tmp_path: Path
     out = tmp_path / "run"
     one_thread = tmp_path / "threads.yaml"  # the options given on the command line override the file's
     one_thread.write_text("train_threads: 1\nevaluator_options: {max_batches_per_epoch: 4, batch_size: 32, "
-                          "max_val_batches: 1}\n")  # --epochs keeps these
+                          "max_val_batches: 1, eval_batch_size: 32}\n")  # --epochs keeps these
     proc = subprocess.Popen(_cli("search", "--study", str(one_thread), "--space", "tiny", "--device", "t4", "--budget",
                                  "50ms", "--trials", "30", "--dataset", "digits", "--epochs", "1", "--study-name",
                                  "stopped", "--out", str(out)),
@@ -423,7 +424,8 @@ def test_the_same_seed_gives_the_same_study(tmp_path: Path) -> None:
     """Sampler, weight init and training are all seeded: a study repeats trial by trial."""
     def scores(folder: str) -> list[tuple[dict[str, Any], float | None]]:
         search, _ = run_search(quick(tmp_path / folder, evaluator="train", trials=3,  # and the 4 references
-                                     evaluator_options={"epochs": 1, "max_batches_per_epoch": 2, "batch_size": 16}))
+                                     evaluator_options={"epochs": 1, "max_batches_per_epoch": 2, "batch_size": 16,
+                                                        "eval_batch_size": 16}))
         return [(t.params, t.user_attrs.get("score")) for t in search.study.get_trials()]
 
     first = scores("a")

@@ -137,7 +137,8 @@ def test_two_processes_share_a_study_and_one_killed_mid_trial_loses_nothing(post
     study_file = tmp_path / "shared.yaml"
     study_file.write_text(yaml.safe_dump({
         "space": "tiny", "dataset": "digits", "evaluator": "train", "device": "t4", "budget": "50ms",
-        "evaluator_options": {"epochs": 3, "max_batches_per_epoch": 3, "batch_size": 32, "max_val_batches": 1},
+        "evaluator_options": {"epochs": 3, "max_batches_per_epoch": 3, "batch_size": 32, "max_val_batches": 1,
+                               "eval_batch_size": 32},
         "pruner": "none",
         "trials": TRIALS, "study_name": "shared", "storage": postgres, "heartbeat_s": 1, "train_threads": 1}))
     first, first_err = _start(tmp_path, "first", "search", "--study", str(study_file), "--out", "first")

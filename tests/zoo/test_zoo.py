@@ -12,6 +12,7 @@ import torch
 from helpers import zoo_structure
 
 import metaformer_lab as ml
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.graph.cost import count_flops, graph_cost
 from metaformer_lab.zoo import check, get, list_models
 from metaformer_lab.zoo.listing import recorded_status
@@ -47,7 +48,7 @@ def test_fixed_point(name: str) -> None:
 def test_flops_equal_timms(name: str) -> None:
     """Our FLOPs (from the graph alone) equal the same counter run on timm's module."""
     spec = ml.load_spec(name)
-    with torch.device("meta"):
+    with on_meta():
         reference = get(name).reference().eval().requires_grad_(False)  # timm's CaiT trips the counter otherwise
     x = torch.empty(1, spec.input.channels, *spec.input.hw, device="meta")
     theirs, _ = count_flops(lambda: reference(x))

@@ -1,0 +1,62 @@
+"""Modules built on the ``meta`` device, where initialising them is free.
+
+A meta tensor has a shape and no values, so an initialiser (``trunc_normal_``, ``kaiming_uniform_``, ``zeros_``)
+has nothing to write. PyTorch still runs each of its in-place steps through a meta kernel, and several of those
+(``clamp_``, ``erfinv_``) are Python decompositions of about a millisecond each: building timm's convformer_b36 on
+the meta device spent 0.65 s there, against 0.13 s with the writes skipped (one hand run). :func:`on_meta` is
+``torch.device("meta")`` with those writes answered at once: an in-place op that only writes values
+(:data:`VALUE_WRITES`, and ``torch.nn.init``'s in-place initialisers) returns its meta tensor unchanged. Shapes, dtypes, parameters, buffers and everything
+else a meta build is read for are as PyTorch makes them. Ops that change a tensor's shape or strides in place
+(``resize_``, ``t_``, ``unsqueeze_``) still run.
+
+torch is imported on the first call, not with this module (``space size`` and ``validate`` never build one).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+from collections.abc import Iterator
+from typing import Any
+
+VALUE_WRITES = frozenset({
+    "uniform_", "normal_", "trunc_normal_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_",
+    "random_", "fill_", "zero_", "copy_", "erfinv_", "clamp_", "clamp_min_", "clamp_max_", "mul_", "div_", "add_",
+    "sub_", "addcmul_", "addcdiv_", "exp_", "log_", "sqrt_", "rsqrt_", "pow_", "abs_", "neg_", "reciprocal_",
+    "sign_", "floor_", "ceil_", "round_", "trunc_", "fmod_", "remainder_", "masked_fill_", "index_fill_",
+})
+"""Names of in-place ops that write a tensor's values and leave its shape, strides and dtype as they are."""
+
+
+def _initialiser(func: Any) -> bool:
+    """A ``torch.nn.init`` function that writes its tensor in place (``kaiming_uniform_``, ``zeros_``)."""
+    return getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_")
+
+
+@functools.cache
+def _free_writes() -> type:
+    from torch import Tensor
+    from torch.overrides import TorchFunctionMode
+
+    class FreeValueWrites(TorchFunctionMode):
+        """Answers a :data:`VALUE_WRITES` op on a meta tensor with the tensor itself."""
+
+        def __torch_function__(self, func: Any, types: Any, args: tuple[Any, ...] = (),
+                               kwargs: dict[str, Any] | None = None) -> Any:
+            kwargs = kwargs or {}
+            target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
+            if (isinstance(target, Tensor) and target.is_meta
+                    and (getattr(func, "__name__", None) in VALUE_WRITES or _initialiser(func))):
+                return target
+            return func(*args, **kwargs)
+
+    return FreeValueWrites
+
+
+@contextlib.contextmanager
+def on_meta() -> Iterator[None]:
+    """``with torch.device("meta")``, with initialisers' value writes skipped (module docstring)."""
+    import torch
+
+    with torch.device("meta"), _free_writes()():
+        yield
