@@ -1,5 +1,5 @@
-"""The Ray Tune backend on a local Ray with this machine's CPUs: parallel trials with the Optuna backend's
-outputs and a worker killed mid-trial (one run), and resume from Ray's experiment state after Ctrl-C.
+"""The Ray Tune backend on a local Ray with this machine's CPUs, in one run: parallel trials, a worker killed
+mid-trial, Ctrl-C, resume from Ray's experiment state, and the Optuna backend's outputs.
 
 Each test runs ``metaformer-lab search --backend ray`` as a subprocess (Ray's processes stay out of the
 test process) on short trials: a few epochs of a few batches, latency from the T4 estimate (no timing)."""
@@ -48,13 +48,15 @@ def _finished(trials: list[Any]) -> list[Any]:
     return [t for t in trials if t.state.is_finished()]
 
 
-def test_a_ray_search_runs_trials_in_parallel_survives_a_killed_worker_and_writes_the_same_run_folder(
+def test_a_ray_search_in_parallel_survives_a_killed_worker_and_ctrl_c_then_resumes_to_the_same_run_folder(
         tmp_path: Path) -> None:
-    """One run for both (each search costs a Ray start and two workers' imports): trials run two at a time on
-    reused workers; a worker killed mid-trial does not end the run; the run folder is the Optuna backend's."""
-    study = _study_file(tmp_path, "parallel", 4, epochs=4, batches=2)
+    """One run for all three (each search costs a Ray start and two workers' imports): trials run two at a time on
+    reused workers; a worker killed mid-trial does not end the run; Ctrl-C stops it with the study kept, and
+    ``--resume`` reruns the unfinished trials from Ray's experiment state, keeps the finished ones and writes the
+    Optuna backend's run folder."""
+    study = _study_file(tmp_path, "parallel", 4, epochs=4, batches=2)  # and the 4 references
     url = _url(tmp_path, "parallel")
-    proc, _, err = _start(tmp_path, "search", "--study", str(study))
+    proc, out, err = _start(tmp_path, "search", "--study", str(study))
     try:
         def two_running() -> Any:
             """A trial past its first epoch while another runs on another worker (None until then)."""
@@ -68,15 +70,42 @@ def test_a_ray_search_runs_trials_in_parallel_survives_a_killed_worker_and_write
         victim = two_running()
         assert victim is not None
         os.kill(victim.user_attrs["worker"]["pid"], signal.SIGKILL)
-        proc.wait(timeout=600)
+
+        def mid_run() -> bool:  # the killed trial settled, two complete, one still running
+            trials = {t.number: t for t in study_trials(url, "parallel")}
+            return (trials[victim.number].state.is_finished()
+                    and sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials.values()) >= 2
+                    and any(t.state == optuna.trial.TrialState.RUNNING for t in trials.values()))
+
+        wait_for(mid_run, 300, "the killed trial settled, two complete trials and one running")
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=300)
     finally:
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == 0, err.read_text()[-3000:]
+    assert "interrupted" in out.read_text()
+    interrupted = study_trials(url, "parallel")
+    before = {t.number: (t.state, t.values, t.datetime_complete) for t in interrupted if t.state.is_finished()}
+    unfinished = [t.number for t in interrupted if not t.state.is_finished()]
+    assert before and unfinished and len(before) < 8
+    assert (tmp_path / "parallel" / "ray").is_dir()  # Ray's experiment state, what --resume restores
+
+    resumed = subprocess.run(cli_command("search", "--study", str(study), "--resume"), cwd=tmp_path,
+                             capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Traceback" not in resumed.stderr
     trials = study_trials(url, "parallel")
     searched = [t for t in trials if not t.user_attrs.get("reference")]
     # the run went on to its trial count; the references run on top of the 4
     assert len(_finished(trials)) == len(trials) == 8 and len(searched) == 4
+    for t in trials:
+        if t.number in before:  # nothing finished was lost or run again
+            assert (t.state, t.values, t.datetime_complete) == before[t.number]
+    # the trials Ray restored ran to an end in the resumed run, as the same Optuna trials
+    restarted = [t for t in trials if t.number in unfinished]
+    assert all(t.state.is_finished() and t.datetime_complete > max(c for _, _, c in before.values())
+               for t in restarted)
     after = next(t for t in trials if t.number == victim.number)
     # run again on another worker (Ray retries it), or failed with the reason said
     retried = victim.user_attrs["worker"] in after.user_attrs.get("earlier_workers", [])
@@ -103,42 +132,3 @@ def test_a_ray_search_runs_trials_in_parallel_survives_a_killed_worker_and_write
                            timeout=300)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "best: trial" in again.stdout
-
-
-def test_ctrl_c_then_resume_reruns_the_unfinished_trials_and_keeps_the_rest(tmp_path: Path) -> None:
-    study = _study_file(tmp_path, "resumed", 4, epochs=3, batches=2)  # and the 4 references
-    url = _url(tmp_path, "resumed")
-    proc, out, err = _start(tmp_path, "search", "--study", str(study))
-    try:
-        def mid_run() -> bool:
-            trials = study_trials(url, "resumed")
-            return (sum(t.state == optuna.trial.TrialState.COMPLETE for t in trials) >= 2
-                    and any(t.state == optuna.trial.TrialState.RUNNING for t in trials))
-
-        wait_for(mid_run, 300, "two complete trials and one running")
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    assert proc.returncode == 0, err.read_text()[-3000:]
-    assert "Traceback" not in err.read_text()
-    assert "interrupted" in out.read_text()
-    before = {t.number: (t.state, t.values, t.datetime_complete) for t in study_trials(url, "resumed")
-              if t.state.is_finished()}
-    unfinished = [t.number for t in study_trials(url, "resumed") if not t.state.is_finished()]
-    assert before and unfinished and len(before) < 8
-    assert (tmp_path / "resumed" / "ray").is_dir()  # Ray's experiment state, what --resume restores
-
-    resumed = subprocess.run(cli_command("search", "--study", str(study), "--resume"), cwd=tmp_path,
-                             capture_output=True, text=True, timeout=600)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    trials = study_trials(url, "resumed")
-    assert len(trials) == 8 and len(_finished(trials)) == 8
-    for t in trials:
-        if t.number in before:  # nothing finished was lost or run again
-            assert (t.state, t.values, t.datetime_complete) == before[t.number]
-    # the trials Ray restored ran to an end in the resumed run, as the same Optuna trials
-    restarted = [t for t in trials if t.number in unfinished]
-    assert all(t.state.is_finished() and t.datetime_complete > max(c for _, _, c in before.values())
-               for t in restarted)
