@@ -5,9 +5,11 @@ has nothing to write. PyTorch still runs each of its in-place steps through a me
 (``clamp_``, ``erfinv_``) are Python decompositions of about a millisecond each: building timm's convformer_b36 on
 the meta device spent 0.65 s there, against 0.13 s with the writes skipped (one hand run). :func:`on_meta` is
 ``torch.device("meta")`` with those writes answered at once: an in-place op that only writes values
-(:data:`VALUE_WRITES`, and ``torch.nn.init``'s in-place initialisers) returns its meta tensor unchanged. Shapes, dtypes, parameters, buffers and everything
-else a meta build is read for are as PyTorch makes them. Ops that change a tensor's shape or strides in place
-(``resize_``, ``t_``, ``unsqueeze_``) still run.
+(:data:`VALUE_WRITES`, and ``torch.nn.init``'s in-place initialisers) returns its meta tensor unchanged.
+Shapes, dtypes, parameters, buffers and everything else a meta build is read for are as PyTorch makes them. Ops
+that change a tensor's shape or strides in place (``resize_``, ``t_``, ``unsqueeze_``) still run, and so does an
+index assignment (``mask[:, i] = 1``). It is for building modules: a forward run inside it would skip its own
+in-place ops (a FLOP or kernel count taken there would miss them).
 
 torch is imported on the first call, not with this module (``space size`` and ``validate`` never build one).
 """

@@ -157,9 +157,11 @@ class AggregatedAttention(nn.Module):
         """The relative position bias of every query and key, from the MLP on the table of distinct offsets.
 
         Without autograd (inference) the bias is kept until a parameter of the MLP changes (its version counter or
-        storage), as it depends on nothing else: the MLP runs once, not on every call."""
+        storage), as it depends on nothing else: the MLP runs once, not on every call. Parameters made under
+        ``torch.inference_mode`` have no version counter: their bias is computed on every call."""
         params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
-        caching = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting())
+        caching = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+                       or any(p.is_inference() for p in params))
         key = None
         if caching:  # traced tensors have no storage: never while compiling or exporting
             key = tuple((p._version, p.data_ptr(), p.dtype) for p in params) + (self.relative_coords_table.data_ptr(),)

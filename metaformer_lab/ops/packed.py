@@ -13,7 +13,8 @@ serves that shape from then on only where it was clearly faster (:data:`CHOICES`
 :class:`PackedLinear` is an ``nn.Linear`` (same parameters, state_dict and outputs within float32 rounding); the
 reordered copy is a cache, made on the first call that uses it and again whenever the weight changes (it is not
 in the state_dict, and copies and pickles leave it out). Whatever the kernel cannot serve runs ``F.linear``:
-autograd, other devices and dtypes, tracing (``torch.fx``, ``torch.jit``, ``torch.compile`` / ``torch.export``,
+autograd, other devices and dtypes, a weight made under ``torch.inference_mode`` (it has no version counter to
+tell when the copy is stale), tracing (``torch.fx``, ``torch.jit``, ``torch.compile`` / ``torch.export``,
 ONNX export) and a build without oneDNN. The deploy form uses it (``metaformer_lab.deploy``); an op's fold hook
 may fuse the activation that follows its Linear (``activation``).
 """
@@ -119,6 +120,7 @@ class PackedLinear(nn.Linear):
             return False
         weight = self.weight
         if not (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_cpu
+                and not weight.is_inference()  # made under inference_mode: no version counter to key the copy on
                 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
                 and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _traced()):
             return False

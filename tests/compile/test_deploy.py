@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 import torch
-from helpers import all_cases, case_id
+from helpers import EXAMPLES, all_cases, case_id
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from typer.testing import CliRunner
@@ -410,3 +410,23 @@ def test_export_deploy_onnx_matches_pytorch(tmp_path: Path, name: str) -> None:
 
     graph = onnx.load(str(out)).graph
     assert not any(node.op_type == "BatchNormalization" for node in graph.node)
+
+
+# --- made under inference_mode -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("path", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_a_network_built_and_deployed_under_inference_mode_gives_the_same_outputs(path: Path) -> None:
+    """Its parameters are inference tensors (no version counters, no autograd): every op and fold still runs, and
+    what an op keeps between calls (a position bias, a reordered weight) is never read stale."""
+    torch.manual_seed(0)
+    x = torch.randn(metaformer_lab.build(path).input_type.shape(2))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        expected = metaformer_lab.deploy(metaformer_lab.build(path).eval())(x)
+    with torch.inference_mode():
+        torch.manual_seed(1)
+        deployed = metaformer_lab.deploy(metaformer_lab.build(path).eval())
+        first, second = deployed(x), deployed(x)
+    torch.testing.assert_close(first, expected, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(second, first)

@@ -189,6 +189,19 @@ def test_the_position_bias_is_kept_at_inference_until_the_mlp_changes() -> None:
     assert module._bias_cache is None
 
 
+
+def test_a_module_made_under_inference_mode_computes_its_bias_on_every_call() -> None:
+    """Its parameters are inference tensors, with no version counter to tell when a kept bias is stale."""
+    x_type = TensorType("tokens", 16, 4, 4)
+    x = torch.randn(x_type.shape(2))
+    with torch.inference_mode():
+        module = perturbed(build_op(TOKEN_MIXERS, TAG, {"num_heads": 2, "pool_size": 2, "cpb_hidden": 16}, x_type))
+        before = module(x)
+        module.cpb_fc2.bias.add_(1.0)  # in place, with no version bump
+        assert module._bias_cache is None
+        assert max_diff(module(x), reference(module, x)) < TOL
+        assert max_diff(before, module(x)) > 0
+
 @pytest.mark.parametrize(("config", "x_type"), [_OPTIONS[0], _OPTIONS[3], _OPTIONS[4]],
                          ids=["aggregated", "pooled-only", "global"])
 def test_runs_under_autocast_and_in_bfloat16(config: dict[str, Any], x_type: TensorType) -> None:

@@ -71,6 +71,19 @@ def test_a_changed_weight_is_reordered_again() -> None:
         torch.testing.assert_close(packed(x), F.linear(x, packed.weight), rtol=1e-5, atol=1e-5)
 
 
+
+@needs_onednn
+def test_a_weight_made_under_inference_mode_runs_f_linear() -> None:
+    """An inference tensor has no version counter, so a reordered copy of it could go stale unseen."""
+    x = torch.randn(LARGE)
+    with torch.inference_mode():
+        linear, packed = _pair("gelu")
+        torch.testing.assert_close(packed(x), _reference(linear, x, "gelu"), rtol=1e-5, atol=1e-5)
+        packed.weight.mul_(2)  # in place, with no version bump
+        linear.weight.mul_(2)
+        torch.testing.assert_close(packed(x), _reference(linear, x, "gelu"), rtol=1e-5, atol=1e-5)
+    assert packed._packed is None
+
 def test_gradients_and_state_dict_are_linears() -> None:
     linear, packed = _pair("gelu")
     assert list(packed.state_dict()) == list(linear.state_dict()) == ["weight", "bias"]
