@@ -29,6 +29,7 @@ from metaformer_lab.ops.common import (
     OddKernel,
     PosInt,
     Prob,
+    inference_key,
     require_grid,
     require_layout,
     require_no_prefix,
@@ -159,14 +160,10 @@ class AggregatedAttention(nn.Module):
         Without autograd (inference) the bias is kept until a parameter of the MLP changes (its version counter or
         storage), as it depends on nothing else: the MLP runs once, not on every call. Parameters made under
         ``torch.inference_mode`` have no version counter: their bias is computed on every call."""
-        params = (self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias)
-        caching = not (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-                       or any(p.is_inference() for p in params))
-        key = None
-        if caching:  # traced tensors have no storage: never while compiling or exporting
-            key = tuple((p._version, p.data_ptr(), p.dtype) for p in params) + (self.relative_coords_table.data_ptr(),)
-            if self._bias_cache is not None and self._bias_cache[0] == key:
-                return self._bias_cache[1]
+        key = inference_key(self.cpb_fc1.weight, self.cpb_fc1.bias, self.cpb_fc2.weight, self.cpb_fc2.bias,
+                            self.relative_coords_table)
+        if key is not None and self._bias_cache is not None and self._bias_cache[0] == key:
+            return self._bias_cache[1]
         table = self.cpb_fc2(self.cpb_act(self.cpb_fc1(self.relative_coords_table)))  # (T, heads)
         bias = table.t()[:, self.relative_pos_index].view(self.num_heads, self.seq_length_scale.shape[0], -1)
         self._bias_cache = None if key is None else (key, bias)

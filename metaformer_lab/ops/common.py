@@ -294,3 +294,19 @@ def conv_on_heads(conv: Callable[[Tensor], Tensor], v: Tensor, grid: tuple[int, 
     maps = v.transpose(1, 2).flatten(2).transpose(1, 2).unflatten(2, grid)  # (B, heads*d, h, w)
     out = conv(maps).flatten(2).transpose(1, 2)  # (B, h*w, heads*d)
     return out.unflatten(-1, (heads, d)).transpose(1, 2)  # (B, heads, h*w, d)
+
+
+def inference_key(*tensors: Tensor) -> tuple[object, ...] | None:
+    """A key under which a value computed from ``tensors`` alone (no input) may be kept between calls, or None
+    where it must be computed afresh: with autograd on (the value needs its graph), while compiling or exporting
+    (traced tensors have no storage), or for a tensor made under ``torch.inference_mode`` (no version counter
+    to tell an in-place change), or while torch.fx or torch.jit traces (a kept value would become a constant of
+    the trace). The key changes with any tensor's storage, version or dtype."""
+    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
+
+    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
+            or is_fx_symbolic_tracing() or torch.jit.is_tracing()):
+        return None
+    if any(t.is_inference() for t in tensors):
+        return None
+    return tuple((t.data_ptr(), t._version, t.dtype) for t in tensors)

@@ -103,6 +103,24 @@ def test_gpsa_matches_timm(heads: int, qkv_bias: bool) -> None:
         assert max_diff(ours(x).flatten(1, 2), ref(x.flatten(1, 2))) <= TOL
 
 
+
+def test_gpsa_keeps_its_positional_attention_at_inference_until_pos_proj_or_the_gate_changes() -> None:
+    x_type = TensorType("tokens", 36, 5, 5)
+    ref = _timm_gpsa(36, 4, True)
+    ours = port(ref, _op("gpsa", {"num_heads": 4, "qkv_bias": True}, x_type))
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        first = ours.gated_position()
+        assert ours.gated_position() is first  # kept
+        for param, ref_param in ((ours.pos_proj.bias, ref.pos_proj.bias), (ours.gating_param, ref.gating_param)):
+            param.add_(0.5)  # in place, as an optimiser or load_state_dict does
+            ref_param.add_(0.5)
+            assert ours.gated_position() is not first
+            assert max_diff(ours(x).flatten(1, 2), ref(x.flatten(1, 2))) <= TOL
+            first = ours.gated_position()
+    gated = ours.gated_position()[1]  # with autograd: computed, never kept
+    assert gated.requires_grad and ours._position_cache is None
+
 def test_gpsa_relative_offsets_match_timm_and_stay_out_of_the_state_dict() -> None:
     ref = _timm_gpsa(16, 4)
     assert torch.equal(relative_offsets(6, 6), ref.get_rel_indices(36))
