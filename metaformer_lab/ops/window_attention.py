@@ -27,6 +27,7 @@ from metaformer_lab.ops.common import (
     PosInt,
     Prob,
     conv_on_heads,
+    inference_key,
     require_divides,
 )
 from metaformer_lab.ops.prefix import GridOpSpec, around_prefix
@@ -230,6 +231,7 @@ class WindowAttention(nn.Module):
                 index = (2 * window - 1) ** 2 - 1 - index
         self.register_buffer("relative_position_index", index, persistent=False)
         self.register_buffer("attn_mask", shift_mask(grid, window, self.shift), persistent=False)
+        self._bias_cache: tuple[tuple[object, ...], Tensor | None] | None = None
 
     def no_weight_decay(self) -> set[str]:
         """Local parameter names kept out of weight decay: the relative position table or MLP, the logit scale
@@ -248,6 +250,23 @@ class WindowAttention(nn.Module):
         return None
 
     def _bias(self, batch: int) -> Tensor | None:  # broadcastable to (B*nW, heads, w*w, w*w)
+        """The position bias and shifted-window mask of every window. They depend on no input: without autograd
+        (inference) they are kept until the table, its MLP or the mask changes
+        (:func:`~metaformer_lab.ops.common.inference_key`), and only the expansion over the batch runs per call."""
+        sources = [self.relative_position_bias_table, *(self.cpb_mlp.parameters() if self.cpb_mlp else ()),
+                   *(self.pos.parameters() if self.pos else ()), self.relative_coords_table,
+                   self.relative_position_index, self.attn_mask]
+        key = inference_key(*(t for t in sources if t is not None))
+        if key is not None and self._bias_cache is not None and self._bias_cache[0] == key:
+            bias = self._bias_cache[1]
+        else:
+            bias = self._window_bias()
+            self._bias_cache = None if key is None else (key, bias)
+        if bias is not None and self.attn_mask is not None:
+            bias = bias.expand(batch, *bias.shape).flatten(0, 1)  # (B*nW, heads or 1, w*w, w*w)
+        return bias
+
+    def _window_bias(self) -> Tensor | None:  # (heads, w*w, w*w), (1, heads, w*w, w*w) or (nW, heads or 1, ...)
         bias = None
         table = self._table()
         if table is not None:
@@ -257,7 +276,6 @@ class WindowAttention(nn.Module):
             bias = bias.unsqueeze(0) if self.table_layout == "swin" or self.attn_mask is not None else bias
         if self.attn_mask is not None:
             bias = self.attn_mask if bias is None else bias + self.attn_mask  # (nW, heads or 1, w*w, w*w)
-            bias = bias.expand(batch, *bias.shape).flatten(0, 1)  # (B*nW, heads or 1, w*w, w*w)
         return bias
 
     def _attend_cosine(self, q: Tensor, k: Tensor, v: Tensor, bias: Tensor | None, logit_scale: Tensor) -> Tensor:

@@ -257,6 +257,32 @@ def test_cosine_attention_with_mlp_bias_matches_timm_swin_v2(fused: bool, grid: 
     assert ours.no_weight_decay() == {"logit_scale", "cpb_mlp.0.weight", "cpb_mlp.0.bias", "cpb_mlp.2.weight"}
 
 
+
+@pytest.mark.parametrize("rel_pos_bias", [True, "mlp"], ids=["table", "mlp"])
+def test_the_window_bias_is_kept_at_inference_until_its_table_changes(rel_pos_bias: Any) -> None:
+    """The position bias plus the shifted-window mask depends on no input: kept without autograd, computed afresh
+    after an in-place change to the table or its MLP, never kept with autograd; the batch still expands it."""
+    x_type = TensorType("tokens", 32, 8, 8)
+    fresh = perturbed(_op("window_attention", {"window": 4, "shift": True, "num_heads": 2,
+                                               "rel_pos_bias": rel_pos_bias}, x_type))
+    ours = _op("window_attention", {"window": 4, "shift": True, "num_heads": 2, "rel_pos_bias": rel_pos_bias},
+               x_type)
+    ours.load_state_dict(fresh.state_dict())
+    table = ours.relative_position_bias_table if rel_pos_bias is True else ours.cpb_mlp[2].weight
+    x = torch.randn(x_type.shape(B))
+    with torch.no_grad():
+        assert ours._bias(B).shape[0] == B * 4 and ours._bias(1).shape[0] == 4  # (B*nW, ...)
+        kept = ours._bias_cache[1]
+        ours(x)
+        assert ours._bias_cache[1] is kept
+        table.mul_(3.0)  # in place, as an optimiser or load_state_dict does
+        fresh_table = fresh.relative_position_bias_table if rel_pos_bias is True else fresh.cpb_mlp[2].weight
+        fresh_table.mul_(3.0)
+        fresh._bias_cache = None
+        assert ours._bias_cache[1] is kept and ours._bias(B) is not None and ours._bias_cache[1] is not kept
+        assert torch.equal(ours(x), fresh(x))
+    assert ours._bias(B).requires_grad and ours._bias_cache is None
+
 def test_cosine_logit_scale_starts_at_log_10_and_is_clamped_at_100() -> None:
     x_type = TensorType("tokens", 16, 4, 4)
     ours = _op("window_attention", {"window": 4, "num_heads": 2, "cosine": True, "rel_pos_bias": False,
