@@ -296,16 +296,22 @@ def conv_on_heads(conv: Callable[[Tensor], Tensor], v: Tensor, grid: tuple[int, 
     return out.unflatten(-1, (heads, d)).transpose(1, 2)  # (B, heads, h*w, d)
 
 
-def inference_key(*tensors: Tensor) -> tuple[object, ...] | None:
-    """A key under which a value computed from ``tensors`` alone (no input) may be kept between calls, or None
-    where it must be computed afresh: with autograd on (the value needs its graph), while compiling or exporting
-    (traced tensors have no storage), or for a tensor made under ``torch.inference_mode`` (no version counter
-    to tell an in-place change), or while torch.fx or torch.jit traces (a kept value would become a constant of
-    the trace). The key changes with any tensor's storage, version or dtype."""
+def traced() -> bool:
+    """Whether the call is being traced: by torch.compile, torch.export, torch.fx, torch.jit or the TorchScript
+    ONNX exporter (traced tensors have no storage, and a value kept between calls would become a constant of the
+    trace)."""
     from torch.fx._symbolic_trace import is_fx_symbolic_tracing
 
-    if (torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.compiler.is_exporting()
-            or is_fx_symbolic_tracing() or torch.jit.is_tracing()):
+    return (torch.compiler.is_compiling() or torch.compiler.is_exporting() or is_fx_symbolic_tracing()
+            or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export())
+
+
+def inference_key(*tensors: Tensor) -> tuple[object, ...] | None:
+    """A key under which a value computed from ``tensors`` alone (no input) may be kept between calls, or None
+    where it must be computed afresh: with autograd on (the value needs its graph), while :func:`traced`, or for a
+    tensor made under ``torch.inference_mode`` (no version counter to tell an in-place change). The key changes
+    with any tensor's storage, version or dtype."""
+    if torch.is_grad_enabled() or traced():
         return None
     if any(t.is_inference() for t in tensors):
         return None

@@ -25,6 +25,7 @@ import time
 from typing import Any, Literal
 
 from metaformer_lab.core.lazy_torch import F, Tensor, nn, torch
+from metaformer_lab.ops.common import traced
 
 Activation = Literal["gelu", "gelu_tanh"]
 _APPROXIMATE = {"gelu": "none", "gelu_tanh": "tanh"}
@@ -54,14 +55,6 @@ def _faster(first: Any, second: Any, rounds: int = 5) -> bool:
             call()
             best[i] = min(best[i], time.perf_counter_ns() - start)
     return best[0] < _MARGIN * best[1]
-
-
-def _traced() -> bool:
-    """Traced by torch.fx, torch.jit or the TorchScript ONNX exporter (torch.compile and torch.export are checked
-    before the call's size is read)."""
-    from torch.fx._symbolic_trace import is_fx_symbolic_tracing
-
-    return is_fx_symbolic_tracing() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
 
 
 class PackedLinear(nn.Linear):
@@ -126,7 +119,7 @@ class PackedLinear(nn.Linear):
         if not (x.is_cpu and x.dtype == torch.float32 and weight.dtype == torch.float32 and weight.is_cpu
                 and not weight.is_inference()  # made under inference_mode: no version counter to key the copy on
                 and not (torch.is_grad_enabled() and (weight.requires_grad or x.requires_grad))
-                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not _traced()):
+                and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled and not traced()):
             return False
         if wins is None:
             wins = CHOICES[key] = _faster(lambda: self._reordered_call(x), lambda: self._plain_call(x))
