@@ -134,6 +134,9 @@ def main() -> None:
         parser.error("--compile takes --quick or --models: compiling every zoo model three times takes hours here")
     torch.set_num_threads(1)
     names = args.models or (QUICK if args.quick else ml.list_models())
+    unknown = [n for n in names if n not in ml.list_models()]
+    if unknown:
+        raise SystemExit(f"--models: not zoo models: {', '.join(unknown)} (see `metaformer-lab zoo list`)")
     no_timm = [n for n in names if not timm.is_model(n)]  # zoo models timm does not define have nothing to compare
     names = [n for n in names if n not in no_timm]
     rows = _earlier_rows(args, names) if args.resume else []
