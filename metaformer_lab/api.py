@@ -11,7 +11,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Literal, overload
 
 from metaformer_lab.core.errors import SpecError
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.arch import ArchGraph
+from metaformer_lab.graph.lower import lower
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import SpecSource, read_spec_partial, with_input_size
 from metaformer_lab.spec.load import dump_spec as _dump_spec

@@ -13,7 +13,7 @@ import torch
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.folding import deploy_form
 from metaformer_lab.core.errors import MetaformerLabError
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 
 ExportFormat = Literal["onnx", "pt2"]
 

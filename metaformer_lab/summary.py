@@ -8,8 +8,8 @@ import torch
 
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.folding import deploy_form
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.cost import count_flops, count_params, graph_cost
-from metaformer_lab.graph.lower import ArchGraph
 
 
 @dataclass(frozen=True)

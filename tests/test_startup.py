@@ -1,5 +1,5 @@
 """The command line starts at once: ``--help``, ``--version``, ``zoo list`` and checking a spec (``validate``,
-``space size``) import neither torch nor timm.
+``space size``) import neither torch nor timm, and ``space size`` not even networkx.
 
 Each check runs in a fresh interpreter, since this test process has long since imported both. The root
 package resolves its public names lazily; its ``TYPE_CHECKING`` imports and its lookup table must agree.
@@ -33,8 +33,8 @@ print(json.dumps({"code": code, "heavy": sorted(m for m in heavy if m in sys.mod
 """
 
 
-def _heavy_imports(*args: str) -> tuple[int, list[str]]:
-    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args), json.dumps(HEAVY)], capture_output=True,
+def _heavy_imports(*args: str, heavy: tuple[str, ...] = HEAVY) -> tuple[int, list[str]]:
+    done = subprocess.run([sys.executable, "-c", PROBE, json.dumps(args), json.dumps(heavy)], capture_output=True,
                           text=True, timeout=120, check=False)
     result = json.loads(done.stderr.strip().splitlines()[-1])
     return result["code"], result["heavy"]
@@ -85,3 +85,8 @@ EXAMPLE = Path(__file__).resolve().parents[1] / "examples" / "tiny_caformer.yaml
 def test_checking_a_spec_imports_neither_torch_nor_timm(args: tuple[str, ...]) -> None:
     """The op files read without torch (``core.lazy_torch``); timm and the compiler come only with a module."""
     assert _heavy_imports(*args) == (0, [])
+
+
+def test_counting_valid_points_builds_no_graph() -> None:
+    """``space size`` checks shapes on the lowering's records; the networkx graph (and networkx) is not needed."""
+    assert _heavy_imports("space", "size", "tiny", "--samples", "50", heavy=(*HEAVY, "networkx")) == (0, [])

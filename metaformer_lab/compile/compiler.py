@@ -7,7 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from metaformer_lab.compile.network import Block, BranchPlan, Network, Stage
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.graph.plan import BlockPlan, StagePlan
 from metaformer_lab.ops.common import init_weights

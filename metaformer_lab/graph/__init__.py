@@ -1,5 +1,6 @@
-"""Spec -> typed graph (networkx), and what can be read off the graph without a module."""
+"""Spec -> typed graph, and what can be read off the graph without a module.
 
-from metaformer_lab.graph.lower import ArchGraph, lower
-
-__all__ = ["ArchGraph", "lower"]
+``lower`` checks shapes on plain records (:class:`~metaformer_lab.graph.lower.Lowered`, no networkx);
+``arch`` holds the networkx graph built from them (:class:`~metaformer_lab.graph.arch.ArchGraph`). Import
+from those modules: this package imports nothing, so checking a spec never pays for networkx.
+"""

@@ -16,7 +16,7 @@ from typing import Any
 from metaformer_lab.core.lazy_torch import Tensor, nn, torch
 from metaformer_lab.core.meta import on_meta
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node, build_with_branches
 
 

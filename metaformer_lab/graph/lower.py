@@ -4,15 +4,19 @@ Nodes are ops at the registry's granularity, named by their module path in the c
 (``stages.2.blocks.0.token_mixer``) and carrying their spec path (``stages[2].block.token_mixer``).
 Every edge carries the :class:`TensorType` flowing along it. Shape rules run in topological order;
 every violation is collected, and :class:`SpecError` lists them all.
+
+The lowering records nodes and edges as plain data (:class:`Lowered`, without networkx, so that checking a
+spec's shapes is cheap and quick to import); :func:`lower` turns the records into an
+:class:`~metaformer_lab.graph.arch.ArchGraph`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import replace
-from typing import Any
+from dataclasses import dataclass, replace
+from functools import cached_property
+from typing import TYPE_CHECKING, Any
 
-import networkx as nx
 from pydantic import BaseModel
 
 from metaformer_lab.core.errors import Issue, ShapeIssue, SpecError
@@ -37,93 +41,85 @@ from metaformer_lab.spec.templates import (
     used_fields,
 )
 
+if TYPE_CHECKING:
+    from metaformer_lab.graph.arch import ArchGraph
 
-class ArchGraph(nx.DiGraph):
-    """A ``networkx.DiGraph`` of typed ops.
 
-    Node attributes: ``kind``, ``path`` (spec path), ``spec`` (op config or None), ``role`` (registry role
-    of leaf ops), ``in_type`` and ``out`` (TensorTypes), and where the node sits: ``stage`` and ``block``
-    (indices or None), ``part`` (its module name inside its container, None for nodes without a module),
-    ``resolved`` (registry ops: what the op's shape rule settled, the builder's input),
-    ``group`` (``input``, ``stem``, ``stages.i``, ``head``) and ``inside`` (the composite mixer whose
-    branches hold it, or None). Scale nodes also carry ``init``, prefix nodes ``count``, composite mixers
-    ``fork`` and ``branches`` (the fork node and each branch's last node). A grid-only op with prefix tokens
-    routed around it (its ``prefix`` field, ``ops/prefix.py``) keeps the prefixed types as ``in_type`` and ``out``
-    and a :class:`~metaformer_lab.ops.prefix.PrefixRoute` in its ``resolved`` settings. Edge attribute: ``type``.
-    Graph attributes: ``spec``, ``input``, ``output``, ``plan`` (the :class:`~.plan.NetworkPlan`).
-    Nothing reads structure out of a node's name: it is all in these attributes.
-    """
+@dataclass
+class Lowered:
+    """A schema-valid spec whose shapes check: its nodes' attributes by name, in the order added (a topological
+    order), its edges ``(source, target, tensor type)``, its input and output types and its plan. ``graph`` is
+    the :class:`~metaformer_lab.graph.arch.ArchGraph` of these records, built on first use."""
 
-    @property
-    def spec(self) -> ArchSpec:
-        return self.graph["spec"]
+    spec: ArchSpec
+    nodes: dict[str, dict[str, Any]]
+    edges: list[tuple[str, str, TensorType | None]]
+    input: TensorType
+    output: TensorType
+    plan: NetworkPlan
 
-    @property
-    def input_type(self) -> TensorType:
-        return self.graph["input"]
+    @cached_property
+    def graph(self) -> ArchGraph:
+        from metaformer_lab.graph.arch import ArchGraph
 
-    @property
-    def output_type(self) -> TensorType:
-        return self.graph["output"]
-
-    @property
-    def plan(self) -> NetworkPlan:
-        return self.graph["plan"]
-
-    @property
-    def stage_types(self) -> list[TensorType]:
-        """The output type of each stage."""
-        return [self.nodes[s.end]["out"] for s in self.plan.stages]
-
-    def group_types(self) -> dict[str, TensorType]:
-        """The output type of each cost group (``stem``, ``stages.i``, ``head``)."""
-        ends = [self.plan.stem, *(s.end for s in self.plan.stages), self.plan.head]
-        return {self.nodes[n]["group"]: self.nodes[n]["out"] for n in ends}
-
-    def is_composite(self, name: str) -> bool:
-        """A composite mixer's join node (its branches are nodes of their own)."""
-        return "fork" in self.nodes[name]
-
-    def ops(self, kind: str | None = None) -> list[tuple[str, dict[str, Any]]]:
-        """Nodes in topological order, optionally of one kind."""
-        return [(n, self.nodes[n]) for n in nx.topological_sort(self) if kind is None or self.nodes[n]["kind"] == kind]
+        return ArchGraph.of(self)
 
 
 def _at(path: str, field: str) -> str:
     return f"{path}.{field}" if field else path
 
 
-def _first_block_resizes(stage: StageSpec) -> bool:
-    """The stage's first block may change the width itself (a downsampling block): it has a shortcut op, or
-    its template has a branch without a residual."""
-    block = stage.block_at(0)
-    has_shortcut = block.shortcut is not None and "shortcut" in used_fields(block)
-    return has_shortcut or not all(b.residual for b in kept_branches(block))
+@dataclass(frozen=True)
+class _Wiring:
+    """How a block spec is wired (:mod:`metaformer_lab.spec.templates`): what configures each part, the branches
+    it keeps and the block fields they read."""
+
+    sources: dict[str, Source]
+    kept: tuple[Branch, ...]
+    used: set[str]
 
 
 class _Lowering:
     def __init__(self, spec: ArchSpec, unknown: Mapping[str, bool]) -> None:
         self.spec = spec
         self.unknown = unknown
-        self.g = ArchGraph(spec=spec)
+        self.nodes: dict[str, dict[str, Any]] = {}
+        self.edges: list[tuple[str, str, TensorType | None]] = []
+        self.stage_nodes: list[dict[str, Any]] = []  # the current stage's nodes
         self.issues: list[Issue] = []
         self.last = "input"  # the output node of the block lowered last
         # where the nodes being added sit (stamped on each node)
         self.group, self.stage_index, self.block_index = "input", None, None
         self.inside: str | None = None
+        self._wirings: dict[int, _Wiring] = {}  # by id() of the block spec: a stage's blocks share one
 
     # --- primitives -------------------------------------------------------------------------
 
+    def wiring(self, block: BlockSpec) -> _Wiring:
+        found = self._wirings.get(id(block))
+        if found is None:
+            found = self._wirings[id(block)] = _Wiring(part_sources(block), kept_branches(block), used_fields(block))
+        return found
+
+    def first_block_resizes(self, stage: StageSpec) -> bool:
+        """The stage's first block may change the width itself (a downsampling block): it has a shortcut op, or
+        its template has a branch without a residual."""
+        block = stage.block_at(0)
+        wiring = self.wiring(block)
+        has_shortcut = block.shortcut is not None and "shortcut" in wiring.used
+        return has_shortcut or not all(b.residual for b in wiring.kept)
+
     def out(self, name: str) -> TensorType | None:
-        return self.g.nodes[name]["out"]
+        return self.nodes[name]["out"]
 
     def node(self, name: str, kind: str, inputs: list[tuple[str, TensorType | None]], out: TensorType | None,
              path: str, spec: BaseModel | None = None, role: str | None = None, part: str | None = None) -> str:
         in_type = inputs[0][1] if inputs else None
-        self.g.add_node(name, kind=kind, path=path, spec=spec, role=role, in_type=in_type, out=out, part=part,
-                        group=self.group, stage=self.stage_index, block=self.block_index, inside=self.inside)
-        for src, t in inputs:
-            self.g.add_edge(src, name, type=t)
+        self.nodes[name] = attrs = {"kind": kind, "path": path, "spec": spec, "role": role, "in_type": in_type,
+                                    "out": out, "part": part, "group": self.group, "stage": self.stage_index,
+                                    "block": self.block_index, "inside": self.inside}
+        self.stage_nodes.append(attrs)
+        self.edges.extend((src, name, t) for src, t in inputs)
         return name
 
     def op(self, name: str, part: str, role: str, spec: BaseModel, path: str, src: str, out_dim: int | None = None,
@@ -135,7 +131,7 @@ class _Lowering:
         if path in self.unknown:  # a config that failed validation: no shape rule, its type passed on or lost
             out = x if self.unknown[path] else None
             self.node(name, role, [(src, x)], out, path, spec, role, part)
-            self.g.nodes[name]["resolved"] = None
+            self.nodes[name]["resolved"] = None
             return name
         opdef = REGISTRIES[role].of_spec(spec)
         if isinstance(opdef, CompositeDef):
@@ -149,7 +145,7 @@ class _Lowering:
                 self.issues.append(Issue(_at(path, issue.field), issue.message))
                 out = x if opdef.preserves_type and out_dim is None else None  # a width asked for: unknown
         self.node(name, role, [(src, x)], out, path, spec, role, part)
-        self.g.nodes[name]["resolved"] = resolved
+        self.nodes[name]["resolved"] = resolved
         return name
 
     def composite(self, name: str, part: str, opdef: CompositeDef[Any], spec: BaseModel, path: str, src: str,
@@ -178,7 +174,7 @@ class _Lowering:
             out = x
         self.node(name, "token_mixer", [(e, self.out(e)) for e in ends], out, path, spec, "token_mixer", part)
         resolved = Resolved(x, out) if x is not None and out is not None else None
-        self.g.nodes[name].update(fork=fork, branches=ends, resolved=resolved)
+        self.nodes[name].update(fork=fork, branches=ends, resolved=resolved)
         return name
 
     def layout(self, name: str, part: str, src: str, layout: Layout, path: str) -> str:
@@ -195,7 +191,7 @@ class _Lowering:
         if init is None:
             return src
         self.node(name, "scale", [(src, self.out(src))], self.out(src), path, part=part)
-        self.g.nodes[name]["init"] = init
+        self.nodes[name]["init"] = init
         return name
 
     def norm(self, name: str, spec: BaseModel | None, path: str, src: str) -> str:
@@ -203,7 +199,7 @@ class _Lowering:
 
     # --- structure ----------------------------------------------------------------------------
 
-    def lower(self) -> ArchGraph:
+    def lower(self) -> Lowered:
         spec = self.spec
         h, w = spec.input.hw
         x = self.node("input", "input", [], TensorType("maps", spec.input.channels, h, w), "input")
@@ -212,16 +208,15 @@ class _Lowering:
         stem = x = self.op("stem", "stem", "stem", spec.stem, "stem", x, stem_dim)
         stages = []
         for i, stage in enumerate(spec.stages):
-            self.group, self.stage_index = f"stages.{i}", i
+            self.group, self.stage_index, self.stage_nodes = f"stages.{i}", i, []
             stages.append(self.stage(i, stage, x))
             x = stages[-1].end
         self.group, self.stage_index = "head", None
         head = self.op("head", "head", "head", spec.head, "head", x, spec.num_classes)
         if self.issues:
             raise SpecError(self.issues)
-        self.g.graph.update(input=self.out("input"), output=self.out(head),
-                            plan=NetworkPlan(stem=stem, stages=tuple(stages), head=head))
-        return self.g
+        plan = NetworkPlan(stem=stem, stages=tuple(stages), head=head)
+        return Lowered(spec, self.nodes, self.edges, self.out("input"), self.out(head), plan)
 
     def stage(self, i: int, stage: StageSpec, x: str) -> StagePlan:
         name, path = f"stages.{i}", f"stages[{i}]"
@@ -240,7 +235,7 @@ class _Lowering:
                                                            accepts.accepts[0], f"{path}.downsample.type"), x)
             x = added("downsample", self.op(f"{name}.downsample", "downsample", "downsample", stage.downsample,
                                             f"{path}.downsample", x, stage.dim), x)
-        elif (t := self.out(x)) is not None and t.channels != stage.dim and not _first_block_resizes(stage):
+        elif (t := self.out(x)) is not None and t.channels != stage.dim and not self.first_block_resizes(stage):
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels coming in; "
                                                     "a downsample is needed to change the width"))
         x = added("layout", self.layout(f"{name}.layout", "layout", x, stage.layout, f"{path}.layout"), x)
@@ -263,7 +258,7 @@ class _Lowering:
             if pos is not None and pos.after_block == j:
                 x = added("pos_embed", self.op(f"{name}.pos_embed", "pos_embed", "pos_embed", pos,
                                                f"{path}.pos_embed", x), x)
-        if stage.downsample is None and _first_block_resizes(stage) and (t := self.out(x)) is not None \
+        if stage.downsample is None and self.first_block_resizes(stage) and (t := self.out(x)) is not None \
                 and t.channels != stage.dim:
             self.issues.append(Issue(f"{path}.dim", f"{stage.dim} differs from the {t.channels} channels its blocks "
                                                     "give"))
@@ -278,8 +273,8 @@ class _Lowering:
         """The stage's block parts that give their stage its context (``stage_context_key``: GC-ViT's query generator)
         must give the same one: the stage runs one (:func:`metaformer_lab.compile.compiler.hoist_stage_context`)."""
         first: tuple[Any, str] | None = None
-        for _, node in self.g.nodes(data=True):
-            if node["stage"] != i or node["inside"] is not None or node.get("resolved") is None:
+        for node in self.stage_nodes:
+            if node["inside"] is not None or node.get("resolved") is None:
                 continue
             key_of = getattr(node.get("spec"), "stage_context_key", None)  # (pydantic answers a miss slowly)
             if key_of is None:
@@ -302,7 +297,7 @@ class _Lowering:
             else:
                 out = t.with_prefix(t.prefix + stage.prefix_tokens)
         node = self.node(f"{name}.prefix", "prefix", [(x, t)], out, f"{path}.prefix_tokens", part="prefix")
-        self.g.nodes[node]["count"] = stage.prefix_tokens
+        self.nodes[node]["count"] = stage.prefix_tokens
         return node
 
     def collect(self, name: str, path: str, block_outs: list[str]) -> str:
@@ -328,7 +323,7 @@ class _Lowering:
         layout = x if x != start else None
         branches, prefix = [], 0
         wired = self.unused_parts(path, block)
-        for branch in kept_branches(block) if wired else ():
+        for branch in self.wiring(block).kept if wired else ():
             x, plan, view = self.branch(name, path, block, branch, x)
             branches.append(plan)
             if view is not None and (t := self.out(view)) is not None:
@@ -341,12 +336,12 @@ class _Lowering:
         Returns whether the block's branches can be lowered (its steps' module names are unique)."""
         if block.steps is not None:
             return self.step_issues(path, block)
-        if not kept_branches(block):
+        if not self.wiring(block).kept:
             fields = {PART_FIELDS[p] for b in TEMPLATES[block.template] for p in b.parts} & set(MIXER_FIELDS)
             wanted = " or a ".join(f.replace("_", " ") for f in MIXER_FIELDS if f in fields)
             self.issues.append(Issue(f"{path}.token_mixer", f"null leaves the '{block.template}' block without a "
                                                             f"branch; give it a {wanted}"))
-        elif block.shortcut is not None and "shortcut" not in used_fields(block):
+        elif block.shortcut is not None and "shortcut" not in self.wiring(block).used:
             why = "its branch is left out (token_mixer: null)" if block.token_mixer is None else \
                 f"the '{block.template}' template has no shortcut"
             self.issues.append(Issue(f"{path}.shortcut", f"is unused: {why}"))
@@ -388,7 +383,7 @@ class _Lowering:
         start = view if branch.writes == "prefix" else x
         h = view if branch.reads == "prefix" else x
         parts: list[str] = []
-        sources = part_sources(block)
+        sources = self.wiring(block).sources
         for part in branch.parts:
             h = self.part(name, path, sources[part], part, h, parts)
         plan = BranchPlan(tuple(parts), (), reads_prefix=branch.reads == "prefix",
@@ -458,6 +453,12 @@ class _Lowering:
         return x
 
 
+def check_shapes(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None) -> Lowered:
+    """The lowering of a schema-valid spec as records (its ``graph`` built when asked for); raises SpecError
+    listing every shape problem. ``unknown``: as for :func:`lower`."""
+    return _Lowering(spec, unknown or {}).lower()
+
+
 def lower(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None) -> ArchGraph:
     """The typed graph of a schema-valid spec; raises SpecError listing every shape problem.
 
@@ -466,7 +467,7 @@ def lower(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None) -> ArchG
     their shape rules are skipped; the value says whether the op keeps its input type, so that what follows
     is checked, else what follows gets no type and is not checked.
     """
-    return _Lowering(spec, unknown or {}).lower()
+    return check_shapes(spec, unknown=unknown).graph
 
 
-__all__ = ["ArchGraph", "lower"]
+__all__ = ["Lowered", "check_shapes", "lower"]

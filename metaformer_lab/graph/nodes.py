@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from metaformer_lab.core.lazy_torch import nn
 from metaformer_lab.core.registry import CompositeDef
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.ops import REGISTRIES
 from metaformer_lab.ops.common import LayerScale, layout_change
 from metaformer_lab.ops.position import PrefixTokens

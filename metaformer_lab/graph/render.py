@@ -7,7 +7,7 @@ from typing import Any
 
 import networkx as nx
 
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 
 _COLORS = {
     "input": "#dddddd", "stem": "#f4cccc", "downsample": "#f4cccc", "layout": "#eeeeee", "prefix": "#d9d2e9",

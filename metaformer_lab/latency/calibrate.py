@@ -32,7 +32,7 @@ from torch import Tensor, nn
 from metaformer_lab.compile.folding import deploy_form, to_channels_last
 from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.latency.interleave import measure_interleaved
 from metaformer_lab.latency.keys import NodeKey, node_inputs, walk_keys

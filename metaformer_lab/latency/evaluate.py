@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from metaformer_lab.core.errors import LatencyError
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.latency.interleave import measure_interleaved
 from metaformer_lab.latency.predict import predict
 from metaformer_lab.latency.profile import Profile

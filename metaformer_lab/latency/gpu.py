@@ -51,8 +51,9 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.core.meta import on_meta
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.cost import sdpa_formulas
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.lower import lower
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
 from metaformer_lab.latency.measure import DTYPES
 from metaformer_lab.ops.composite import ParallelSpec, SplitSpec

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from metaformer_lab.core.errors import LatencyError
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.latency.load import contention, cpu_snapshot, neighbour_load
 from metaformer_lab.latency.measure import (
     LatencyResult,

@@ -17,7 +17,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from metaformer_lab.core.types import TensorType
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.ops.common import LATENCY_KEY
 
 Mem = Literal["c", "p"]

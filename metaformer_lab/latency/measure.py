@@ -37,7 +37,8 @@ from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.compile.folding import deploy_form, to_channels_last
 from metaformer_lab.compile.network import Network
 from metaformer_lab.core.errors import Issue, LatencyError
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.arch import ArchGraph
+from metaformer_lab.graph.lower import lower
 from metaformer_lab.latency.load import (
     CONTENTION_TOLERANCE_CORES,
     NeighbourLoad,

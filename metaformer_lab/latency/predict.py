@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from metaformer_lab.core.errors import LatencyError
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.arch import ArchGraph
+from metaformer_lab.graph.lower import lower
 from metaformer_lab.latency.keys import NodeKey, default_out_mem, walk_keys
 from metaformer_lab.latency.profile import FEATURES, OpEntry, Profile
 from metaformer_lab.spec.arch import ArchSpec

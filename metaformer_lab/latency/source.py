@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from metaformer_lab.core.errors import Issue, LatencyError
-from metaformer_lab.graph.lower import ArchGraph
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.latency.gpu import Efficiency, GpuEstimate, KernelCache, estimate_gpu, estimate_label, gpu_spec
 from metaformer_lab.latency.gpu_calibrate import gpu_efficiency, resolve_gpu_profile
 from metaformer_lab.latency.host import HostCheck, fit_to_host

@@ -34,8 +34,8 @@ import torch
 
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.core.sizes import format_bytes
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.cost import graph_cost, memory_need
-from metaformer_lab.graph.lower import ArchGraph
 from metaformer_lab.latency.lease import host_lease
 from metaformer_lab.latency.source import Latency, LatencySource
 from metaformer_lab.search.config import SearchConfig

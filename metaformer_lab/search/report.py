@@ -19,7 +19,8 @@ import yaml
 from optuna.trial import FrozenTrial
 
 from metaformer_lab.core.errors import StudyError
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.arch import ArchGraph
+from metaformer_lab.graph.lower import lower
 from metaformer_lab.latency.source import LatencySource
 from metaformer_lab.search.references import reference_counts
 from metaformer_lab.search.study import RUN_FILE, counts, feasible, front, open_storage, outcome, scored

@@ -14,15 +14,18 @@ import math
 import random
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from metaformer_lab.core.errors import Issue, SpecError
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.lower import Lowered, check_shapes
 from metaformer_lab.space.schema import SearchSpace
 from metaformer_lab.space.ties import constraint_issues
 from metaformer_lab.space.tree import Choice, Decision, State, expand_root, show_label
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import read_spec
+
+if TYPE_CHECKING:
+    from metaformer_lab.graph.arch import ArchGraph
 
 
 class TrialLike(Protocol):
@@ -66,12 +69,17 @@ class TrialChooser:
 
 @dataclass(frozen=True)
 class Point:
-    """A decoded point: the spec, its graph, the assignment, and which choice decided what."""
+    """A decoded point: the spec, its lowering, the assignment, and which choice decided what."""
 
     spec: ArchSpec
-    graph: ArchGraph
+    lowered: Lowered
     params: Mapping[str, Any]
     decisions: tuple[Decision, ...]
+
+    @property
+    def graph(self) -> ArchGraph:
+        """The spec's typed graph (built on first use: drawing points to count the valid ones never needs it)."""
+        return self.lowered.graph
 
 
 def point_name(space: SearchSpace, params: Mapping[str, Any]) -> str:
@@ -108,10 +116,10 @@ def finish(space: SearchSpace, data: dict[str, Any], state: State) -> Point:
     if broken:
         raise InvalidPoint(attribute(broken, state), state.params)
     try:
-        graph = lower(spec)
+        lowered = check_shapes(spec)
     except SpecError as err:
         raise InvalidPoint(attribute(err.issues, state), state.params) from None
-    return Point(spec, graph, dict(state.params), state.decisions)
+    return Point(spec, lowered, dict(state.params), state.decisions)
 
 
 def _related(path: str, loc: str) -> bool:

@@ -242,11 +242,24 @@ def _expand_choice(choice: Choice, loc: str, st: State, chooser: Chooser) -> Ite
             yield from expand(option, loc, st2, chooser)
 
 
+def _plain(node: Any) -> bool:
+    """A template value with nothing inside to expand: it expands to itself."""
+    return not isinstance(node, (Choice, dict, list))
+
+
 def expand_mapping(node: Mapping[str, Any], loc: str, st: State, chooser: Chooser) -> Iterator[tuple[dict[str, Any],
                                                                                                      State]]:
     items = list(node.items())
 
     def rest(i: int, acc: dict[str, Any], st: State) -> Iterator[tuple[dict[str, Any], State]]:
+        if i < len(items) and _plain(items[i][1]):  # nothing to choose: taken here, not one generator level each
+            acc = dict(acc)
+            while i < len(items) and _plain(items[i][1]):
+                key, value = items[i]
+                if not chooser.accept(join(loc, key), value, st):
+                    return
+                acc[key] = value
+                i += 1
         if i == len(items):
             yield acc, st
             return

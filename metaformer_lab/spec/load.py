@@ -132,12 +132,16 @@ class BlockResolver:
 def resolve(data: dict[str, Any], block_dirs: Sequence[Path] = ()) -> tuple[dict[str, Any], list[Issue]]:
     """Named blocks replaced by their content and ``defaults`` applied to every block, plus the
     problems found (a block that cannot be resolved is left as null)."""
-    data = copy.deepcopy(data)
+    # only the stages' blocks are replaced: copy the containers that hold them, share the rest (resolving copies
+    # what it fills in, and validation builds new containers)
+    data = dict(data)
+    stages = data.get("stages")
+    if isinstance(stages, list):
+        stages = data["stages"] = [dict(stage) if isinstance(stage, dict) else stage for stage in stages]
     resolver = BlockResolver(block_dirs)
     raw_defaults = data.get("defaults")
     defaults: dict[str, Any] = raw_defaults if isinstance(raw_defaults, dict) else {}
     inherited = {k: defaults[k] for k in INHERITED_BLOCK_FIELDS if k in defaults}
-    stages = data.get("stages")
 
     def resolved(item: Any, path: str) -> Any:
         return inherit_fields(resolver.item(item, path), inherited)
@@ -170,7 +174,7 @@ def _resolved_source(source: SpecSource, block_dirs: Sequence[str | os.PathLike[
     """(resolved data, problems resolving named blocks) of a source that is not an ArchSpec."""
     dirs = [Path(d) for d in block_dirs]
     if isinstance(source, Mapping):
-        data, origin = dict(source), "<spec>"  # resolve() copies it before changing anything
+        data, origin = dict(source), "<spec>"  # resolve() changes nothing it was given
     else:
         data, found = _read_source(source)
         dirs, origin = [*dirs, *found], os.fspath(source)

@@ -11,8 +11,9 @@ import torch
 from torch import nn
 
 from metaformer_lab.core.errors import LatencyError, MetaformerLabError
+from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.cost import graph_cost
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.lower import lower
 from metaformer_lab.latency.gpu import (
     GPUS,
     UNCALIBRATED,

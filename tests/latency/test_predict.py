@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from metaformer_lab.graph.lower import ArchGraph, lower
+from metaformer_lab.graph.arch import ArchGraph
+from metaformer_lab.graph.lower import lower
 from metaformer_lab.latency import LatencyError
 from metaformer_lab.latency.keys import default_out_mem, walk_keys
 from metaformer_lab.latency.predict import predict
