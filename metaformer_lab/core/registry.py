@@ -209,6 +209,7 @@ class Registry:
 
     kind: str
     defs: dict[str, AnyDef] = field(default_factory=dict)
+    by_class: dict[type[BaseModel], AnyDef] = field(default_factory=dict)  # config class -> its op
 
     @classmethod
     def of(cls, kind: str, defs: Iterable[AnyDef]) -> Registry:
@@ -221,6 +222,7 @@ class Registry:
         if op.tag in self.defs:
             raise ValueError(f"{self.kind} '{op.tag}' is registered twice")
         self.defs[op.tag] = op
+        self.by_class[op.spec] = op
 
     def get(self, tag: str) -> AnyDef:
         try:
@@ -229,7 +231,8 @@ class Registry:
             raise UnknownTag(self.kind, tag, list(self.defs)) from None
 
     def of_spec(self, spec: BaseModel) -> AnyDef:
-        return self.get(tag_of(type(spec)))
+        found = self.by_class.get(type(spec))
+        return found if found is not None else self.get(tag_of(type(spec)))
 
     def tags(self) -> list[str]:
         return list(self.defs)

@@ -12,9 +12,9 @@ spec's shapes is cheap and quick to import); :func:`lower` turns the records int
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from dataclasses import dataclass, replace
-from functools import cached_property
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from functools import cache, cached_property
 from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel
@@ -67,6 +67,13 @@ class Lowered:
 
 def _at(path: str, field: str) -> str:
     return f"{path}.{field}" if field else path
+
+
+@cache
+def _stage_context_key(spec_class: type) -> Callable[[Any, Resolved], Any] | None:
+    """The ``stage_context_key`` method of an op config class, if it has one (looked up once per class: pydantic
+    answers a missing attribute slowly)."""
+    return getattr(spec_class, "stage_context_key", None)
 
 
 @dataclass(frozen=True)
@@ -276,10 +283,10 @@ class _Lowering:
         for node in self.stage_nodes:
             if node["inside"] is not None or node.get("resolved") is None:
                 continue
-            key_of = getattr(node.get("spec"), "stage_context_key", None)  # (pydantic answers a miss slowly)
+            key_of = _stage_context_key(type(node.get("spec")))
             if key_of is None:
                 continue
-            key = key_of(node["resolved"])
+            key = key_of(node["spec"], node["resolved"])
             if key is None:
                 continue
             if first is None:
@@ -386,16 +393,17 @@ class _Lowering:
         sources = self.wiring(block).sources
         for part in branch.parts:
             h = self.part(name, path, sources[part], part, h, parts)
-        plan = BranchPlan(tuple(parts), (), reads_prefix=branch.reads == "prefix",
-                          writes_prefix=branch.writes == "prefix", residual=branch.residual,
-                          drop_path=branch.drop_path)
+        def plan(shortcut: tuple[str, ...] = ()) -> BranchPlan:
+            return BranchPlan(tuple(parts), shortcut, reads_prefix=branch.reads == "prefix",
+                              writes_prefix=branch.writes == "prefix", residual=branch.residual,
+                              drop_path=branch.drop_path)
+
         if not branch.residual:
-            return h, plan, view
+            return h, plan(), view
         s, target = start, self.out(h)
         shortcut: list[str] = []
         for part in branch.shortcut:
             s = self.part(name, path, sources[part], part, s, shortcut, target.channels if target else None)
-        plan = replace(plan, shortcut=tuple(shortcut))
         kept, mixer = self.out(s), mixer_fields(branch, block, sources)[0]
         if kept is not None and target is not None and kept != target:
             if s != start:
@@ -414,7 +422,7 @@ class _Lowering:
         if branch.writes == "prefix":  # the sum replaces x's prefix tokens; x's grid tokens pass through
             inputs.append((x, self.out(x)))
             target = self.out(x) if target is not None else None
-        return self.node(f"{name}.add_{branch.main}", "add", inputs, target, path), plan, view
+        return self.node(f"{name}.add_{branch.main}", "add", inputs, target, path), plan(tuple(shortcut)), view
 
     def prefix_view(self, name: str, path: str, block: BlockSpec, branch: Branch, x: str) -> str:
         """The prefix tokens of ``x`` alone, ``x[:, :P]`` of shape (B, P, C): a tokens type with an empty grid."""

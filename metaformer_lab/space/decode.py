@@ -20,7 +20,7 @@ from metaformer_lab.core.errors import Issue, SpecError
 from metaformer_lab.graph.lower import Lowered, check_shapes
 from metaformer_lab.space.schema import SearchSpace
 from metaformer_lab.space.ties import constraint_issues
-from metaformer_lab.space.tree import Choice, Decision, State, expand_root, show_label
+from metaformer_lab.space.tree import Choice, Decision, State, expand_once, show_label
 from metaformer_lab.spec.arch import ArchSpec
 from metaformer_lab.spec.load import read_spec
 
@@ -90,7 +90,7 @@ def point_name(space: SearchSpace, params: Mapping[str, Any]) -> str:
 
 def expand_point(space: SearchSpace, trial: TrialLike) -> tuple[dict[str, Any], State]:
     """The spec data a trial decodes to (not yet validated), with what was decided."""
-    return next(expand_root(space.template, TrialChooser(trial)))
+    return expand_once(space.template, TrialChooser(trial))
 
 
 def decode_point(space: SearchSpace, trial: TrialLike) -> Point:

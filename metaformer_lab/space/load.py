@@ -18,7 +18,7 @@ from metaformer_lab.core.errors import Issue, SpaceError, SpecError
 from metaformer_lab.space.decode import InvalidPoint, finish, point_name
 from metaformer_lab.space.schema import SearchSpace, parse_space, read_raw
 from metaformer_lab.space.ties import apply_ties, distribution_issues
-from metaformer_lab.space.tree import Choice, State, all_choices, expand_root, show_label
+from metaformer_lab.space.tree import Choice, State, all_choices, expand_once, show_label
 from metaformer_lab.spec.load import read_spec
 
 MAX_COVER = 64
@@ -64,7 +64,7 @@ def schema_issues(space: SearchSpace) -> list[Issue]:
     count = max([len(c.labels) for c in choices if c.kind == "categorical"] + [3])
     issues: dict[Issue, None] = {}
     for k in range(min(count, MAX_COVER)):
-        data, state = next(expand_root(space.template, _Cover(k)))
+        data, state = expand_once(space.template, _Cover(k))
         data = {"name": point_name(space, state.params), **data}
         try:
             read_spec(data, block_dirs=space.block_dirs)
@@ -103,7 +103,7 @@ def reference_issues(space: SearchSpace) -> list[Issue]:
     issues: list[Issue] = []
     for ref, params in space.references.items():
         chooser = _Assignment(ref, params)
-        data, state = next(expand_root(space.template, chooser))
+        data, state = expand_once(space.template, chooser)
         issues += chooser.issues
         for extra in sorted(set(params) - chooser.used):
             close = difflib.get_close_matches(extra, sorted(set(state.params) - chooser.used), n=1)

@@ -1,14 +1,18 @@
 """The parsed form of a search space: a spec-shaped template whose positions may hold :class:`Choice` nodes,
-and the one engine that expands it into concrete spec data.
+and the engine that expands it into concrete spec data.
 
 A template is plain YAML data (mappings, lists, scalars) in which some values are :class:`Choice` objects.
 Expanding it walks the template in spec order and asks a :class:`Chooser` for the value of every choice
 it meets; only the choices inside the options actually taken are asked (the conditional structure a
-define-by-run sampler sees). Expansion is a generator, so one engine serves three callers:
+define-by-run sampler sees). Expansion is a generator, written for three callers:
 
 - decoding an Optuna trial (one value per choice, :mod:`.decode`);
-- covering every option once when a space file is validated (:mod:`.schema`);
+- covering every option once when a space file is validated (:mod:`.load`);
 - finding the assignment that gives a known spec, with backtracking (:mod:`.contains`).
+
+Only containment backtracks. The other two take :func:`expand_once`, the first value of each choice in one
+plain pass (the generator's first result; a test holds the two together): a space is drawn from thousands of
+times (``space size``, a search), and generators cost more than the rest of a draw's expansion.
 """
 
 from __future__ import annotations
@@ -199,6 +203,55 @@ def expand_root(template: Template, chooser: Chooser, state: State | None = None
             yield from rest(i + 1, acc, st)
 
     yield from rest(0, {}, state or State())
+
+
+def expand_once(template: Template, chooser: Chooser) -> tuple[dict[str, Any], State]:
+    """``next(expand_root(template, chooser))`` for a chooser that gives at least one value for every choice and
+    accepts everything (a sampler, a fixed assignment): the first value of each choice is taken, so there is
+    nothing to backtrack, and one plain pass (no generators) gives the same spec mapping and state."""
+    acc: dict[str, Any] = {}
+    st = State()
+    for key in ROOT_ORDER:
+        if key == "stages":
+            num = template.num_stages
+            if isinstance(num, Choice):
+                chosen, st = _once(num, "num_stages", st, chooser)
+                num = int(chosen)
+            acc["stages"], st = _once(list(template.stages[:num]), "stages", st, chooser)
+        elif key in template.parts:
+            acc[key], st = _once(template.parts[key], key, st, chooser)
+    return acc, st
+
+
+def _once(node: Any, loc: str, st: State, chooser: Chooser) -> tuple[Any, State]:
+    """What ``node`` expands to with the first value of each choice (see :func:`expand_once`)."""
+    if isinstance(node, Choice):
+        bound = node.name in st.params
+        value = st.params[node.name] if bound else chooser.values(node, loc, st)[0]
+        source = node.option_path(value)
+        st = st.note(node.name, value, loc, source) if bound else st.bind(node.name, value, loc, source)
+        if node.kind != "categorical":
+            return value, st
+        option = node.option(value)
+        if node.merge:
+            return _once(option, loc, st.came_from([(join(loc, key), f"{source}.{key}") for key in option]), chooser)
+        return _once(option, loc, st, chooser)
+    if isinstance(node, dict):
+        out: dict[str, Any] = {}
+        for key, value in node.items():
+            if key == VARIANT and isinstance(value, Choice) and value.merge:
+                merged, st = _once(value, loc, st, chooser)
+                out.update(merged)
+            else:
+                out[key], st = _once(value, join(loc, key), st, chooser)
+        return out, st
+    if isinstance(node, list):
+        items = []
+        for i, value in enumerate(node):
+            item, st = _once(value, join(loc, i), st, chooser)
+            items.append(item)
+        return items, st
+    return node, st
 
 
 def _count(num: Choice | int, st: State, chooser: Chooser) -> Iterator[tuple[int, State]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,8 @@ from metaformer_lab.space import (
     space_names,
     valid_share,
 )
-from metaformer_lab.space.tree import Choice, State, expand_root
+from metaformer_lab.space.decode import RandomTrial, TrialChooser
+from metaformer_lab.space.tree import Choice, State, expand_once, expand_root
 from metaformer_lab.zoo import list_models
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -240,6 +242,17 @@ def test_count_points_is_exact_with_variants_ties_and_optional_stages(tmp_path: 
     # the tie makes the two stages' conv mixers one parameter, so it is counted once
     untied = _space(tmp_path, SMALL.split("ties:")[0])
     assert count_points(untied) > count_points(space)
+
+
+@pytest.mark.parametrize("name", ["tiny", "metaformer", "small"])
+def test_the_one_pass_expansion_is_the_generators_first(name: str, tmp_path: Path) -> None:
+    """Decoding takes ``expand_once``; it must give exactly what the backtracking generator gives first: the same
+    spec data, parameters, decisions and origins (ties, variants and optional stages included)."""
+    space = _space(tmp_path, SMALL) if name == "small" else load_space(name)
+    for seed in range(60):
+        once = expand_once(space.template, TrialChooser(RandomTrial(random.Random(seed))))
+        assert once == next(expand_root(space.template, TrialChooser(RandomTrial(random.Random(seed)))))
+    assert expand_once(space.template, _Everything()) == next(expand_root(space.template, _Everything()))
 
 
 def test_count_points_of_the_shipped_spaces() -> None:
