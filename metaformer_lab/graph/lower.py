@@ -86,10 +86,28 @@ class _Wiring:
     used: set[str]
 
 
+@dataclass(frozen=True)
+class _BlockRecord:
+    """A block lowered without a problem, kept so that the stage's next blocks, when they are the same block spec
+    at the same spec path fed the same tensor type, are copies of it under their own names rather than lowered again
+    (a stage's blocks are mostly one spec repeated). ``key``: (id of the block spec, its path, its input type)."""
+
+    key: tuple[int, str, TensorType | None]
+    name: str  # the block's name prefix, ``stages.1.blocks.0``
+    source: str  # the node the block reads
+    nodes: tuple[str, ...]  # the nodes it added, in order
+    edges: tuple[tuple[str, str, TensorType | None], ...]
+    plan: BlockPlan
+    last: str
+
+
 class _Lowering:
-    def __init__(self, spec: ArchSpec, unknown: Mapping[str, bool]) -> None:
+    def __init__(self, spec: ArchSpec, unknown: Mapping[str, bool], reuse_blocks: bool = True) -> None:
         self.spec = spec
         self.unknown = unknown
+        self.reuse_blocks = reuse_blocks
+        self.record: _BlockRecord | None = None  # the stage's block last lowered in full
+        self.order: list[str] = []  # node names in the order added
         self.nodes: dict[str, dict[str, Any]] = {}
         self.edges: list[tuple[str, str, TensorType | None]] = []
         self.stage_nodes: list[dict[str, Any]] = []  # the current stage's nodes
@@ -105,7 +123,9 @@ class _Lowering:
     def wiring(self, block: BlockSpec) -> _Wiring:
         found = self._wirings.get(id(block))
         if found is None:
-            found = self._wirings[id(block)] = _Wiring(part_sources(block), kept_branches(block), used_fields(block))
+            sources = part_sources(block)
+            kept = kept_branches(block, sources)
+            found = self._wirings[id(block)] = _Wiring(sources, kept, used_fields(block, sources, kept))
         return found
 
     def first_block_resizes(self, stage: StageSpec) -> bool:
@@ -126,6 +146,7 @@ class _Lowering:
                                     "out": out, "part": part, "group": self.group, "stage": self.stage_index,
                                     "block": self.block_index, "inside": self.inside}
         self.stage_nodes.append(attrs)
+        self.order.append(name)
         self.edges.extend((src, name, t) for src, t in inputs)
         return name
 
@@ -215,7 +236,7 @@ class _Lowering:
         stem = x = self.op("stem", "stem", "stem", spec.stem, "stem", x, stem_dim)
         stages = []
         for i, stage in enumerate(spec.stages):
-            self.group, self.stage_index, self.stage_nodes = f"stages.{i}", i, []
+            self.group, self.stage_index, self.stage_nodes, self.record = f"stages.{i}", i, [], None
             stages.append(self.stage(i, stage, x))
             x = stages[-1].end
         self.group, self.stage_index = "head", None
@@ -325,6 +346,42 @@ class _Lowering:
         block = stage.block_at(j)
         name = f"stages.{i}.blocks.{j}"
         path = f"stages[{i}].{stage.block_path(j)}"
+        key = (id(block), path, self.out(x))
+        if self.record is not None and self.record.key == key:
+            return self.copy_block(self.record, name, x)
+        first_node, first_edge, issues = len(self.order), len(self.edges), len(self.issues)
+        plan = self.lower_block(name, path, block, stage, x)
+        if self.reuse_blocks and len(self.issues) == issues:
+            self.record = _BlockRecord(key, name, x, tuple(self.order[first_node:]), tuple(self.edges[first_edge:]),
+                                       plan, self.last)
+        return plan
+
+    def copy_block(self, record: _BlockRecord, name: str, x: str) -> BlockPlan:
+        """``record``'s block again, as block ``name`` reading ``x``: its nodes, edges and plan renamed (the node
+        attributes that hold names, ``inside``, ``fork`` and ``branches``, too), shared configs and types kept."""
+        cut = len(record.name)
+
+        def rename(node: str) -> str:
+            return x if node == record.source else name + node[cut:]
+
+        for old in record.nodes:
+            attrs = {**self.nodes[old], "block": self.block_index}
+            if attrs["inside"] is not None:
+                attrs["inside"] = rename(attrs["inside"])
+            if "fork" in attrs:
+                attrs["fork"], attrs["branches"] = rename(attrs["fork"]), [rename(b) for b in attrs["branches"]]
+            new = rename(old)
+            self.nodes[new] = attrs
+            self.stage_nodes.append(attrs)
+            self.order.append(new)
+        self.edges.extend((rename(src), rename(dst), t) for src, dst, t in record.edges)
+        self.last = rename(record.last)
+        plan = record.plan
+        branches = tuple(BranchPlan(tuple(map(rename, b.parts)), tuple(map(rename, b.shortcut)), b.reads_prefix,
+                                    b.writes_prefix, b.residual, b.drop_path) for b in plan.branches)
+        return BlockPlan(None if plan.layout is None else rename(plan.layout), branches, plan.prefix)
+
+    def lower_block(self, name: str, path: str, block: BlockSpec, stage: StageSpec, x: str) -> BlockPlan:
         start = x
         x = self.layout(f"{name}.layout", "layout", x, block.layout or stage.layout, f"{path}.layout")
         layout = x if x != start else None
@@ -461,10 +518,11 @@ class _Lowering:
         return x
 
 
-def check_shapes(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None) -> Lowered:
+def check_shapes(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None, reuse_blocks: bool = True) -> Lowered:
     """The lowering of a schema-valid spec as records (its ``graph`` built when asked for); raises SpecError
-    listing every shape problem. ``unknown``: as for :func:`lower`."""
-    return _Lowering(spec, unknown or {}).lower()
+    listing every shape problem. ``unknown``: as for :func:`lower`. ``reuse_blocks=False`` lowers every block
+    afresh instead of copying a stage's repeated blocks (the same records; tests compare the two)."""
+    return _Lowering(spec, unknown or {}, reuse_blocks).lower()
 
 
 def lower(spec: ArchSpec, *, unknown: Mapping[str, bool] | None = None) -> ArchGraph:

@@ -160,18 +160,21 @@ def mixer_fields(branch: Branch, block: Any, sources: dict[str, Source] | None =
     return [s.field for s in found if s.role in MIXER_FIELDS and s.value is not None]
 
 
-def kept_branches(block: Any) -> tuple[Branch, ...]:
+def kept_branches(block: Any, sources: dict[str, Source] | None = None) -> tuple[Branch, ...]:
     """The branches of ``block``'s wiring that it keeps: those with at least one mixer set (a block with ``steps``:
-    one branch per step that has a mixer)."""
+    one branch per step that has a mixer). ``sources``: ``part_sources(block)`` where the caller has it."""
     if block.steps is not None:
         steps = block.steps.values()
         return tuple(step_branch(step, names) for step, names in zip(steps, _step_names(block), strict=True)
                      if _step_mixer(step) is not None)
-    sources = part_sources(block)
+    sources = part_sources(block) if sources is None else sources
     return tuple(b for b in TEMPLATES[block.template] if mixer_fields(b, block, sources))
 
 
-def used_fields(block: Any) -> set[str]:
-    """The block fields its kept branches read (relative to the block: ``norm``, ``steps.attn.norm``)."""
-    sources = part_sources(block)
-    return {sources[p].field for b in kept_branches(block) for p in (*b.parts, *b.shortcut)}
+def used_fields(block: Any, sources: dict[str, Source] | None = None,
+                kept: tuple[Branch, ...] | None = None) -> set[str]:
+    """The block fields its kept branches read (relative to the block: ``norm``, ``steps.attn.norm``).
+    ``sources`` and ``kept``: ``part_sources(block)`` and ``kept_branches(block)`` where the caller has them."""
+    sources = part_sources(block) if sources is None else sources
+    kept = kept_branches(block, sources) if kept is None else kept
+    return {sources[p].field for b in kept for p in (*b.parts, *b.shortcut)}

@@ -12,7 +12,9 @@ from helpers import EXAMPLES, TINY_CAFORMER
 import metaformer_lab as ml
 from metaformer_lab.core.types import TensorType
 from metaformer_lab.graph.cost import count_flops, count_params, graph_cost
+from metaformer_lab.graph.lower import Lowered, check_shapes
 from metaformer_lab.graph.render import to_dot
+from metaformer_lab.space import load_space, sample
 from metaformer_lab.spec.yaml_io import parse_yaml
 
 
@@ -126,3 +128,26 @@ def test_a_block_without_token_mixer_keeps_the_channel_mixer_residual_only() -> 
     torch.testing.assert_close(block(x), block.res_scale2(x) + block.layer_scale2(block.mlp(block.norm2(x))))
     loaded = ml.load_spec(spec)
     assert ml.load_spec(parse_yaml(ml.dump_spec(loaded), "spec.yaml")) == loaded
+
+
+def _records(lowered: Lowered) -> tuple[object, ...]:
+    return lowered.nodes, lowered.edges, lowered.plan, lowered.input, lowered.output
+
+
+@pytest.mark.parametrize("source", ["zoo", "examples", "tiny", "metaformer"])
+def test_repeated_blocks_are_copies_of_a_fresh_lowering(source: str) -> None:
+    """A stage's repeated blocks are copied from the first under their own names; every node, attribute, edge and
+    plan entry must be what lowering each block afresh gives (composites, prefix tokens, layouts, steps included)."""
+    if source == "zoo":
+        specs = [ml.load_spec(name) for name in ml.list_models()]
+    elif source == "examples":
+        specs = [ml.load_spec(path) for path in EXAMPLES]
+    else:
+        specs = sample(load_space(source), 40, seed=1).specs
+    copied = 0
+    for spec in specs:
+        reused, fresh = check_shapes(spec), check_shapes(spec, reuse_blocks=False)
+        assert list(reused.nodes) == list(fresh.nodes), spec.name
+        assert _records(reused) == _records(fresh), spec.name
+        copied += sum(stage.depth - 1 for stage in spec.stages)
+    assert copied > len(specs)  # the specs do repeat blocks
