@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal, Protocol
 
 Label = str | int | float | bool | None
@@ -69,10 +70,16 @@ class Choice:
         return self.option_paths[self._index(label)] if self.kind == "categorical" else self.path
 
     def _index(self, label: Label) -> int:
+        """The position of ``label`` among the labels (``True`` and ``1`` are different labels, ``1`` and ``1.0``
+        the same); raises KeyError."""
+        return self._positions[(isinstance(label, bool), label)]
+
+    @cached_property
+    def _positions(self) -> dict[tuple[bool, Label], int]:
+        positions: dict[tuple[bool, Label], int] = {}
         for i, own in enumerate(self.labels):
-            if own == label and isinstance(own, bool) == isinstance(label, bool):
-                return i
-        raise KeyError(label)
+            positions.setdefault((isinstance(own, bool), own), i)
+        return positions
 
     def contains(self, value: Any) -> bool:
         """Whether ``value`` is one of this choice's values."""
@@ -239,7 +246,9 @@ def _once(node: Any, loc: str, st: State, chooser: Chooser) -> tuple[Any, State]
     if isinstance(node, dict):
         out: dict[str, Any] = {}
         for key, value in node.items():
-            if key == VARIANT and isinstance(value, Choice) and value.merge:
+            if not isinstance(value, _NESTED):  # most values: taken as they are
+                out[key] = value
+            elif key == VARIANT and isinstance(value, Choice) and value.merge:
                 merged, st = _once(value, loc, st, chooser)
                 out.update(merged)
             else:
@@ -295,9 +304,12 @@ def _expand_choice(choice: Choice, loc: str, st: State, chooser: Chooser) -> Ite
             yield from expand(option, loc, st2, chooser)
 
 
+_NESTED = (Choice, dict, list)
+"""What a template value with something inside to expand can be; any other value expands to itself."""
+
+
 def _plain(node: Any) -> bool:
-    """A template value with nothing inside to expand: it expands to itself."""
-    return not isinstance(node, (Choice, dict, list))
+    return not isinstance(node, _NESTED)
 
 
 def expand_mapping(node: Mapping[str, Any], loc: str, st: State, chooser: Chooser) -> Iterator[tuple[dict[str, Any],
