@@ -7,6 +7,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 import torch
 from torch import Tensor, nn
 
@@ -39,6 +40,12 @@ TINY_SPEC: dict[str, Any] = {
 PROFILE_CPU = "AMD EPYC"
 """The CPU model the shipped CPU profiles were made on."""
 OTHER_CPU = "Intel(R) Xeon(R) Processor"
+
+OTHER_CPU_FAST = pytest.mark.parametrize("host_cpu", [
+    pytest.param(PROFILE_CPU, id="profile-cpu", marks=pytest.mark.slow), pytest.param(OTHER_CPU, id="other-cpu")],
+    indirect=True)
+"""For the ``host_cpu`` tests that cost seconds: the plain run (the fast tier) takes the general case, a profile made on
+another CPU model and fitted to this host; the full suite takes both."""
 """Another CPU model that instances of this machine kind come with."""
 
 

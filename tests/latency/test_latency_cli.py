@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from helpers import PROFILE_CPU
+from helpers import OTHER_CPU_FAST, PROFILE_CPU
 from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
@@ -23,6 +23,7 @@ def run(*args: str) -> tuple[int, str, str]:
     return result.exit_code, result.stdout, result.stderr
 
 
+@OTHER_CPU_FAST
 def test_a_spec_is_measured_and_predicted_from_the_matching_profile(host_cpu: str) -> None:
     """On either CPU model the shipped profile predicts, fitted to this host; the check names both models."""
     code, out, err = run("latency", TINY, "--profile", "auto", "--json")

@@ -13,7 +13,7 @@ from typing import Any
 import optuna
 import pytest
 import yaml
-from helpers import PROFILE_CPU, cli_command, study_trials, wait_for
+from helpers import OTHER_CPU_FAST, PROFILE_CPU, cli_command, study_trials, wait_for
 from typer.testing import CliRunner
 
 from metaformer_lab.cli import app
@@ -77,6 +77,7 @@ def test_a_search_records_every_trial_and_writes_the_run_folder(tmp_path: Path) 
     assert code == 0
 
 
+@OTHER_CPU_FAST
 def test_on_the_cpu_latency_is_predicted_and_the_finalists_measured(tmp_path: Path, host_cpu: str) -> None:
     """Whichever CPU model the host reports, the shipped profile predicts, fitted to this host first; one made
     on another CPU model says so."""
