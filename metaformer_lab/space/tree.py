@@ -71,8 +71,11 @@ class Choice:
 
     def _index(self, label: Label) -> int:
         """The position of ``label`` among the labels (``True`` and ``1`` are different labels, ``1`` and ``1.0``
-        the same); raises KeyError."""
-        return self._positions[(isinstance(label, bool), label)]
+        the same); raises KeyError, for a value no label can be (a list, a mapping) too."""
+        try:
+            return self._positions[(isinstance(label, bool), label)]
+        except TypeError:  # unhashable: not a label
+            raise KeyError(label) from None
 
     @cached_property
     def _positions(self) -> dict[tuple[bool, Label], int]:
