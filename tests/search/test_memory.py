@@ -210,13 +210,20 @@ print(json.dumps({"estimate": estimate, "real": real}))
 ])
 def test_estimate_against_the_real_peak(reference: str, proxy: str, batch: int) -> None:
     """The process's peak resident set over the evaluation, measured in a fresh process, is within the estimate
-    (20 % over at most) and not far below it."""
+    and not far below it.
+
+    glibc's malloc is told to map every block from 128 KiB on by itself (``MALLOC_MMAP_THRESHOLD_``), so a freed
+    tensor's pages go back at once and the peak is that of the live tensors. With its default, moving threshold the
+    heap keeps some freed blocks, by an amount that changes from run to run: the peak of vit_tiny/naswot/256 ranged
+    over 0.77-1.25 of the estimate in twelve runs, and 0.634 in every run with the fixed threshold (an
+    evaluation's default limit, a fifth of the free memory, leaves room for that slack)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(128 * 1024)}
     done = subprocess.run([sys.executable, "-c", _MEASURE, reference, proxy, str(batch)], capture_output=True,
-                          text=True, timeout=300, env={"OMP_NUM_THREADS": "1", **os.environ})
+                          text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-2000:]
     measured = json.loads(done.stdout.strip().splitlines()[-1])
     ratio = measured["real"] / measured["estimate"]
-    assert 0.4 < ratio <= 1.2, f"real {measured['real'] / 1e6:.1f} MB, estimate {measured['estimate'] / 1e6:.1f} MB"
+    assert 0.4 < ratio <= 1.0, f"real {measured['real'] / 1e6:.1f} MB, estimate {measured['estimate'] / 1e6:.1f} MB"
 
 
 # --- evaluators: refuse before allocating ------------------------------------------------------------
