@@ -110,7 +110,7 @@ class _Lowering:
         self.order: list[str] = []  # node names in the order added
         self.nodes: dict[str, dict[str, Any]] = {}
         self.edges: list[tuple[str, str, TensorType | None]] = []
-        self.stage_nodes: list[dict[str, Any]] = []  # the current stage's nodes
+        self.stage_start = 0  # where the current stage's nodes begin in ``order``
         self.issues: list[Issue] = []
         self.last = "input"  # the output node of the block lowered last
         # where the nodes being added sit (stamped on each node)
@@ -142,10 +142,9 @@ class _Lowering:
     def node(self, name: str, kind: str, inputs: list[tuple[str, TensorType | None]], out: TensorType | None,
              path: str, spec: BaseModel | None = None, role: str | None = None, part: str | None = None) -> str:
         in_type = inputs[0][1] if inputs else None
-        self.nodes[name] = attrs = {"kind": kind, "path": path, "spec": spec, "role": role, "in_type": in_type,
-                                    "out": out, "part": part, "group": self.group, "stage": self.stage_index,
-                                    "block": self.block_index, "inside": self.inside}
-        self.stage_nodes.append(attrs)
+        self.nodes[name] = {"kind": kind, "path": path, "spec": spec, "role": role, "in_type": in_type, "out": out,
+                            "part": part, "group": self.group, "stage": self.stage_index, "block": self.block_index,
+                            "inside": self.inside}
         self.order.append(name)
         self.edges.extend((src, name, t) for src, t in inputs)
         return name
@@ -236,7 +235,7 @@ class _Lowering:
         stem = x = self.op("stem", "stem", "stem", spec.stem, "stem", x, stem_dim)
         stages = []
         for i, stage in enumerate(spec.stages):
-            self.group, self.stage_index, self.stage_nodes, self.record = f"stages.{i}", i, [], None
+            self.group, self.stage_index, self.stage_start, self.record = f"stages.{i}", i, len(self.order), None
             stages.append(self.stage(i, stage, x))
             x = stages[-1].end
         self.group, self.stage_index = "head", None
@@ -301,7 +300,7 @@ class _Lowering:
         """The stage's block parts that give their stage its context (``stage_context_key``: GC-ViT's query generator)
         must give the same one: the stage runs one (:func:`metaformer_lab.compile.compiler.hoist_stage_context`)."""
         first: tuple[Any, str] | None = None
-        for node in self.stage_nodes:
+        for node in (self.nodes[n] for n in self.order[self.stage_start:]):
             if node["inside"] is not None or node.get("resolved") is None:
                 continue
             key_of = _stage_context_key(type(node.get("spec")))
@@ -372,7 +371,6 @@ class _Lowering:
                 attrs["fork"], attrs["branches"] = rename(attrs["fork"]), [rename(b) for b in attrs["branches"]]
             new = rename(old)
             self.nodes[new] = attrs
-            self.stage_nodes.append(attrs)
             self.order.append(new)
         self.edges.extend((rename(src), rename(dst), t) for src, dst, t in record.edges)
         self.last = rename(record.last)
