@@ -40,13 +40,13 @@ TINY_SPEC: dict[str, Any] = {
 PROFILE_CPU = "AMD EPYC"
 """The CPU model the shipped CPU profiles were made on."""
 OTHER_CPU = "Intel(R) Xeon(R) Processor"
+"""Another CPU model that instances of this machine kind come with."""
 
 OTHER_CPU_FAST = pytest.mark.parametrize("host_cpu", [
     pytest.param(PROFILE_CPU, id="profile-cpu", marks=pytest.mark.slow), pytest.param(OTHER_CPU, id="other-cpu")],
     indirect=True)
 """For the ``host_cpu`` tests that cost seconds: the plain run (the fast tier) takes the general case, a profile made on
 another CPU model and fitted to this host; the full suite takes both."""
-"""Another CPU model that instances of this machine kind come with."""
 
 
 def all_cases() -> list[tuple[str, Any, Case]]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import difflib
+import functools
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -26,6 +27,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.\-]*$")
 SpecSource = ArchSpec | Mapping[str, Any] | str | os.PathLike[str]
 
 
+@functools.cache  # where the package lies does not change while it runs (one stat per decoded point before)
 def data_dir(name: str) -> Path:
     """A YAML folder shipped with the package (``blocks``, ``search_spaces``): inside the installed
     package, or at the top of a source checkout."""
