@@ -4,7 +4,9 @@ Not a test: for each model, timm's model (``timm.create_model(name, pretrained=F
 weights (``from_timm``) and our deploy form (``metaformer_lab.deploy``) are measured interleaved in one run
 (``latency.interleave.measure_interleaved``: short bursts in turn, so a machine whose speed wanders slows all
 three alike), at one thread, batch 1, at the model's input size. Ratios are ours / timm's of the medians of the
-repeated runs (the 10th percentiles too, the steadier statistic on a shared host). The three outputs are
+repeated runs (the 10th percentiles too), and paired: the median over the rounds of the interleaving of ours / timm's
+within the round (``latency.interleave.paired_ratio``: each round's bursts run next to each other, so a drift of the
+host's speed cancels; the steadiest of the three where a big model gets only 8-20 runs). The three outputs are
 compared first. Ratios below 1.0: ours is faster.
 
     python benchmarks/timm_ratio.py [--quick] [--models NAME ...] [--seconds 1] [--min-runs 30] [--max-seconds 6]
@@ -39,7 +41,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 import metaformer_lab as ml
-from metaformer_lab.latency.interleave import measure_interleaved
+from metaformer_lab.latency.interleave import measure_interleaved, paired_ratio
 from metaformer_lab.latency.target import LatencyTarget, cpu_name
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,6 +65,7 @@ def _timed(modules: list[torch.nn.Module], target: LatencyTarget, timing: argpar
         "runs": {"timm": timm_r.runs, "eager": eager_r.runs, "deploy": deploy_r.runs},
         "ratio_eager": eager_r.median_ms / timm_r.median_ms, "ratio_deploy": deploy_r.median_ms / timm_r.median_ms,
         "ratio_eager_p10": eager_r.p10_ms / timm_r.p10_ms, "ratio_deploy_p10": deploy_r.p10_ms / timm_r.p10_ms,
+        "ratio_eager_paired": paired_ratio(eager_r, timm_r), "ratio_deploy_paired": paired_ratio(deploy_r, timm_r),
         "noisy": [r.noise_reasons for r in results if r.noisy],
     }
 
@@ -91,7 +94,8 @@ def measure(name: str, timing: argparse.Namespace, *, compiled: bool = False) ->
 
 
 def _table(rows: list[dict[str, Any]], compiled: bool = False) -> Table:
-    title = f"ours / timm, CPU 1 thread, batch 1 (medians; p10 in brackets){', torch.compile' if compiled else ''}"
+    title = ("ours / timm, CPU 1 thread, batch 1: ratio of medians (of p10s; paired)"
+             + (", torch.compile" if compiled else ""))
     table = Table(title=title, title_justify="left")
     columns = ("model", "timm ms", "ours ms", "deploy ms", "ours ratio" if compiled else "eager ratio", "deploy ratio",
                "max |Δ| (eager)" if compiled else "max |Δ|", "noisy")
@@ -101,10 +105,14 @@ def _table(rows: list[dict[str, Any]], compiled: bool = False) -> Table:
         timed, diffs = row["compiled"] if compiled else row, row["max_abs_diff_vs_timm"]
         ms = timed["median_ms"]
         table.add_row(row["model"], f"{ms['timm']:.1f}", f"{ms['eager']:.1f}", f"{ms['deploy']:.1f}",
-                      f"{timed['ratio_eager']:.3f} ({timed['ratio_eager_p10']:.3f})",
-                      f"{timed['ratio_deploy']:.3f} ({timed['ratio_deploy_p10']:.3f})",
+                      _ratios(timed, "ratio_eager"), _ratios(timed, "ratio_deploy"),
                       f"{max(diffs.values()):.1e}", "yes" if timed["noisy"] else "")
     return table
+
+
+def _ratios(timed: dict[str, Any], key: str) -> str:
+    paired = timed.get(f"{key}_paired")  # rows of a run before the paired ratio (--resume) lack it
+    return f"{timed[key]:.3f} ({timed[f'{key}_p10']:.3f}; {'-' if paired is None else f'{paired:.3f}'})"
 
 
 def _provenance() -> dict[str, Any]:
@@ -167,6 +175,10 @@ def main() -> None:
           f"eager {summary['ratio_eager']:.3f}, deploy {summary['ratio_deploy']:.3f}; "
           f"eager above 1.05: {sum(r['ratio_eager'] > 1.05 for r in rows)}; "
           f"not in timm: {', '.join(no_timm) or 'none'}")
+    if "paired_ratio_eager" in summary:
+        print(f"paired, median over {summary['paired_models']} models: eager {summary['paired_ratio_eager']:.3f}, "
+              f"deploy {summary['paired_ratio_deploy']:.3f}; eager above 1.05: "
+              f"{sum(r.get('ratio_eager_paired', 0) > 1.05 for r in rows)}")
     if args.compile:
         print(f"compiled, median over {len(rows)} models: ours {summary['compiled_ratio_eager']:.3f}, "
               f"deploy {summary['compiled_ratio_deploy']:.3f}")
@@ -188,12 +200,17 @@ def _earlier_rows(args: argparse.Namespace, names: list[str]) -> list[dict[str, 
 def _write(args: argparse.Namespace, rows: list[dict[str, Any]], no_timm: list[str], *,
            unmeasured: list[str]) -> dict[str, float]:
     summary = {key: statistics.median(r[key] for r in rows) for key in ("ratio_eager", "ratio_deploy")}
+    paired = [r for r in rows if "ratio_eager_paired" in r]  # not in the rows of a run before it (--resume)
+    if paired:
+        summary |= {f"paired_{key}": statistics.median(r[f"{key}_paired"] for r in paired)
+                    for key in ("ratio_eager", "ratio_deploy")} | {"paired_models": len(paired)}
     if args.compile:
         summary |= {f"compiled_{key}": statistics.median(r["compiled"][key] for r in rows)
                     for key in ("ratio_eager", "ratio_deploy")}
     result = {"benchmark": "timm_ratio", "quick": args.quick, "compile": args.compile, "seconds": args.seconds,
               "min_runs": args.min_runs, "max_seconds": args.max_seconds, "median_ratio": summary,
               "eager_above_1_05": [r["model"] for r in rows if r["ratio_eager"] > 1.05],
+              "eager_above_1_05_paired": [r["model"] for r in paired if r["ratio_eager_paired"] > 1.05],
               "models": len(rows), "not_measured": unmeasured, "not_in_timm": no_timm,
               "minutes": getattr(args, "minutes_taken", None), "rows": rows, "provenance": _provenance()}
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -7,11 +7,18 @@ runs over the same long window, in short bursts taken in turn, so all of them se
 fast and slow spells; the 10th percentile of those runs then repeats within a few percent from one
 measurement to the next (the median does not). Latency profiles are fitted to, and evaluated
 against, this statistic (``p10_ms``); the median and p90 are reported with it.
+
+Comparing two networks, :func:`paired_ratio` goes one step further: every round times each network in a burst
+next to the others', so the ratio of two networks within one round is taken at one speed of the machine, and the
+median of those ratios over the rounds is steadier still than the ratio of two medians (each of which saw its own
+mix of slow spells: a 0.3-0.7 s network gets only 8-20 runs in a bounded benchmark).
 """
 
 from __future__ import annotations
 
+import statistics
 import time
+from collections import defaultdict
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -57,11 +64,32 @@ def measure_interleaved(items: Sequence[nn.Module | ArchGraph | SpecSource], tar
     try:
         with torch.inference_mode():
             runs, shapes = _runners(items, plan)
-            samples, load = _rounds(runs, plan, time_per_item_s, burst_s, min_runs, max_time_per_item_s, progress)
+            samples, rounds, load = _rounds(runs, plan, time_per_item_s, burst_s, min_runs, max_time_per_item_s,
+                                            progress)
     finally:
         torch.set_num_threads(previous)
     contended = contention(load, plan.threads, plan.tolerance) if load is not None else None
-    return [_result(s, shape, plan, load, contended) for s, shape in zip(samples, shapes, strict=True)]
+    return [_result(s, r, shape, plan, load, contended) for s, r, shape in zip(samples, rounds, shapes, strict=True)]
+
+
+def paired_ratio(result: LatencyResult, reference: LatencyResult) -> float:
+    """``result`` / ``reference`` of two networks measured together by :func:`measure_interleaved`: the median
+    over the rounds that timed both of (mean of ``result``'s runs in the round) / (mean of ``reference``'s). Each
+    round's ratio compares bursts taken next to each other, so a drift of the machine's speed cancels out."""
+    mine, theirs = _round_means(result), _round_means(reference)
+    shared = sorted(mine.keys() & theirs.keys())
+    if not shared:
+        raise ValueError("the two results share no round: not measured together by measure_interleaved")
+    return statistics.median(mine[r] / theirs[r] for r in shared)
+
+
+def _round_means(result: LatencyResult) -> dict[int, float]:
+    if len(result.sample_rounds) != len(result.samples_ms):
+        raise ValueError("the result does not record its rounds: not measured by measure_interleaved")
+    by_round: defaultdict[int, list[float]] = defaultdict(list)
+    for ms, r in zip(result.samples_ms, result.sample_rounds, strict=True):
+        by_round[r].append(ms)
+    return {r: statistics.fmean(v) for r, v in by_round.items()}
 
 
 def _runners(items: Sequence[Any], plan: TimingPlan) -> tuple[list[Callable[[], float]], list[tuple[int, ...]]]:
@@ -77,8 +105,11 @@ def _runners(items: Sequence[Any], plan: TimingPlan) -> tuple[list[Callable[[], 
 
 
 def _rounds(runs: Sequence[Callable[[], float]], plan: TimingPlan, want_s: float, burst_s: float, min_runs: int,
-            max_s: float, progress: Callable[[int, int], None] | None) -> tuple[list[list[float]], Any]:
+            max_s: float, progress: Callable[[int, int], None] | None
+            ) -> tuple[list[list[float]], list[list[int]], Any]:
     samples: list[list[float]] = [[] for _ in runs]
+    rounds: list[list[int]] = [[] for _ in runs]  # the round of each sample
+    round_no = 0
     spent = [0.0] * len(runs)
     active = set(range(len(runs)))
     start = cpu_snapshot()
@@ -87,6 +118,7 @@ def _rounds(runs: Sequence[Callable[[], float]], plan: TimingPlan, want_s: float
             t0 = time.perf_counter()
             while True:
                 samples[i].append(runs[i]())
+                rounds[i].append(round_no)
                 if time.perf_counter() - t0 >= burst_s:
                     break
             spent[i] += time.perf_counter() - t0
@@ -94,12 +126,13 @@ def _rounds(runs: Sequence[Callable[[], float]], plan: TimingPlan, want_s: float
                 active.discard(i)
                 if progress is not None:
                     progress(len(runs) - len(active), len(runs))
+        round_no += 1
     end = cpu_snapshot()
     load = neighbour_load(start, end) if start is not None and end is not None else None
-    return samples, load
+    return samples, rounds, load
 
 
-def _result(samples: list[float], shape: tuple[int, ...], plan: TimingPlan, load: Any,
+def _result(samples: list[float], rounds: list[int], shape: tuple[int, ...], plan: TimingPlan, load: Any,
             contended: str | None) -> LatencyResult:
     stats = summarize(samples)
     reasons = [r for r in (contended,) if r]
@@ -110,4 +143,4 @@ def _result(samples: list[float], shape: tuple[int, ...], plan: TimingPlan, load
                          noise_reasons=tuple(reasons), neighbour_load=load.load if load else None,
                          neighbour_cores=load.cores if load else None,
                          provenance=provenance(plan.target, shape),
-                         samples_ms=tuple(samples))
+                         samples_ms=tuple(samples), sample_rounds=tuple(rounds))

@@ -142,6 +142,8 @@ class LatencyResult(SampleStats):
         neighbour_cores: the same in cores.
         provenance: device, dtype, sizes, threads, versions, time.
         samples_ms: every timed run of the kept attempt, in order.
+        sample_rounds: for an interleaved measurement (``latency.interleave``), the round each sample was taken
+            in: samples of different networks with the same round were taken next to each other (empty otherwise).
     """
 
     attempts: int
@@ -152,14 +154,17 @@ class LatencyResult(SampleStats):
     neighbour_cores: float | None
     provenance: Provenance
     samples_ms: tuple[float, ...] = field(default=(), repr=False)
+    sample_rounds: tuple[int, ...] = field(default=(), repr=False)
 
     def to_json(self, *, samples: bool = False) -> dict[str, Any]:
         """A JSON-serialisable dict; ``samples`` adds ``samples_ms``."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("provenance", "samples_ms")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("provenance", "samples_ms", "sample_rounds")}
         out["noise_reasons"] = list(self.noise_reasons)
         out["provenance"] = self.provenance.to_json()
         if samples:
             out["samples_ms"] = list(self.samples_ms)
+            if self.sample_rounds:
+                out["sample_rounds"] = list(self.sample_rounds)
         return out
 
 
