@@ -181,7 +181,10 @@ def main() -> None:
               f"{sum(r.get('ratio_eager_paired', 0) > 1.05 for r in rows)}")
     if args.compile:
         print(f"compiled, median over {len(rows)} models: ours {summary['compiled_ratio_eager']:.3f}, "
-              f"deploy {summary['compiled_ratio_deploy']:.3f}")
+              f"deploy {summary['compiled_ratio_deploy']:.3f}"
+              + (f"; paired: ours {summary['compiled_paired_ratio_eager']:.3f}, "
+                 f"deploy {summary['compiled_paired_ratio_deploy']:.3f}" if "compiled_paired_ratio_eager" in summary
+                 else ""))
     print(f"wrote {args.out}")
 
 
@@ -207,6 +210,9 @@ def _write(args: argparse.Namespace, rows: list[dict[str, Any]], no_timm: list[s
     if args.compile:
         summary |= {f"compiled_{key}": statistics.median(r["compiled"][key] for r in rows)
                     for key in ("ratio_eager", "ratio_deploy")}
+        if all("ratio_eager_paired" in r["compiled"] for r in rows):
+            summary |= {f"compiled_paired_{key}": statistics.median(r["compiled"][f"{key}_paired"] for r in rows)
+                        for key in ("ratio_eager", "ratio_deploy")}
     result = {"benchmark": "timm_ratio", "quick": args.quick, "compile": args.compile, "seconds": args.seconds,
               "min_runs": args.min_runs, "max_seconds": args.max_seconds, "median_ratio": summary,
               "eager_above_1_05": [r["model"] for r in rows if r["ratio_eager"] > 1.05],
