@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from pathlib import Path
 from typing import Annotated, Any
@@ -79,6 +80,9 @@ def size(
     samples: Annotated[int, typer.Option(min=1, max=100_000, help="Random points drawn to estimate the valid share.")]
     = 500,
     seed: Seed = 0,
+    processes: Annotated[int | None, typer.Option(
+        min=1, help="Processes drawing points (default: one per CPU this process may use; the result is the same "
+                    "for any number).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object.")] = False,
 ) -> None:
     """Count the points of a space (exact) and estimate the share of valid ones by sampling.
@@ -89,9 +93,11 @@ def size(
 
     loaded = _load(space)
     points = count_points(loaded)
+    workers = processes or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
     with Progress(console=progress_console, transient=True, disable=as_json) as progress:
         task = progress.add_task("drawing points", total=samples)
-        validity = valid_share(loaded, samples, seed, progress=lambda k: progress.update(task, completed=k))
+        validity = valid_share(loaded, samples, seed, progress=lambda k: progress.update(task, completed=k),
+                               processes=workers)
     if as_json:
         typer.echo(json.dumps({"space": loaded.name, "points": points, "continuous": continuous(loaded),
                                "drawn": validity.drawn, "valid": validity.valid, "valid_share": validity.share,

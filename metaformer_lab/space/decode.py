@@ -211,8 +211,9 @@ class Sample:
         return [p.spec for p in self.points]
 
 
-def draw(space: SearchSpace, seed: int) -> Iterator[Point | InvalidPoint]:
-    """An endless stream of random points (valid ones as Point, invalid ones as their InvalidPoint error)."""
+def draw(space: SearchSpace, seed: int | str) -> Iterator[Point | InvalidPoint]:
+    """An endless stream of random points (valid ones as Point, invalid ones as their InvalidPoint error); a str
+    seed too gives the same stream in every process (``random.Random`` hashes it with SHA-512)."""
     rng = random.Random(seed)
     while True:
         try:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import random
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -273,6 +274,32 @@ def test_valid_share_is_estimated_with_an_interval() -> None:
     assert validity.drawn == 100 and 0 < validity.valid < 100
     assert validity.low <= validity.share <= validity.high
     assert sum(validity.reasons.values()) == 100 - validity.valid
+
+
+def test_valid_share_counts_the_same_in_any_number_of_processes() -> None:
+    """Blocks of draws seeded on their own: forked children drawing some of them change nothing but the time, and
+    the progress seen in this process counts every process's draws."""
+    space = load_space("tiny")
+    seen: list[int] = []
+    alone = valid_share(space, 230, seed=4)  # not a whole number of blocks
+    together = valid_share(space, 230, seed=4, processes=3, progress=seen.append)
+    assert together == alone and alone.drawn == 230
+    assert seen == sorted(seen) and seen[-1] == 230
+    assert valid_share(space, 230, seed=5, processes=3) != alone
+
+
+def test_a_failing_drawing_process_is_reported(monkeypatch: pytest.MonkeyPatch) -> None:
+    size = sys.modules["metaformer_lab.space.size"]  # the module (the package re-exports its functions)
+    real = size.draw
+
+    def draw(space: Any, seed: int | str) -> Any:
+        if str(seed).endswith(".1"):  # the second block: the forked child's
+            raise ValueError("broken stream")
+        return real(space, seed)
+
+    monkeypatch.setattr(size, "draw", draw)
+    with pytest.raises(RuntimeError, match="a drawing process failed: ValueError: broken stream"):
+        valid_share(load_space("tiny"), 100, seed=0, processes=2)
 
 
 def test_show_lists_every_choice_under_its_option() -> None:

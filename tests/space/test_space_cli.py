@@ -39,6 +39,16 @@ def test_size(space: str) -> None:
     assert code == 0 and "points (10^" in out and "valid:" in out
 
 
+def test_size_is_the_same_in_one_process_and_in_several() -> None:
+    reports = []
+    for processes in ("1", "3"):
+        code, out, err = run("space", "size", "tiny", "--samples", "120", "--seed", "2", "--processes", processes,
+                             "--json")
+        assert (code, err) == (0, "")
+        reports.append(json.loads(out))
+    assert reports[0] == reports[1]
+
+
 @pytest.mark.parametrize("space", ["tiny", "metaformer"])
 def test_sample_writes_specs_that_validate(tmp_path: Path, space: str) -> None:
     out_dir = tmp_path / "out"
