@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import time
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -94,10 +95,19 @@ def size(
     loaded = _load(space)
     points = count_points(loaded)
     workers = processes or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    with Progress(console=progress_console, transient=True, disable=as_json) as progress:
+    # no refresh thread: the draws fork, and a child should not start with a lock another thread holds
+    with Progress(console=progress_console, transient=True, disable=as_json, auto_refresh=False) as progress:
         task = progress.add_task("drawing points", total=samples)
-        validity = valid_share(loaded, samples, seed, progress=lambda k: progress.update(task, completed=k),
-                               processes=workers)
+        shown = [time.monotonic()]
+
+        def drawn(k: int) -> None:  # redrawn ten times a second, as the refresh thread would
+            now = time.monotonic()
+            refresh = now - shown[0] >= 0.1 or k == samples
+            if refresh:
+                shown[0] = now
+            progress.update(task, completed=k, refresh=refresh)
+
+        validity = valid_share(loaded, samples, seed, progress=drawn, processes=workers)
     if as_json:
         typer.echo(json.dumps({"space": loaded.name, "points": points, "continuous": continuous(loaded),
                                "drawn": validity.drawn, "valid": validity.valid, "valid_share": validity.share,
