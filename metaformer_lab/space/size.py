@@ -150,6 +150,7 @@ def valid_share(space: SearchSpace, n: int = 200, seed: int = 0,
     finally:
         for child in children:
             child.stop()
+        drawn.close()
     z, p = 1.96, valid / n if n else 0.0
     centre = (p + z * z / (2 * n)) / (1 + z * z / n) if n else 0.0
     half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n) if n else 0.0
@@ -165,15 +166,17 @@ class _Forked:
     def __init__(self, work: Callable[[], Any]) -> None:
         read, write = os.pipe()
         self.pid = os.fork()
-        if self.pid == 0:  # the child: compute, send, leave without running the parent's exit handlers
-            os.close(read)
+        if self.pid == 0:  # the child: compute, send, and leave, never returning into the parent's code
             try:
-                payload = pickle.dumps((True, work()))
-            except BaseException as err:  # noqa: BLE001  (sent to the parent, which raises it)
-                payload = pickle.dumps((False, f"{type(err).__name__}: {err}"))
-            with os.fdopen(write, "wb") as pipe:
-                pipe.write(payload)
-            os._exit(0)
+                os.close(read)
+                try:
+                    payload = pickle.dumps((True, work()))
+                except BaseException as err:  # noqa: BLE001  (sent to the parent, which raises it)
+                    payload = pickle.dumps((False, f"{type(err).__name__}: {err}"))
+                with os.fdopen(write, "wb") as pipe:
+                    pipe.write(payload)
+            finally:
+                os._exit(0)  # nothing sent: the parent says the process ended without a result
         os.close(write)
         self.pipe = os.fdopen(read, "rb")
         self.done = False
