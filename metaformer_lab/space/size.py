@@ -124,14 +124,15 @@ def valid_share(space: SearchSpace, n: int = 200, seed: int = 0,
     drawn = mmap.mmap(-1, 8 * workers)  # points drawn per process, shared with the forked children
 
     def tally(i: int, report: Callable[[], None] | None) -> tuple[int, Counter[str]]:
-        valid, reasons = 0, Counter[str]()
+        valid, done, reasons = 0, 0, Counter[str]()
         for b, size in blocks[i::workers]:
             for item in islice(draw(space, f"{seed}.{b}"), size):
                 if isinstance(item, InvalidPoint):
                     reasons[first_reason(item)] += 1
                 else:
                     valid += 1
-                _COUNTER.pack_into(drawn, 8 * i, _COUNTER.unpack_from(drawn, 8 * i)[0] + 1)
+                done += 1
+                _COUNTER.pack_into(drawn, 8 * i, done)
                 if report is not None:
                     report()
         return valid, reasons
