@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import timm
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import metaformer_lab as ml
-from metaformer_lab.core.meta import on_meta
+from metaformer_lab.compile.compiler import compile_graph
+from metaformer_lab.core.meta import on_meta, uninitialised
 
 
 class _Ops(TorchDispatchMode):
@@ -20,6 +23,19 @@ class _Ops(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
         self.names.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class _Written(TorchDispatchMode):
+    """How many values random initialisers write."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.values = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        if func.__name__.split(".")[0] in ("uniform_", "normal_"):
+            self.values += args[0].numel()
         return func(*args, **(kwargs or {}))
 
 
@@ -58,3 +74,35 @@ def test_only_value_writes_on_meta_tensors_are_skipped() -> None:
     assert real.tolist() == [1.0, 1.0, 1.0]
     with pytest.raises(RuntimeError):  # outside the block, a meta write runs PyTorch's kernel again
         torch.empty(2, 3, device="meta").add_(torch.empty(4, device="meta"))
+
+
+def test_an_uninitialised_build_skips_only_the_initialisers_and_loads_to_the_same_network() -> None:
+    """``compile_graph(init=False)``: torch.nn.init's initialisers that PyTorch's modules call on their weights write
+    nothing, every other op runs (a window's
+    relative position index, a non-persistent buffer, is computed); loading a state_dict makes it the network."""
+    with uninitialised():
+        t = torch.zeros(3)
+        assert torch.nn.init.uniform_(t) is t
+        torch.nn.init.kaiming_uniform_(t.view(1, 3))
+        assert t.tolist() == [0.0, 0.0, 0.0]
+        t.add_(1)  # not an initialiser: runs
+        ops = _Ops()
+        with ops:
+            torch.nn.Linear(4, 4)
+    assert t.tolist() == [1.0, 1.0, 1.0]
+    assert not {n.split(".")[0] for n in ops.names} & {"uniform_", "normal_"}
+    graph = ml.to_graph(Path(__file__).parents[1] / "examples" / "tiny_swin.yaml")
+    full = compile_graph(graph).eval()
+    written = _Written()
+    with written:
+        bare = compile_graph(graph, init=False).eval()
+    # what is left is an op's own draw of a small table (timm's trunc_normal_ of a relative position bias)
+    assert written.values < 0.05 * sum(p.numel() for p in bare.parameters())
+    full_buffers, bare_buffers = dict(full.named_buffers()), dict(bare.named_buffers())
+    persistent = set(full.state_dict())
+    computed = [n for n in full_buffers if n not in persistent]
+    assert computed and all(torch.equal(full_buffers[n], bare_buffers[n]) for n in computed)
+    bare.load_state_dict(full.state_dict(), strict=True)
+    x = torch.randn(graph.input_type.shape(2))
+    with torch.no_grad():
+        assert torch.equal(bare(x), full(x))

@@ -7,6 +7,7 @@ from __future__ import annotations
 from torch import nn
 
 from metaformer_lab.compile.network import Block, BranchPlan, Network, Stage
+from metaformer_lab.core.meta import uninitialised
 from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.graph.plan import BlockPlan, StagePlan
@@ -108,10 +109,13 @@ def initialize(net: nn.Module) -> None:
 def compile_graph(graph: ArchGraph, *, init: bool = True) -> Network:
     """An ``nn.Module`` computing ``graph``, initialised as timm does (call ``.eval()`` for inference).
 
-    ``init=False`` leaves PyTorch's default initialisation (for a module about to load a checkpoint, or one
-    built on the ``meta`` device to read its shapes).
+    ``init=False`` sets no values at all (:func:`~metaformer_lab.core.meta.uninitialised`): for a module about to
+    load every value from a checkpoint (``load_state_dict(strict=True)``), or one built on the ``meta`` device to
+    read its shapes. Its parameters hold arbitrary memory until then.
     """
-    net = _Compiler(graph).network()
     if init:
+        net = _Compiler(graph).network()
         initialize(net)
-    return net
+        return net
+    with uninitialised():
+        return _Compiler(graph).network()

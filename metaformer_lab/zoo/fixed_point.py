@@ -55,11 +55,10 @@ def perturb(module: torch.nn.Module, std: float = 0.02, seed: int = 0) -> None:
         for name, tensor in [*module.named_parameters(), *module.named_buffers()]:
             if not tensor.is_floating_point() or name not in persistent:
                 continue
-            noise = torch.randn(tensor.shape, generator=gen) * std
+            noise = torch.randn(tensor.shape, generator=gen)
             if name.endswith("running_var"):
-                tensor.add_(noise.abs())
-            else:
-                tensor.add_(noise)
+                noise.abs_()
+            tensor.add_(noise, alpha=std)
 
 
 def check(name: str, *, batch: int = 2, seed: int = 0) -> CheckResult:

@@ -20,6 +20,7 @@ from invalid_spaces import INVALID_SPACES, PARTS, doc
 from metaformer_lab.api import dump_spec, load_spec
 from metaformer_lab.compile.compiler import compile_graph
 from metaformer_lab.core.errors import SpaceError, SpecError
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.graph.cost import graph_cost
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.space import (
@@ -115,8 +116,9 @@ def test_sampled_points_validate_and_build_to_the_declared_shape(name: str, n: i
             with torch.no_grad():
                 out = net(torch.randn(point.graph.input_type.shape(2)))
         else:  # the 224x224 space is built and run on the meta device: shapes without the compute
-            with torch.device("meta"):
+            with on_meta():
                 net = compile_graph(point.graph, init=False).eval()
+            with torch.device("meta"):
                 out = net(torch.empty(point.graph.input_type.shape(2)))
         assert tuple(out.shape) == point.graph.output_type.shape(2) == (2, space.template.parts["num_classes"])
 
