@@ -77,19 +77,24 @@ def test_only_value_writes_on_meta_tensors_are_skipped() -> None:
 
 
 def test_an_uninitialised_build_skips_only_the_initialisers_and_loads_to_the_same_network() -> None:
-    """``compile_graph(init=False)``: torch.nn.init's initialisers that PyTorch's modules call on their weights write
-    nothing, every other op runs (a window's
-    relative position index, a non-persistent buffer, is computed); loading a state_dict makes it the network."""
-    with uninitialised():
+    """``compile_graph(init=False)``: the torch.nn.init initialisers PyTorch's modules call on their parameters
+    write nothing, every other op runs (a window's relative position index, a non-persistent buffer, is computed);
+    loading a state_dict makes it the network."""
+    with uninitialised() as skipped:
+        w = torch.nn.Parameter(torch.zeros(3))
+        assert torch.nn.init.uniform_(w) is w
+        torch.nn.init.kaiming_uniform_(w.view(1, 3))  # a view is a plain tensor: runs
+        assert w.abs().sum() > 0
+        w.data.zero_()
+        torch.nn.init.normal_(w, std=2.0)
+        assert w.tolist() == [0.0, 0.0, 0.0]
         t = torch.zeros(3)
-        assert torch.nn.init.uniform_(t) is t
-        torch.nn.init.kaiming_uniform_(t.view(1, 3))
-        assert t.tolist() == [0.0, 0.0, 0.0]
-        t.add_(1)  # not an initialiser: runs
+        torch.nn.init.uniform_(t, 1.0, 2.0)  # not a parameter: runs
         ops = _Ops()
         with ops:
             torch.nn.Linear(4, 4)
-    assert t.tolist() == [1.0, 1.0, 1.0]
+    assert t.min() >= 1.0
+    assert [f.__name__ for f, _, _ in skipped] == ["uniform_", "normal_", "kaiming_uniform_", "uniform_"]
     assert not {n.split(".")[0] for n in ops.names} & {"uniform_", "normal_"}
     graph = ml.to_graph(Path(__file__).parents[1] / "examples" / "tiny_swin.yaml")
     full = compile_graph(graph).eval()

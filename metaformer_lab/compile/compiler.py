@@ -11,7 +11,7 @@ from metaformer_lab.core.meta import uninitialised
 from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.nodes import build_node
 from metaformer_lab.graph.plan import BlockPlan, StagePlan
-from metaformer_lab.ops.common import init_weights
+from metaformer_lab.ops.common import INITIALISED, init_weights
 
 
 class _Compiler:
@@ -109,13 +109,19 @@ def initialize(net: nn.Module) -> None:
 def compile_graph(graph: ArchGraph, *, init: bool = True) -> Network:
     """An ``nn.Module`` computing ``graph``, initialised as timm does (call ``.eval()`` for inference).
 
-    ``init=False`` sets no values at all (:func:`~metaformer_lab.core.meta.uninitialised`): for a module about to
-    load every value from a checkpoint (``load_state_dict(strict=True)``), or one built on the ``meta`` device to
-    read its shapes. Its parameters hold arbitrary memory until then.
+    ``init=False`` leaves the parameters PyTorch's modules would initialise unset
+    (:func:`~metaformer_lab.core.meta.uninitialised`): for a module about to load every value from a checkpoint
+    (``load_state_dict(strict=True)``), or one built on the ``meta`` device to read its shapes.
     """
-    if init:
+    with uninitialised() as skipped:
         net = _Compiler(graph).network()
+    if init:
+        # the default initialisation of the weights that timm's scheme sets again is skipped; the rest runs now
+        overwritten = {id(p) for m in net.modules() if isinstance(m, INITIALISED)
+                       for p in m.parameters(recurse=False)}
+        for func, args, kwargs in skipped:
+            target = args[0] if args else kwargs["tensor"]
+            if id(target) not in overwritten:
+                func(*args, **kwargs)
         initialize(net)
-        return net
-    with uninitialised():
-        return _Compiler(graph).network()
+    return net

@@ -35,13 +35,13 @@ def _initialiser(func: Any) -> bool:
     return getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_")
 
 
-def _meta_write(func: Any, target: Any) -> bool:
+Call = tuple[Any, tuple[Any, ...], dict[str, Any]]
+"""A torch function and its arguments."""
+
+
+def _meta_write(func: Any, target: Any, call: Call) -> bool:
     """A :data:`VALUE_WRITES` op or an initialiser on a meta tensor."""
     return target.is_meta and (getattr(func, "__name__", None) in VALUE_WRITES or _initialiser(func))
-
-
-def _initialiser_call(func: Any, target: Any) -> bool:
-    return _initialiser(func)
 
 
 @functools.cache
@@ -50,9 +50,9 @@ def _answering() -> type:
     from torch.overrides import TorchFunctionMode
 
     class Answering(TorchFunctionMode):
-        """Answers the in-place calls ``skips(func, tensor)`` picks with the tensor itself, values untouched."""
+        """Answers the in-place calls ``skips(func, tensor, call)`` picks with the tensor itself, values untouched."""
 
-        def __init__(self, skips: Callable[[Any, Tensor], bool]) -> None:
+        def __init__(self, skips: Callable[[Any, Tensor, Call], bool]) -> None:
             super().__init__()
             self.skips = skips
 
@@ -60,7 +60,7 @@ def _answering() -> type:
                                kwargs: dict[str, Any] | None = None) -> Any:
             kwargs = kwargs or {}
             target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
-            if isinstance(target, Tensor) and self.skips(func, target):
+            if isinstance(target, Tensor) and self.skips(func, target, (func, args, kwargs)):
                 return target
             return func(*args, **kwargs)
 
@@ -68,15 +68,26 @@ def _answering() -> type:
 
 
 @contextlib.contextmanager
-def uninitialised() -> Iterator[None]:
-    """Modules built inside it skip ``torch.nn.init``'s initialisers that PyTorch lets a mode answer
+def uninitialised() -> Iterator[list[Call]]:
+    """Modules built inside it skip the ``torch.nn.init`` initialisers that PyTorch lets a mode answer
     (``kaiming_uniform_`` and ``uniform_``, what a Linear's or a conv's weights are given; ``normal_``,
-    ``constant_``): their weights hold whatever memory they were given, for a module whose every value is about to be
-    loaded (``load_state_dict(strict=True)``). Everything else runs, so buffers a module computes (a window's
-    relative position index, an attention mask) are as PyTorch makes them. Filling the weights of a 100M-parameter
-    network with PyTorch's default initialisers costs about 0.6 s on one core."""
-    with _answering()(_initialiser_call):
-        yield
+    ``constant_``) when they initialise a parameter: its values are whatever memory it was given. Yields the list of
+    the calls skipped, in order, for a caller that replays those its own initialisation will not overwrite.
+    Everything else runs: buffers a module computes (a window's relative position index, an attention mask) and
+    any tensor that is not a parameter are as PyTorch makes them. Filling the weights of a 100M-parameter network
+    with PyTorch's default initialisers costs about 0.6 s on one core."""
+    from torch.nn import Parameter
+
+    skipped: list[Call] = []
+
+    def skips(func: Any, target: Any, call: Call) -> bool:
+        if isinstance(target, Parameter) and _initialiser(func):
+            skipped.append(call)
+            return True
+        return False
+
+    with _answering()(skips):
+        yield skipped
 
 
 @contextlib.contextmanager

@@ -275,12 +275,16 @@ def truncated_normal_(tensor: Tensor, std: float, bound: float = 2.0) -> Tensor:
     return trunc_normal_(tensor, std=std, a=-bound, b=bound)
 
 
+INITIALISED = (nn.Linear, nn.Conv1d, nn.Conv2d)
+"""The modules whose weight and bias :func:`init_weights` sets."""
+
+
 def init_weights(module: nn.Module) -> None:
     """timm's default for MetaFormer-family models: truncated normal (std .02) weights, zero biases.
 
     Modules with their own scheme define ``init_weights()``; it runs after this one.
     """
-    if isinstance(module, (nn.Linear, nn.Conv1d, nn.Conv2d)):
+    if isinstance(module, INITIALISED):
         truncated_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
