@@ -183,6 +183,10 @@ def calibrate(
     ops_archs: Annotated[int, typer.Option(min=1, help="Sampled architectures whose ops are timed.")] = 1000,
     fit_archs: Annotated[int, typer.Option(min=8, help="Whole networks measured for the correction.")] = 60,
     passes: Annotated[int, typer.Option(min=1, help="Timing passes per op (the fastest is kept).")] = 3,
+    model_seconds: Annotated[float, typer.Option("--model-seconds", min=0.1, help="Seconds of timed runs per "
+                                                 "network measured for the correction (taken in turns with the "
+                                                 "other networks of its group; fewer is quicker and noisier).")]
+    = 2.0,
     seed: Annotated[int, typer.Option(help="Seed of the draws (seed and seed+1; evaluate refuses both).")] = 1,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the calibration in OUT.")] = False,
     deploy: Annotated[bool, typer.Option("--deploy", help="Profile the deploy form: each op folded as it ships, "
@@ -235,7 +239,8 @@ def calibrate(
             op_graphs = [p.graph for p in sample(sp, ops_archs, seed=seed).points]
             fit_graphs = [p.graph for p in sample(sp, fit_archs, seed=seed + 1).points]
             profile = calibrate_space(sp.name, op_graphs, fit_graphs, target, out, name=name or out.stem,
-                                      seeds=(seed, seed + 1), passes=passes, resume=resume, progress=progress)
+                                      seeds=(seed, seed + 1), passes=passes, model_seconds=model_seconds,
+                                      resume=resume, progress=progress)
     except MetaformerLabError as err:
         exit_with(err)
     console.print(f"wrote {out}: {len(profile.ops)} ops, correction fitted on {profile.fit['archs']} networks "

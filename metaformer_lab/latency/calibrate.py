@@ -250,21 +250,22 @@ def start_profile(name: str, target: LatencyTarget, out: Path | None, *, resume:
 
 
 def calibrate_space(space: str, op_graphs: list[ArchGraph], fit_graphs: list[ArchGraph], target: LatencyTarget,
-                    out: Path, *, name: str, seeds: tuple[int, int], passes: int = 3, resume: bool = False,
-                    progress: Progress | None = None) -> Profile:
+                    out: Path, *, name: str, seeds: tuple[int, int], passes: int = 3, model_seconds: float = 2.0,
+                    resume: bool = False, progress: Progress | None = None) -> Profile:
     """The whole calibration of a profile for the networks of ``space``: every op of ``op_graphs + fit_graphs``
-    timed in ``passes`` passes, the ``fit_graphs`` networks measured, the correction fitted. ``seeds`` are the
+    timed in ``passes`` passes, the ``fit_graphs`` networks measured (``model_seconds`` of runs each), the
+    correction fitted. ``seeds`` are the
     seeds the two lists were drawn with; they are recorded, and ``latency evaluate`` refuses them. The profile
     is saved to ``out`` as it grows (resumable) and when done."""
     profile = start_profile(name, target, out, resume=resume,
                             description=f"{space} space, {target.threads} thread(s), {target.dtype}, "
                                         f"batch {target.batch_size}" + (", deploy form" if target.deploy else ""))
     profile.fit["calibration"] = {"space": space, "seeds": list(seeds), "ops_archs": len(op_graphs),
-                                  "fit_archs": len(fit_graphs), "passes": passes}
+                                  "fit_archs": len(fit_graphs), "passes": passes, "model_seconds": model_seconds}
     calibrate_ops(profile, op_graphs + fit_graphs, target, passes=passes, out=out, progress=progress,
                   seed=seeds[0])
     profile.save(out)
-    measure_models(profile, fit_graphs, target, out=out, progress=progress)
+    measure_models(profile, fit_graphs, target, out=out, progress=progress, time_per_model_s=model_seconds)
     fit_correction(profile)
     profile.save(out)
     return profile

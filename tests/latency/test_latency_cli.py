@@ -114,7 +114,7 @@ def test_evaluate_refuses_the_calibration_seeds() -> None:
 def test_calibrate_resume_and_evaluate_a_small_profile(tmp_path: Path) -> None:
     out = tmp_path / "mini.json"
     args = ["latency", "calibrate", "--space", "tiny", "--out", str(out), "--ops-archs", "4", "--fit-archs", "8",
-            "--passes", "1", "--seed", "5"]
+            "--passes", "1", "--seed", "5", "--model-seconds", "0.5"]
     code, stdout, err = run(*args)
     assert code == 0, err
     profile = load_profile(out)
@@ -122,6 +122,7 @@ def test_calibrate_resume_and_evaluate_a_small_profile(tmp_path: Path) -> None:
     assert len(profile.fit["models"]) == 8 and profile.correction is not None
     assert profile.fit["archs"] == len(quiet) >= 6  # a network measured while the machine was busy is left out
     assert profile.fit["calibration"]["seeds"] == [5, 6] and len(profile.ops) > 20
+    assert profile.fit["calibration"]["model_seconds"] == 0.5
     before = dict(profile.ops)
     code, _, err = run(*args, "--resume")  # everything is there: nothing is timed again
     assert code == 0, err
