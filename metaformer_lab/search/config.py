@@ -75,6 +75,8 @@ class SearchConfig(BaseModel):
     seed: int = 0
     out: str | None = Field(None, description="run folder; default: runs/<study name>")
     finalists: Annotated[int, Field(ge=1, le=64)] = 3
+    finalist_passes: Annotated[int, Field(ge=1, le=10)] = Field(
+        3, description="timing passes per finalist after the search; its latency is the fastest pass's median")
     train_threads: Annotated[int, Field(ge=1, le=256)] | None = Field(
         None, description="torch threads while training (default: all cores); latency keeps `threads`")
     heartbeat_s: Annotated[int, Field(ge=1, le=3600)] = 10

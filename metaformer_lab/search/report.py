@@ -74,7 +74,7 @@ def _measure(source: LatencySource, graph: ArchGraph, budget_ms: float, passes: 
     runs = [source.measure(graph) for _ in range(passes)]
     fastest = min(runs, key=lambda r: r.median_ms)
     return {"measured_ms": fastest.median_ms, "p10_ms": fastest.p10_ms, "p90_ms": fastest.p90_ms, "cv": fastest.cv,
-            "noisy": all(r.noisy for r in runs), "within_budget": fastest.median_ms <= budget_ms,
+            "noisy": all(r.noisy for r in runs), "within_budget": fastest.median_ms <= budget_ms, "passes": passes,
             "provenance": fastest.provenance.to_json()}
 
 

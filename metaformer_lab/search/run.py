@@ -185,7 +185,7 @@ def execute(search: Search, *, progress: Callable[[TrialEvent], None] | None = N
         interrupted = True
     if not interrupted:
         remeasure_finalists(search.study, search.source, config.budget_ms, config.finalists,
-                            progress=finalist_progress)
+                            passes=config.finalist_passes, progress=finalist_progress)
     report = write_run(search.study, search.run_dir, search.storage_url)
     report["interrupted"] = interrupted
     return report
