@@ -58,7 +58,7 @@ def test_the_source_decides_once_where_its_numbers_come_from() -> None:
 def test_the_command_line_and_a_search_report_the_same_prediction(tmp_path: Path) -> None:
     config = make_config(space="tiny", device="cpu", profile="cpu-tiny-1t", host_check=False, budget="50ms",
                          evaluator="zero-cost", evaluator_options={"proxy": "params"}, dataset="synthetic:64",
-                         trials=1, finalists=1, out=str(tmp_path / "run"), seed=3)
+                         trials=1, finalists=1, finalist_passes=1, out=str(tmp_path / "run"), seed=3)
     search, _ = run_search(config)
     (trial,) = [t for t in search.study.get_trials() if t.user_attrs.get("latency_source") == "predicted"][:1]
     spec = tmp_path / "candidate.yaml"

@@ -102,7 +102,7 @@ def test_without_the_host_check_a_profile_of_another_cpu_is_not_used(tmp_path: P
     """--no-host-check: the shipped profile predicts on the CPU model it was made on, unscaled; on another
     model nothing fits, and every candidate is measured."""
     search, report = run_search(quick(tmp_path, device="cpu", budget="50ms", trials=5, finalists=1,
-                                      host_check=False))
+                                      finalist_passes=1, host_check=False))
     complete = [t for t in search.study.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
     assert complete and "host_check" not in search.study.user_attrs
     source = "predicted" if host_cpu == PROFILE_CPU else "measured"
