@@ -168,8 +168,10 @@ def _create_network(name_or_spec: SpecSource, pretrained: bool, checkpoint_path:
     timm_sd = _load_timm_checkpoint(zoo, pretrained, checkpoint_path)
     trained_classes = timm_num_classes(zoo, timm_sd)
     ours = convert_state_dict(zoo.name, timm_sd, num_classes=trained_classes)
-    net = compile_graph(lower(_with_classes(spec, trained_classes if num_classes is None else num_classes)))
-    if num_classes is None or num_classes == trained_classes:
+    whole = num_classes is None or num_classes == trained_classes  # every value comes from the checkpoint
+    net = compile_graph(lower(_with_classes(spec, trained_classes if num_classes is None else num_classes)),
+                        init=not whole)
+    if whole:
         net.load_state_dict(ours, strict=True)
     else:
         _load_except_classifier(net, ours)
@@ -254,6 +256,6 @@ def from_timm(timm_model: nn.Module) -> Network:
         raise SpecError.single(type(timm_model).__name__, "has no pretrained_cfg['architecture'] naming its model")
     classes = int(getattr(timm_model, "num_classes", _spec(name).num_classes))
     sd = convert_state_dict(name, timm_model.state_dict(), num_classes=classes)
-    net = compile_graph(lower(_spec(name, classes)))
+    net = compile_graph(lower(_spec(name, classes)), init=False)  # every value comes from timm's state_dict
     net.load_state_dict(sd, strict=True)
     return adopt_timm_conventions(net, _spec(name, classes)).train(timm_model.training)
