@@ -111,3 +111,16 @@ def test_an_uninitialised_build_skips_only_the_initialisers_and_loads_to_the_sam
     x = torch.randn(graph.input_type.shape(2))
     with torch.no_grad():
         assert torch.equal(bare(x), full(x))
+
+
+def test_a_build_replays_the_skipped_initialisers_timms_scheme_does_not_repeat() -> None:
+    """``compile_graph(graph)``: a parameter only PyTorch's initialiser sets (the deformable downsampler's own
+    weight, ``kaiming_uniform_(a=sqrt(5))``: uniform within 1/sqrt(fan_in)) gets it, after the build."""
+    from metaformer_lab.ops.downsamplers import DeformConv2d
+
+    net = compile_graph(ml.to_graph(Path(__file__).parents[1] / "examples" / "tiny_literature_hybrid.yaml"))
+    convs = [m for m in net.modules() if isinstance(m, DeformConv2d)]
+    assert convs
+    for conv in convs:
+        bound = conv.weight[0].numel() ** -0.5
+        assert conv.weight.abs().max() <= bound and conv.weight.std() > 0.5 * bound / 3 ** 0.5
