@@ -119,9 +119,8 @@ def compile_graph(graph: ArchGraph, *, init: bool = True) -> Network:
         # the default initialisation of the weights that timm's scheme sets again is skipped; the rest runs now
         overwritten = {id(p) for m in net.modules() if isinstance(m, INITIALISED)
                        for p in m.parameters(recurse=False)}
-        for func, args, kwargs in skipped:
-            target = args[0] if args else kwargs["tensor"]
-            if id(target) not in overwritten:
-                func(*args, **kwargs)
+        for call in skipped:
+            if id(call.target) not in overwritten:
+                call.replay()
         initialize(net)
     return net

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import functools
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 VALUE_WRITES = frozenset({
     "uniform_", "normal_", "trunc_normal_", "bernoulli_", "exponential_", "geometric_", "log_normal_", "cauchy_",
@@ -35,11 +35,19 @@ def _initialiser(func: Any) -> bool:
     return getattr(func, "__module__", None) == "torch.nn.init" and func.__name__.endswith("_")
 
 
-Call = tuple[Any, tuple[Any, ...], dict[str, Any]]
-"""A torch function and its arguments."""
+class Skipped(NamedTuple):
+    """An initialiser call :func:`uninitialised` answered: its parameter, and the call to make it later."""
+
+    target: Any
+    func: Any
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def replay(self) -> None:
+        self.func(*self.args, **self.kwargs)
 
 
-def _meta_write(func: Any, target: Any, call: Call) -> bool:
+def _meta_write(func: Any, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
     """A :data:`VALUE_WRITES` op or an initialiser on a meta tensor."""
     return target.is_meta and (getattr(func, "__name__", None) in VALUE_WRITES or _initialiser(func))
 
@@ -50,9 +58,10 @@ def _answering() -> type:
     from torch.overrides import TorchFunctionMode
 
     class Answering(TorchFunctionMode):
-        """Answers the in-place calls ``skips(func, tensor, call)`` picks with the tensor itself, values untouched."""
+        """Answers the in-place calls ``skips(func, tensor, args, kwargs)`` picks with the tensor itself, values
+        untouched."""
 
-        def __init__(self, skips: Callable[[Any, Tensor, Call], bool]) -> None:
+        def __init__(self, skips: Callable[[Any, Tensor, tuple[Any, ...], dict[str, Any]], bool]) -> None:
             super().__init__()
             self.skips = skips
 
@@ -60,7 +69,7 @@ def _answering() -> type:
                                kwargs: dict[str, Any] | None = None) -> Any:
             kwargs = kwargs or {}
             target = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes it by keyword
-            if isinstance(target, Tensor) and self.skips(func, target, (func, args, kwargs)):
+            if isinstance(target, Tensor) and self.skips(func, target, args, kwargs):
                 return target
             return func(*args, **kwargs)
 
@@ -68,7 +77,7 @@ def _answering() -> type:
 
 
 @contextlib.contextmanager
-def uninitialised() -> Iterator[list[Call]]:
+def uninitialised() -> Iterator[list[Skipped]]:
     """Modules built inside it skip the ``torch.nn.init`` initialisers that PyTorch lets a mode answer
     (``kaiming_uniform_`` and ``uniform_``, what a Linear's or a conv's weights are given; ``normal_``,
     ``constant_``) when they initialise a parameter: its values are whatever memory it was given. Yields the list of
@@ -78,11 +87,11 @@ def uninitialised() -> Iterator[list[Call]]:
     with PyTorch's default initialisers costs about 0.6 s on one core."""
     from torch.nn import Parameter
 
-    skipped: list[Call] = []
+    skipped: list[Skipped] = []
 
-    def skips(func: Any, target: Any, call: Call) -> bool:
+    def skips(func: Any, target: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         if isinstance(target, Parameter) and _initialiser(func):
-            skipped.append(call)
+            skipped.append(Skipped(target, func, args, kwargs))
             return True
         return False
 
