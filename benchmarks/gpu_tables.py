@@ -5,14 +5,15 @@ For each shipped table (RTX 3090, RTX 5090, RTX PRO 6000 Max-Q; AMP float16, eag
 * in-sample: that GPU's factors fitted on all of its table's zoo rows, predicting them;
 * leave-one-family-out: each zoo family predicted by factors fitted on the table's other families;
 * leave-one-GPU-out: the table predicted from the GPU's datasheet with factors made from the other two tables only
-  (the way a GPU without a table is estimated), by each strategy (a pooled fit, the mean of per-GPU fits);
+  (the way a GPU without a table is estimated), by each strategy (a pooled fit with its power exponent, the mean
+  of per-GPU fits);
 * the uncalibrated estimator (default factors, every tensor at float16) for reference;
 
 MAPE, Spearman, median estimate/measured, share within ±10 %, overall and per family, plus a predicted-vs-measured
 PNG. Kernel records come from the meta device and are cached in ``--cache`` (keyed by the estimator's code, torch
 and timm: a change recomputes them).
 
-    python benchmarks/gpu_tables.py                    # all rows (about 2 minutes here)
+    python benchmarks/gpu_tables.py                    # all rows (about 40 s here, 20 s cached)
     python benchmarks/gpu_tables.py --quick            # 224 px rows only
     python benchmarks/gpu_tables.py --write-profiles   # also (re)write the shipped GPU profiles
 
@@ -144,6 +145,7 @@ def main() -> int:
                     "logo_median": GOALS["logo_median"][0] <= lg["median_ratio"] <= GOALS["logo_median"][1],
                     "in_sample_mape": ins["mape"] <= GOALS["in_sample_mape"]}
     report["goals_met"] = met
+    print(f"\nfactors for a GPU without a table: {pooled.efficiency.source}")
     print("\nleave-one-GPU-out by strategy (MAPE, Spearman, median, within ±10 %):")
     for s in STRATEGIES:
         print(f"  {s:7s} " + "  ".join(f"{gpu}: {_fmt(report['tables'][gpu]['leave_one_gpu_out_by_strategy'][s])}"

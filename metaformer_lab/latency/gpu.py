@@ -8,7 +8,8 @@ and says when it extrapolates beyond the batch sizes they were fitted on.
 
 Kernels. Each graph node's module is built on the ``meta`` device and run on a meta tensor of the
 node's input type under a dispatch mode that records every aten kernel it launches: its FLOPs
-(``torch.utils.flop_counter``'s formulas; SDPA as one fused attention kernel), the bytes it reads
+(``torch.utils.flop_counter``'s formulas; SDPA on 4-D tensors as one fused attention kernel, on others as
+PyTorch's math path), the bytes it reads
 and writes (its input and output tensors at the dtype's element size) and its class. Views and
 metadata ops (view, permute, expand, transpose, unsqueeze, detach, alias, ``_unsafe_view``...)
 launch nothing. Nodes without a module of their own are costed analytically: a residual ``add`` is
@@ -24,7 +25,9 @@ the max, as the factors fitted on timm's tables use). matmul, conv and attention
 float16/bfloat16; in float32, matmul and attention use the float32 rate and conv the TF32 rate (PyTorch's defaults:
 ``torch.backends.cuda.matmul.allow_tf32 = False``, ``torch.backends.cudnn.allow_tf32 = True``).
 Grouped and depthwise convs (``dwconv``) run on CUDA cores at the float32 rate. Every other class is
-memory-bound (no FLOPs are counted for it). The model is additive: it does not overlap the host's
+memory-bound (no FLOPs are counted for it). Factors pooled over several GPUs scale the tensor-core peak by the
+GPU's board power per TFLOPS to a fitted power (``Efficiency.power_exponent``): a card with little power for its
+rated peak does not hold the clock that peak assumes. The model is additive: it does not overlap the host's
 kernel launches with the GPU's work.
 
 Autocast (``amp``, :func:`graph_records`): the network runs as under ``torch.autocast`` (float32 weights
@@ -52,7 +55,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from metaformer_lab.core.errors import Issue, LatencyError
 from metaformer_lab.core.meta import on_meta
 from metaformer_lab.graph.arch import ArchGraph
-from metaformer_lab.graph.cost import sdpa_formulas
+from metaformer_lab.graph.cost import sdpa_formulas, stage_shared_surplus
 from metaformer_lab.graph.lower import lower
 from metaformer_lab.graph.nodes import LEAF_KINDS, build_node
 from metaformer_lab.latency.measure import DTYPES
@@ -94,6 +97,7 @@ class GpuSpec:
         memory_gb: memory size, GB.
         launch_us: per-kernel overhead, see :data:`DEFAULT_LAUNCH_US`.
         source: where the figures come from.
+        board_power_w: the board's power limit, W (None: not known); see :attr:`watts_per_tflops`.
     """
 
     name: str
@@ -106,6 +110,14 @@ class GpuSpec:
     memory_gb: float
     launch_us: float = DEFAULT_LAUNCH_US
     source: str = ""
+    board_power_w: float | None = None
+
+    @property
+    def watts_per_tflops(self) -> float | None:
+        """Board power per dense float16 tensor TFLOPS: how much power the card has to run its tensor cores at
+        the clock its datasheet rates assume (4.9 W on a 350 W RTX 3090, 0.7 W on a 300 W RTX PRO 6000 Max-Q or a
+        700 W H100). Pooled factors scale the tensor-core peak by it (:attr:`Efficiency.power_exponent`)."""
+        return None if self.board_power_w is None else self.board_power_w / self.fp16_tflops
 
     @property
     def default_dtype(self) -> str:
@@ -134,35 +146,45 @@ class GpuSpec:
 GPUS: Mapping[str, GpuSpec] = MappingProxyType({g.name: g for g in (
     GpuSpec("t4", "NVIDIA T4", 8.1, 65.0, None, None, 320.0, 16.0,
             source="NVIDIA T4 Tensor Core GPU datasheet: FP32 8.1 TF, mixed-precision FP16/FP32 65 TF, 320 GB/s "
-                   "GDDR6; Turing has no bfloat16 or TF32"),
+                   "GDDR6, 70 W; Turing has no bfloat16 or TF32",
+            board_power_w=70.0),
     GpuSpec("l4", "NVIDIA L4", 30.3, 121.0, 121.0, 60.0, 300.0, 24.0,
             source="NVIDIA L4 Tensor Core GPU datasheet: FP32 30.3 TF, FP16/BF16 242 TF and TF32 120 TF with "
-                   "sparsity (halved here), 300 GB/s"),
+                   "sparsity (halved here), 300 GB/s, 72 W",
+            board_power_w=72.0),
     GpuSpec("a10", "NVIDIA A10", 31.2, 125.0, 125.0, 62.5, 600.0, 24.0,
             source="NVIDIA A10 Tensor Core GPU datasheet: FP32 31.2 TF, FP16/BF16 125 TF, TF32 62.5 TF (dense), "
-                   "600 GB/s"),
+                   "600 GB/s, 150 W",
+            board_power_w=150.0),
     GpuSpec("a100", "NVIDIA A100 SXM4 80GB", 19.5, 312.0, 312.0, 156.0, 2039.0, 80.0,
             source="NVIDIA A100 Tensor Core GPU datasheet (SXM4 80GB): FP32 19.5 TF, FP16/BF16 312 TF, TF32 156 TF "
-                   "(dense), 2039 GB/s HBM2e"),
+                   "(dense), 2039 GB/s HBM2e, 400 W",
+            board_power_w=400.0),
     GpuSpec("h100", "NVIDIA H100 SXM5 80GB", 67.0, 989.4, 989.4, 494.7, 3350.0, 80.0,
             source="NVIDIA H100 Tensor Core GPU datasheet (SXM): FP32 67 TF, FP16/BF16 1979 TF and TF32 989 TF "
-                   "with sparsity (halved here), 3.35 TB/s HBM3"),
+                   "with sparsity (halved here), 3.35 TB/s HBM3, 700 W",
+            board_power_w=700.0),
     GpuSpec("h200", "NVIDIA H200 SXM 141GB", 67.0, 989.4, 989.4, 494.7, 4800.0, 141.0,
-            source="NVIDIA H200 Tensor Core GPU datasheet (SXM): H100 SXM compute, 4.8 TB/s HBM3e, 141 GB"),
+            source="NVIDIA H200 Tensor Core GPU datasheet (SXM): H100 SXM compute, 4.8 TB/s HBM3e, 141 GB, 700 W",
+            board_power_w=700.0),
     GpuSpec("rtx4090", "NVIDIA GeForce RTX 4090", 82.6, 165.2, 165.2, 82.6, 1008.0, 24.0,
             source="NVIDIA Ada Lovelace GPU architecture whitepaper (appendix): FP32 82.6 TF, FP16/BF16 tensor with "
-                   "FP32 accumulate 165.2 TF and TF32 82.6 TF (dense), 1008 GB/s GDDR6X"),
+                   "FP32 accumulate 165.2 TF and TF32 82.6 TF (dense), 1008 GB/s GDDR6X, 450 W",
+            board_power_w=450.0),
     GpuSpec("rtx3090", "NVIDIA GeForce RTX 3090", 35.6, 71.0, 71.0, 35.6, 936.0, 24.0,
             source="NVIDIA Ampere GA102 GPU architecture whitepaper (appendix): FP32 35.6 TF, FP16/BF16 tensor with "
-                   "FP32 accumulate 71 TF and TF32 35.6 TF (dense), 936 GB/s GDDR6X"),
+                   "FP32 accumulate 71 TF and TF32 35.6 TF (dense), 936 GB/s GDDR6X, 350 W",
+            board_power_w=350.0),
     GpuSpec("rtx5090", "NVIDIA GeForce RTX 5090", 104.8, 209.5, 209.5, 104.8, 1792.0, 32.0,
             source="NVIDIA RTX Blackwell GPU architecture whitepaper (appendix): FP32 104.8 TF, FP16/BF16 tensor with "
-                   "FP32 accumulate 209.5 TF and TF32 104.8 TF (dense), 1792 GB/s GDDR7"),
+                   "FP32 accumulate 209.5 TF and TF32 104.8 TF (dense), 1792 GB/s GDDR7, 575 W",
+            board_power_w=575.0),
     GpuSpec("rtx-pro-6000", "NVIDIA RTX PRO 6000 Blackwell Max-Q Workstation Edition", 110.0, 440.0, 440.0, 110.0,
             1792.0, 96.0,
             source="NVIDIA RTX PRO 6000 Blackwell Max-Q datasheet (300 W): FP32 about 110 TF; 3511 AI TOPS (FP4, "
                    "sparse) give about 440 TF dense FP16/BF16 tensor with FP32 accumulate (full rate on professional "
-                   "cards) and 110 TF TF32; 1792 GB/s GDDR7 ECC, 96 GB"),
+                   "cards) and 110 TF TF32; 1792 GB/s GDDR7 ECC, 96 GB",
+            board_power_w=300.0),
 )})
 """Known GPUs by short name."""
 
@@ -234,6 +256,10 @@ class Efficiency:
             model autocast too unless told otherwise (:func:`estimate_gpu`).
         sharpness: a kernel's time is ``(compute^p + memory^p)^(1/p)`` with ``p`` this (a smooth roofline:
             compute and memory traffic overlap only partly); None: ``max(compute, memory)``.
+        power_exponent: ``a``: the tensor-core peak a kernel runs against is the datasheet's times
+            ``GpuSpec.watts_per_tflops ** a`` (:meth:`peak_tflops`). Factors pooled over several GPUs fit it:
+            a card with little power per TFLOPS does not hold the clock its datasheet peak assumes. None (or 0):
+            the datasheet peak, as for factors fitted on one GPU.
     """
 
     compute: Mapping[str, float] = field(default_factory=lambda: dict(DEFAULT_COMPUTE_EFFICIENCY))
@@ -248,6 +274,7 @@ class Efficiency:
     batch_range: tuple[int, int] | None = None
     amp: bool = False
     sharpness: float | None = None
+    power_exponent: float | None = None
 
     def __post_init__(self) -> None:
         issues = [Issue(f"efficiency.{kind}.{c}", f"{v} must be a finite number > 0")
@@ -257,6 +284,9 @@ class Efficiency:
             issues.append(Issue("efficiency.launch_us", f"{self.launch_us} must be a finite number >= 0"))
         if self.sharpness is not None and not (math.isfinite(self.sharpness) and self.sharpness >= 1):
             issues.append(Issue("efficiency.sharpness", f"{self.sharpness} must be a finite number >= 1"))
+        if self.power_exponent is not None and not (math.isfinite(self.power_exponent)
+                                                    and 0 <= self.power_exponent <= 1):
+            issues.append(Issue("efficiency.power_exponent", f"{self.power_exponent} must be a number in [0, 1]"))
         if issues:
             raise LatencyError(issues)
 
@@ -266,12 +296,21 @@ class Efficiency:
     def memory_of(self, op_class: str) -> float:
         return self.memory.get(op_class, DEFAULT_MEMORY_EFFICIENCY.get(op_class, 0.7))
 
+    def peak_tflops(self, gpu: GpuSpec, op_class: str, dtype: str) -> float:
+        """The peak rate a kernel of ``op_class`` runs against on ``gpu`` at ``dtype``: the datasheet's
+        (:meth:`GpuSpec.peak_tflops`), for tensor-core classes scaled by the GPU's power per TFLOPS
+        (:attr:`power_exponent`; a GPU whose board power is not known keeps its datasheet peak)."""
+        peak, _ = gpu.peak_tflops(op_class, dtype)
+        if self.power_exponent and op_class in TENSOR_CORE_CLASSES and gpu.watts_per_tflops is not None:
+            peak *= gpu.watts_per_tflops ** self.power_exponent
+        return peak
+
     def to_json(self) -> dict[str, Any]:
         return {"compute": dict(self.compute), "memory": dict(self.memory), "launch_us": self.launch_us,
                 "calibrated": self.calibrated, "gpu": self.gpu, "dtype": self.dtype, "source": self.source,
                 "fitted_on": list(self.fitted_on), "label": self.label,
                 "batch_range": list(self.batch_range) if self.batch_range else None, "amp": self.amp,
-                "sharpness": self.sharpness}
+                "sharpness": self.sharpness, "power_exponent": self.power_exponent}
 
     @classmethod
     def from_json(cls, raw: Mapping[str, Any]) -> Efficiency:
@@ -284,6 +323,7 @@ class Efficiency:
                    source=str(raw.get("source", "")), fitted_on=tuple(raw.get("fitted_on") or ()),
                    label=raw.get("label"), amp=bool(raw.get("amp", False)),
                    sharpness=None if raw.get("sharpness") is None else float(raw["sharpness"]),
+                   power_exponent=None if raw.get("power_exponent") is None else float(raw["power_exponent"]),
                    batch_range=(int(batch_range[0]), int(batch_range[1])) if batch_range else None)
 
     @property
@@ -332,6 +372,13 @@ _CLASS_OF: dict[str, OpClass] = {op: c for c, ops in _CLASS_OPS.items() for op i
 _NO_KERNEL = frozenset({"_unsafe_view", "empty", "empty_like", "empty_strided", "new_empty", "new_empty_strided",
                         "lift_fresh", "alias", "detach", "_reshape_alias", "resize_", "set_"})
 _WHOLE = frozenset({"scaled_dot_product_attention"})  # one fused kernel on a GPU: never decomposed
+
+
+def _fused_attention(args: Any) -> bool:
+    """Whether an SDPA call can run as one fused kernel: every fused kernel (flash, memory-efficient, cuDNN, the
+    CPU's) takes 4-D query, key and value; other shapes run PyTorch's math path (matmuls and a softmax), which
+    is what the recorder then sees (timm's Twins-SVT local attention calls SDPA on 5-D tensors)."""
+    return all(isinstance(t, Tensor) and t.dim() == 4 for t in args[:3])
 
 
 def op_class(op_name: str) -> OpClass:
@@ -396,7 +443,7 @@ class _KernelRecorder(TorchDispatchMode):
         name = packet.__name__
         if self.amp is not None and (name in _AMP_LOWER or name in _AMP_FP32):
             args, kwargs = self._autocast((args, kwargs), self.amp if name in _AMP_LOWER else torch.float32)
-        if name not in _WHOLE:
+        if name not in _WHOLE or not _fused_attention(args):
             with self:
                 decomposed = func.decompose(*args, **kwargs)
             if decomposed is not NotImplemented:
@@ -444,17 +491,20 @@ def module_records(module: nn.Module, input_shape: Sequence[int], *, dtype: str 
 
 
 def _module_run(module: nn.Module, input_shape: Sequence[int], *, dtype: str, amp: bool,
-                in_size: int) -> tuple[tuple[KernelRecord, ...], int]:
+                in_size: int, context: nn.Module | None = None) -> tuple[tuple[KernelRecord, ...], int]:
     """(kernels, element size of the output). With ``amp`` the module runs as under CUDA autocast at
     ``dtype``: float32 weights, an input of ``in_size`` bytes per element, every tensor counted at its own
-    element size; without, everything is counted at ``dtype``'s."""
+    element size; without, everything is counted at ``dtype``'s. ``context``: a module that makes the
+    module's second argument from its input, run before the recording (a stage context its stage already made)."""
     device = next((p.device for p in module.parameters()), torch.device("meta"))
     low = DTYPES[_checked_dtype(dtype)]
     x = torch.empty(tuple(input_shape), device=device, dtype=torch.float32 if not amp or in_size == 4 else low)
     recorder = _KernelRecorder(low.itemsize, amp=low if amp else None)
     module.eval()
+    with torch.inference_mode():
+        extra = () if context is None else (context(x),)
     with torch.inference_mode(), recorder:  # composite ops (SDPA) reach the recorder whole
-        out = module(x)
+        out = module(x, *extra)
     first = next((t for t in tree_flatten(out)[0] if isinstance(t, Tensor) and t.is_floating_point()), None)
     return tuple(recorder.records), (first.element_size() if amp and first is not None else low.itemsize)
 
@@ -530,9 +580,12 @@ def _join_records(graph: ArchGraph, name: str, batch: int, dtype: str, es: int,
 
 
 def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str, amp: bool = False,
-                      sizes: Sequence[int] = ()) -> tuple[tuple[KernelRecord, ...] | None, int]:
+                      sizes: Sequence[int] = (), shared: bool = False) -> tuple[tuple[KernelRecord, ...] | None, int]:
     """(the node's kernels, or None for a node kind this estimator does not know; its output's element size).
-    ``sizes``: the element sizes of its inputs (under ``amp``: 4 or the low precision's; else ``dtype``'s)."""
+    ``sizes``: the element sizes of its inputs (under ``amp``: 4 or the low precision's; else ``dtype``'s).
+    ``shared``: an earlier block of the stage made the context the node reads (GC-ViT's query generator, which
+    the compiled stage runs once: :func:`metaformer_lab.compile.compiler.hoist_stage_context`), so its kernels are
+    left out."""
     node, low = graph.nodes[name], DTYPES[dtype].itemsize
     es = max(sizes) if amp and sizes else (4 if amp else low)
     kind = node["kind"]
@@ -549,27 +602,28 @@ def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str, amp: 
     if kind in LEAF_KINDS or kind == "scale":
         with on_meta():
             module = build_node(graph, name)
-        return _module_run(module, node["in_type"].shape(batch), dtype=dtype, amp=amp, in_size=es)
+        context = getattr(module, getattr(module, "stage_context", None) or "", None) if shared else None
+        return _module_run(module, node["in_type"].shape(batch), dtype=dtype, amp=amp, in_size=es, context=context)
     return None, es
 
 
 def _node_key(graph: ArchGraph, name: str, batch: int, dtype: str, amp: bool = False,
-              sizes: Sequence[int] = ()) -> tuple[Any, ...]:
+              sizes: Sequence[int] = (), shared: bool = False) -> tuple[Any, ...]:
     node = graph.nodes[name]
     spec = node["spec"]
     config = None if spec is None else (type(spec).__qualname__, spec.model_dump_json())
     composite = graph.is_composite(name)
     return (node["kind"], node["role"], config, composite, graph.in_degree(name), node["in_type"], node["out"],
-            batch, dtype, *((amp, tuple(sizes)) if amp else ()))
+            batch, dtype, *((amp, tuple(sizes)) if amp else ()), *(("shared",) if shared else ()))
 
 
 def _cached_records(graph: ArchGraph, name: str, batch: int, dtype: str, cache: KernelCache | None, amp: bool,
-                    sizes: Sequence[int]) -> tuple[tuple[KernelRecord, ...] | None, int]:
-    key = _node_key(graph, name, batch, dtype, amp, sizes)
+                    sizes: Sequence[int], shared: bool = False) -> tuple[tuple[KernelRecord, ...] | None, int]:
+    key = _node_key(graph, name, batch, dtype, amp, sizes, shared)
     if cache is not None and key in cache.records:
         cache.hits += 1
         return cache.records[key], cache.out_sizes.get(key, DTYPES[dtype].itemsize)
-    records, out_size = _computed_records(graph, name, batch, dtype, amp, sizes)
+    records, out_size = _computed_records(graph, name, batch, dtype, amp, sizes, shared)
     if cache is not None and records is not None:
         cache.misses += 1
         cache.records[key] = records
@@ -590,14 +644,17 @@ def graph_records(graph: ArchGraph, *, batch_size: int = 1, dtype: str = "float1
     autocast at ``dtype`` (timm's benchmark tables, ``torch.autocast``): float32 weights and input, matmuls,
     convs and attention at ``dtype`` after a cast of each float32 operand, norms, softmax and sums in float32,
     every other op at its inputs' promoted dtype (a float32 layer scale or position embedding makes the
-    residual stream float32). The element size flowing along each edge is tracked in topological order."""
+    residual stream float32). The element size flowing along each edge is tracked in topological order. What a
+    stage runs once for its blocks (GC-ViT's query generator) is costed in its first block only."""
     import networkx as nx
 
+    shared = stage_shared_surplus(graph, "flops")
     out_size: dict[str, int] = {}
     records: dict[str, tuple[KernelRecord, ...] | None] = {}
     for name in nx.topological_sort(graph):
         sizes = tuple(out_size[p] for p in graph.predecessors(name)) if amp else ()
-        records[name], out_size[name] = _cached_records(graph, name, batch_size, dtype, cache, amp, sizes)
+        records[name], out_size[name] = _cached_records(graph, name, batch_size, dtype, cache, amp, sizes,
+                                                        name in shared)
     return {name: records[name] for name in graph.nodes}
 
 
@@ -606,7 +663,7 @@ def graph_records(graph: ArchGraph, *, batch_size: int = 1, dtype: str = "float1
 
 def kernel_ms(record: KernelRecord, gpu: GpuSpec, dtype: str, efficiency: Efficiency) -> float:
     """Roofline time of one kernel plus the launch overhead, in milliseconds."""
-    peak, _ = gpu.peak_tflops(record.op_class, dtype)
+    peak = efficiency.peak_tflops(gpu, record.op_class, dtype)
     compute_s = record.flops / (peak * 1e12 * efficiency.compute_of(record.op_class)) if record.flops else 0.0
     memory_s = record.bytes_moved / (gpu.bandwidth_gbs * 1e9 * efficiency.memory_of(record.op_class))
     launch_us = gpu.launch_us if efficiency.launch_us is None else efficiency.launch_us
@@ -734,6 +791,9 @@ def _summary(graph: ArchGraph, records: dict[str, tuple[KernelRecord, ...]], gpu
             parts_ms[group] = parts_ms.get(group, 0.0) + ms
     kernels = [k for ks in records.values() for k in ks]
     fallbacks = sorted({note for k in kernels if (note := gpu.peak_tflops(k.op_class, dtype)[1]) is not None})
+    if efficiency.power_exponent and gpu.watts_per_tflops is None:
+        fallbacks.append(f"{gpu.name}'s board power is not known: its tensor-core peak is not scaled by power "
+                         "per TFLOPS as the factors assume")
     calibrated, label, label_notes = estimate_label(efficiency, gpu, dtype)
     extrapolates = None
     if label != UNCALIBRATED and efficiency.batch_range is not None:

@@ -40,6 +40,7 @@ from metaformer_lab.latency.gpu import (
     DEFAULT_COMPUTE_EFFICIENCY,
     DEFAULT_MEMORY_EFFICIENCY,
     GPUS,
+    TENSOR_CORE_CLASSES,
     Efficiency,
     GpuSpec,
     KernelCache,
@@ -76,6 +77,8 @@ by the shipped tables' errors: against the hard max it lowers leave-one-GPU-out 
 to 8.7 % at the same in-sample error (p = 1, 1.5, 2, 4 and the max tried; ``benchmarks/gpu_tables.py``)."""
 _EFF_BOUNDS = (0.003, 5.0)
 _LAUNCH_BOUNDS_US = (0.01, 20.0)
+_POWER_BOUNDS = (0.0, 1.0)
+"""The power exponent: 0 (every GPU holds its datasheet peak) to 1 (power alone sets the tensor-core rate)."""
 
 
 # --- reading a table -----------------------------------------------------------------------------
@@ -360,63 +363,82 @@ class _Param:
 
 @dataclass
 class _Design:
-    """Every point's kernels as flat arrays: seconds at the full compute rate and at the full bandwidth of
-    the point's GPU, class index, point index, launches."""
+    """Every point's kernels as flat arrays: seconds at the full compute rate (the datasheet's) and at the full
+    bandwidth of the point's GPU, the log of the GPU's power per TFLOPS for tensor-core kernels (0 for the others
+    and where the power is not known), class index, point index, launches, and each point's GPU's own per-kernel
+    overhead (s; what a fit that does not fit the overhead uses)."""
 
     classes: list[str]
     tc: np.ndarray
     tm: np.ndarray
+    power: np.ndarray
     cls: np.ndarray
     row: np.ndarray
     count: np.ndarray
     launches: np.ndarray
     measured_s: np.ndarray
+    launch_s: np.ndarray
 
     @classmethod
     def of(cls, kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], dtype: str,
            measured_ms: Sequence[float]) -> _Design:
         classes = sorted({k[0] for ks in kernels for k in ks})
         index = {c: i for i, c in enumerate(classes)}
-        tc, tm, ci, ri, cnt = [], [], [], [], []
+        tc, tm, lp, ci, ri, cnt = [], [], [], [], [], []
         launches = np.zeros(len(kernels))
         for r, (ks, gpu) in enumerate(zip(kernels, gpus, strict=True)):
+            log_power = math.log(gpu.watts_per_tflops) if gpu.watts_per_tflops is not None else 0.0
             for c, flops, moved, n in ks:
                 peak, _ = gpu.peak_tflops(c, dtype)
                 tc.append(flops / (peak * 1e12))
                 tm.append(moved / (gpu.bandwidth_gbs * 1e9))
+                lp.append(log_power if c in TENSOR_CORE_CLASSES else 0.0)
                 ci.append(index[c])
                 ri.append(r)
                 cnt.append(n)
                 launches[r] += n
-        return cls(classes, np.array(tc), np.array(tm), np.array(ci, dtype=np.int64), np.array(ri, dtype=np.int64),
-                   np.array(cnt, dtype=np.float64), launches, np.array(measured_ms, dtype=np.float64) * 1e-3)
+        return cls(classes, np.array(tc), np.array(tm), np.array(lp), np.array(ci, dtype=np.int64),
+                   np.array(ri, dtype=np.int64), np.array(cnt, dtype=np.float64), launches,
+                   np.array(measured_ms, dtype=np.float64) * 1e-3, np.array([g.launch_us * 1e-6 for g in gpus]))
 
-    def params(self) -> list[_Param]:
+    def params(self, power: bool = False, launch: bool = True) -> list[_Param]:
+        """compute factors (classes with FLOPs), memory factors, with ``power`` the power exponent where the
+        tensor-core kernels' GPUs differ in power per TFLOPS, with ``launch`` the per-kernel overhead."""
         has_flops = {self.classes[i] for i in np.unique(self.cls[self.tc > 0])}
         out = [_Param("compute", c) for c in self.classes if c in has_flops]
         out += [_Param("memory", c) for c in self.classes]
-        return [*out, _Param("launch", None)]
+        tensor = self.power[(self.tc > 0) & (self.power != 0)]
+        if power and tensor.size and np.ptp(tensor) > 1e-9:
+            out.append(_Param("power", None))
+        return [*out, *([_Param("launch", None)] if launch else [])]
 
 
-def _values(params: Sequence[_Param], x: np.ndarray, classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, float]:
+def _values(params: Sequence[_Param], x: np.ndarray,
+            classes: Sequence[str]) -> tuple[np.ndarray, np.ndarray, float | None, float]:
+    """Per class compute and memory factors, the launch overhead (s; None: not a parameter) and the power exponent
+    at ``x`` (the logarithms of the factors and of the overhead in us; the exponent itself)."""
     ec = np.full(len(classes), np.inf)
     em = np.ones(len(classes))
-    launch_s = 0.0
-    for p, v in zip(params, np.exp(x), strict=True):
+    launch_s: float | None = None
+    power = 0.0
+    for p, raw in zip(params, x, strict=True):
+        v = math.exp(raw)
         if p.kind == "compute":
             ec[classes.index(p.op_class)] = v
         elif p.kind == "memory":
             em[classes.index(p.op_class)] = v
+        elif p.kind == "power":
+            power = float(raw)
         else:
             launch_s = v * 1e-6
-    return ec, em, launch_s
+    return ec, em, launch_s, power
 
 
 def _predict_s(design: _Design, params: Sequence[_Param], x: np.ndarray, with_jacobian: bool = False,
                sharpness: float | None = None) -> tuple[np.ndarray, np.ndarray | None]:
     """Each network's time (s) at parameters ``x``, and d time / d x (the kernel time as :func:`.roofline_s`)."""
-    ec, em, launch_s = _values(params, x, design.classes)
-    a = design.tc / ec[design.cls]
+    ec, em, launch_s, power = _values(params, x, design.classes)
+    a = design.tc * np.exp(-power * design.power) / ec[design.cls]
     b = design.tm / em[design.cls]
     top = np.maximum(a, b)
     if sharpness is None:
@@ -429,7 +451,8 @@ def _predict_s(design: _Design, params: Sequence[_Param], x: np.ndarray, with_ja
         share_a = np.where(top > 0, u / np.where(u + v > 0, u + v, 1.0), 0.0)
     t = kernel * design.count
     rows = len(design.measured_s)
-    pred = np.bincount(design.row, t, minlength=rows) + design.launches * launch_s
+    per_kernel = design.launch_s if launch_s is None else launch_s
+    pred = np.bincount(design.row, t, minlength=rows) + design.launches * per_kernel
     if not with_jacobian:
         return pred, None
     col_of = {(p.kind, p.op_class): j for j, p in enumerate(params)}
@@ -441,21 +464,28 @@ def _predict_s(design: _Design, params: Sequence[_Param], x: np.ndarray, with_ja
     jac += np.bincount(design.row[has_compute] * n + compute_col[design.cls][has_compute],
                        -(t * share_a)[has_compute], minlength=rows * n)
     jac += np.bincount(design.row * n + memory_col[design.cls], -t * (1 - share_a), minlength=rows * n)
+    if ("power", None) in col_of:
+        jac += np.bincount(design.row * n + col_of[("power", None)], -t * share_a * design.power,
+                           minlength=rows * n)
     jac = jac.reshape(rows, n)
-    jac[:, n - 1] = design.launches * launch_s
+    if launch_s is not None:
+        jac[:, col_of[("launch", None)]] = design.launches * launch_s
     return pred, jac
 
 
 def _initial(params: Sequence[_Param], prior: Efficiency, launch_us: float) -> np.ndarray:
+    """The prior as a parameter vector (logarithms of the factors and of the overhead in us; the exponent)."""
     out = []
     for p in params:
         if p.kind == "compute":
-            out.append(prior.compute_of(p.op_class or ""))
+            out.append(math.log(prior.compute_of(p.op_class or "")))
         elif p.kind == "memory":
-            out.append(prior.memory_of(p.op_class or ""))
+            out.append(math.log(prior.memory_of(p.op_class or "")))
+        elif p.kind == "power":
+            out.append(prior.power_exponent or 0.0)
         else:
-            out.append(launch_us)
-    return np.log(np.array(out, dtype=np.float64))
+            out.append(math.log(launch_us))
+    return np.array(out, dtype=np.float64)
 
 
 ROW_NOISE = 0.01
@@ -476,7 +506,7 @@ class FitResult:
 
 def fit_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], measured_ms: Sequence[float], *,
                dtype: str = "float16", prior: Efficiency | None = None, prior_weight: float | None = None,
-               sharpness: float | None = SHARPNESS) -> FitResult:
+               sharpness: float | None = SHARPNESS, power: bool = False, launch: bool = True) -> FitResult:
     """Fit per-class efficiency factors and the per-kernel overhead to whole networks' measured times.
 
     Args:
@@ -487,6 +517,9 @@ def fit_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], measured_ms:
         prior: the factors a parameter is pulled towards (None: the defaults).
         prior_weight: the pull, per log unit (None: :data:`PRIOR_WEIGHT`).
         sharpness: the kernel time's roofline (:func:`.roofline_s`), kept in the fitted factors.
+        power: also fit :attr:`.Efficiency.power_exponent` (the GPUs must differ in power per TFLOPS; pulled
+            towards the prior's, 0 by default).
+        launch: fit the per-kernel overhead; False: keep the prior's (None: each GPU's datasheet figure).
     """
     from scipy.optimize import least_squares
 
@@ -497,17 +530,16 @@ def fit_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], measured_ms:
     prior_weight = PRIOR_WEIGHT if prior_weight is None else prior_weight
     gpu0 = gpus[0]
     design = _Design.of(kernels, gpus, dtype, measured_ms)
-    params = design.params()
+    params = design.params(power, launch)
     launch0 = gpu0.launch_us if prior.launch_us is None else prior.launch_us
     x0 = _initial(params, prior, launch0)
-    lower = np.array([math.log(_LAUNCH_BOUNDS_US[0]) if p.kind == "launch" else math.log(_EFF_BOUNDS[0])
-                      for p in params])
-    upper = np.array([math.log(_LAUNCH_BOUNDS_US[1]) if p.kind == "launch" else math.log(_EFF_BOUNDS[1])
-                      for p in params])
+    bounds = {"launch": tuple(math.log(b) for b in _LAUNCH_BOUNDS_US), "power": _POWER_BOUNDS}
+    efficiency_bounds = tuple(math.log(b) for b in _EFF_BOUNDS)
+    lower, upper = (np.array([bounds.get(p.kind, efficiency_bounds)[i] for p in params]) for i in (0, 1))
     log_measured = np.log(design.measured_s)
     scale = float(np.exp(np.median(np.log(_predict_s(design, params, x0, sharpness=sharpness)[0]) - log_measured)))
-    start = np.clip(np.where([p.kind != "launch" for p in params], x0 + math.log(scale), x0), lower + 1e-9,
-                    upper - 1e-9)
+    start = np.clip(np.where([p.kind in ("compute", "memory") for p in params], x0 + math.log(scale), x0),
+                    lower + 1e-9, upper - 1e-9)
 
     def residuals(x: np.ndarray) -> np.ndarray:
         pred, _ = _predict_s(design, params, x, sharpness=sharpness)
@@ -527,27 +559,31 @@ def fit_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], measured_ms:
     assert best is not None
     pred, jac = _predict_s(design, params, best.x, with_jacobian=True, sharpness=sharpness)
     assert jac is not None
-    governed = -jac[:, :-1].sum(0) / pred.sum()
+    governed = -jac.sum(0) / pred.sum()  # each factor's share of the time (the overhead's: minus it)
     data_jac = jac / pred[:, None]
     info = data_jac.T @ data_jac
     spread_of = np.sqrt(np.clip(np.diag(np.linalg.pinv(info, rcond=1e-12)), 0, None)) * ROW_NOISE
     compute, memory = dict(prior.compute), dict(prior.memory)
     shares: dict[str, float] = {}
     spread: dict[str, float] = {}
-    launch_us = launch0
+    launch_us = launch0 if launch else prior.launch_us
+    power_exponent = None
     for p, v, j in zip(params, np.exp(best.x), range(len(params)), strict=True):
+        key = p.kind if p.op_class is None else f"{p.kind}.{p.op_class}"
+        spread[key] = round(min(float(spread_of[j]), 99.0), 6)
+        if p.kind == "power":  # an exponent, not a share of the time
+            power_exponent = round(float(best.x[j]), 6)
+            continue
         if p.kind == "compute":
             compute[p.op_class or ""] = float(v)
         elif p.kind == "memory":
             memory[p.op_class or ""] = float(v)
         else:
             launch_us = float(v)
-        share = float(jac[:, j].sum() / pred.sum()) if p.kind == "launch" else float(governed[j])
-        key = p.kind if p.op_class is None else f"{p.kind}.{p.op_class}"
+        share = -float(governed[j]) if p.kind == "launch" else float(governed[j])
         shares[key] = round(share, 6)
-        spread[key] = round(min(float(spread_of[j]), 99.0), 6)
     eff = replace(prior, compute=compute, memory=memory, launch_us=launch_us, calibrated=True, dtype=dtype,
-                  sharpness=sharpness)
+                  sharpness=sharpness, power_exponent=power_exponent)
     return FitResult(eff, shares, [float(v) * 1e3 for v in pred], spread)
 
 
@@ -559,7 +595,7 @@ def predict_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], efficien
         launch_s = (gpu.launch_us if efficiency.launch_us is None else efficiency.launch_us) * 1e-6
         total = 0.0
         for c, flops, moved, n in ks:
-            peak, _ = gpu.peak_tflops(c, dtype)
+            peak = efficiency.peak_tflops(gpu, c, dtype)
             compute_s = flops / (peak * 1e12 * efficiency.compute_of(c)) if flops else 0.0
             memory_s = moved / (gpu.bandwidth_gbs * 1e9 * efficiency.memory_of(c))
             total += n * (roofline_s(compute_s, memory_s, efficiency.sharpness) + launch_s)
@@ -815,14 +851,22 @@ def calibrate_from_table(path: str | os.PathLike[str], gpu: str, *, dtype: str =
 
 
 def pooled_fit(fits: Sequence[TableFit], kernels: Mapping[str, Sequence[Kernels]], dtype: str) -> Efficiency:
-    """Factors fitted on every point of several GPUs' tables at once, each against its own datasheet."""
+    """Factors fitted on every point of several GPUs' tables at once, each against its own datasheet, with the
+    power exponent (:attr:`.Efficiency.power_exponent`). The per-kernel overhead is not fitted: at batch 256 and
+    more it is 1-2 % of the time and moves between 2 and 20 us from one fit to the next at the same error, while an
+    estimate at batch 1 is mostly overhead; each GPU keeps its datasheet's (:data:`.DEFAULT_LAUNCH_US`, eager
+    PyTorch's host time per kernel)."""
     points = [p for f in fits for p in f.points]
     ks = [k for f in fits for k in kernels[f.profile.name]]
-    fit = fit_points(ks, [gpu_spec(p.gpu) for p in points], [p.measured_ms for p in points], dtype=dtype)
+    fit = fit_points(ks, [gpu_spec(p.gpu) for p in points], [p.measured_ms for p in points], dtype=dtype,
+                     power=True, launch=False)
     gpus = tuple(f.profile.gpu or "" for f in fits)
+    power = fit.efficiency.power_exponent
+    scaled = f"; tensor-core peaks x (board W per TFLOPS)^{power:.2f}" if power else ""
+    scaled += "; per-kernel overhead: each GPU's datasheet figure (tables at batch 256 and more do not fix it)"
     return replace(fit.efficiency, gpu=None, calibrated=False, dtype=dtype, fitted_on=gpus, amp=True,
                    batch_range=_batch_range(points), label=pooled_label(gpus),
-                   source=f"pooled fit on {len(points)} rows of {len(fits)} GPUs' tables ({', '.join(gpus)})")
+                   source=f"pooled fit on {len(points)} rows of {len(fits)} GPUs' tables ({', '.join(gpus)}){scaled}")
 
 
 def mean_of_fits(fits: Sequence[TableFit], dtype: str) -> Efficiency:

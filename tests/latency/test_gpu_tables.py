@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -160,6 +161,45 @@ def test_the_fit_recovers_the_factors_of_a_table_the_estimator_synthesised(tmp_p
             "launch"} <= set(checked), fitted.fit["governed_share"]
     assert all(abs(r - 1) <= 0.02 for r in checked.values()), checked
     assert fitted.fit["in_sample"]["mape"] < 0.002
+
+
+def test_pooled_factors_scale_the_tensor_core_peak_by_power_per_tflops() -> None:
+    eff = Efficiency(power_exponent=0.5)
+    h100 = GPUS["h100"]
+    assert h100.watts_per_tflops == pytest.approx(700 / 989.4)
+    for cls in ("matmul", "conv", "attention"):
+        assert eff.peak_tflops(h100, cls, "float16") == pytest.approx(989.4 * (700 / 989.4) ** 0.5)
+    assert eff.peak_tflops(h100, "dwconv", "float16") == h100.fp32_tflops  # CUDA cores: the datasheet's
+    assert Efficiency().peak_tflops(h100, "matmul", "float16") == h100.fp16_tflops
+    unknown = replace(h100, name="h100-custom", board_power_w=None)
+    assert eff.peak_tflops(unknown, "matmul", "float16") == h100.fp16_tflops
+    est = estimate_gpu("poolformer_s12", unknown, batch_size=256, efficiency=eff)
+    assert any("board power is not known" in n for n in est.notes)
+    assert Efficiency.from_json(eff.to_json()) == eff
+    with pytest.raises(LatencyError, match="power_exponent"):
+        Efficiency(power_exponent=1.5)
+
+
+@pytest.mark.slow
+def test_a_pooled_fit_recovers_a_known_power_exponent() -> None:
+    """Step times the estimator made at known factors and power exponent on three datasheets that differ in board
+    power per TFLOPS (RTX 3090 4.9 W, RTX 5090 2.7 W, RTX PRO 6000 Max-Q 0.7 W): the pooled fit finds the exponent
+    and reproduces the times; on one GPU the exponent is not fitted (it would only rescale every factor)."""
+    from metaformer_lab.latency.gpu_calibrate import fit_points, network_kernels
+
+    truth = replace(TRUTH, power_exponent=0.4)
+    store = RecordStore()
+    models = ["poolformer_s12", "vit_tiny_patch16_224", "convnext_atto", "swin_tiny_patch4_window7_224",
+              "pvt_v2_b0", "resmlp_12_224", "caformer_s18", "mixer_s16_224"]
+    gpus = [gpu_spec(g) for g in CALIBRATED_GPUS]
+    kernels = [network_kernels(m, 224, batch, "float16", store.cache) for m in models for batch in (64, 256)]
+    rows = [(k, g) for g in gpus for k in kernels]
+    measured = predict_points([k for k, _ in rows], [g for _, g in rows], truth, "float16")
+    fit = fit_points([k for k, _ in rows], [g for _, g in rows], measured, power=True, prior_weight=0.001)
+    assert fit.efficiency.power_exponent == pytest.approx(0.4, abs=0.02)
+    assert max(abs(p / m - 1) for p, m in zip(fit.predicted_ms, measured, strict=True)) < 0.01
+    alone = fit_points(kernels, [gpus[0]] * len(kernels), measured[:len(kernels)], power=True)
+    assert alone.efficiency.power_exponent is None
 
 
 def test_the_fit_of_a_small_table_is_calibrated_and_labelled(tmp_path: Path) -> None:

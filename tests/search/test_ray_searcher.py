@@ -26,7 +26,7 @@ def _search(tmp_path: Path, budget: str, trials: int):  # noqa: ANN202  (a prepa
 
 
 def test_rejected_candidates_never_reach_a_worker(tmp_path: Path) -> None:
-    search = _search(tmp_path, "0.4ms", trials=12)
+    search = _search(tmp_path, "0.9ms", trials=12)
     searcher = _searcher_class()(search)
     handed = []
     for i in range(100):
@@ -39,7 +39,7 @@ def test_rejected_candidates_never_reach_a_worker(tmp_path: Path) -> None:
     trials = search.study.get_trials()
     rejected = [t for t in trials if t.state == TrialState.PRUNED]
     assert searched and rejected  # a budget that some candidates meet and some do not
-    assert all(s["latency_ms"] <= 0.4 for s in searched)  # only candidates within the budget go out (references
+    assert all(s["latency_ms"] <= 0.9 for s in searched)  # only candidates within the budget go out (references
     # near it are scored anyway, to show where they sit)
     assert {t.user_attrs["reason"] for t in rejected} <= {"over_budget", "invalid"}
     assert all("worker" not in t.user_attrs for t in rejected)
