@@ -530,6 +530,8 @@ def fit_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], measured_ms:
     prior_weight = PRIOR_WEIGHT if prior_weight is None else prior_weight
     gpu0 = gpus[0]
     design = _Design.of(kernels, gpus, dtype, measured_ms)
+    if not launch and prior.launch_us is not None:
+        design.launch_s[:] = prior.launch_us * 1e-6
     params = design.params(power, launch)
     launch0 = gpu0.launch_us if prior.launch_us is None else prior.launch_us
     x0 = _initial(params, prior, launch0)
@@ -572,7 +574,7 @@ def fit_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], measured_ms:
         key = p.kind if p.op_class is None else f"{p.kind}.{p.op_class}"
         spread[key] = round(min(float(spread_of[j]), 99.0), 6)
         if p.kind == "power":  # an exponent, not a share of the time
-            power_exponent = round(float(best.x[j]), 6)
+            power_exponent = float(best.x[j])
             continue
         if p.kind == "compute":
             compute[p.op_class or ""] = float(v)
