@@ -31,14 +31,14 @@ def _compare(name: str, timm_name: str, batch: int) -> dict[str, Any]:
     import torch
 
     from metaformer_lab.graph.lower import lower
-    from metaformer_lab.latency.gpu import _module_run, graph_records
+    from metaformer_lab.latency.gpu import graph_records, module_records
     from metaformer_lab.spec.load import read_spec
 
     spec = read_spec(name)
     size = spec.input.hw[0]
     with torch.device("meta"):
         reference = timm.create_model(timm_name, pretrained=False)
-    theirs, _ = _module_run(reference, (batch, 3, size, size), dtype="float16", amp=True, in_size=4)
+    theirs = module_records(reference, (batch, 3, size, size), dtype="float16", amp=True)
     ours = [k for ks in graph_records(lower(spec), batch_size=batch, dtype="float16", amp=True).values()
             for k in ks or ()]
     count_t, count_o = Counter(k.op_class for k in theirs), Counter(k.op_class for k in ours)

@@ -480,14 +480,15 @@ class _KernelRecorder(TorchDispatchMode):
         return int(formula(*args, **kwargs, out_val=out)) if formula is not None else 0
 
 
-def module_records(module: nn.Module, input_shape: Sequence[int], *, dtype: str = "float16") -> tuple[KernelRecord,
-                                                                                                       ...]:
+def module_records(module: nn.Module, input_shape: Sequence[int], *, dtype: str = "float16",
+                   amp: bool = False) -> tuple[KernelRecord, ...]:
     """The kernels ``module(x)`` launches in eval mode, ``x`` of ``input_shape`` on the module's device
     (build it under ``with torch.device("meta")`` to record without memory); bytes at ``dtype``.
 
-    The module runs in float32; floating-point tensors are counted at ``dtype``'s element size.
+    The module runs in float32; floating-point tensors are counted at ``dtype``'s element size. With ``amp``: as
+    under CUDA autocast at ``dtype`` (:func:`graph_records`), a float32 input, each tensor at its own size.
     """
-    return _module_run(module, input_shape, dtype=dtype, amp=False, in_size=4)[0]
+    return _module_run(module, input_shape, dtype=dtype, amp=amp, in_size=4)[0]
 
 
 def _module_run(module: nn.Module, input_shape: Sequence[int], *, dtype: str, amp: bool,
@@ -602,7 +603,8 @@ def _computed_records(graph: ArchGraph, name: str, batch: int, dtype: str, amp: 
     if kind in LEAF_KINDS or kind == "scale":
         with on_meta():
             module = build_node(graph, name)
-        context = getattr(module, getattr(module, "stage_context", None) or "", None) if shared else None
+        context_name = getattr(module, "stage_context", None) if shared else None
+        context = getattr(module, context_name) if context_name else None
         return _module_run(module, node["in_type"].shape(batch), dtype=dtype, amp=amp, in_size=es, context=context)
     return None, es
 

@@ -380,8 +380,9 @@ class _Design:
     launch_s: np.ndarray
 
     @classmethod
-    def of(cls, kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], dtype: str,
-           measured_ms: Sequence[float]) -> _Design:
+    def of(cls, kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], dtype: str, measured_ms: Sequence[float],
+           launch_us: float | None = None) -> _Design:
+        """``launch_us``: every point's per-kernel overhead when not fitted (None: its GPU's datasheet figure)."""
         classes = sorted({k[0] for ks in kernels for k in ks})
         index = {c: i for i, c in enumerate(classes)}
         tc, tm, lp, ci, ri, cnt = [], [], [], [], [], []
@@ -397,9 +398,10 @@ class _Design:
                 ri.append(r)
                 cnt.append(n)
                 launches[r] += n
+        overhead_s = np.array([(g.launch_us if launch_us is None else launch_us) * 1e-6 for g in gpus])
         return cls(classes, np.array(tc), np.array(tm), np.array(lp), np.array(ci, dtype=np.int64),
                    np.array(ri, dtype=np.int64), np.array(cnt, dtype=np.float64), launches,
-                   np.array(measured_ms, dtype=np.float64) * 1e-3, np.array([g.launch_us * 1e-6 for g in gpus]))
+                   np.array(measured_ms, dtype=np.float64) * 1e-3, overhead_s)
 
     def params(self, power: bool = False, launch: bool = True) -> list[_Param]:
         """compute factors (classes with FLOPs), memory factors, with ``power`` the power exponent where the
@@ -529,9 +531,7 @@ def fit_points(kernels: Sequence[Kernels], gpus: Sequence[GpuSpec], measured_ms:
     prior = prior or Efficiency()
     prior_weight = PRIOR_WEIGHT if prior_weight is None else prior_weight
     gpu0 = gpus[0]
-    design = _Design.of(kernels, gpus, dtype, measured_ms)
-    if not launch and prior.launch_us is not None:
-        design.launch_s[:] = prior.launch_us * 1e-6
+    design = _Design.of(kernels, gpus, dtype, measured_ms, prior.launch_us)
     params = design.params(power, launch)
     launch0 = gpu0.launch_us if prior.launch_us is None else prior.launch_us
     x0 = _initial(params, prior, launch0)
