@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from metaformer_lab.core.errors import LatencyError, MetaformerLabError
+from metaformer_lab.core.errors import Issue, LatencyError, MetaformerLabError
 from metaformer_lab.latency.gpu import (
     DEFAULT_COMPUTE_EFFICIENCY,
     DEFAULT_MEMORY_EFFICIENCY,
@@ -726,6 +726,8 @@ def load_gpu_profile(path: str | os.PathLike[str]) -> GpuProfile:
                           path=Path(path))
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         raise LatencyError.single(where, f"is a damaged GPU profile ({err!r})") from None
+    except LatencyError as err:  # a factor out of range: say in which file
+        raise LatencyError([Issue(f"{where}: {i.path}", i.message) for i in err.issues]) from None
 
 
 @functools.cache

@@ -352,3 +352,13 @@ def test_the_wheel_carries_the_gpu_profiles_and_tables(tmp_path: Path) -> None:
     assert run.stdout.strip() == ("['datasheet-float16', 'gpu-rtx-pro-6000-float16', 'gpu-rtx3090-float16', "
                                   "'gpu-rtx5090-float16'] estimated from datasheet, factors fitted on rtx3090, "
                                   "rtx5090, rtx-pro-6000")
+
+
+def test_a_gpu_profile_with_a_factor_out_of_range_names_its_file(tmp_path: Path) -> None:
+    raw = json.loads((GPU_PROFILES_DIR / "datasheet-float16.json").read_text())
+    raw["efficiency"]["power_exponent"] = 2.0
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(raw))
+    code, out, err = run("latency", "caformer_s18", "--device", "h100", "--no-measure", "--profile", str(bad))
+    assert code == 1 and "Traceback" not in out + err
+    assert err.strip() == f"{bad}: efficiency.power_exponent: 2.0 must be a number in [0, 1]"
