@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from metaformer_lab.core.errors import LatencyError, MetaformerLabError
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.graph.arch import ArchGraph
 from metaformer_lab.graph.cost import graph_cost
 from metaformer_lab.graph.lower import lower
@@ -118,7 +119,7 @@ def test_a_zoo_models_kernels_are_the_ones_timms_module_launches(name: str) -> N
     from metaformer_lab.zoo.models import catalog
 
     size = read_spec(name).input.hw[0]
-    with torch.device("meta"):
+    with on_meta():
         reference = timm.create_model(catalog()[name].timm_name, pretrained=False)
     theirs = module_records(reference, (2, 3, size, size))
     ours = [k for ks in graph_records(lower(read_spec(name)), batch_size=2).values() for k in ks or ()]

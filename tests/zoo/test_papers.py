@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 import metaformer_lab as ml
 from metaformer_lab.cli import app
 from metaformer_lab.core.errors import SpecError
+from metaformer_lab.core.meta import on_meta
 from metaformer_lab.zoo import catalog, get, list_models
 from metaformer_lab.zoo.papers import PaperResult, check_paper
 
@@ -69,7 +70,7 @@ def test_a_paper_model_has_the_authors_parameters_and_the_papers_gmacs(name: str
     assert abs(result.checked_gmacs_error) <= 0.05 and result.passed
     if result.code_gmacs is not None:  # recorded only where the paper's table is out of reach of the code's model
         assert abs(result.gmacs_error) > 0.05 and get(name).entry.paper.note
-    with torch.device("meta"):
+    with on_meta():
         net = ml.create_model(name)
     assert sum(p.numel() for p in net.parameters()) == result.params  # the module, not only the graph
 
