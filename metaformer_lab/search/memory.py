@@ -69,6 +69,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import itertools
 import weakref
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -293,8 +294,9 @@ def _nbytes(t: Tensor, dtype: torch.dtype) -> int:
 
 # --- meta kernels, remembered ----------------------------------------------------------------------
 
-META_CACHE_SIZE = 200_000
-"""Entries :func:`_meta_call` keeps (op and input layouts -> output layouts) before it starts afresh."""
+META_CACHE_SIZE = 20_000
+"""Entries :func:`_meta_call` keeps (op and input layouts -> output layouts; about 1 kB each, 300 for a tiny-space
+candidate's training step); when full, the oldest tenth goes."""
 
 _META_LAYOUTS: dict[Any, Any] = {}
 _UNSEEN = object()
@@ -325,7 +327,8 @@ def _meta_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         return _made(layouts)
     out = func(*args, **kwargs)
     if len(_META_LAYOUTS) >= META_CACHE_SIZE:
-        _META_LAYOUTS.clear()
+        for old in list(itertools.islice(_META_LAYOUTS, META_CACHE_SIZE // 10)):
+            del _META_LAYOUTS[old]
     _META_LAYOUTS[key] = _recordable(func, args, kwargs, out)
     return out
 

@@ -203,6 +203,17 @@ def test_an_op_whose_output_shares_its_inputs_storage_is_never_remembered() -> N
     assert sum(layouts is not None for layouts in memory._META_LAYOUTS.values()) == 1
 
 
+def test_the_remembered_layouts_are_bounded_and_the_oldest_go_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(memory, "META_CACHE_SIZE", 10)
+    memory._META_LAYOUTS.clear()
+    shapes = [(n, 3) for n in range(1, 16)]
+    for shape in shapes:
+        x = torch.empty(shape, device="meta")
+        assert memory._meta_call(torch.ops.aten.mul.Tensor, (x, x), {}).shape == shape
+    kept = [key[1][1][0][3] for key in memory._META_LAYOUTS]  # the first input's shape, in insertion order
+    assert len(kept) <= 10 and kept == shapes[-len(kept):]
+
+
 def test_a_module_that_fails_on_meta_gets_the_analytic_bound() -> None:
     class ReadsValues(nn.Module):
         def __init__(self) -> None:
