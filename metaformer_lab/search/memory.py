@@ -328,7 +328,7 @@ def _meta_call(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     out = func(*args, **kwargs)
     if len(_META_LAYOUTS) >= META_CACHE_SIZE:
         for old in list(itertools.islice(_META_LAYOUTS, META_CACHE_SIZE // 10)):
-            del _META_LAYOUTS[old]
+            _META_LAYOUTS.pop(old, None)
     _META_LAYOUTS[key] = _recordable(func, args, kwargs, out)
     return out
 
