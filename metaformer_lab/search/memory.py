@@ -350,7 +350,8 @@ def _layout_key(x: Any) -> Any:
 
 def _recordable(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: Any) -> Any:
     """The layouts of ``out`` that :func:`_made` rebuilds, or None where the op must run each time."""
-    if func._schema.is_mutable:
+    schema = getattr(func, "_schema", None)
+    if schema is None or schema.is_mutable:
         return None
     inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, Tensor)}
     seen: set[int] = set()
@@ -360,7 +361,7 @@ def _recordable(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
             return None
         if isinstance(t, (list, tuple)):
             items = tuple(layout(v) for v in t)
-            return None if _UNSEEN in items else (type(t), items)
+            return _UNSEEN if any(item is _UNSEEN for item in items) else (type(t), items)
         if not isinstance(t, Tensor) or t.device.type != "meta" or t.storage_offset() != 0:
             return _UNSEEN
         storage = t.untyped_storage()
@@ -373,7 +374,7 @@ def _recordable(func: Any, args: tuple[Any, ...], kwargs: dict[str, Any], out: A
         return ("T", t.dtype, tuple(t.shape), t.stride())
 
     made = layout(out)
-    return None if made is _UNSEEN or made is None and out is not None else made
+    return None if made is _UNSEEN else made
 
 
 def _made(layouts: Any) -> Any:

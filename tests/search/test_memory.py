@@ -203,6 +203,19 @@ def test_an_op_whose_output_shares_its_inputs_storage_is_never_remembered() -> N
     assert sum(layouts is not None for layouts in memory._META_LAYOUTS.values()) == 1
 
 
+def test_remembered_outputs_keep_their_structure() -> None:
+    """A tuple (layer norm's output, mean and rstd) and a list (a foreach op's) come back as they were made."""
+    memory._META_LAYOUTS.clear()
+    x, w = torch.empty(2, 5, 8, device="meta"), torch.empty(8, device="meta")
+    for func, args in ((torch.ops.aten.native_layer_norm.default, (x, [8], w, w, 1e-5)),
+                       (torch.ops.aten._foreach_mul.Scalar, ([x, w], 2.0))):
+        first, again = (memory._meta_call(func, args, {}) for _ in range(2))
+        assert type(again) is type(first) and len(again) == len(first)
+        assert [(t.shape, t.stride(), t.dtype) for t in again] == [(t.shape, t.stride(), t.dtype) for t in first]
+        assert not {t.untyped_storage()._cdata for t in again} & {t.untyped_storage()._cdata for t in first}
+    assert all(layouts is not None for layouts in memory._META_LAYOUTS.values())
+
+
 def test_the_remembered_layouts_are_bounded_and_the_oldest_go_first(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(memory, "META_CACHE_SIZE", 10)
     memory._META_LAYOUTS.clear()
