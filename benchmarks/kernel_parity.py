@@ -28,15 +28,15 @@ COMPUTE = ("matmul", "conv", "dwconv", "attention", "softmax", "norm", "reductio
 
 def _compare(name: str, timm_name: str, batch: int) -> dict[str, Any]:
     import timm
-    import torch
 
+    from metaformer_lab.core.meta import on_meta
     from metaformer_lab.graph.lower import lower
     from metaformer_lab.latency.gpu import graph_records, module_records
     from metaformer_lab.spec.load import read_spec
 
     spec = read_spec(name)
     size = spec.input.hw[0]
-    with torch.device("meta"):
+    with on_meta():  # shapes only: initialisers' value writes skipped
         reference = timm.create_model(timm_name, pretrained=False)
     theirs = module_records(reference, (batch, 3, size, size), dtype="float16", amp=True)
     ours = [k for ks in graph_records(lower(spec), batch_size=batch, dtype="float16", amp=True).values()
