@@ -314,7 +314,8 @@ def prepare(module: nn.Module, shape: tuple[int, ...], plan: TimingPlan,
     return module, x
 
 
-def compiled(module: nn.Module, mode: str | None, backend: str = "inductor") -> Callable[[Tensor], Any]:
+def compiled(module: nn.Module, mode: str | None,
+             backend: str | Callable[..., Any] = "inductor") -> Callable[[Tensor], Any]:
     """``torch.compile`` for timing one network among many in a process: static shapes, and recompilations
     counted for this call alone.
 

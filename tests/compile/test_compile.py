@@ -123,13 +123,14 @@ def test_onnx_export_round_trip(tmp_path: Path, name: str) -> None:
 
 @pytest.mark.export
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["tiny_caformer", "tiny_swin"])
-def test_torch_compile_matches_eager(name: str) -> None:
-    """Inductor as the latency tools run it (static shapes, recompilations counted per network: the second
-    network of a process was compiled with dynamic shapes before, tiny_swin in 100-230 s instead of about 50)."""
+def test_torch_compile_matches_eager() -> None:
+    """Inductor as the latency tools run it. One network: a cold Inductor compile is about 30 s, and what others
+    would add is Inductor's own codegen; every example is traced whole by ``torch.export`` above, and
+    tests/latency/test_measure.py checks that each network compiled for timing is compiled on its own, at static
+    shapes."""
     from metaformer_lab.latency.measure import compiled
 
-    net, x = _net_and_input(BY_NAME[name])
+    net, x = _net_and_input(BY_NAME["tiny_caformer"])
     net.eval()
     with torch.no_grad():
         torch.testing.assert_close(compiled(net, "default")(x), net(x), rtol=1e-4, atol=1e-4)

@@ -5,6 +5,7 @@ Tests check structure and flags, never timing values: the machine is shared.
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
@@ -218,31 +219,55 @@ def test_cuda_events(dtype: str) -> None:
     assert result.provenance.device_name == torch.cuda.get_device_name(0)
 
 
-def test_each_network_compiled_for_timing_is_compiled_not_left_eager(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_each_network_compiled_for_timing_is_compiled_not_left_eager_at_static_shapes() -> None:
     """Our networks share one ``forward``: past Dynamo's recompile limit a later network would run eager while
-    timed as compiled. Each compilation for timing counts on its own (a limit of 1 here, three networks)."""
+    timed as compiled, and from the second network on, the sizes that changed would be compiled as symbols (a
+    slower compile, other kernels than a deployment at one input size gets). Each compilation for timing counts on
+    its own (a limit of 1 here, three networks of other widths and input sizes) and sees every size as a number."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
     from metaformer_lab.latency.measure import compiled
 
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    inputs: list[list[Any]] = []  # per compiled graph, what Dynamo traced each input as
+
+    def recording(gm: torch.fx.GraphModule, example_inputs: list[Any]) -> Any:
+        inputs.append([node.meta["example_value"] for node in gm.graph.find_nodes(op="placeholder")])
+        return gm.forward
+
     spec = read_spec(TINY)
     before = counters["stats"]["unique_graphs"]
-    for width in (1, 2, 3):  # 32 * width, 64 * width, 128 * width channels
-        narrow = spec.model_copy(update={"stages": [s.model_copy(update={"dim": s.dim * width})
-                                                    for s in spec.stages]})
-        net = compile_graph(lower(narrow)).eval()
-        x = torch.randn(1, narrow.input.channels, *narrow.input.hw)
-        with torch.no_grad():
-            torch.testing.assert_close(compiled(net, None, backend="eager")(x), net(x))
+    # (Dynamo's own patch: pytest's monkeypatch deletes a config entry it restores, and Dynamo then hides it)
+    with torch._dynamo.config.patch(recompile_limit=1):
+        for width in (1, 2, 3):  # 32 * width, 64 * width, 128 * width channels at 32 * width pixels
+            narrow = spec.model_copy(update={"input": spec.input.model_copy(update={"size": 32 * width}),
+                                             "stages": [s.model_copy(update={"dim": s.dim * width})
+                                                        for s in spec.stages]})
+            net = compile_graph(lower(narrow)).eval()
+            x = torch.randn(1, narrow.input.channels, *narrow.input.hw)
+            with torch.no_grad():
+                torch.testing.assert_close(compiled(net, None, backend=recording)(x), net(x))
     assert counters["stats"]["unique_graphs"] - before == 3
+    assert len(inputs) == 3
+    sizes = [size for graph in inputs for value in graph
+             for size in (value.shape if isinstance(value, torch.Tensor) else (value,))]
+    assert sizes and all(type(size) is int for size in sizes), [s for s in sizes if type(s) is not int]
 
 
-@pytest.mark.slow
-def test_compiled_model_records_its_mode() -> None:
-    result = measure(TINY, compile="default", **{**FAST, "max_warmup_s": 5.0})
+def test_compiled_model_records_its_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``measure`` times what ``compiled`` gives for the mode and says so. Dynamo without Inductor here (a cold
+    Inductor compile is about 30 s); tests/compile/test_compile.py runs ``compiled`` with Inductor."""
+    measuring = importlib.import_module("metaformer_lab.latency.measure")  # the package's `measure` is the function
+    modes: list[str | None] = []
+
+    def without_inductor(module: nn.Module, mode: str | None, backend: Any = "inductor") -> Any:
+        modes.append(mode)
+        return real(module, None, backend="eager")
+
+    real = measuring.compiled
+    monkeypatch.setattr(measuring, "compiled", without_inductor)
+    result = measure(TINY, compile="default", **FAST)
     _check_structure(result)
-    assert result.provenance.compile == "default"
+    assert modes == ["default"] and result.provenance.compile == "default"
     with pytest.raises(LatencyError, match="compile: 'fast' is not a torch.compile mode"):
         measure(TINY, compile="fast")
