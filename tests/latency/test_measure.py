@@ -259,15 +259,23 @@ def test_compiled_model_records_its_mode(monkeypatch: pytest.MonkeyPatch) -> Non
     Inductor compile is about 30 s); tests/compile/test_compile.py runs ``compiled`` with Inductor."""
     measuring = importlib.import_module("metaformer_lab.latency.measure")  # the package's `measure` is the function
     modes: list[str | None] = []
+    calls = [0]
 
     def without_inductor(module: nn.Module, mode: str | None, backend: Any = "inductor") -> Any:
         modes.append(mode)
-        return real(module, None, backend="eager")
+        function = real(module, None, backend="eager")
+
+        def counted(x: torch.Tensor) -> Any:
+            calls[0] += 1
+            return function(x)
+
+        return counted
 
     real = measuring.compiled
     monkeypatch.setattr(measuring, "compiled", without_inductor)
     result = measure(TINY, compile="default", **FAST)
     _check_structure(result)
     assert modes == ["default"] and result.provenance.compile == "default"
+    assert calls[0] >= result.runs >= FAST["min_runs"]  # what was timed is what `compiled` gave
     with pytest.raises(LatencyError, match="compile: 'fast' is not a torch.compile mode"):
         measure(TINY, compile="fast")
