@@ -258,6 +258,7 @@ def test_compiled_model_records_its_mode(monkeypatch: pytest.MonkeyPatch) -> Non
     """``measure`` times what ``compiled`` gives for the mode and says so. Dynamo without Inductor here (a cold
     Inductor compile is about 30 s); tests/compile/test_compile.py runs ``compiled`` with Inductor."""
     measuring = importlib.import_module("metaformer_lab.latency.measure")  # the package's `measure` is the function
+    real = measuring.compiled
     modes: list[str | None] = []
     calls = [0]
 
@@ -271,7 +272,6 @@ def test_compiled_model_records_its_mode(monkeypatch: pytest.MonkeyPatch) -> Non
 
         return counted
 
-    real = measuring.compiled
     monkeypatch.setattr(measuring, "compiled", without_inductor)
     result = measure(TINY, compile="default", **FAST)
     _check_structure(result)
